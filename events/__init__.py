@@ -1,0 +1,63 @@
+"""The event catalog: immutable msgspec Structs, one tagged union, JSON on the wire.
+
+Data only. Everything that records or folds these lives elsewhere.
+"""
+
+from events.base import Event, EventMeta, new_event_id, utc_now
+from events.codec import DecodeError, decode_event, encode_event, register_upcaster
+from events.ledger import LEDGER_EVENTS
+from events.sandbox import (
+    SANDBOX_EVENTS,
+    BecameReady,
+    DestroyRequested,
+    Provisioned,
+    RouteChosen,
+    SandboxRejected,
+    SandboxRequested,
+    StepCancelled,
+    StepFailed,
+    TeardownFailed,
+    TornDown,
+)
+from events.subjects import (
+    LEDGER_PREFIX,
+    SANDBOX_PREFIX,
+    STREAM_SUBJECTS,
+    ledger_subject,
+    sandbox_filter,
+    sandbox_subject,
+    subject_for,
+)
+
+ALL_EVENTS: tuple[type[Event], ...] = SANDBOX_EVENTS + LEDGER_EVENTS
+
+__all__ = [
+    "ALL_EVENTS",
+    "LEDGER_EVENTS",
+    "LEDGER_PREFIX",
+    "SANDBOX_EVENTS",
+    "SANDBOX_PREFIX",
+    "STREAM_SUBJECTS",
+    "BecameReady",
+    "DecodeError",
+    "DestroyRequested",
+    "Event",
+    "EventMeta",
+    "Provisioned",
+    "RouteChosen",
+    "SandboxRejected",
+    "SandboxRequested",
+    "StepCancelled",
+    "StepFailed",
+    "TeardownFailed",
+    "TornDown",
+    "decode_event",
+    "encode_event",
+    "ledger_subject",
+    "new_event_id",
+    "register_upcaster",
+    "sandbox_filter",
+    "sandbox_subject",
+    "subject_for",
+    "utc_now",
+]

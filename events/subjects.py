@@ -1,0 +1,38 @@
+"""Subjects are a public contract: validators filter on them."""
+
+from __future__ import annotations
+
+from events.base import Event
+
+SANDBOX_PREFIX = "sandboxer.sandbox"
+LEDGER_PREFIX = "sandboxer.ledger"
+STREAM_SUBJECTS = ["sandboxer.>"]
+
+
+def sandbox_subject(sandbox_id: str, event_type: str) -> str:
+    return f"{SANDBOX_PREFIX}.{sandbox_id}.{event_type}"
+
+
+def sandbox_filter(sandbox_id: str) -> str:
+    """Every event of one sandbox: the optimistic-concurrency scope of its aggregate."""
+    return f"{SANDBOX_PREFIX}.{sandbox_id}.>"
+
+
+def ledger_subject(account: str, event_type: str) -> str:
+    return f"{LEDGER_PREFIX}.{account}.{event_type}"
+
+
+def ledger_filter(account: str) -> str:
+    return f"{LEDGER_PREFIX}.{account}.>"
+
+
+def subject_for(event: Event) -> str:
+    if event.KIND == "ledger":
+        return ledger_subject(event.aggregate_id, event.type_name())
+    return sandbox_subject(event.aggregate_id, event.type_name())
+
+
+def filter_for(event: Event) -> str:
+    if event.KIND == "ledger":
+        return ledger_filter(event.aggregate_id)
+    return sandbox_filter(event.aggregate_id)

@@ -1,0 +1,28 @@
+"""The extension SDK and the shipped adapters. See docs/extension-sdk.md."""
+
+from extensions.manifest import ConfigError, HookPolicy, Manifest, load_manifest
+from extensions.registry import ENTRY_POINT_GROUP, ExtensionRegistry, LoadedExtension
+from extensions.sdk import (
+    Extension,
+    ExtensionError,
+    Handle,
+    ProgressFn,
+    RuntimeInfo,
+    StepContext,
+)
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ConfigError",
+    "Extension",
+    "ExtensionError",
+    "ExtensionRegistry",
+    "Handle",
+    "HookPolicy",
+    "LoadedExtension",
+    "Manifest",
+    "ProgressFn",
+    "RuntimeInfo",
+    "StepContext",
+    "load_manifest",
+]

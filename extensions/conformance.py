@@ -1,0 +1,125 @@
+"""A conformance suite every extension runs; third-party authors import it too.
+
+Subclass `ExtensionConformance` in a pytest module and provide three fixtures:
+
+    class TestMyExtension(ExtensionConformance):
+        @pytest.fixture
+        def extension(self, tmp_path) -> LoadedExtension: ...     # a built adapter
+        @pytest.fixture
+        def make_context(self, ...) -> Callable[[str, dict], StepContext]: ...
+        @pytest.fixture
+        def leftovers(self, ...) -> Callable[[str], Awaitable[list[str]]]: ...
+            # what still exists for a sandbox id on the backend (empty when clean)
+
+Optionally override `failing_config` (config that makes provision fail half-way) and
+`inputs` (inputs a sandbox of this extension needs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+import pytest
+
+from extensions.registry import LoadedExtension
+from extensions.sdk import OPTIONAL_HOOKS, REQUIRED_HOOKS, Extension, StepContext
+
+MakeContext = Callable[[str, dict[str, Any]], StepContext]
+Leftovers = Callable[[str], Awaitable[list[str]]]
+
+
+def _new_id() -> str:
+    return f"conf-{secrets.token_hex(5)}"
+
+
+class ExtensionConformance:
+    """Behaviour every adapter owes the manager. Not collected on its own (no Test prefix)."""
+
+    failing_config: ClassVar[dict[str, Any] | None] = None
+    timeout: ClassVar[float] = 120.0
+
+    async def _run(self, awaitable: Awaitable[Any]) -> Any:
+        async with asyncio.timeout(self.timeout):
+            return await awaitable
+
+    async def test_provision_ready_teardown(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        sandbox_id = _new_id()
+        ctx = make_context(sandbox_id, {})
+        handle = await self._run(extension.adapter.provision(ctx))
+        assert isinstance(handle, dict)
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in handle.items())
+        services = await self._run(extension.adapter.wait_ready(ctx, handle))
+        assert isinstance(services, list) and services, "wait_ready names what is running"
+        assert await leftovers(sandbox_id), "a provisioned sandbox exists on the backend"
+        await self._run(extension.adapter.teardown(ctx, handle))
+        assert await leftovers(sandbox_id) == []
+
+    async def test_teardown_twice(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        sandbox_id = _new_id()
+        ctx = make_context(sandbox_id, {})
+        handle = await self._run(extension.adapter.provision(ctx))
+        await self._run(extension.adapter.teardown(ctx, handle))
+        await self._run(extension.adapter.teardown(ctx, handle))
+        assert await leftovers(sandbox_id) == []
+
+    async def test_teardown_without_handle(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        """A crash can lose the handle: teardown must work from the sandbox id alone."""
+        sandbox_id = _new_id()
+        ctx = make_context(sandbox_id, {})
+        await self._run(extension.adapter.provision(ctx))
+        await self._run(extension.adapter.teardown(ctx, None))
+        assert await leftovers(sandbox_id) == []
+
+    async def test_teardown_of_never_provisioned(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        sandbox_id = _new_id()
+        await self._run(extension.adapter.teardown(make_context(sandbox_id, {}), None))
+        assert await leftovers(sandbox_id) == []
+
+    async def test_teardown_after_failed_provision(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        if self.failing_config is None:
+            pytest.skip("this extension's suite gives no failing_config")
+        sandbox_id = _new_id()
+        ctx = make_context(sandbox_id, dict(self.failing_config))
+        with pytest.raises(Exception):  # noqa: B017 - any failure is a failure here
+            await self._run(extension.adapter.provision(ctx))
+        await self._run(extension.adapter.teardown(ctx, None))
+        assert await leftovers(sandbox_id) == []
+
+    async def test_isolated_sandboxes(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        first, second = _new_id(), _new_id()
+        ctx1, ctx2 = make_context(first, {}), make_context(second, {})
+        h1, h2 = await self._run(
+            asyncio.gather(extension.adapter.provision(ctx1), extension.adapter.provision(ctx2))
+        )
+        await self._run(extension.adapter.teardown(ctx1, h1))
+        assert await leftovers(first) == []
+        assert await leftovers(second), "tearing one down leaves the other alone"
+        await self._run(extension.adapter.teardown(ctx2, h2))
+        assert await leftovers(second) == []
+
+    def test_capabilities_honoured(self, extension: LoadedExtension) -> None:
+        adapter = extension.adapter
+        assert isinstance(adapter, Extension)
+        for hook in REQUIRED_HOOKS:
+            assert extension.manifest.has(hook)
+            assert asyncio.iscoroutinefunction(getattr(adapter, hook))
+        for hook in OPTIONAL_HOOKS:
+            if extension.manifest.has(hook):
+                assert asyncio.iscoroutinefunction(getattr(adapter, hook)), hook
+        for hook in extension.manifest.hooks:
+            assert extension.manifest.has(hook), f"hook policy for undeclared {hook}"

@@ -1,0 +1,76 @@
+"""ext.saas-stub: a metered SaaS stand-in with no external API.
+
+Its "remote" side is a folder of JSON files, one per instance, so a test can see
+what the vendor would still be billing for after a crash or a failed provision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from extensions.sdk import ExtensionError, Handle, RuntimeInfo, StepContext
+
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class SaasStub:
+    def __init__(self, config: dict[str, Any], runtime: RuntimeInfo) -> None:
+        self.runtime = runtime
+        self.base_config = config
+        self._random = random.Random()
+
+    def state_dir(self, config: dict[str, Any] | Any) -> Path:
+        raw = str(config.get("state_dir") or "")
+        folder = Path(raw) if raw else self.runtime.data_dir / "saas-stub"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _instance_path(self, ctx: StepContext) -> Path:
+        if not _ID_RE.match(ctx.sandbox_id):
+            raise ExtensionError(f"invalid sandbox id {ctx.sandbox_id!r}")
+        return self.state_dir(ctx.config) / f"{ctx.sandbox_id}.json"
+
+    async def _latency(self, ctx: StepContext) -> None:
+        delay = float(ctx.config.get("latency_ms", 0)) / 1000.0
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _maybe_fail(self, ctx: StepContext, hook: str) -> None:
+        if ctx.config.get("fail_hook") == hook:
+            raise ExtensionError(f"saas-stub: {hook} failed (fail_hook={hook})")
+        rate = float(ctx.config.get("failure_rate", 0.0))
+        if hook != "teardown" and rate > 0 and self._random.random() < rate:
+            raise ExtensionError(f"saas-stub: {hook} failed (simulated, failure_rate={rate})")
+
+    async def provision(self, ctx: StepContext) -> Handle:
+        path = self._instance_path(ctx)
+        ctx.progress("creating instance")
+        await self._latency(ctx)
+        # Written before the simulated fault: a half-made instance for teardown to find.
+        record = {"id": ctx.sandbox_id, "size": ctx.inputs.get("size", "small")}
+        path.write_text(json.dumps(record))
+        self._maybe_fail(ctx, "provision")
+        return {"instance": ctx.sandbox_id, "endpoint": f"saas-stub://{ctx.sandbox_id}"}
+
+    async def wait_ready(self, ctx: StepContext, handle: Handle) -> list[str]:
+        await self._latency(ctx)
+        if not self._instance_path(ctx).exists():
+            raise ExtensionError(f"saas-stub: instance {ctx.sandbox_id} does not exist")
+        self._maybe_fail(ctx, "wait_ready")
+        return ["instance"]
+
+    async def teardown(self, ctx: StepContext, handle: Handle | None) -> None:
+        path = self._instance_path(ctx)
+        await self._latency(ctx)
+        self._maybe_fail(ctx, "teardown")
+        path.unlink(missing_ok=True)
+
+    def instances(self, config: dict[str, Any] | None = None) -> list[str]:
+        """What the vendor still runs for us: the conformance suite's leftovers check."""
+        folder = self.state_dir(config or self.base_config)
+        return sorted(p.stem for p in folder.glob("*.json"))

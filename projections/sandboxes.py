@@ -1,0 +1,135 @@
+"""The current-sandbox view: one row per sandbox, folded from its events."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import msgspec
+
+from events import (
+    BecameReady,
+    DestroyRequested,
+    Event,
+    Provisioned,
+    RouteChosen,
+    SandboxRejected,
+    SandboxRequested,
+    StepFailed,
+    TeardownFailed,
+)
+from sandboxer.lifecycle import TERMINAL, failing_after, next_state
+
+
+class SandboxView(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    state: str
+    profile: str
+    extension: str
+    account: str
+    inputs: dict[str, str]
+    ttl_seconds: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    expires_at: dt.datetime
+    last_seq: int
+    events: int = 1
+    host: str | None = None
+    handle: dict[str, str] = {}
+    services: list[str] = []
+    route_reason: str | None = None
+    reason: str | None = None  # why it was rejected, failed or destroyed
+    failing: bool = False
+    needs_reconciliation: bool = False
+    correlation_id: str = ""
+
+
+def _reason(view: SandboxView, event: Event) -> str | None:
+    if isinstance(event, SandboxRejected):
+        return event.reason
+    if isinstance(event, StepFailed):
+        return f"{event.step} failed: {event.error}"
+    if isinstance(event, TeardownFailed) and event.final:
+        return f"teardown failed: {event.error}"
+    if isinstance(event, DestroyRequested) and view.reason is None:
+        return f"destroy requested ({event.reason}) by {event.actor}"
+    return view.reason
+
+
+def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | None:
+    """The view after one event. Unknown or out-of-place events leave it unchanged."""
+    if view is None:
+        if not isinstance(event, SandboxRequested):
+            return None
+        return SandboxView(
+            id=event.aggregate_id,
+            state="requested",
+            profile=event.profile,
+            extension=event.extension,
+            account=event.account,
+            inputs=event.inputs,
+            ttl_seconds=event.ttl_seconds,
+            created_at=event.occurred_at,
+            updated_at=event.occurred_at,
+            expires_at=event.occurred_at + dt.timedelta(seconds=event.ttl_seconds),
+            last_seq=seq,
+            correlation_id=event.correlation_id,
+        )
+    state = next_state(view.state, view.failing, event)
+    if state is None:
+        return msgspec.structs.replace(view, last_seq=seq, events=view.events + 1)
+    changes: dict[str, object] = {}
+    if isinstance(event, RouteChosen):
+        changes = {"extension": event.extension, "host": event.host, "route_reason": event.reason}
+    elif isinstance(event, Provisioned):
+        changes = {"handle": event.handle}
+    elif isinstance(event, BecameReady):
+        changes = {"services": event.services}
+    elif isinstance(event, TeardownFailed) and event.final:
+        changes = {"needs_reconciliation": True}
+    return msgspec.structs.replace(
+        view,
+        state=state,
+        updated_at=event.occurred_at,
+        last_seq=seq,
+        events=view.events + 1,
+        failing=failing_after(view.failing, event),
+        reason=_reason(view, event),
+        **changes,
+    )
+
+
+class SandboxesProjection:
+    """All sandboxes by id, and the stream sequence the fold has reached."""
+
+    def __init__(self) -> None:
+        self.sandboxes: dict[str, SandboxView] = {}
+        self.last_seq = 0
+
+    def apply(self, seq: int, subject: str, event: Event) -> SandboxView | None:
+        self.last_seq = seq
+        if not subject.startswith("sandboxer.sandbox."):
+            return None
+        key = event.aggregate_id
+        view = evolve(self.sandboxes.get(key), seq, event)
+        if view is not None:
+            self.sandboxes[key] = view
+        return view
+
+    def get(self, sandbox_id: str) -> SandboxView | None:
+        return self.sandboxes.get(sandbox_id)
+
+    def list(
+        self, *, state: str | None = None, account: str | None = None, live_only: bool = False
+    ) -> list[SandboxView]:
+        rows = [
+            v
+            for v in self.sandboxes.values()
+            if (state is None or v.state == state)
+            and (account is None or v.account == account)
+            and not (live_only and v.state in TERMINAL)
+        ]
+        rows.sort(key=lambda v: v.created_at)
+        return rows
+
+    def snapshot(self) -> dict[str, SandboxView]:
+        return dict(self.sandboxes)

@@ -1,0 +1,569 @@
+"""The HTTP API (aiohttp). Bodies are msgspec Structs; every error is JSON naming its field."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from events import Event, EventMeta
+from projections.sandboxes import SandboxView
+from sandboxer.event_store import EventRecorder, RecordedEvent
+from sandboxer.ids import InvalidId, check_sandbox_id, new_correlation_id
+from sandboxer.lifecycle import TERMINAL, InvalidTransition, State
+from sandboxer.manager import CreateRequest, NotFound, SandboxManager
+from sandboxer.profiles import ProfileCatalog, ProfileError
+from sandboxer.read_model import ProjectionRunner, VerifyReport
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_INPUTS = 64
+MAX_WAIT_SECONDS = 60.0
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+PROJECTION_WAIT = 10.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
+    profile: str
+    inputs: dict[str, Any] = {}  # checked per key below, so errors can name the input
+    ttl_seconds: int | None = None
+    account: str = "default"
+
+
+class Progress(msgspec.Struct):
+    step: str
+    since: dt.datetime
+    message: str | None = None
+
+
+class SandboxOut(msgspec.Struct):
+    """A sandbox as the API shows it: the projection row plus the live step, if any."""
+
+    id: str
+    state: str
+    profile: str
+    extension: str
+    account: str
+    inputs: dict[str, str]
+    ttl_seconds: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    expires_at: dt.datetime
+    last_seq: int
+    events: int
+    host: str | None
+    handle: dict[str, str]
+    services: list[str]
+    route_reason: str | None
+    reason: str | None
+    needs_reconciliation: bool
+    terminal: bool
+    progress: Progress | None = None
+
+
+class SandboxList(msgspec.Struct):
+    sandboxes: list[SandboxOut]
+    count: int
+
+
+class EventOut(msgspec.Struct):
+    seq: int
+    subject: str
+    event: dict[str, Any]
+
+
+class EventList(msgspec.Struct):
+    events: list[EventOut]
+    last_seq: int
+
+
+class InputOut(msgspec.Struct):
+    name: str
+    description: str
+    required: bool
+    default: str | None
+    secret: bool
+    choices: list[str] | None
+
+
+class ProfileOut(msgspec.Struct):
+    name: str
+    description: str
+    extension: str
+    ttl_seconds: int
+    max_ttl_seconds: int
+    inputs: list[InputOut]
+
+
+class ProfileList(msgspec.Struct):
+    profiles: list[ProfileOut]
+
+
+class Health(msgspec.Struct):
+    status: str
+    last_seq: int
+    live_sandboxes: int
+
+
+class ErrorDetail(msgspec.Struct):
+    status: int
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(msgspec.Struct):
+    error: ErrorDetail
+
+
+_encoder = msgspec.json.Encoder()
+_create_decoder = msgspec.json.Decoder(CreateBody)
+_FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
+_UNKNOWN_RE = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = ErrorDetail(status=status, code=code, message=message, field=field)
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encoder.encode(body), status=status, content_type="application/json")
+
+
+def _validation_field(message: str) -> str | None:
+    unknown = _UNKNOWN_RE.search(message)
+    if unknown:
+        return unknown.group(1)
+    located = _FIELD_RE.search(message)
+    if located:
+        return located.group(1) or None
+    return None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return json_response(ErrorBody(exc.detail), exc.detail.status)
+    except web.HTTPRequestEntityTooLarge:
+        detail = ErrorDetail(413, "body_too_large", f"body exceeds {MAX_BODY_BYTES} bytes")
+        return json_response(ErrorBody(detail), 413)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        detail = ErrorDetail(exc.status, code, f"{exc.reason}: {request.method} {request.path}")
+        return json_response(ErrorBody(detail), exc.status)
+
+
+class Api:
+    def __init__(
+        self,
+        manager: SandboxManager,
+        runner: ProjectionRunner,
+        store: EventRecorder,
+        profiles: ProfileCatalog,
+    ) -> None:
+        self.manager = manager
+        self.runner = runner
+        self.store = store
+        self.profiles = profiles
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+        app.router.add_post("/v1/sandboxes", self.create)
+        app.router.add_get("/v1/sandboxes", self.list)
+        app.router.add_get("/v1/sandboxes/{id}", self.get)
+        app.router.add_delete("/v1/sandboxes/{id}", self.destroy)
+        app.router.add_get("/v1/sandboxes/{id}/events", self.sandbox_events)
+        app.router.add_get("/v1/events", self.events)
+        app.router.add_get("/v1/profiles", self.list_profiles)
+        app.router.add_post("/v1/replay", self.replay)
+        app.router.add_get("/healthz", self.health)
+        app.router.add_get("/openapi.json", self.openapi)
+        return app
+
+    # ---- helpers -----------------------------------------------------------------
+
+    def _meta(self, request: web.Request) -> EventMeta:
+        request_id = request.headers.get("X-Request-Id")
+        if request_id is not None and not REQUEST_ID_RE.match(request_id):
+            raise ApiError(
+                400,
+                "invalid_header",
+                "X-Request-Id must match [A-Za-z0-9._:-]{1,64}",
+                "X-Request-Id",
+            )
+        return EventMeta(actor="api:anonymous", correlation_id=request_id or new_correlation_id())
+
+    def _sandbox_id(self, request: web.Request) -> str:
+        raw = request.match_info["id"]
+        try:
+            return check_sandbox_id(raw)
+        except InvalidId as exc:
+            raise ApiError(404, "not_found", str(exc), "id") from exc
+
+    def _view(self, sandbox_id: str) -> SandboxView:
+        view = self.runner.projection.get(sandbox_id)
+        if view is None:
+            raise ApiError(404, "not_found", f"no sandbox {sandbox_id!r}", "id")
+        return view
+
+    def _out(self, view: SandboxView) -> SandboxOut:
+        progress = None
+        live = self.manager.get(view.id)
+        if live is not None and live.step_name is not None and live.step_started is not None:
+            progress = Progress(step=live.step_name, since=live.step_started, message=live.progress)
+        return SandboxOut(
+            id=view.id,
+            state=view.state,
+            profile=view.profile,
+            extension=view.extension,
+            account=view.account,
+            inputs=view.inputs,
+            ttl_seconds=view.ttl_seconds,
+            created_at=view.created_at,
+            updated_at=view.updated_at,
+            expires_at=view.expires_at,
+            last_seq=view.last_seq,
+            events=view.events,
+            host=view.host,
+            handle=view.handle,
+            services=view.services,
+            route_reason=view.route_reason,
+            reason=view.reason,
+            needs_reconciliation=view.needs_reconciliation,
+            terminal=view.state in TERMINAL,
+            progress=progress,
+        )
+
+    async def _caught_up(self, seq: int) -> None:
+        if not await self.runner.wait_for(seq, PROJECTION_WAIT):
+            raise ApiError(503, "projection_lagging", f"projection has not reached seq {seq}")
+
+    def _float_query(self, request: web.Request, name: str, default: float, top: float) -> float:
+        raw = request.query.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ApiError(400, "invalid_query", f"{name} must be a number", name) from None
+        if not 0 <= value <= top:
+            raise ApiError(400, "invalid_query", f"{name} must be between 0 and {top:g}", name)
+        return value
+
+    def _int_query(self, request: web.Request, name: str, default: int, top: int) -> int:
+        raw = request.query.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ApiError(400, "invalid_query", f"{name} must be an integer", name) from None
+        if not 0 <= value <= top:
+            raise ApiError(400, "invalid_query", f"{name} must be between 0 and {top}", name)
+        return value
+
+    # ---- handlers ----------------------------------------------------------------
+
+    async def create(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        if not raw:
+            raise ApiError(400, "invalid_body", "request body is empty; expected a JSON object")
+        try:
+            body = _create_decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise ApiError(400, "invalid_body", str(exc), _validation_field(str(exc))) from exc
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from exc
+        if len(body.inputs) > MAX_INPUTS:
+            raise ApiError(400, "invalid_body", f"at most {MAX_INPUTS} inputs", "inputs")
+        for key, value in body.inputs.items():
+            if not isinstance(value, str):
+                raise ApiError(
+                    400,
+                    "invalid_body",
+                    f"input {key!r} must be a string, got {type(value).__name__}",
+                    f"inputs.{key}",
+                )
+        meta = self._meta(request)
+        try:
+            sandbox, seq = await self.manager.create(
+                CreateRequest(
+                    profile=body.profile,
+                    inputs=body.inputs,
+                    ttl_seconds=body.ttl_seconds,
+                    account=body.account,
+                ),
+                meta,
+            )
+        except ProfileError as exc:
+            raise ApiError(400, "invalid_request", str(exc), exc.field) from exc
+        await self._caught_up(seq)
+        response = json_response(self._out(self._view(sandbox.sandbox_id)), 202)
+        response.headers["Location"] = f"/v1/sandboxes/{sandbox.sandbox_id}"
+        return response
+
+    async def list(self, request: web.Request) -> web.Response:
+        state = request.query.get("state")
+        if state is not None and state not in {s.value for s in State if s != State.NEW}:
+            raise ApiError(400, "invalid_query", f"unknown state {state!r}", "state")
+        rows = self.runner.projection.list(
+            state=state,
+            account=request.query.get("account"),
+            live_only=request.query.get("live") in ("1", "true"),
+        )
+        out = [self._out(v) for v in rows]
+        return json_response(SandboxList(sandboxes=out, count=len(out)))
+
+    async def get(self, request: web.Request) -> web.Response:
+        sandbox_id = self._sandbox_id(request)
+        wait = self._float_query(request, "wait", 0.0, MAX_WAIT_SECONDS)
+        after = self._int_query(request, "after_seq", 0, 2**63)
+        view = self._view(sandbox_id)
+        if wait > 0 and view.last_seq <= after and view.state not in TERMINAL:
+            await self.runner.wait_sandbox(sandbox_id, after, wait)
+            view = self._view(sandbox_id)
+        return json_response(self._out(view))
+
+    async def destroy(self, request: web.Request) -> web.Response:
+        sandbox_id = self._sandbox_id(request)
+        view = self._view(sandbox_id)
+        if view.state in TERMINAL:
+            raise ApiError(
+                409, "conflict", f"sandbox {sandbox_id} is already {view.state}", "state"
+            )
+        try:
+            seq = await self.manager.destroy(sandbox_id, self._meta(request), reason="user")
+        except NotFound as exc:
+            raise ApiError(409, "conflict", f"sandbox {sandbox_id} is not live here") from exc
+        except InvalidTransition as exc:
+            raise ApiError(409, "conflict", str(exc), "state") from exc
+        if seq:
+            await self._caught_up(seq)
+        return json_response(self._out(self._view(sandbox_id)), 202)
+
+    async def sandbox_events(self, request: web.Request) -> web.Response:
+        sandbox_id = self._sandbox_id(request)
+        self._view(sandbox_id)
+        recorded = await self.store.read_aggregate(f"sandboxer.sandbox.{sandbox_id}.>")
+        return json_response(
+            EventList(events=[_event_out(r) for r in recorded], last_seq=self.runner.last_seq)
+        )
+
+    async def events(self, request: web.Request) -> web.Response:
+        """Events after `after_seq` (long-polls up to `wait` seconds when there are none)."""
+        after = self._int_query(request, "after_seq", 0, 2**63)
+        limit = self._int_query(request, "limit", 500, 5000)
+        wait = self._float_query(request, "wait", 0.0, MAX_WAIT_SECONDS)
+        sandbox = request.query.get("sandbox")
+        subject = "sandboxer.>"
+        if sandbox is not None:
+            try:
+                subject = f"sandboxer.sandbox.{check_sandbox_id(sandbox)}.>"
+            except InvalidId as exc:
+                raise ApiError(400, "invalid_query", str(exc), "sandbox") from exc
+        if wait > 0 and self.runner.last_seq <= after:
+            await self.runner.wait_change(after, wait)
+        events: list[EventOut] = []
+        if limit > 0 and self.runner.last_seq > after:
+            async for recorded in self.store.read(after + 1, subject):
+                events.append(_event_out(recorded))
+                if len(events) >= limit:
+                    break
+        return json_response(EventList(events=events, last_seq=self.runner.last_seq))
+
+    async def list_profiles(self, request: web.Request) -> web.Response:
+        out = []
+        for name in self.profiles.names():
+            p = self.profiles.get(name)
+            out.append(
+                ProfileOut(
+                    name=p.name,
+                    description=p.description,
+                    extension=p.extension,
+                    ttl_seconds=p.ttl_seconds,
+                    max_ttl_seconds=p.max_ttl_seconds,
+                    inputs=[
+                        InputOut(k, s.description, s.required, s.default, s.secret, s.choices)
+                        for k, s in p.inputs.items()
+                    ],
+                )
+            )
+        return json_response(ProfileList(profiles=out))
+
+    async def replay(self, request: web.Request) -> web.Response:
+        return json_response(await self.runner.verify())
+
+    async def health(self, request: web.Request) -> web.Response:
+        return json_response(
+            Health(
+                status="ok", last_seq=self.runner.last_seq, live_sandboxes=len(self.manager.live())
+            )
+        )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return json_response(openapi_document())
+
+
+def _event_out(recorded: RecordedEvent) -> EventOut:
+    return EventOut(
+        seq=recorded.seq, subject=recorded.subject, event=msgspec.to_builtins(recorded.event)
+    )
+
+
+def _event_schema_types() -> tuple[type[Event], ...]:
+    from events import ALL_EVENTS
+
+    return ALL_EVENTS
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1, with component schemas generated from the msgspec types."""
+    types: list[Any] = [
+        CreateBody,
+        SandboxOut,
+        SandboxList,
+        EventList,
+        ProfileList,
+        Health,
+        ErrorBody,
+        VerifyReport,
+    ]
+    (_, components) = msgspec.json.schema_components(
+        types, ref_template="#/components/schemas/{name}"
+    )
+
+    def ref(name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def ok(name: str, status: str = "200", description: str = "OK") -> dict[str, Any]:
+        return {
+            status: {
+                "description": description,
+                "content": {"application/json": {"schema": ref(name)}},
+            }
+        }
+
+    def errors(*statuses: int) -> dict[str, Any]:
+        return {
+            str(s): {
+                "description": "error",
+                "content": {"application/json": {"schema": ref("ErrorBody")}},
+            }
+            for s in statuses
+        }
+
+    id_param = {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{2,62}$"},
+    }
+
+    def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": schema,
+            "description": description,
+        }
+
+    wait = query(
+        "wait",
+        {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS},
+        "long-poll: seconds to wait for a change",
+    )
+    after = query(
+        "after_seq",
+        {"type": "integer", "minimum": 0},
+        "stream sequence the caller has already seen",
+    )
+    states = [s.value for s in State if s != State.NEW]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "sand-boxer", "version": "1"},
+        "paths": {
+            "/v1/sandboxes": {
+                "post": {
+                    "summary": "Create a sandbox from a profile",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": ref("CreateBody")}},
+                    },
+                    "responses": {**ok("SandboxOut", "202", "Accepted"), **errors(400, 413, 503)},
+                },
+                "get": {
+                    "summary": "List sandboxes",
+                    "parameters": [
+                        query("state", {"type": "string", "enum": states}, "filter by state"),
+                        query("account", {"type": "string"}, "filter by account"),
+                        query(
+                            "live",
+                            {"type": "string", "enum": ["0", "1", "true", "false"]},
+                            "only sandboxes that are not terminal",
+                        ),
+                    ],
+                    "responses": {**ok("SandboxList"), **errors(400)},
+                },
+            },
+            "/v1/sandboxes/{id}": {
+                "get": {
+                    "summary": "One sandbox",
+                    "parameters": [id_param, wait, after],
+                    "responses": {**ok("SandboxOut"), **errors(400, 404)},
+                },
+                "delete": {
+                    "summary": "Destroy a sandbox",
+                    "parameters": [id_param],
+                    "responses": {**ok("SandboxOut", "202", "Accepted"), **errors(404, 409, 503)},
+                },
+            },
+            "/v1/sandboxes/{id}/events": {
+                "get": {
+                    "summary": "A sandbox's events, in order",
+                    "parameters": [id_param],
+                    "responses": {**ok("EventList"), **errors(404)},
+                },
+            },
+            "/v1/events": {
+                "get": {
+                    "summary": "Events after a stream sequence (long-poll)",
+                    "parameters": [
+                        after,
+                        wait,
+                        query(
+                            "limit",
+                            {"type": "integer", "minimum": 0, "maximum": 5000},
+                            "at most this many",
+                        ),
+                        query("sandbox", {"type": "string"}, "only this sandbox's events"),
+                    ],
+                    "responses": {**ok("EventList"), **errors(400)},
+                },
+            },
+            "/v1/profiles": {"get": {"summary": "Profiles", "responses": ok("ProfileList")}},
+            "/v1/replay": {
+                "post": {
+                    "summary": "Rebuild the projection from sequence 1 and "
+                    "compare it with the live one",
+                    "responses": ok("VerifyReport"),
+                }
+            },
+            "/healthz": {"get": {"summary": "Health", "responses": ok("Health")}},
+            "/openapi.json": {
+                "get": {"summary": "This document", "responses": {"200": {"description": "OK"}}}
+            },
+        },
+        "components": {"schemas": components},
+    }

@@ -1,0 +1,54 @@
+"""Service settings, from the environment (SANDBOXER_*) with operator-friendly defaults."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+
+
+def default_data_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "sandboxer"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    nats_url: str | None = None  # None: start the embedded server
+    nats_sync: str = "always"
+    stream_replicas: int = 1
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        data_dir = Path(env.get("SANDBOXER_DATA_DIR") or default_data_dir(env)).expanduser()
+        replicas_raw = env.get("SANDBOXER_STREAM_REPLICAS", "1")
+        try:
+            replicas = int(replicas_raw)
+        except ValueError:
+            raise SettingsError(
+                f"SANDBOXER_STREAM_REPLICAS must be an integer, got {replicas_raw!r}"
+            ) from None
+        if replicas not in (1, 3, 5):
+            raise SettingsError(f"SANDBOXER_STREAM_REPLICAS must be 1, 3 or 5, got {replicas}")
+        values: dict[str, object] = {
+            "data_dir": data_dir,
+            "nats_url": env.get("SANDBOXER_NATS_URL") or None,
+            "nats_sync": env.get("SANDBOXER_NATS_SYNC") or "always",
+            "stream_replicas": replicas,
+            "environ": env,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

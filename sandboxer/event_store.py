@@ -1,0 +1,218 @@
+"""The event store: JetStream behind a narrow recorder interface.
+
+One stream holds every subject under `sandboxer.>`. An aggregate's version is the
+stream sequence of its last event; appends state the version they expect
+(`Nats-Expected-Last-Subject-Sequence` scoped to the aggregate's subjects), so a
+stale writer gets `ConcurrencyConflict` instead of a fork in history, and carry the
+event id as `Nats-Msg-Id`, so a retried append is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import msgspec
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from events import Event
+from events.codec import EventCodec, default_codec
+from events.subjects import STREAM_SUBJECTS, filter_for, subject_for
+
+STREAM_NAME = "SANDBOXER"
+WRONG_LAST_SEQUENCE = 10071
+ALL_SUBJECTS = "sandboxer.>"
+
+
+class RecordedEvent(msgspec.Struct, frozen=True):
+    """An event as the stream holds it: with its stream sequence and subject."""
+
+    seq: int
+    subject: str
+    event: Event
+
+
+class ConcurrencyConflict(Exception):
+    """The aggregate moved on since the writer read it."""
+
+    def __init__(self, aggregate: str, expected: int, detail: str) -> None:
+        super().__init__(f"{aggregate}: expected version {expected}: {detail}")
+        self.aggregate = aggregate
+        self.expected = expected
+
+
+class EventRecorder(Protocol):
+    """What the core needs from a store backend; the conformance tests pin it down."""
+
+    async def append(self, events: Sequence[Event], expected_version: int | None) -> list[int]:
+        """Append events of one aggregate; returns their stream sequences."""
+        ...
+
+    async def read_aggregate(self, filter_subject: str) -> list[RecordedEvent]: ...
+
+    def read(
+        self, from_seq: int = 1, filter_subject: str = ALL_SUBJECTS
+    ) -> AsyncIterator[RecordedEvent]:
+        """Everything from `from_seq` up to what was stored when the read began."""
+        ...
+
+    def follow(
+        self, from_seq: int = 1, filter_subject: str = ALL_SUBJECTS
+    ) -> AsyncIterator[RecordedEvent]:
+        """Everything from `from_seq`, then every new event as it is stored; never ends."""
+        ...
+
+    async def last_seq(self) -> int: ...
+
+
+class JetStreamEventStore:
+    """EventRecorder over one JetStream stream."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        *,
+        stream: str = STREAM_NAME,
+        replicas: int = 1,
+        codec: EventCodec | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=timeout)
+        self.stream = stream
+        self.replicas = replicas
+        self.codec = codec or default_codec()
+        self.timeout = timeout
+
+    async def ensure_stream(self) -> None:
+        """Create the stream if it is missing; leave an existing one as it is."""
+        config = api.StreamConfig(
+            name=self.stream,
+            subjects=STREAM_SUBJECTS,
+            storage=api.StorageType.FILE,
+            num_replicas=self.replicas,
+            retention=api.RetentionPolicy.LIMITS,
+            duplicate_window=120.0,
+            allow_direct=True,
+        )
+        try:
+            await self.js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):
+                await self.js.add_stream(config)
+
+    async def append(self, events: Sequence[Event], expected_version: int | None) -> list[int]:
+        if not events:
+            return []
+        scope = filter_for(events[0])
+        seqs: list[int] = []
+        expected = expected_version
+        for event in events:
+            if filter_for(event) != scope:
+                raise ValueError("one append holds events of one aggregate only")
+            headers = {"Nats-Msg-Id": event.event_id}
+            if expected is not None:
+                headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+                headers["Nats-Expected-Last-Subject-Sequence-Subject"] = scope
+            try:
+                ack = await self.js.publish(
+                    subject_for(event),
+                    self.codec.encode(event),
+                    timeout=self.timeout,
+                    stream=self.stream,
+                    headers=headers,
+                )
+                seq = ack.seq
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+                # The server checks the expected version before de-duplication, so a
+                # retry of an append that did land arrives here: find it, don't fork.
+                landed = await self._find_landed(scope, event.event_id, after=expected or 0)
+                if landed is None:
+                    raise ConcurrencyConflict(scope, expected or 0, str(exc.description)) from exc
+                seq = landed
+            seqs.append(seq)
+            if expected is not None:
+                expected = seq
+        return seqs
+
+    async def _find_landed(self, scope: str, event_id: str, after: int) -> int | None:
+        async for recorded in self.read(after + 1, scope):
+            if recorded.event.event_id == event_id:
+                return recorded.seq
+            return None  # the next event after `after` is someone else's
+        return None
+
+    async def read_aggregate(self, filter_subject: str) -> list[RecordedEvent]:
+        return [r async for r in self.read(1, filter_subject)]
+
+    async def last_seq(self) -> int:
+        info = await self.js.stream_info(self.stream)
+        return int(info.state.last_seq)
+
+    def _record(self, msg: Msg) -> RecordedEvent:
+        return RecordedEvent(
+            seq=msg.metadata.sequence.stream,
+            subject=msg.subject,
+            event=self.codec.decode(msg.data),
+        )
+
+    async def read(
+        self, from_seq: int = 1, filter_subject: str = ALL_SUBJECTS
+    ) -> AsyncIterator[RecordedEvent]:
+        last = await self.last_seq()
+        if from_seq > last:
+            return
+        async for msg in self._ordered(from_seq, filter_subject, stop_at=last):
+            yield self._record(msg)
+
+    async def follow(
+        self, from_seq: int = 1, filter_subject: str = ALL_SUBJECTS
+    ) -> AsyncIterator[RecordedEvent]:
+        async for msg in self._ordered(from_seq, filter_subject, stop_at=None):
+            yield self._record(msg)
+
+    async def _ordered(
+        self, from_seq: int, filter_subject: str, stop_at: int | None
+    ) -> AsyncIterator[Msg]:
+        """An ordered push consumer: the fastest way to read a stream in order."""
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(from_seq, 1),
+        )
+        sub = await self.js.subscribe(
+            filter_subject,
+            stream=self.stream,
+            cb=on_msg,
+            ordered_consumer=True,
+            config=config,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
+        try:
+            if stop_at is not None:
+                info = await sub.consumer_info()
+                delivered = info.delivered.consumer_seq if info.delivered else 0
+                if info.num_pending == 0 and delivered == 0:
+                    return
+            while True:
+                msg = await queue.get()
+                yield msg
+                if stop_at is not None:
+                    meta = msg.metadata
+                    if meta.num_pending == 0 or meta.sequence.stream >= stop_at:
+                        return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()

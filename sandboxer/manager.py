@@ -1,0 +1,492 @@
+"""The manager: drives every live sandbox through its lifecycle, one asyncio task each.
+
+Each step appends its outcome as an event before the next side effect; entering a
+state (the transitions `on_enter` hook, live mode only) starts the driver for it.
+On start the manager replays the stream and resumes what is not finished:
+
+- requested, starting, tearing_down: resumed where they stopped (routing is pure,
+  wait_ready only looks, teardown is idempotent);
+- provisioning: we cannot know what a half-finished provision made, so recovery
+  records `StepFailed` and tears down: the sandbox ends `failed`, nothing is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import nats.errors
+
+from events import (
+    BecameReady,
+    DestroyRequested,
+    Event,
+    EventMeta,
+    Provisioned,
+    RouteChosen,
+    SandboxRequested,
+    StepCancelled,
+    StepFailed,
+    TeardownFailed,
+    TornDown,
+)
+from events.base import utc_now
+from extensions import ExtensionRegistry, StepContext
+from extensions.manifest import ConfigError, HookPolicy
+from projections.sandboxes import SandboxView, evolve
+from sandboxer.event_store import ConcurrencyConflict, EventRecorder
+from sandboxer.ids import check_account, new_sandbox_id
+from sandboxer.lifecycle import TERMINAL, InvalidTransition, LifecycleModel, SandboxMachine, State
+from sandboxer.profiles import ProfileCatalog, ProfileError
+
+log = logging.getLogger(__name__)
+
+ACTOR_MANAGER = "system:manager"
+ACTOR_RECOVERY = "system:recovery"
+ACTOR_TTL = "system:ttl-reaper"
+APPEND_ATTEMPTS = 4
+
+T = TypeVar("T")
+E = TypeVar("E", bound=Event)
+
+
+class NotFound(LookupError):
+    pass
+
+
+class HookFailed(Exception):
+    def __init__(self, hook: str, error: str, attempt: int) -> None:
+        super().__init__(f"{hook} failed after {attempt} attempt(s): {error}")
+        self.hook = hook
+        self.error = error
+        self.attempt = attempt
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    profile: str
+    inputs: Mapping[str, str]
+    ttl_seconds: int | None = None
+    account: str = "default"
+
+
+class Sandbox(LifecycleModel):
+    """The aggregate: machine state plus the projection row folded from the same events."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        self.sandbox_id = sandbox_id
+        self.failing = False
+        self.on_enter: Callable[[str], None] | None = None
+        self.view: SandboxView | None = None
+        self.request: SandboxRequested | None = None
+        self.version = 0
+        self.last_event_id: str | None = None
+        # Runtime only, never recorded:
+        self.secrets: dict[str, str] = {}
+        self.lock = asyncio.Lock()
+        self.driver: asyncio.Task[None] | None = None
+        self.step: asyncio.Task[None] | None = None
+        self.step_name: str | None = None
+        self.step_started: dt.datetime | None = None
+        self.progress: str | None = None
+        self.ttl_timer: asyncio.TimerHandle | None = None
+
+    def meta(self, actor: str = ACTOR_MANAGER) -> EventMeta:
+        correlation = self.view.correlation_id if self.view else ""
+        return EventMeta(actor=actor, correlation_id=correlation, causation_id=self.last_event_id)
+
+
+class SandboxManager:
+    def __init__(
+        self,
+        store: EventRecorder,
+        extensions: ExtensionRegistry,
+        profiles: ProfileCatalog,
+    ) -> None:
+        self.store = store
+        self.extensions = extensions
+        self.profiles = profiles
+        self.machine = SandboxMachine()
+        self.sandboxes: dict[str, Sandbox] = {}
+        self._steps: dict[str, Callable[[Sandbox], Coroutine[Any, Any, None]]] = {
+            State.REQUESTED: self._route,
+            State.PROVISIONING: self._provision,
+            State.STARTING: self._wait_ready,
+            State.TEARING_DOWN: self._teardown,
+        }
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # ---- start, stop -------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Replay the sandbox events, then resume every sandbox that is not finished."""
+        views: dict[str, SandboxView] = {}
+        pending: dict[str, list[tuple[int, Event]]] = {}
+        last = 0
+        async for recorded in self.store.read(1, "sandboxer.sandbox.>"):
+            last = recorded.seq
+            key = recorded.event.aggregate_id
+            view = evolve(views.get(key), recorded.seq, recorded.event)
+            if view is None:
+                continue
+            views[key] = view
+            if view.state in TERMINAL:
+                pending.pop(key, None)
+            else:
+                pending.setdefault(key, []).append((recorded.seq, recorded.event))
+        for key, history in pending.items():
+            sbx = self._attach(key, live=False)
+            for seq, event in history:
+                self._apply(sbx, seq, event)
+        for sbx in list(self.sandboxes.values()):
+            await self._recover(sbx)
+        return last
+
+    async def close(self) -> None:
+        """Stop driving; what is unfinished resumes on the next start."""
+        self._closing = True
+        tasks: list[asyncio.Task[Any]] = []
+        for sbx in self.sandboxes.values():
+            if sbx.ttl_timer:
+                sbx.ttl_timer.cancel()
+            if sbx.driver and not sbx.driver.done():
+                sbx.driver.cancel()
+                tasks.append(sbx.driver)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=10)
+
+    # ---- commands ----------------------------------------------------------------
+
+    async def create(self, request: CreateRequest, meta: EventMeta) -> tuple[Sandbox, int]:
+        """Validate, record `SandboxRequested`, start driving. Returns the stream sequence."""
+        profile = self.profiles.get(request.profile)
+        try:
+            check_account(request.account)
+        except ValueError as exc:
+            raise ProfileError(str(exc), "account") from exc
+        inputs = profile.resolve_inputs(request.inputs)
+        ttl = profile.resolve_ttl(request.ttl_seconds)
+        try:
+            self.extensions.resolve_config(profile.extension, profile.config)
+        except ConfigError as exc:
+            raise ProfileError(f"{profile.name}: {exc}", "profile") from exc
+        secret_keys = profile.secret_inputs()
+        sbx = self._attach(new_sandbox_id(), live=True)
+        sbx.secrets = {k: v for k, v in inputs.items() if k in secret_keys}
+        recorded_inputs = {k: v for k, v in inputs.items() if k not in secret_keys}
+        try:
+            seq = await self._record(
+                sbx,
+                SandboxRequested,
+                meta,
+                profile=profile.name,
+                extension=profile.extension,
+                inputs=recorded_inputs,
+                secret_inputs=sorted(sbx.secrets),
+                account=request.account,
+                ttl_seconds=ttl,
+                config=dict(profile.config),
+            )
+        except BaseException:
+            self._finish(sbx)
+            raise
+        self._schedule_ttl(sbx)
+        return sbx, seq
+
+    async def destroy(self, sandbox_id: str, meta: EventMeta, reason: str = "user") -> int:
+        """Record `DestroyRequested` and cancel the step in flight; teardown follows.
+
+        Destroying a sandbox that is already being torn down is a no-op (returns 0).
+        """
+        sbx = self.sandboxes.get(sandbox_id)
+        if sbx is None:
+            raise NotFound(sandbox_id)
+        if sbx.state == State.TEARING_DOWN:
+            return 0
+        inflight = sbx.step  # captured first: recording starts the teardown step
+        seq = await self._record(sbx, DestroyRequested, meta, reason=reason)
+        if inflight is not None and not inflight.done():
+            inflight.cancel()
+        return seq
+
+    def get(self, sandbox_id: str) -> Sandbox | None:
+        return self.sandboxes.get(sandbox_id)
+
+    # ---- recording ---------------------------------------------------------------
+
+    def _attach(self, sandbox_id: str, live: bool) -> Sandbox:
+        sbx = Sandbox(sandbox_id)
+        if live:
+            sbx.on_enter = lambda state: self._entered(sbx, state)
+        self.machine.attach(sbx)
+        self.sandboxes[sandbox_id] = sbx
+        return sbx
+
+    def _apply(self, sbx: Sandbox, seq: int, event: Event) -> None:
+        self.machine.fire(sbx, event)
+        if isinstance(event, SandboxRequested):
+            sbx.request = event
+        sbx.view = evolve(sbx.view, seq, event)
+        sbx.version = seq
+        sbx.last_event_id = event.event_id
+
+    async def _record(
+        self, sbx: Sandbox, event_type: type[E], meta: EventMeta | None = None, **fields: object
+    ) -> int:
+        """Append one event and apply it. Shielded: a cancelled caller must not leave an
+        event in the stream that the in-memory aggregate has not seen."""
+        task = asyncio.ensure_future(self._append_apply(sbx, event_type, meta, fields))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
+
+    async def _append_apply(
+        self,
+        sbx: Sandbox,
+        event_type: type[E],
+        meta: EventMeta | None,
+        fields: dict[str, object],
+    ) -> int:
+        async with sbx.lock:
+            event = event_type.create(sbx.sandbox_id, meta or sbx.meta(), **fields)  # type: ignore[arg-type]
+            if not self.machine.allows(sbx, event):
+                raise InvalidTransition(sbx.sandbox_id, sbx.state, event_type.__name__)
+            for attempt in range(1, APPEND_ATTEMPTS + 1):
+                try:
+                    (seq,) = await self.store.append([event], sbx.version)
+                    break
+                except ConcurrencyConflict:
+                    raise
+                except (TimeoutError, nats.errors.Error) as exc:
+                    if attempt == APPEND_ATTEMPTS:
+                        raise
+                    log.warning(
+                        "append %s for %s: %s; retrying", event_type.__name__, sbx.sandbox_id, exc
+                    )
+                    await asyncio.sleep(0.2 * attempt)
+            self._apply(sbx, seq, event)
+            return seq
+
+    # ---- driving -----------------------------------------------------------------
+
+    def _entered(self, sbx: Sandbox, state: str) -> None:
+        if state in TERMINAL:
+            self._finish(sbx)
+        elif state in self._steps:
+            self._ensure_driver(sbx)
+
+    def _ensure_driver(self, sbx: Sandbox) -> None:
+        if self._closing:
+            return
+        if sbx.driver is None or sbx.driver.done():
+            sbx.driver = asyncio.create_task(self._drive(sbx), name=f"drive-{sbx.sandbox_id}")
+
+    def _finish(self, sbx: Sandbox) -> None:
+        if sbx.ttl_timer:
+            sbx.ttl_timer.cancel()
+        sbx.secrets.clear()
+        self.sandboxes.pop(sbx.sandbox_id, None)
+        self.machine.detach(sbx)
+
+    async def _drive(self, sbx: Sandbox) -> None:
+        while sbx.state in self._steps and not self._closing:
+            name = sbx.state
+            sbx.step_name = name
+            sbx.step_started = utc_now()
+            sbx.step = asyncio.create_task(self._steps[name](sbx))
+            try:
+                await sbx.step
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    sbx.step.cancel()
+                    raise
+                # Cancelled by destroy: say so, then go on to teardown.
+                if sbx.state == State.TEARING_DOWN:
+                    await self._record(
+                        sbx, StepCancelled, step=_step_label(name), reason="destroy requested"
+                    )
+            except (InvalidTransition, ConcurrencyConflict) as exc:
+                log.warning("%s: step %s superseded: %s", sbx.sandbox_id, name, exc)
+                if sbx.state == name:
+                    return
+            except Exception:
+                log.exception("%s: step %s crashed; left for recovery", sbx.sandbox_id, name)
+                return
+            finally:
+                sbx.step = None
+                sbx.step_name = None
+                sbx.progress = None
+
+    def _context(self, sbx: Sandbox) -> StepContext:
+        assert sbx.request is not None and sbx.view is not None
+        loaded = self.extensions.get(sbx.view.extension)
+        inputs = {**sbx.request.inputs, **sbx.secrets}
+
+        def progress(message: str) -> None:
+            sbx.progress = message
+
+        return StepContext(
+            sandbox_id=sbx.sandbox_id,
+            profile=sbx.request.profile,
+            inputs=inputs,
+            config=loaded.config_for(sbx.request.config),
+            host=sbx.view.host,
+            progress=progress,
+        )
+
+    async def _call_hook(
+        self,
+        sbx: Sandbox,
+        hook: str,
+        call: Callable[[StepContext], Awaitable[T]],
+        policy: HookPolicy,
+    ) -> T:
+        ctx = self._context(sbx)
+        attempts = policy.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with asyncio.timeout(policy.timeout):
+                    return await call(ctx)
+            except TimeoutError:
+                error = f"timed out after {policy.timeout:g}s"
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            error = _redact(error, sbx.secrets)
+            if attempt == attempts:
+                raise HookFailed(hook, error, attempt)
+            log.warning("%s: %s attempt %d failed: %s", sbx.sandbox_id, hook, attempt, error)
+            await asyncio.sleep(policy.backoff * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    async def _route(self, sbx: Sandbox) -> None:
+        assert sbx.request is not None
+        extension = sbx.request.extension
+        await self._record(
+            sbx,
+            RouteChosen,
+            extension=extension,
+            host=None,
+            reason=f"{sbx.request.profile} names extension {extension}",
+            metered=False,
+        )
+
+    async def _provision(self, sbx: Sandbox) -> None:
+        loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
+        try:
+            handle = await self._call_hook(
+                sbx, "provision", loaded.adapter.provision, loaded.manifest.hook("provision")
+            )
+        except HookFailed as exc:
+            await self._record(
+                sbx, StepFailed, step="provision", error=exc.error, attempt=exc.attempt
+            )
+            return
+        await self._record(sbx, Provisioned, handle=dict(handle))
+
+    async def _wait_ready(self, sbx: Sandbox) -> None:
+        loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
+        handle = dict(sbx.view.handle) if sbx.view else {}
+
+        async def call(ctx: StepContext) -> list[str]:
+            return await loaded.adapter.wait_ready(ctx, handle)
+
+        try:
+            services = await self._call_hook(
+                sbx, "wait_ready", call, loaded.manifest.hook("wait_ready")
+            )
+        except HookFailed as exc:
+            await self._record(
+                sbx, StepFailed, step="wait_ready", error=exc.error, attempt=exc.attempt
+            )
+            return
+        await self._record(sbx, BecameReady, services=list(services))
+
+    async def _teardown(self, sbx: Sandbox) -> None:
+        loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
+        policy = loaded.manifest.hook("teardown")
+        handle = dict(sbx.view.handle) if sbx.view and sbx.view.handle else None
+        attempts = policy.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._call_hook(
+                    sbx,
+                    "teardown",
+                    lambda ctx: loaded.adapter.teardown(ctx, handle),
+                    HookPolicy(timeout=policy.timeout, retries=0),
+                )
+            except HookFailed as exc:
+                final = attempt == attempts
+                await self._record(
+                    sbx, TeardownFailed, error=exc.error, attempt=attempt, final=final
+                )
+                if final:
+                    return
+                await asyncio.sleep(policy.backoff * 2 ** (attempt - 1))
+                continue
+            await self._record(sbx, TornDown)
+            return
+
+    # ---- TTL and recovery --------------------------------------------------------
+
+    def _schedule_ttl(self, sbx: Sandbox) -> None:
+        if sbx.view is None or sbx.state in TERMINAL:
+            return
+        delay = (sbx.view.expires_at - utc_now()).total_seconds()
+        loop = asyncio.get_running_loop()
+        sbx.ttl_timer = loop.call_later(max(delay, 0.0), self._expire, sbx.sandbox_id)
+
+    def _expire(self, sandbox_id: str) -> None:
+        sbx = self.sandboxes.get(sandbox_id)
+        if sbx is None or sbx.state in TERMINAL or sbx.state == State.TEARING_DOWN:
+            return
+        task = asyncio.create_task(self._expire_now(sbx))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _expire_now(self, sbx: Sandbox) -> None:
+        with contextlib.suppress(InvalidTransition, NotFound):
+            await self.destroy(sbx.sandbox_id, sbx.meta(ACTOR_TTL), reason="ttl")
+
+    async def _recover(self, sbx: Sandbox) -> None:
+        sbx.on_enter = lambda state: self._entered(sbx, state)
+        self._schedule_ttl(sbx)
+        if sbx.state == State.PROVISIONING:
+            await self._record(
+                sbx,
+                StepFailed,
+                sbx.meta(ACTOR_RECOVERY),
+                step="provision",
+                error="interrupted: the service stopped during provision",
+            )
+        elif sbx.state in self._steps:
+            self._ensure_driver(sbx)
+
+    def live(self) -> list[Sandbox]:
+        return list(self.sandboxes.values())
+
+
+STEP_LABELS: dict[str, str] = {
+    State.REQUESTED: "route",
+    State.PROVISIONING: "provision",
+    State.STARTING: "wait_ready",
+    State.TEARING_DOWN: "teardown",
+}
+
+
+def _step_label(state: str) -> str:
+    return STEP_LABELS.get(state, state)
+
+
+def _redact(text: str, secrets: Mapping[str, str]) -> str:
+    for value in secrets.values():
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text

@@ -1,0 +1,136 @@
+"""Profiles: named presets for `create` (extension, input schema, config, TTL)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from profiles import SHIPPED_DIR
+
+PROFILE_NAME_RE = re.compile(r"^profile\.[a-z0-9][a-z0-9-]{0,62}$")
+INPUT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+MAX_INPUT_LENGTH = 4096
+
+
+class ProfileError(ValueError):
+    """A bad profile file, or a create request that does not fit its profile."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    description: str = ""
+    required: bool = False
+    default: str | None = None
+    secret: bool = False
+    choices: list[str] | None = None
+
+
+class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    extension: str
+    description: str = ""
+    ttl_seconds: int = 3600
+    max_ttl_seconds: int = 7 * 24 * 3600
+    inputs: dict[str, InputSpec] = {}
+    config: dict[str, Any] = {}
+
+    def secret_inputs(self) -> list[str]:
+        return sorted(k for k, spec in self.inputs.items() if spec.secret)
+
+    def resolve_inputs(self, given: Mapping[str, str]) -> dict[str, str]:
+        """Check given inputs against the schema and fill in defaults."""
+        for key, value in given.items():
+            if key not in self.inputs:
+                known = ", ".join(sorted(self.inputs)) or "none"
+                raise ProfileError(
+                    f"{self.name} has no input {key!r} (inputs: {known})", f"inputs.{key}"
+                )
+            if len(value) > MAX_INPUT_LENGTH:
+                raise ProfileError(
+                    f"input {key!r} is longer than {MAX_INPUT_LENGTH} characters",
+                    f"inputs.{key}",
+                )
+        resolved: dict[str, str] = {}
+        for key, spec in self.inputs.items():
+            if key in given:
+                value = given[key]
+            elif spec.default is not None:
+                value = spec.default
+            elif spec.required:
+                raise ProfileError(f"{self.name} requires input {key!r}", f"inputs.{key}")
+            else:
+                continue
+            if spec.choices is not None and value not in spec.choices:
+                raise ProfileError(
+                    f"input {key!r} must be one of {', '.join(spec.choices)}; got {value!r}",
+                    f"inputs.{key}",
+                )
+            resolved[key] = value
+        return resolved
+
+    def resolve_ttl(self, ttl_seconds: int | None) -> int:
+        if ttl_seconds is None:
+            return self.ttl_seconds
+        if ttl_seconds < 1 or ttl_seconds > self.max_ttl_seconds:
+            raise ProfileError(
+                f"ttl_seconds must be between 1 and {self.max_ttl_seconds} for {self.name}",
+                "ttl_seconds",
+            )
+        return ttl_seconds
+
+
+def load_profile(path: Path) -> Profile:
+    try:
+        raw = yaml.safe_load(path.read_text())
+        profile = msgspec.convert(raw, Profile)
+    except (yaml.YAMLError, msgspec.ValidationError) as exc:
+        raise ProfileError(f"{path.name}: {exc}") from exc
+    expected = path.name.removesuffix(".yaml")
+    if profile.name != expected:
+        raise ProfileError(f"{path.name}: name must be {expected!r}, is {profile.name!r}")
+    if not PROFILE_NAME_RE.match(profile.name):
+        raise ProfileError(f"{path.name}: name must match {PROFILE_NAME_RE.pattern}")
+    for key in profile.inputs:
+        if not INPUT_NAME_RE.match(key):
+            raise ProfileError(
+                f"{path.name}: input name {key!r} must match {INPUT_NAME_RE.pattern}"
+            )
+    return profile
+
+
+class ProfileCatalog:
+    def __init__(self, profiles: Iterable[Profile]) -> None:
+        self.profiles = {p.name: p for p in profiles}
+
+    @classmethod
+    def discover(cls, extra_dirs: Iterable[Path] = ()) -> ProfileCatalog:
+        found: dict[str, Profile] = {}
+        for folder in (SHIPPED_DIR, *extra_dirs):
+            for path in sorted(folder.glob("profile.*.yaml")):
+                profile = load_profile(path)
+                found[profile.name] = profile  # later folders override shipped presets
+        return cls(found.values())
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ProfileCatalog:
+        raw = environ.get("SANDBOXER_PROFILES_PATH", "")
+        return cls.discover([Path(p) for p in raw.split(os.pathsep) if p])
+
+    def get(self, name: str) -> Profile:
+        profile = self.profiles.get(name)
+        if profile is None:
+            known = ", ".join(sorted(self.profiles)) or "none"
+            raise ProfileError(f"unknown profile {name!r} (profiles: {known})", "profile")
+        return profile
+
+    def names(self) -> list[str]:
+        return sorted(self.profiles)

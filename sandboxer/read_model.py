@@ -1,0 +1,114 @@
+"""Keeps the sandbox projection caught up with the stream, and lets callers wait on it.
+
+The projection is a disposable cache: it is rebuilt from sequence 1 on every start,
+and `verify()` rebuilds a fresh copy to prove it equals the live one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import msgspec
+
+from projections.sandboxes import SandboxesProjection, SandboxView
+from sandboxer.event_store import EventRecorder
+
+log = logging.getLogger(__name__)
+
+
+class VerifyReport(msgspec.Struct, frozen=True):
+    equal: bool
+    seq: int
+    sandboxes: int
+    differences: list[str]
+
+
+class ProjectionRunner:
+    def __init__(self, store: EventRecorder) -> None:
+        self.store = store
+        self.projection = SandboxesProjection()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failed: BaseException | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return self.projection.last_seq
+
+    async def start(self, timeout: float = 300.0) -> None:
+        """Follow the stream from sequence 1; return once caught up with its end."""
+        target = await self.store.last_seq()
+        self._task = asyncio.create_task(self._follow(), name="projection")
+        await self.wait_for(target, timeout)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self) -> None:
+        try:
+            async for recorded in self.store.follow(self.projection.last_seq + 1):
+                self.projection.apply(recorded.seq, recorded.subject, recorded.event)
+                changed, self._changed = self._changed, asyncio.Event()
+                changed.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.exception("projection stopped following the stream")
+            self._failed = exc
+            self._changed.set()
+            raise
+
+    async def wait_for(self, seq: int, timeout: float) -> bool:
+        """Wait until the projection has applied `seq`. False on timeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.projection.last_seq < seq:
+                    if self._failed is not None:
+                        raise RuntimeError("projection is not following the stream")
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def wait_change(self, after_seq: int, timeout: float) -> None:
+        """Wait until anything past `after_seq` is applied, or the timeout passes."""
+        await self.wait_for(after_seq + 1, timeout)
+
+    async def wait_sandbox(self, sandbox_id: str, after_seq: int, timeout: float) -> None:
+        """Wait until the sandbox's row moves past `after_seq` (long-poll)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while True:
+                    view = self.projection.get(sandbox_id)
+                    if view is not None and view.last_seq > after_seq:
+                        return
+                    await self._changed.wait()
+
+    async def verify(self) -> VerifyReport:
+        """Replay the stream from sequence 1 into a fresh projection and compare."""
+        live: dict[str, SandboxView] = self.projection.snapshot()
+        seq = self.projection.last_seq
+        fresh = SandboxesProjection()
+        if seq > 0:
+            async for recorded in self.store.read(1):
+                if recorded.seq > seq:
+                    break
+                fresh.apply(recorded.seq, recorded.subject, recorded.event)
+                if recorded.seq == seq:
+                    break
+        differences = [
+            key
+            for key in sorted(set(live) | set(fresh.sandboxes))
+            if live.get(key) != fresh.sandboxes.get(key)
+        ]
+        return VerifyReport(
+            equal=not differences and fresh.last_seq == seq,
+            seq=seq,
+            sandboxes=len(fresh.sandboxes),
+            differences=differences[:50],
+        )

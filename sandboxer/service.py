@@ -1,0 +1,102 @@
+"""Assembles the service: NATS (embedded or configured), store, projection, manager, API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import nats
+from aiohttp import web
+from nats.aio.client import Client as NatsClient
+
+from extensions import ExtensionRegistry, RuntimeInfo
+from sandboxer.api import Api
+from sandboxer.config import Settings
+from sandboxer.event_store import JetStreamEventStore
+from sandboxer.manager import SandboxManager
+from sandboxer.nats_server import EmbeddedNats
+from sandboxer.profiles import ProfileCatalog
+from sandboxer.read_model import ProjectionRunner
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedNats | None = None
+        self.nc: NatsClient | None = None
+        self.store: JetStreamEventStore | None = None
+        self.runner: ProjectionRunner | None = None
+        self.manager: SandboxManager | None = None
+        self.api: Api | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # Read every manifest and profile first: a bad file fails start-up, not a request.
+        extensions = ExtensionRegistry.from_env(RuntimeInfo(settings.data_dir), settings.environ)
+        profiles = ProfileCatalog.from_env(settings.environ)
+        url = settings.nats_url
+        if url is None:
+            self.embedded = EmbeddedNats(settings.data_dir, sync_interval=settings.nats_sync)
+            url = await asyncio.to_thread(self.embedded.start)
+            log.info("embedded NATS at %s (data under %s)", url, settings.data_dir)
+        self.nc = await nats.connect(
+            servers=url.split(","),
+            connect_timeout=5,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            name="sandboxer",
+        )
+        self.store = JetStreamEventStore(self.nc, replicas=settings.stream_replicas)
+        await self.store.ensure_stream()
+        self.runner = ProjectionRunner(self.store)
+        await self.runner.start()
+        self.manager = SandboxManager(self.store, extensions, profiles)
+        await self.manager.start()
+        self.api = Api(self.manager, self.runner, self.store, profiles)
+
+    async def stop(self) -> None:
+        if self.manager is not None:
+            await self.manager.close()
+        if self.runner is not None:
+            await self.runner.stop()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+    def app(self) -> web.Application:
+        assert self.api is not None
+        return self.api.app()
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGINT or SIGTERM; always stop the embedded NATS server on the way out."""
+    service = Service(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner: web.AppRunner | None = None
+    try:
+        await service.start()
+        runner = web.AppRunner(service.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        log.info("sandboxer listening on http://%s:%d", settings.host, settings.port)
+        print(f"sandboxer listening on http://{settings.host}:{settings.port}", flush=True)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await service.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,104 @@
+"""What every EventRecorder backend must do; subclass with a `recorder` fixture."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from events import (
+    BecameReady,
+    EventMeta,
+    Provisioned,
+    RouteChosen,
+    SandboxRequested,
+    sandbox_filter,
+)
+from sandboxer.event_store import ConcurrencyConflict, EventRecorder
+
+META = EventMeta(actor="test", correlation_id="corr-1")
+
+
+def requested(sandbox_id: str) -> SandboxRequested:
+    return SandboxRequested.create(
+        sandbox_id,
+        META,
+        profile="profile.saas-stub",
+        extension="saas-stub",
+        inputs={"size": "small"},
+        ttl_seconds=60,
+    )
+
+
+class RecorderConformance:
+    async def test_append_then_read_aggregate(self, recorder: EventRecorder) -> None:
+        first = requested("sbx-a1")
+        (seq1,) = await recorder.append([first], 0)
+        route = RouteChosen.create("sbx-a1", META, extension="saas-stub", reason="test")
+        ready = Provisioned.create("sbx-a1", META, handle={"k": "v"})
+        seqs = await recorder.append([route, ready], seq1)
+        assert seqs[0] > seq1 and seqs[1] > seqs[0]
+        history = await recorder.read_aggregate(sandbox_filter("sbx-a1"))
+        assert [r.event for r in history] == [first, route, ready]
+        assert [r.subject for r in history] == [
+            "sandboxer.sandbox.sbx-a1.SandboxRequested",
+            "sandboxer.sandbox.sbx-a1.RouteChosen",
+            "sandboxer.sandbox.sbx-a1.Provisioned",
+        ]
+        assert await recorder.read_aggregate(sandbox_filter("sbx-none")) == []
+
+    async def test_stale_writer_gets_conflict(self, recorder: EventRecorder) -> None:
+        (seq1,) = await recorder.append([requested("sbx-c1")], 0)
+        await recorder.append([RouteChosen.create("sbx-c1", META, extension="x", reason="a")], seq1)
+        stale = RouteChosen.create("sbx-c1", META, extension="x", reason="b")
+        with pytest.raises(ConcurrencyConflict):
+            await recorder.append([stale], seq1)
+        with pytest.raises(ConcurrencyConflict):
+            await recorder.append([requested("sbx-c1")], 0)  # "new" aggregate that is not
+        history = await recorder.read_aggregate(sandbox_filter("sbx-c1"))
+        assert [r.event.type_name() for r in history] == ["SandboxRequested", "RouteChosen"]
+
+    async def test_other_aggregates_do_not_conflict(self, recorder: EventRecorder) -> None:
+        (a,) = await recorder.append([requested("sbx-o1")], 0)
+        await recorder.append([requested("sbx-o2")], 0)
+        # sbx-o2's append moved the stream on, but sbx-o1's version is still `a`.
+        await recorder.append([BecameReady.create("sbx-o1", META)], a)
+
+    async def test_retried_append_is_not_a_second_event(self, recorder: EventRecorder) -> None:
+        event = requested("sbx-d1")
+        (seq,) = await recorder.append([event], 0)
+        assert await recorder.append([event], 0) == [seq]  # same expected version: retry
+        assert await recorder.append([event], None) == [seq]  # no check: Nats-Msg-Id de-dup
+        history = await recorder.read_aggregate(sandbox_filter("sbx-d1"))
+        assert len(history) == 1
+
+    async def test_concurrent_writers_one_wins(self, recorder: EventRecorder) -> None:
+        (seq,) = await recorder.append([requested("sbx-w1")], 0)
+        attempts = [
+            recorder.append([RouteChosen.create("sbx-w1", META, extension="x", reason=str(i))], seq)
+            for i in range(10)
+        ]
+        results = await asyncio.gather(*attempts, return_exceptions=True)
+        assert sum(1 for r in results if isinstance(r, list)) == 1
+        assert all(isinstance(r, ConcurrencyConflict) for r in results if not isinstance(r, list))
+        assert len(await recorder.read_aggregate(sandbox_filter("sbx-w1"))) == 2
+
+    async def test_read_and_follow_from_sequence(self, recorder: EventRecorder) -> None:
+        seqs = [(await recorder.append([requested(f"sbx-r{i}")], 0))[0] for i in range(5)]
+        assert [r.seq async for r in recorder.read(seqs[2])] == seqs[2:]
+        assert [r.seq async for r in recorder.read(seqs[-1] + 1)] == []
+        assert await recorder.last_seq() == seqs[-1]
+
+        seen: list[int] = []
+
+        async def follow() -> None:
+            async for r in recorder.follow(seqs[3]):
+                seen.append(r.seq)
+                if len(seen) == 3:
+                    return
+
+        follower = asyncio.create_task(follow())
+        (later,) = await recorder.append([requested("sbx-r9")], 0)
+        async with asyncio.timeout(10):
+            await follower
+        assert seen == [seqs[3], seqs[4], later]

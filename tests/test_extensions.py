@@ -1,0 +1,114 @@
+"""Manifests, config resolution, entry-point discovery."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extensions import ConfigError, ExtensionRegistry, RuntimeInfo
+from extensions.manifest import load_manifest, manifest_from_dict
+
+MINIMAL = {
+    "name": "demo",
+    "version": "1.0",
+    "entry_point": "extensions.saas_stub:SaasStub",
+    "capabilities": ["provision", "wait_ready", "teardown"],
+    "config": {
+        "latency_ms": {"type": "int", "default": 5, "env": "DEMO_LATENCY"},
+        "flag": {"type": "bool", "default": False, "env": "DEMO_FLAG"},
+    },
+}
+
+
+def test_shipped_saas_stub_manifest() -> None:
+    registry = ExtensionRegistry.discover(RuntimeInfo(Path("/nonexistent")), entry_points=False)
+    manifest = registry.manifest("saas-stub")
+    assert manifest.hook("teardown").retries == 3
+    assert manifest.resolve_config({}, environ={})["latency_ms"] == 0
+
+
+def test_config_precedence_default_profile_env() -> None:
+    manifest = manifest_from_dict(MINIMAL, "test")
+    assert manifest.resolve_config({}, environ={})["latency_ms"] == 5
+    assert manifest.resolve_config({"latency_ms": 7}, environ={})["latency_ms"] == 7
+    resolved = manifest.resolve_config(
+        {"latency_ms": 7}, environ={"DEMO_LATENCY": "9", "DEMO_FLAG": "yes"}
+    )
+    assert resolved == {"latency_ms": 9, "flag": True}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "environ", "message"),
+    [
+        ({"nope": 1}, {}, "unknown config field 'nope'"),
+        ({"latency_ms": "fast"}, {}, "'latency_ms' must be int, got str"),
+        ({"latency_ms": True}, {}, "'latency_ms' must be int, got bool"),
+        ({}, {"DEMO_LATENCY": "soon"}, "DEMO_LATENCY for 'latency_ms' must be int"),
+        ({}, {"DEMO_FLAG": "perhaps"}, "DEMO_FLAG for 'flag' must be bool"),
+    ],
+)
+def test_bad_config_names_the_field(
+    overrides: dict[str, object], environ: dict[str, str], message: str
+) -> None:
+    manifest = manifest_from_dict(MINIMAL, "test")
+    with pytest.raises(ConfigError, match=message):
+        manifest.resolve_config(overrides, environ=environ)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"name": "Bad Name"}, "name 'Bad Name' must match"),
+        ({"capabilities": ["provision", "wait_ready"]}, "capability 'teardown' is required"),
+        ({"capabilities": ["provision", "wait_ready", "teardown", "fly"]}, "unknown capability"),
+        ({"hooks": {"launch": {"timeout": 1}}}, "unknown hook 'launch'"),
+        ({"surprise": 1}, "unknown field `surprise`"),
+        ({"config": {"x": {"type": "int", "default": "one"}}}, "config.x: default is not int"),
+    ],
+)
+def test_bad_manifests(change: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        manifest_from_dict({**MINIMAL, **change}, "ext.demo.yaml")
+
+
+def test_manifest_from_extra_dir_and_bad_entry_point(tmp_path: Path) -> None:
+    (tmp_path / "ext.demo.yaml").write_text(
+        yaml.safe_dump({**MINIMAL, "entry_point": "no_such_module:Thing"})
+    )
+    registry = ExtensionRegistry.discover(RuntimeInfo(tmp_path), [tmp_path], entry_points=False)
+    assert "demo" in registry.names()
+    with pytest.raises(ConfigError, match="cannot load entry_point 'no_such_module:Thing'"):
+        registry.get("demo")
+    assert load_manifest(tmp_path / "ext.demo.yaml").source == "ext.demo.yaml"
+
+
+def test_duplicate_extension_names_refused(tmp_path: Path) -> None:
+    (tmp_path / "ext.saas-stub.yaml").write_text(yaml.safe_dump({**MINIMAL, "name": "saas-stub"}))
+    with pytest.raises(ConfigError, match="declared twice"):
+        ExtensionRegistry.discover(RuntimeInfo(tmp_path), [tmp_path], entry_points=False)
+
+
+def test_third_party_extension_from_entry_point_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real installed distribution (dist-info on sys.path) registering our group."""
+    pkg = tmp_path / "acme_ext"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from extensions.saas_stub import SaasStub\n"
+        f"MANIFEST = {dict(MINIMAL, name='acme', entry_point='acme_ext:SaasStub')!r}\n"
+    )
+    dist = tmp_path / "acme_ext-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-ext\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[sandboxer.extensions]\nacme = acme_ext:MANIFEST\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = ExtensionRegistry.discover(RuntimeInfo(tmp_path))
+    assert "acme" in registry.names()
+    loaded = registry.get("acme")
+    assert loaded.manifest.source == "entry point acme"
+    assert callable(loaded.adapter.provision)
+    sys.modules.pop("acme_ext", None)
