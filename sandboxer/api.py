@@ -15,7 +15,7 @@ from projections.sandboxes import SandboxView
 from sandboxer.event_store import EventRecorder, RecordedEvent
 from sandboxer.ids import InvalidId, check_sandbox_id, new_correlation_id
 from sandboxer.lifecycle import TERMINAL, InvalidTransition, State
-from sandboxer.manager import CreateRequest, NotFound, SandboxManager
+from sandboxer.manager import STEP_LABELS, CreateRequest, NotFound, SandboxManager
 from sandboxer.profiles import ProfileCatalog, ProfileError
 from sandboxer.read_model import ProjectionRunner, VerifyReport
 
@@ -220,7 +220,12 @@ class Api:
     def _out(self, view: SandboxView) -> SandboxOut:
         progress = None
         live = self.manager.get(view.id)
-        if live is not None and live.step_name is not None and live.step_started is not None:
+        if (
+            live is not None
+            and live.step_started is not None
+            and live.step_name is not None
+            and live.step_name == STEP_LABELS.get(view.state)
+        ):
             progress = Progress(step=live.step_name, since=live.step_started, message=live.progress)
         return SandboxOut(
             id=view.id,

@@ -298,7 +298,7 @@ class SandboxManager:
     async def _drive(self, sbx: Sandbox) -> None:
         while sbx.state in self._steps and not self._closing:
             name = sbx.state
-            sbx.step_name = name
+            sbx.step_name = _step_label(name)
             sbx.step_started = utc_now()
             sbx.step = asyncio.create_task(self._steps[name](sbx))
             try:

@@ -42,7 +42,10 @@ class Service:
         url = settings.nats_url
         if url is None:
             self.embedded = EmbeddedNats(settings.data_dir, sync_interval=settings.nats_sync)
-            url = await asyncio.to_thread(self.embedded.start)
+            # Started from this (the main) thread on purpose: the child's parent-death
+            # signal is tied to the thread that spawned it, and this one lives as long
+            # as the process. The ~0.1 s it blocks the loop is start-up time.
+            url = self.embedded.start()
             log.info("embedded NATS at %s (data under %s)", url, settings.data_dir)
         self.nc = await nats.connect(
             servers=url.split(","),
@@ -68,7 +71,7 @@ class Service:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
         if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.stop)
+            self.embedded.stop()
 
     def app(self) -> web.Application:
         assert self.api is not None
@@ -89,7 +92,6 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
-        log.info("sandboxer listening on http://%s:%d", settings.host, settings.port)
         print(f"sandboxer listening on http://{settings.host}:{settings.port}", flush=True)
         if ready is not None:
             ready.set()

@@ -67,7 +67,7 @@ async def test_destroy_during_provision_cancels_the_step(start_service: StartSer
     svc = await start_service(SANDBOXER_SAAS_STUB_LATENCY_MS="1500")
     made = await create(svc.http, svc.url)
     current = await wait_state(svc.http, svc.url, made["id"], {"provisioning"})
-    assert current["progress"]["step"] == "provisioning"
+    assert current["progress"] is None or current["progress"]["step"] == "provision"
     await destroy(svc.http, svc.url, made["id"])
     await wait_state(svc.http, svc.url, made["id"], {"destroyed"})
     types = await event_types(svc.http, svc.url, made["id"])
@@ -78,6 +78,9 @@ async def test_destroy_during_provision_cancels_the_step(start_service: StartSer
         "StepCancelled",
         "TornDown",
     ]
+    async with svc.http.get(f"{svc.url}/v1/sandboxes/{made['id']}/events") as resp:
+        cancelled = (await resp.json())["events"][3]["event"]
+    assert cancelled["step"] == "provision" and cancelled["reason"] == "destroy requested"
     assert instances(svc) == []
 
 

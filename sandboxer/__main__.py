@@ -1,0 +1,5 @@
+import sys
+
+from sandboxer.cli import main
+
+sys.exit(main())

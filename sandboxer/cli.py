@@ -1,0 +1,418 @@
+"""`sandboxer`: the command line. Talks to the HTTP API with the standard library only,
+so it starts fast and needs nothing the service does not."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+TERMINAL = {"destroyed", "failed", "rejected"}
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_API, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Client:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> Any:
+        url = self.base_url + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method)  # noqa: S310
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise CliError(_api_error(exc), EXIT_API) from exc
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CliError(
+                f"cannot reach the sandboxer API at {self.base_url}: {reason}\n"
+                "hint: start it with `sandboxer serve`, or set SANDBOXER_URL / --url",
+                EXIT_UNREACHABLE,
+            ) from exc
+
+
+def _api_error(exc: urllib.error.HTTPError) -> str:
+    try:
+        error = json.loads(exc.read())["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {exc.code}: {exc.reason}"
+    field = f" (field: {error['field']})" if error.get("field") else ""
+    return f"error {error.get('status', exc.code)}: {error.get('message')}{field}"
+
+
+# ---- output -----------------------------------------------------------------------
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _age(iso: str) -> str:
+    then = dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    seconds = int((dt.datetime.now(dt.UTC) - then).total_seconds())
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _print_sandboxes(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no sandboxes")
+        return
+    body = [
+        [
+            r["id"],
+            r["state"],
+            r["profile"],
+            r["extension"],
+            r["account"],
+            _age(r["created_at"]),
+            (r.get("reason") or "")[:50],
+        ]
+        for r in rows
+    ]
+    print(_table(body, ["ID", "STATE", "PROFILE", "EXTENSION", "ACCOUNT", "AGE", "REASON"]))
+
+
+def _print_sandbox(s: dict[str, Any]) -> None:
+    fields = [
+        "id",
+        "state",
+        "profile",
+        "extension",
+        "account",
+        "host",
+        "created_at",
+        "expires_at",
+        "reason",
+        "route_reason",
+        "services",
+        "handle",
+        "inputs",
+    ]
+    for key in fields:
+        value = s.get(key)
+        if value in (None, {}, [], ""):
+            continue
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        print(f"{key + ':':<14}{value}")
+    if s.get("progress"):
+        p = s["progress"]
+        print(f"{'step:':<14}{p['step']} {p.get('message') or ''}".rstrip())
+
+
+def _print_event(e: dict[str, Any]) -> None:
+    ev = e["event"]
+    print(
+        f"{e['seq']:>6}  {ev['occurred_at']}  {ev['type']:<18} {ev['aggregate_id']:<18} "
+        f"{ev['actor']}"
+    )
+
+
+class Progress:
+    """One rewritten line on a terminal, one line per change otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+        self.started = time.monotonic()
+
+    def show(self, sandbox: dict[str, Any]) -> None:
+        step = ""
+        if sandbox.get("progress"):
+            p = sandbox["progress"]
+            step = f" [{p['step']}{': ' + p['message'] if p.get('message') else ''}]"
+        text = f"{sandbox['id']}: {sandbox['state']}{step}"
+        elapsed = time.monotonic() - self.started
+        if self.tty:
+            sys.stderr.write(f"\r\033[K{text} ({elapsed:.0f}s)")
+            sys.stderr.flush()
+        elif text != self.last:
+            sys.stderr.write(f"{text} ({elapsed:.1f}s)\n")
+        self.last = text
+
+    def done(self) -> None:
+        if self.tty and self.last:
+            sys.stderr.write("\n")
+
+
+def _wait(
+    client: Client, sandbox: dict[str, Any], until: set[str], timeout: float
+) -> dict[str, Any]:
+    progress = Progress()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            progress.show(sandbox)
+            if sandbox["state"] in until or sandbox["state"] in TERMINAL:
+                return sandbox
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CliError(
+                    f"timed out after {timeout:g}s: {sandbox['id']} is {sandbox['state']}",
+                    EXIT_TIMEOUT,
+                )
+            wait = min(10.0, left) if not progress.tty else min(1.0, left)
+            sandbox = client.request(
+                "GET",
+                f"/v1/sandboxes/{sandbox['id']}",
+                query={"wait": f"{wait:.1f}", "after_seq": str(sandbox["last_seq"])},
+                timeout=wait + 30,
+            )
+    finally:
+        progress.done()
+
+
+# ---- commands -----------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sandboxer.config import Settings
+    from sandboxer.service import serve
+
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    asyncio.run(serve(Settings.from_env(host=args.host, port=args.port)))
+    return EXIT_OK
+
+
+def _parse_inputs(pairs: Sequence[str]) -> dict[str, str]:
+    inputs: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--input {pair!r}: expected key=value", EXIT_USAGE)
+        inputs[key] = value
+    return inputs
+
+
+def cmd_create(args: argparse.Namespace, client: Client) -> int:
+    body: dict[str, Any] = {"profile": args.profile, "inputs": _parse_inputs(args.input)}
+    if args.ttl is not None:
+        body["ttl_seconds"] = args.ttl
+    if args.account is not None:
+        body["account"] = args.account
+    sandbox = client.request("POST", "/v1/sandboxes", body)
+    if args.wait:
+        sandbox = _wait(client, sandbox, {"ready"}, args.timeout)
+    _emit(args, sandbox)
+    return EXIT_FAILED if args.wait and sandbox["state"] in ("failed", "rejected") else EXIT_OK
+
+
+def cmd_destroy(args: argparse.Namespace, client: Client) -> int:
+    sandbox = client.request("DELETE", f"/v1/sandboxes/{args.id}")
+    if args.wait:
+        sandbox = _wait(client, sandbox, TERMINAL, args.timeout)
+    _emit(args, sandbox)
+    return EXIT_FAILED if args.wait and sandbox["state"] == "failed" else EXIT_OK
+
+
+def _emit(args: argparse.Namespace, sandbox: dict[str, Any]) -> None:
+    if args.json:
+        _print_json(sandbox)
+    else:
+        _print_sandbox(sandbox)
+
+
+def cmd_get(args: argparse.Namespace, client: Client) -> int:
+    _emit(args, client.request("GET", f"/v1/sandboxes/{args.id}"))
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, client: Client) -> int:
+    query = {k: v for k, v in (("state", args.state), ("account", args.account)) if v}
+    rows = client.request("GET", "/v1/sandboxes", query=query)["sandboxes"]
+    if args.json:
+        _print_json(rows)
+    else:
+        _print_sandboxes(rows)
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace, client: Client) -> int:
+    after = 0
+    try:
+        while True:
+            query = {"after_seq": str(after), "limit": "500"}
+            if args.sandbox:
+                query["sandbox"] = args.sandbox
+            if args.follow:
+                query["wait"] = "25"
+            page = client.request("GET", "/v1/events", query=query, timeout=60)
+            for e in page["events"]:
+                if args.json:
+                    print(json.dumps(e), flush=True)
+                else:
+                    _print_event(e)
+                    sys.stdout.flush()
+            if page["events"]:
+                after = page["events"][-1]["seq"]
+            elif page["last_seq"] > after:
+                after = page["last_seq"]  # filtered: nothing of ours up to here
+            if not args.follow and len(page["events"]) < 500:
+                return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace, client: Client) -> int:
+    report = client.request("POST", "/v1/replay", timeout=600)
+    if args.json:
+        _print_json(report)
+    else:
+        verdict = "equal" if report["equal"] else "DIFFERENT"
+        print(
+            f"replayed to seq {report['seq']}: {report['sandboxes']} sandboxes; "
+            f"fresh projection {verdict} to the live one"
+        )
+        for key in report["differences"]:
+            print(f"  differs: {key}")
+    return EXIT_OK if report["equal"] else EXIT_FAILED
+
+
+def cmd_profiles(args: argparse.Namespace, client: Client) -> int:
+    profiles = client.request("GET", "/v1/profiles")["profiles"]
+    if args.json:
+        _print_json(profiles)
+        return EXIT_OK
+    for p in profiles:
+        print(f"{p['name']}  ({p['extension']}, ttl {p['ttl_seconds']}s)  {p['description']}")
+        for i in p["inputs"]:
+            flags = ", ".join(
+                f for f, on in (("required", i["required"]), ("secret", i["secret"])) if on
+            )
+            extra = f" default={i['default']}" if i.get("default") is not None else ""
+            choices = f" one of {','.join(i['choices'])}" if i.get("choices") else ""
+            print(f"    --input {i['name']}=...  {flags}{extra}{choices}".rstrip())
+    return EXIT_OK
+
+
+# ---- parser ------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise CliError(f"{self.prog}: {message}", EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sandboxer", description="Isolated sandboxes, every step an event.")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("SANDBOXER_URL", DEFAULT_URL),
+        help="API base URL (env SANDBOXER_URL)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("serve", help="run the service (embedded NATS unless SANDBOXER_NATS_URL)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+
+    p = sub.add_parser("create", help="create a sandbox from a profile")
+    p.add_argument("--profile", required=True)
+    p.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--ttl", type=int, metavar="SECONDS")
+    p.add_argument("--account")
+    p.add_argument("--wait", action="store_true", help="wait until ready (or it fails)")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("list", help="list sandboxes")
+    p.add_argument("--state")
+    p.add_argument("--account")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("get", help="show one sandbox")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("destroy", help="destroy a sandbox")
+    p.add_argument("id")
+    p.add_argument("--wait", action="store_true", help="wait until it is gone")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("events", help="show events (all, or one sandbox's)")
+    p.add_argument("--sandbox")
+    p.add_argument("--follow", action="store_true")
+    p.add_argument("--json", action="store_true", help="JSON Lines")
+
+    p = sub.add_parser("replay", help="rebuild the projection from sequence 1 and compare")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("profiles", help="list profiles and their inputs")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+COMMANDS = {
+    "create": cmd_create,
+    "list": cmd_list,
+    "get": cmd_get,
+    "destroy": cmd_destroy,
+    "events": cmd_events,
+    "replay": cmd_replay,
+    "profiles": cmd_profiles,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "serve":
+            return cmd_serve(args)
+        return COMMANDS[args.command](args, Client(args.url))
+    except CliError as exc:
+        print(f"sandboxer: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
