@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandboxer.nats_server import sync_interval_from_env
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 
@@ -46,7 +48,7 @@ class Settings:
         values: dict[str, object] = {
             "data_dir": data_dir,
             "nats_url": env.get("SANDBOXER_NATS_URL") or None,
-            "nats_sync": env.get("SANDBOXER_NATS_SYNC") or "always",
+            "nats_sync": sync_interval_from_env(env),
             "stream_replicas": replicas,
             "environ": env,
         }
