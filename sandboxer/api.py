@@ -180,7 +180,7 @@ class Api:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/sandboxes", self.create)
-        app.router.add_get("/v1/sandboxes", self.list)
+        app.router.add_get("/v1/sandboxes", self.list_sandboxes)
         app.router.add_get("/v1/sandboxes/{id}", self.get)
         app.router.add_delete("/v1/sandboxes/{id}", self.destroy)
         app.router.add_get("/v1/sandboxes/{id}/events", self.sandbox_events)
@@ -318,7 +318,7 @@ class Api:
         response.headers["Location"] = f"/v1/sandboxes/{sandbox.sandbox_id}"
         return response
 
-    async def list(self, request: web.Request) -> web.Response:
+    async def list_sandboxes(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
         if state is not None and state not in {s.value for s in State if s != State.NEW}:
             raise ApiError(400, "invalid_query", f"unknown state {state!r}", "state")

@@ -131,7 +131,10 @@ async def test_sigkill_mid_lifecycle_then_restart(tmp_path: Path) -> None:
             async with http.post(f"{second.url}/v1/replay") as resp:
                 report = await resp.json()
             assert report["equal"] is True, report
-            assert second.terminate() == 0
+            second_nats = nats_pid(data_dir)
+            assert second.terminate() == 0, "SIGTERM stops serve cleanly"
+            assert second_nats is not None and not alive(second_nats), "and its nats-server"
+            assert nats_pid(data_dir) is None
         finally:
             if second.proc.poll() is None:
                 second.kill()
