@@ -94,6 +94,13 @@ class ExtensionRegistry:
             self._loaded[name] = loaded
         return loaded
 
+    async def close(self) -> None:
+        """Let adapters close what they hold open (SSH connections)."""
+        for loaded in self._loaded.values():
+            close = getattr(loaded.adapter, "close", None)
+            if close is not None:
+                await close()
+
     def _load(self, manifest: Manifest) -> LoadedExtension:
         factory = _import_object(manifest.entry_point, manifest.source)
         config = manifest.resolve_config(None, self.environ)

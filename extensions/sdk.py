@@ -17,7 +17,7 @@ Handle = dict[str, str]
 ProgressFn = Callable[[str], None]
 
 REQUIRED_HOOKS = ("provision", "wait_ready", "teardown")
-OPTIONAL_HOOKS = ("snapshot", "restore", "estimate_cost", "meter_actual")
+OPTIONAL_HOOKS = ("place", "snapshot", "restore", "estimate_cost", "meter_actual")
 
 
 def _no_progress(_message: str) -> None:
@@ -45,6 +45,18 @@ class ExtensionError(Exception):
     """A hook failed in a way the adapter understands; the message goes into the event."""
 
 
+class NoCapacity(ExtensionError):
+    """`place` found no host with room; the sandbox is rejected with this reason."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a sandbox goes, and why (recorded in `RouteChosen`)."""
+
+    host: str
+    reason: str
+
+
 @runtime_checkable
 class Extension(Protocol):
     async def provision(self, ctx: StepContext) -> Handle: ...
@@ -52,3 +64,13 @@ class Extension(Protocol):
     async def wait_ready(self, ctx: StepContext, handle: Handle) -> list[str]: ...
 
     async def teardown(self, ctx: StepContext, handle: Handle | None) -> None: ...
+
+
+class Placing(Protocol):
+    """Optional capability `place`: pick a host from a pool, given what each holds now.
+
+    Called under a per-extension lock together with recording the choice, so two
+    sandboxes never both take the last slot of a host.
+    """
+
+    def place(self, ctx: StepContext, load: Mapping[str, int]) -> Placement: ...

@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import nats.errors
 
@@ -29,6 +29,7 @@ from events import (
     EventMeta,
     Provisioned,
     RouteChosen,
+    SandboxRejected,
     SandboxRequested,
     StepCancelled,
     StepFailed,
@@ -36,7 +37,7 @@ from events import (
     TornDown,
 )
 from events.base import utc_now
-from extensions import ExtensionRegistry, StepContext
+from extensions import ExtensionRegistry, NoCapacity, Placing, StepContext
 from extensions.manifest import ConfigError, HookPolicy
 from projections.sandboxes import SandboxView, evolve
 from sandboxer.event_store import ConcurrencyConflict, EventRecorder
@@ -120,6 +121,7 @@ class SandboxManager:
             State.TEARING_DOWN: self._teardown,
         }
         self._inflight: set[asyncio.Task[Any]] = set()
+        self._placement_locks: dict[str, asyncio.Lock] = {}
         self._closing = False
 
     # ---- start, stop -------------------------------------------------------------
@@ -369,14 +371,39 @@ class SandboxManager:
     async def _route(self, sbx: Sandbox) -> None:
         assert sbx.request is not None
         extension = sbx.request.extension
-        await self._record(
-            sbx,
-            RouteChosen,
-            extension=extension,
-            host=None,
-            reason=f"{sbx.request.profile} names extension {extension}",
-            metered=False,
-        )
+        reason = f"{sbx.request.profile} names extension {extension}"
+        loaded = self.extensions.get(extension)
+        if not loaded.manifest.has("place"):
+            await self._record(
+                sbx, RouteChosen, extension=extension, host=None, reason=reason, metered=False
+            )
+            return
+        placer = cast(Placing, loaded.adapter)
+        lock = self._placement_locks.setdefault(extension, asyncio.Lock())
+        async with lock:
+            try:
+                placement = placer.place(self._context(sbx), self._load(extension))
+            except NoCapacity as exc:
+                await self._record(sbx, SandboxRejected, reason=str(exc), code="no_capacity")
+                return
+            await self._record(
+                sbx,
+                RouteChosen,
+                extension=extension,
+                host=placement.host,
+                reason=f"{reason}; {placement.reason}",
+                metered=False,
+            )
+
+    def _load(self, extension: str) -> dict[str, int]:
+        """Sandboxes per host of one extension that still hold a place there."""
+        load: dict[str, int] = {}
+        for other in self.sandboxes.values():
+            view = other.view
+            if view is not None and view.extension == extension and view.host is not None:
+                if view.state not in TERMINAL:
+                    load[view.host] = load.get(view.host, 0) + 1
+        return load
 
     async def _provision(self, sbx: Sandbox) -> None:
         loaded = self.extensions.get(sbx.view.extension if sbx.view else "")

@@ -65,6 +65,7 @@ class Service:
     async def stop(self) -> None:
         if self.manager is not None:
             await self.manager.close()
+            await self.manager.extensions.close()
         if self.runner is not None:
             await self.runner.stop()
         if self.nc is not None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
-import socket
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import nats
@@ -18,12 +20,7 @@ from sandboxer.config import Settings
 from sandboxer.event_store import JetStreamEventStore
 from sandboxer.nats_server import EmbeddedNats
 from sandboxer.service import Service
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.infra import Podman, SSHHost, free_port
 
 
 @pytest.fixture
@@ -112,3 +109,52 @@ async def start_service(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncItera
 @pytest.fixture
 async def api(start_service: StartService) -> RunningService:
     return await start_service()
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
+    return Podman.prepare(tmp_path_factory.mktemp("podman"))
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[SSHHost]]:
+    """Two real sshd hosts on loopback, shared by the session (each test its own root)."""
+    hosts = [SSHHost(tmp_path_factory.mktemp(f"sshd{i}")).start() for i in range(2)]
+    yield hosts
+    for host in hosts:
+        host.stop()
+
+
+@pytest.fixture
+def compose_env(
+    podman: Podman, ssh_hosts: list[SSHHost], tmp_path: Path
+) -> Callable[..., dict[str, str]]:
+    """Service environment for compose-ssh on the test hosts; remote roots under tmp."""
+
+    def env(capacities: tuple[int, ...] = (4,), **host_extra: Any) -> dict[str, str]:
+        hosts = [
+            ssh_hosts[i].host_config(
+                f"host{i}",
+                tmp_path / f"remote{i}",
+                podman.compose_cmd,
+                capacity=capacity,
+                **host_extra,
+            )
+            for i, capacity in enumerate(capacities)
+        ]
+        return {
+            "SANDBOXER_COMPOSE_HOSTS": json.dumps(hosts),
+            "SANDBOXER_COMPOSE_CMD": podman.compose_cmd,
+            "SANDBOXER_COMPOSE_STOP_TIMEOUT": "1",
+        }
+
+    return env
+
+
+@pytest.fixture
+def compose_repo(tmp_path: Path) -> Path:
+    """A copy of the two-service test project, with a file .gitignore excludes."""
+    repo = tmp_path / "repo"
+    shutil.copytree(Path(__file__).parent / "data" / "compose-app", repo)
+    (repo / "ignored.log").write_text("must not be rsynced\n")
+    return repo

@@ -1,0 +1,248 @@
+"""The SSH layer shared by the SSH-based extensions (compose-ssh, vm-packer).
+
+One asyncssh connection per target, reused across sandboxes, with keepalive, and
+re-opened when it drops. Every remote command is built from a list and quoted with
+`shlex.join`; nothing is ever pasted into a shell string unquoted. Host keys are
+always verified: against the configured known_hosts file, or the user's default one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from extensions.sdk import ExtensionError
+
+
+class SSHError(ExtensionError):
+    """The connection failed (unreachable, auth, unknown or changed host key)."""
+
+
+class RemoteCommandFailed(ExtensionError):
+    def __init__(self, command: str, exit_status: int | None, stderr: str) -> None:
+        tail = stderr.strip().splitlines()[-5:]
+        super().__init__(
+            f"remote command exited {exit_status}: {command[:200]}: " + " | ".join(tail)
+        )
+        self.exit_status = exit_status
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    host: str
+    port: int = 22
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None  # None: the user's ~/.ssh/known_hosts
+    connect_timeout: float = 15.0
+    keepalive_interval: float = 15.0
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any], where: str) -> SSHTarget:
+        try:
+            host = str(raw["host"])
+        except KeyError:
+            raise ExtensionError(f"{where}: 'host' is required") from None
+        port = raw.get("port", 22)
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ExtensionError(f"{where}: 'port' must be 1..65535, got {port!r}")
+        return cls(
+            host=host,
+            port=port,
+            user=str(raw["user"]) if raw.get("user") else None,
+            identity_file=str(raw["identity_file"]) if raw.get("identity_file") else None,
+            known_hosts=str(raw["known_hosts"]) if raw.get("known_hosts") else None,
+            connect_timeout=float(raw.get("connect_timeout", 15.0)),
+            keepalive_interval=float(raw.get("keepalive_interval", 15.0)),
+        )
+
+    @property
+    def destination(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    def ssh_command(self) -> list[str]:
+        """The OpenSSH client invocation rsync uses: same identity, same host-key rules."""
+        argv = [
+            "ssh",
+            "-p",
+            str(self.port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"ConnectTimeout={int(self.connect_timeout)}",
+        ]
+        if self.known_hosts:
+            argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        if self.identity_file:
+            argv += ["-i", self.identity_file, "-o", "IdentitiesOnly=yes"]
+        return argv
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    exit_status: int
+    stdout: str
+    stderr: str
+
+
+class SSHPool:
+    """Reuses one connection per target; safe to share between many sandboxes."""
+
+    def __init__(self) -> None:
+        self._connections: dict[SSHTarget, asyncssh.SSHClientConnection] = {}
+        self._locks: dict[SSHTarget, asyncio.Lock] = {}
+
+    async def connection(self, target: SSHTarget) -> asyncssh.SSHClientConnection:
+        lock = self._locks.setdefault(target, asyncio.Lock())
+        async with lock:
+            conn = self._connections.get(target)
+            if conn is not None and not conn.is_closed():
+                return conn
+            conn = await self._connect(target)
+            self._connections[target] = conn
+            return conn
+
+    async def _connect(self, target: SSHTarget) -> asyncssh.SSHClientConnection:
+        options: dict[str, Any] = {
+            "port": target.port,
+            "connect_timeout": target.connect_timeout,
+            "keepalive_interval": target.keepalive_interval,
+            "keepalive_count_max": 3,
+        }
+        if target.user:
+            options["username"] = target.user
+        if target.identity_file:
+            options["client_keys"] = [target.identity_file]
+            options["agent_path"] = None
+        if target.known_hosts:
+            if not Path(target.known_hosts).exists():  # noqa: ASYNC240 - one local stat
+                raise SSHError(f"known_hosts file {target.known_hosts} does not exist")
+            options["known_hosts"] = target.known_hosts
+        try:
+            return await asyncssh.connect(target.host, **options)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise SSHError(
+                f"host key of {target.host}:{target.port} is not trusted (unknown or "
+                f"changed; check known_hosts): {exc}"
+            ) from exc
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            raise SSHError(f"cannot connect to {target.host}:{target.port}: {exc}") from exc
+
+    async def run(
+        self,
+        target: SSHTarget,
+        argv: Sequence[str],
+        *,
+        timeout: float = 60.0,
+        check: bool = True,
+        cwd: str | None = None,
+    ) -> CommandResult:
+        """Run argv on the target (quoted); `cwd` is entered first, also quoted."""
+        command = shlex.join(argv)
+        if cwd is not None:
+            command = f"cd -- {shlex.quote(cwd)} && {command}"
+        return await self.run_shell(target, command, timeout=timeout, check=check)
+
+    async def run_shell(
+        self, target: SSHTarget, command: str, *, timeout: float = 60.0, check: bool = True
+    ) -> CommandResult:
+        """Run an already-quoted command line. Callers build it with shlex only."""
+        for attempt in (1, 2):
+            conn = await self.connection(target)
+            try:
+                result = await asyncio.wait_for(conn.run(command, check=False), timeout)
+                break
+            except (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError) as exc:
+                self._connections.pop(target, None)
+                if attempt == 2:
+                    raise SSHError(f"connection to {target.host} lost: {exc}") from exc
+            except asyncssh.ChannelOpenError as exc:
+                self._connections.pop(target, None)
+                if attempt == 2:
+                    raise SSHError(f"cannot open a channel to {target.host}: {exc}") from exc
+        out = CommandResult(
+            exit_status=result.exit_status if result.exit_status is not None else -1,
+            stdout=_text(result.stdout),
+            stderr=_text(result.stderr),
+        )
+        if check and out.exit_status != 0:
+            raise RemoteCommandFailed(command, out.exit_status, out.stderr)
+        return out
+
+    async def close(self) -> None:
+        for conn in self._connections.values():
+            conn.close()
+        for conn in self._connections.values():
+            await conn.wait_closed()
+        self._connections.clear()
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value)
+
+
+async def rsync(
+    target: SSHTarget,
+    source: Path,
+    remote_dir: str,
+    *,
+    excludes: Sequence[str] = (),
+    filters: Sequence[str] = (),
+    timeout: float = 600.0,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Mirror `source/` into `remote_dir/` with rsync over OpenSSH (same key rules)."""
+    argv = ["rsync", "-a", "--delete", "--protect-args", "--info=progress2", "--no-inc-recursive"]
+    for rule in filters:
+        argv += ["--filter", rule]
+    for pattern in excludes:
+        argv += ["--exclude", pattern]
+    argv += ["-e", shlex.join(target.ssh_command())]
+    argv += [f"{source}/", f"{target.destination}:{remote_dir}/"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+
+    async def read_progress() -> None:
+        assert proc.stdout is not None
+        buffer = b""
+        while chunk := await proc.stdout.read(4096):
+            buffer += chunk
+            *lines, buffer = buffer.replace(b"\r", b"\n").split(b"\n")
+            for line in lines:
+                fields = line.decode(errors="replace").split()
+                if progress is not None and len(fields) >= 2 and fields[1].endswith("%"):
+                    progress(f"rsync {fields[1]} of {fields[0]} bytes")
+
+    try:
+        async with asyncio.timeout(timeout):
+            _, stderr = await asyncio.gather(read_progress(), proc.stderr.read())
+            status = await proc.wait()
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    if status != 0:
+        raise ExtensionError(
+            f"rsync to {target.host}:{remote_dir} failed ({status}): "
+            + stderr.decode(errors="replace").strip()[-500:]
+        )

@@ -1,0 +1,170 @@
+"""Real test infrastructure: sshd hosts on loopback and podman with a local image.
+
+Nothing here is a fake: each host is a real sshd with its own host key, checked by
+the client through a known_hosts file; compose projects run as real containers.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE = "localhost/sbx-busybox:latest"
+BUSYBOX_APPLETS = ("sh", "httpd", "sleep", "wget", "cat", "echo", "ls", "mkdir", "touch", "rm")
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = []
+[engine]
+cgroup_manager = "cgroupfs"
+runtime = "runc"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
+
+
+@dataclass
+class Podman:
+    """podman with the settings that work on these machines (runc, cgroupfs)."""
+
+    conf: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "CONTAINERS_CONF": str(self.conf)}
+
+    @property
+    def compose_cmd(self) -> str:
+        compose = Path(sys.executable).parent / "podman-compose"
+        return f"env CONTAINERS_CONF={self.conf} {compose}"
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["podman", *args], capture_output=True, text=True, env=self.env, check=False
+        )
+
+    def containers(self, project: str) -> list[dict[str, Any]]:
+        out = self(
+            "ps",
+            "-a",
+            "--filter",
+            f"label=com.docker.compose.project={project}",
+            "--format",
+            "json",
+        )
+        return list(json.loads(out.stdout or "[]"))
+
+    def networks(self) -> list[str]:
+        return self("network", "ls", "--format", "{{.Name}}").stdout.split()
+
+    @classmethod
+    def prepare(cls, folder: Path) -> Podman:
+        folder.mkdir(parents=True, exist_ok=True)
+        conf = folder / "containers.conf"
+        conf.write_text(CONTAINERS_CONF)
+        podman = cls(conf)
+        if podman("image", "exists", IMAGE).returncode != 0:
+            root = folder / "image"
+            (root / "bin").mkdir(parents=True, exist_ok=True)
+            busybox = shutil.which("busybox") or "/bin/busybox"
+            shutil.copy(busybox, root / "bin" / "busybox")
+            for applet in BUSYBOX_APPLETS:
+                (root / "bin" / applet).unlink(missing_ok=True)
+                (root / "bin" / applet).symlink_to("busybox")
+            tar = folder / "image.tar"
+            run(["tar", "-C", str(root), "-cf", str(tar), "."])
+            imported = podman("import", str(tar), IMAGE)
+            assert imported.returncode == 0, imported.stderr
+        return podman
+
+
+@dataclass
+class SSHHost:
+    """A real sshd on 127.0.0.1 with its own host key and our client key."""
+
+    folder: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def client_key(self) -> Path:
+        return self.folder / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.folder / "known_hosts"
+
+    @property
+    def host_key(self) -> Path:
+        return self.folder / "ssh_host_ed25519_key"
+
+    def start(self) -> SSHHost:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+        for key in (self.host_key, self.client_key):
+            if not key.exists():
+                run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
+        (self.folder / "authorized_keys").write_text((self.folder / "id_ed25519.pub").read_text())
+        host_pub = (self.folder / "ssh_host_ed25519_key.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        config = self.folder / "sshd_config"
+        config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\n"
+            f"HostKey {self.host_key}\nPidFile {self.folder / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {self.folder / 'authorized_keys'}\n"
+            "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\nUsePAM no\nMaxSessions 100\n"
+            "MaxStartups 100:30:200\nLogLevel ERROR\n"
+        )
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+            stderr=(self.folder / "sshd.log").open("ab"),
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            assert self.proc.poll() is None, (self.folder / "sshd.log").read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    if s.recv(4) == b"SSH-":
+                        return self
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "sshd did not answer"
+            time.sleep(0.02)  # polling a port, under a deadline
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def host_config(
+        self, name: str, root: Path, compose_cmd: str, capacity: int = 4, **extra: Any
+    ) -> dict[str, Any]:
+        return {
+            "name": name,
+            "host": "127.0.0.1",
+            "port": self.port,
+            "user": getpass.getuser(),
+            "identity_file": str(self.client_key),
+            "known_hosts": str(self.known_hosts),
+            "capacity": capacity,
+            "root": str(root),
+            "compose_cmd": compose_cmd,
+            **extra,
+        }

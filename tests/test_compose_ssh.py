@@ -1,0 +1,317 @@
+"""ext.compose-ssh end to end: real sshd, real rsync, real podman-compose and containers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from extensions import ExtensionRegistry, LoadedExtension, RuntimeInfo, StepContext
+from extensions.compose_ssh import project_name
+from extensions.conformance import ExtensionConformance, Leftovers
+from tests.conftest import StartService
+from tests.helpers import create, destroy, event_types, wait_state
+from tests.infra import Podman, SSHHost
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def remote_dirs(tmp_path: Path, index: int = 0) -> list[str]:
+    root = tmp_path / f"remote{index}"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def served(podman: Podman, project: str) -> str:
+    out = podman(
+        "exec", f"{project}_worker_1", "wget", "-q", "-O", "-", "http://web:8080/index.html"
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def assert_nothing_left(podman: Podman, tmp_path: Path, sandbox_id: str) -> None:
+    project = project_name(sandbox_id)
+    assert podman.containers(project) == []
+    assert f"{project}_default" not in podman.networks()
+    assert sandbox_id not in remote_dirs(tmp_path, 0) + remote_dirs(tmp_path, 1)
+
+
+async def test_lifecycle_serves_the_repo_and_leaves_nothing(
+    start_service: StartService,
+    compose_env: Callable[..., dict[str, str]],
+    compose_repo: Path,
+    podman: Podman,
+    tmp_path: Path,
+) -> None:
+    svc = await start_service(**compose_env())
+    made = await create(
+        svc.http, svc.url, profile="profile.compose-e2e", inputs={"repo": str(compose_repo)}
+    )
+    ready = await wait_state(svc.http, svc.url, made["id"], {"ready"}, timeout=120)
+    project = project_name(made["id"])
+    assert ready["host"] == "host0"
+    assert ready["handle"]["project"] == project
+    assert sorted(ready["services"]) == ["web", "worker"]
+    workspace = tmp_path / "remote0" / made["id"]
+    assert ready["handle"]["directory"] == str(workspace)
+    assert (workspace / "compose.yml").exists()
+    assert not (workspace / "ignored.log").exists(), ".gitignore is honoured"
+    assert served(podman, project) == "served from the rsynced repo\n"
+    states = {
+        c["Labels"]["com.docker.compose.service"]: c["State"] for c in podman.containers(project)
+    }
+    assert states == {"web": "running", "worker": "running"}
+
+    await destroy(svc.http, svc.url, made["id"])
+    await wait_state(svc.http, svc.url, made["id"], {"destroyed"}, timeout=120)
+    assert_nothing_left(podman, tmp_path, made["id"])
+    assert await event_types(svc.http, svc.url, made["id"]) == [
+        "SandboxRequested",
+        "RouteChosen",
+        "Provisioned",
+        "BecameReady",
+        "DestroyRequested",
+        "TornDown",
+    ]
+
+
+async def test_two_sandboxes_of_one_repo_are_isolated(
+    start_service: StartService,
+    compose_env: Callable[..., dict[str, str]],
+    compose_repo: Path,
+    podman: Podman,
+    tmp_path: Path,
+) -> None:
+    svc = await start_service(**compose_env())
+    a, b = await asyncio.gather(
+        *(
+            create(
+                svc.http, svc.url, profile="profile.compose-e2e", inputs={"repo": str(compose_repo)}
+            )
+            for _ in range(2)
+        )
+    )
+    ra, rb = await asyncio.gather(
+        *(wait_state(svc.http, svc.url, s["id"], {"ready"}, timeout=120) for s in (a, b))
+    )
+    assert ra["handle"]["directory"] != rb["handle"]["directory"]
+    pa, pb = ra["handle"]["project"], rb["handle"]["project"]
+    assert pa != pb
+    networks = podman.networks()
+    assert f"{pa}_default" in networks and f"{pb}_default" in networks
+    # web of one project is not reachable from the other project's network.
+    cross = podman(
+        "exec",
+        f"{pb}_worker_1",
+        "wget",
+        "-q",
+        "-T",
+        "2",
+        "-O",
+        "-",
+        f"http://{pa}_web_1:8080/index.html",
+    )
+    assert cross.returncode != 0
+    await destroy(svc.http, svc.url, a["id"])
+    await wait_state(svc.http, svc.url, a["id"], {"destroyed"}, timeout=120)
+    assert_nothing_left(podman, tmp_path, a["id"])
+    assert served(podman, pb).startswith("served"), "the other sandbox is untouched"
+    await destroy(svc.http, svc.url, b["id"])
+    await wait_state(svc.http, svc.url, b["id"], {"destroyed"}, timeout=120)
+    assert_nothing_left(podman, tmp_path, b["id"])
+
+
+async def test_host_pool_places_on_least_loaded_and_rejects_when_full(
+    start_service: StartService,
+    compose_env: Callable[..., dict[str, str]],
+    compose_repo: Path,
+    podman: Podman,
+    tmp_path: Path,
+) -> None:
+    svc = await start_service(**compose_env(capacities=(1, 1)))
+    made = await asyncio.gather(
+        *(
+            create(
+                svc.http, svc.url, profile="profile.compose-e2e", inputs={"repo": str(compose_repo)}
+            )
+            for _ in range(3)
+        )
+    )
+    finals = await asyncio.gather(
+        *(wait_state(svc.http, svc.url, m["id"], {"ready", "rejected"}, timeout=120) for m in made)
+    )
+    ready = [f for f in finals if f["state"] == "ready"]
+    rejected = [f for f in finals if f["state"] == "rejected"]
+    assert len(ready) == 2 and len(rejected) == 1
+    assert {r["host"] for r in ready} == {"host0", "host1"}
+    assert all("least loaded" in r["route_reason"] for r in ready)
+    assert "host pool is full (host0 1/1, host1 1/1)" in rejected[0]["reason"]
+    for r in ready:
+        await destroy(svc.http, svc.url, r["id"])
+    for r in ready:
+        await wait_state(svc.http, svc.url, r["id"], {"destroyed"}, timeout=120)
+        assert_nothing_left(podman, tmp_path, r["id"])
+
+
+async def test_unknown_host_key_fails_and_creates_nothing(
+    start_service: StartService,
+    compose_env: Callable[..., dict[str, str]],
+    compose_repo: Path,
+    ssh_hosts: list[SSHHost],
+    tmp_path: Path,
+) -> None:
+    other = ssh_hosts[1].known_hosts.read_text().split()
+    wrong = tmp_path / "wrong_known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{ssh_hosts[0].port} {other[1]} {other[2]}\n")
+    svc = await start_service(**compose_env(known_hosts=str(wrong)))
+    made = await create(
+        svc.http, svc.url, profile="profile.compose-e2e", inputs={"repo": str(compose_repo)}
+    )
+    final = await wait_state(svc.http, svc.url, made["id"], {"failed"}, timeout=60)
+    assert "host key" in final["reason"] and "not trusted" in final["reason"]
+    assert remote_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "repo_input",
+    [
+        "x; touch {marker}",
+        "$(touch {marker})",
+        "`touch {marker}`",
+        "../../{marker}",
+    ],
+)
+async def test_injection_through_inputs_is_inert(
+    start_service: StartService,
+    compose_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+    repo_input: str,
+) -> None:
+    marker = tmp_path / "pwned"
+    svc = await start_service(**compose_env())
+    made = await create(
+        svc.http,
+        svc.url,
+        profile="profile.compose-e2e",
+        inputs={"repo": repo_input.format(marker=marker)},
+    )
+    final = await wait_state(svc.http, svc.url, made["id"], {"failed"}, timeout=60)
+    assert "is not a directory" in final["reason"]
+    assert not marker.exists()
+    assert remote_dirs(tmp_path) == []
+
+
+async def test_shell_metacharacters_in_a_real_repo_path(
+    start_service: StartService,
+    compose_env: Callable[..., dict[str, str]],
+    compose_repo: Path,
+    podman: Podman,
+    tmp_path: Path,
+) -> None:
+    odd = tmp_path / "repo; touch PWNED $(touch PWNED) `touch PWNED`"
+    compose_repo.rename(odd)
+    places = [tmp_path, tmp_path / "remote0", Path.home(), Path("/"), Path.cwd()]
+    svc = await start_service(**compose_env())
+    made = await create(svc.http, svc.url, profile="profile.compose-e2e", inputs={"repo": str(odd)})
+    ready = await wait_state(svc.http, svc.url, made["id"], {"ready"}, timeout=120)
+    places.append(Path(ready["handle"]["directory"]))
+    assert not [p for p in places if (p / "PWNED").exists()]
+    await destroy(svc.http, svc.url, made["id"])
+    await wait_state(svc.http, svc.url, made["id"], {"destroyed"}, timeout=120)
+    assert not [p for p in places if (p / "PWNED").exists()]
+    assert_nothing_left(podman, tmp_path, made["id"])
+
+
+class TestComposeSSHConformance(ExtensionConformance):
+    """Adapter-level: teardown twice, without a handle, after compose up failed, ..."""
+
+    failing_config: ClassVar[dict[str, Any] | None] = {"compose_file": "broken.yml"}
+
+    @pytest.fixture
+    def extension(
+        self, tmp_path: Path, compose_env: Callable[..., dict[str, str]]
+    ) -> LoadedExtension:
+        registry = ExtensionRegistry.discover(
+            RuntimeInfo(tmp_path), entry_points=False, environ=compose_env()
+        )
+        return registry.get("compose-ssh")
+
+    @pytest.fixture
+    def make_context(
+        self, extension: LoadedExtension, compose_repo: Path
+    ) -> Callable[[str, dict[str, Any]], StepContext]:
+        def make(sandbox_id: str, overrides: dict[str, Any]) -> StepContext:
+            return StepContext(
+                sandbox_id=sandbox_id,
+                profile="profile.compose-e2e",
+                inputs={"repo": str(compose_repo)},
+                config=extension.config_for(overrides),
+                host="host0",
+            )
+
+        return make
+
+    @pytest.fixture
+    def leftovers(self, podman: Podman, tmp_path: Path) -> Leftovers:
+        async def left(sandbox_id: str) -> list[str]:
+            found = [f"dir {d}" for d in remote_dirs(tmp_path) if d == sandbox_id]
+            found += [
+                f"container {c['Names']}" for c in podman.containers(project_name(sandbox_id))
+            ]
+            return found
+
+        return left
+
+    async def test_path_escape_is_refused(
+        self,
+        extension: LoadedExtension,
+        make_context: Callable[[str, dict[str, Any]], StepContext],
+        tmp_path: Path,
+    ) -> None:
+        sentinel = tmp_path / "sentinel"
+        sentinel.write_text("keep")
+        for bad in ("../..", "..", "a/../../b", "x; rm -rf /"):
+            with pytest.raises(Exception, match="invalid sandbox id"):
+                await extension.adapter.teardown(make_context(bad, {}), None)
+        assert sentinel.read_text() == "keep"
+
+    async def test_symlinked_workspace_is_not_followed(
+        self,
+        extension: LoadedExtension,
+        make_context: Callable[[str, dict[str, Any]], StepContext],
+        tmp_path: Path,
+    ) -> None:
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "keep").write_text("keep")
+        root = tmp_path / "remote0"
+        root.mkdir(exist_ok=True)
+        (root / "sbx-link").symlink_to(outside)
+        with pytest.raises(Exception, match="symlink"):
+            await extension.adapter.provision(make_context("sbx-link", {}))
+        await extension.adapter.teardown(make_context("sbx-link", {}), None)
+        assert (outside / "keep").read_text() == "keep"
+        assert not (root / "sbx-link").exists()
+
+
+def test_ps_parsers_for_docker_and_podman() -> None:
+    from extensions.compose_ssh import parse_ps
+
+    docker_lines = "\n".join(
+        json.dumps(x)
+        for x in [{"Service": "web", "State": "running"}, {"Service": "db", "State": "exited"}]
+    )
+    assert parse_ps(docker_lines) == {"web": "running", "db": "exited"}
+    docker_array = json.dumps(
+        [{"Service": "web", "State": "running", "Labels": "com.docker.compose.service=web,a=b"}]
+    )
+    assert parse_ps(docker_array) == {"web": "running"}
+    podman_array = json.dumps(
+        [{"Labels": {"com.docker.compose.service": "worker"}, "State": "running"}]
+    )
+    assert parse_ps(podman_array) == {"worker": "running"}
+    assert parse_ps("") == {}
