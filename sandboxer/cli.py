@@ -196,7 +196,9 @@ def _wait(
                     f"timed out after {timeout:g}s: {sandbox['id']} is {sandbox['state']}",
                     EXIT_TIMEOUT,
                 )
-            wait = min(10.0, left) if not progress.tty else min(1.0, left)
+            # Long-polls return at once on a new event; the 1 s cap refreshes the
+            # step's progress message and elapsed time in between.
+            wait = min(1.0, left)
             sandbox = client.request(
                 "GET",
                 f"/v1/sandboxes/{sandbox['id']}",
@@ -224,12 +226,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+PATH_INPUTS = {"repo"}
+
+
 def _parse_inputs(pairs: Sequence[str]) -> dict[str, str]:
+    """key=value pairs. `repo` is a local path: made absolute here, where the user is,
+    because the server resolves paths from its own working directory."""
     inputs: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise CliError(f"--input {pair!r}: expected key=value", EXIT_USAGE)
+        if key in PATH_INPUTS and value and os.path.exists(value):
+            value = os.path.abspath(value)
         inputs[key] = value
     return inputs
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import aiohttp
 import pytest
 
 from extensions import ExtensionRegistry, LoadedExtension, RuntimeInfo, StepContext
@@ -15,7 +18,7 @@ from extensions.compose_ssh import project_name
 from extensions.conformance import ExtensionConformance, Leftovers
 from tests.conftest import StartService
 from tests.helpers import create, destroy, event_types, wait_state
-from tests.infra import Podman, SSHHost
+from tests.infra import Podman, ServeProcess, SSHHost, free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -315,3 +318,64 @@ def test_ps_parsers_for_docker_and_podman() -> None:
     )
     assert parse_ps(podman_array) == {"worker": "running"}
     assert parse_ps("") == {}
+
+
+async def test_kill_during_compose_up_then_restart_leaves_no_orphans(
+    compose_env: Callable[..., dict[str, str]],
+    compose_repo: Path,
+    podman: Podman,
+    tmp_path: Path,
+) -> None:
+    """SIGKILL serve while compose up runs (seen through the CLI's progress line)."""
+    data_dir = tmp_path / "data"
+    env = compose_env()
+    async with aiohttp.ClientSession() as http:
+        first = ServeProcess(data_dir, free_port(), **env)
+        cli: subprocess.Popen[str] | None = None
+        try:
+            await first.wait_healthy(http)
+            cli = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "sandboxer",
+                    "--url",
+                    first.url,
+                    "create",
+                    "--profile",
+                    "profile.compose-e2e",
+                    "--input",
+                    f"repo={compose_repo}",
+                    "--wait",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert cli.stderr is not None
+            seen: list[str] = []
+            async with asyncio.timeout(60):
+                while not any("compose up" in line for line in seen):
+                    line = await asyncio.to_thread(cli.stderr.readline)
+                    assert line, f"the CLI ended before compose up: {seen}"
+                    seen.append(line)
+            assert any("provisioning" in line for line in seen)
+            sandbox_id = seen[-1].split(":")[0]
+        finally:
+            first.kill()
+            if cli is not None:
+                cli.kill()
+                cli.wait()
+
+        second = ServeProcess(data_dir, free_port(), **env)
+        try:
+            await second.wait_healthy(http)
+            final = await wait_state(http, second.url, sandbox_id, {"failed"}, timeout=120)
+            assert final["reason"].startswith("provision failed: interrupted")
+            types = await event_types(http, second.url, sandbox_id)
+            assert types == ["SandboxRequested", "RouteChosen", "StepFailed", "TornDown"]
+            assert_nothing_left(podman, tmp_path, sandbox_id)
+            assert second.terminate() == 0
+        finally:
+            if second.proc.poll() is None:
+                second.kill()

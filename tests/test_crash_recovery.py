@@ -4,58 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import free_port
 from tests.helpers import TERMINAL, create, destroy, event_types
+from tests.infra import ServeProcess, free_port
 
 ALLOWED_ENDS = TERMINAL | {"ready"}
-
-
-class ServeProcess:
-    def __init__(self, data_dir: Path, port: int, **env: str) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        environ = {k: v for k, v in os.environ.items() if k != "SANDBOXER_NATS_URL"}
-        environ.update(SANDBOXER_DATA_DIR=str(data_dir), **env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sandboxer", "serve", "--port", str(port)],
-            env=environ,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-
-    async def wait_healthy(self, http: aiohttp.ClientSession, timeout: float = 60) -> None:
-        async with asyncio.timeout(timeout):
-            while True:
-                assert self.proc.poll() is None, self.output()
-                try:
-                    async with http.get(f"{self.url}/healthz") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)  # polling a condition, under a deadline
-
-    def output(self) -> str:
-        if self.proc.poll() is None:
-            return "(still running)"
-        assert self.proc.stdout is not None
-        return self.proc.stdout.read().decode(errors="replace")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
 
 
 def nats_pid(data_dir: Path) -> int | None:
