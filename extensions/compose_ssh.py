@@ -250,6 +250,10 @@ class ComposeSSH:
         project = handle.get("project") or project_name(ctx.sandbox_id)
         expected = [s for s in handle.get("services", "").split(",") if s]
         poll = float(ctx.config.get("poll_interval", 0.5))
+        # All services running on this many polls in a row: a service that dies at
+        # once (a crashing entrypoint) is caught instead of reported ready.
+        settle = max(int(ctx.config.get("settle_polls", 2)), 1)
+        streak = 0
         compose = [
             *host.compose_cmd,
             "-p",
@@ -276,9 +280,11 @@ class ComposeSSH:
                 if states.get(service) in DEAD:
                     raise ExtensionError(f"service {service!r} is {states[service]}")
             waiting = [s for s in expected if states.get(s) not in RUNNING]
-            if not waiting:
+            streak = 0 if waiting else streak + 1
+            if streak >= settle:
                 return expected
-            ctx.progress(f"waiting for {', '.join(waiting)}")
+            if waiting:
+                ctx.progress(f"waiting for {', '.join(waiting)}")
             await asyncio.sleep(poll)  # polling the remote engine; the hook has a timeout
 
     async def teardown(self, ctx: StepContext, handle: Handle | None) -> None:

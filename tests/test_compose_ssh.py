@@ -269,6 +269,20 @@ class TestComposeSSHConformance(ExtensionConformance):
 
         return left
 
+    async def test_exited_service_fails_wait_ready_naming_it(
+        self,
+        extension: LoadedExtension,
+        make_context: Callable[[str, dict[str, Any]], StepContext],
+        leftovers: Leftovers,
+    ) -> None:
+        ctx = make_context("sbx-exits", {"compose_file": "exits.yml"})
+        handle = await extension.adapter.provision(ctx)
+        with pytest.raises(Exception, match="service 'migrate' is exited"):
+            async with asyncio.timeout(60):
+                await extension.adapter.wait_ready(ctx, handle)
+        await extension.adapter.teardown(ctx, handle)
+        assert await leftovers("sbx-exits") == []
+
     async def test_path_escape_is_refused(
         self,
         extension: LoadedExtension,
