@@ -11,43 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import posixpath
-import re
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from extensions.sdk import (
-    ExtensionError,
-    Handle,
-    NoCapacity,
-    Placement,
-    RuntimeInfo,
-    StepContext,
+from extensions.hosts import (
+    PREPARE_WORKSPACE,
+    PoolHost,
+    check_sandbox_id,
+    parse_pool,
+    place_least_loaded,
+    pool_host,
 )
-from extensions.ssh import SSHPool, SSHTarget, rsync
+from extensions.sdk import ExtensionError, Handle, Placement, RuntimeInfo, StepContext
+from extensions.ssh import SSHPool, rsync
 
-ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
-HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 COMPOSE_FILES = ("compose.yml", "compose.yaml", "docker-compose.yml", "docker-compose.yaml")
 RUNNING = {"running"}
 DEAD = {"exited", "dead", "stopped", "removing"}
-
-# Creates <root>/<id> as a real directory: never through a symlink, never outside root.
-PREPARE = r"""
-set -eu
-root=$1; dir=$2
-mkdir -p -- "$root"
-real_root=$(cd -P -- "$root" && pwd -P)
-if [ -L "$dir" ]; then echo "refusing: $dir is a symlink" >&2; exit 3; fi
-mkdir -p -- "$dir"
-real_dir=$(cd -P -- "$dir" && pwd -P)
-case "$real_dir" in "$real_root"/*) ;; *) echo "refusing: $dir is outside $root" >&2; exit 3;; esac
-"""
 
 # compose down (when a compose file is there), then remove the directory. Idempotent.
 TEARDOWN = r"""
@@ -66,47 +50,19 @@ cd / && rm -rf -- "$dir"
 """
 
 
-@dataclass(frozen=True)
-class ComposeHost:
-    name: str
-    target: SSHTarget
-    capacity: int
-    root: str
-    compose_cmd: list[str]
+def parse_hosts(config: Mapping[str, Any]) -> dict[str, PoolHost]:
+    return parse_pool(
+        config.get("hosts"),
+        what="compose-ssh hosts",
+        default_root=str(config.get("root") or "/srv/sandboxer"),
+    )
 
 
-def _check_root(root: str, where: str) -> str:
-    normal = posixpath.normpath(root)
-    if not root.startswith("/") or normal in ("/", "//") or ".." in root.split("/"):
-        raise ExtensionError(f"{where}: root must be an absolute path below /, got {root!r}")
-    return normal
-
-
-def parse_hosts(config: Mapping[str, Any]) -> dict[str, ComposeHost]:
-    default_cmd = shlex.split(str(config.get("compose_cmd") or "docker compose"))
-    default_root = str(config.get("root") or "/srv/sandboxer")
-    hosts: dict[str, ComposeHost] = {}
-    for index, raw in enumerate(config.get("hosts") or []):
-        where = f"compose-ssh hosts[{index}]"
-        if not isinstance(raw, dict):
-            raise ExtensionError(f"{where}: must be a mapping")
-        name = str(raw.get("name") or raw.get("host") or "")
-        if not HOST_NAME_RE.match(name):
-            raise ExtensionError(f"{where}: name {name!r} must match {HOST_NAME_RE.pattern}")
-        if name in hosts:
-            raise ExtensionError(f"{where}: host name {name!r} is used twice")
-        capacity = raw.get("capacity", 4)
-        if not isinstance(capacity, int) or capacity < 0:
-            raise ExtensionError(f"{where}: capacity must be a whole number >= 0")
-        cmd = shlex.split(str(raw["compose_cmd"])) if raw.get("compose_cmd") else default_cmd
-        hosts[name] = ComposeHost(
-            name=name,
-            target=SSHTarget.from_config(raw, where),
-            capacity=capacity,
-            root=_check_root(str(raw.get("root") or default_root), where),
-            compose_cmd=cmd,
-        )
-    return hosts
+def compose_cmd(host: PoolHost, config: Mapping[str, Any]) -> list[str]:
+    """The host's own compose command, else the configured one."""
+    return shlex.split(
+        str(host.raw.get("compose_cmd") or config.get("compose_cmd") or "docker compose")
+    )
 
 
 def project_name(sandbox_id: str) -> str:
@@ -146,17 +102,12 @@ class ComposeSSH:
 
     # ---- config ----------------------------------------------------------------------
 
-    def _host(self, ctx: StepContext) -> ComposeHost:
-        hosts = parse_hosts(ctx.config)
-        if ctx.host is None or ctx.host not in hosts:
-            raise ExtensionError(f"compose-ssh: host {ctx.host!r} is not configured")
-        return hosts[ctx.host]
+    def _host(self, ctx: StepContext) -> PoolHost:
+        return pool_host(parse_hosts(ctx.config), ctx.host, "compose-ssh host")
 
     @staticmethod
-    def _directory(host: ComposeHost, sandbox_id: str) -> str:
-        if not ID_RE.match(sandbox_id):
-            raise ExtensionError(f"invalid sandbox id {sandbox_id!r}")
-        return f"{host.root}/{sandbox_id}"
+    def _directory(host: PoolHost, sandbox_id: str) -> str:
+        return f"{host.root}/{check_sandbox_id(sandbox_id)}"
 
     @staticmethod
     def _repo(ctx: StepContext) -> Path:
@@ -190,21 +141,7 @@ class ComposeSSH:
     # ---- placement -------------------------------------------------------------------
 
     def place(self, ctx: StepContext, load: Mapping[str, int]) -> Placement:
-        hosts = parse_hosts(ctx.config)
-        if not hosts:
-            raise NoCapacity("compose-ssh: no hosts configured")
-        with_room = [h for h in hosts.values() if load.get(h.name, 0) < h.capacity]
-        if not with_room:
-            usage = ", ".join(
-                f"{h.name} {load.get(h.name, 0)}/{h.capacity}" for h in hosts.values()
-            )
-            raise NoCapacity(f"host pool is full ({usage})")
-        best = min(with_room, key=lambda h: (load.get(h.name, 0) / max(h.capacity, 1), h.name))
-        used = load.get(best.name, 0)
-        return Placement(
-            best.name,
-            f"host {best.name} is the least loaded with room ({used}/{best.capacity} in use)",
-        )
+        return place_least_loaded(parse_hosts(ctx.config), load, "host pool")
 
     # ---- hooks -----------------------------------------------------------------------
 
@@ -216,7 +153,7 @@ class ComposeSSH:
         project = project_name(ctx.sandbox_id)
         ctx.progress(f"preparing {directory} on {host.name}")
         await self.pool.run(
-            host.target, ["sh", "-c", PREPARE, "sh", host.root, directory], timeout=60
+            host.target, ["sh", "-c", PREPARE_WORKSPACE, "sh", host.root, directory], timeout=60
         )
         ctx.progress("rsync 0%")
         await rsync(
@@ -231,7 +168,7 @@ class ComposeSSH:
         ctx.progress(f"compose up ({len(services)} services)")
         await self.pool.run(
             host.target,
-            [*host.compose_cmd, "-p", project, "-f", compose_file, "up", "-d"],
+            [*compose_cmd(host, ctx.config), "-p", project, "-f", compose_file, "up", "-d"],
             cwd=directory,
             timeout=float(ctx.config.get("up_timeout", 600)),
         )
@@ -255,7 +192,7 @@ class ComposeSSH:
         settle = max(int(ctx.config.get("settle_polls", 2)), 1)
         streak = 0
         compose = [
-            *host.compose_cmd,
+            *compose_cmd(host, ctx.config),
             "-p",
             project,
             "-f",
@@ -304,7 +241,7 @@ class ComposeSSH:
                 directory,
                 stop,
                 project_name(ctx.sandbox_id),
-                *host.compose_cmd,
+                *compose_cmd(host, ctx.config),
             ],
             timeout=float(ctx.config.get("down_timeout", 300)),
         )
