@@ -22,6 +22,7 @@ from extensions.hosts import (
     PREPARE_WORKSPACE,
     PoolHost,
     check_sandbox_id,
+    local_repo,
     parse_pool,
     place_least_loaded,
     pool_host,
@@ -114,10 +115,7 @@ class ComposeSSH:
         raw = ctx.inputs.get("repo")
         if not raw:
             raise ExtensionError("compose-ssh: input 'repo' is required")
-        repo = Path(raw).expanduser().resolve()
-        if not repo.is_dir():
-            raise ExtensionError(f"compose-ssh: repo {raw!r} is not a directory")
-        return repo
+        return local_repo(raw, "compose-ssh")
 
     @staticmethod
     def _compose_file(ctx: StepContext, repo: Path) -> tuple[str, list[str]]:

@@ -12,6 +12,7 @@ import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from extensions.sdk import ExtensionError, NoCapacity, Placement
@@ -114,6 +115,14 @@ def place_least_loaded(
     used = load.get(best.name, 0)
     why = "was asked for and has room" if only else "is the least loaded with room"
     return Placement(best.name, f"{best.name} {why} ({used}/{best.capacity} in use)")
+
+
+def local_repo(raw: str, what: str) -> Path:
+    """The `repo` input: a directory on the machine sandboxer runs on."""
+    repo = Path(raw).expanduser().resolve()
+    if not repo.is_dir():
+        raise ExtensionError(f"{what}: repo {raw!r} is not a directory")
+    return repo
 
 
 def pool_host(pool: Mapping[str, PoolHost], name: str | None, what: str) -> PoolHost:

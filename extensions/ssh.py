@@ -37,26 +37,34 @@ class RemoteCommandFailed(ExtensionError):
 
 @dataclass(frozen=True)
 class SSHTarget:
+    """Where to connect. `host` may be an alias of `ssh_config` (an OpenSSH client
+    config: Host, HostName, Port, User, IdentityFile, ProxyJump, UserKnownHostsFile);
+    fields given here win over the config file's."""
+
     host: str
-    port: int = 22
+    port: int | None = None  # None: the ssh config's Port, else 22
     user: str | None = None
     identity_file: str | None = None
-    known_hosts: str | None = None  # None: the user's ~/.ssh/known_hosts
+    known_hosts: str | None = None  # None: ssh config's UserKnownHostsFile, else ~/.ssh
+    ssh_config: str | None = None
     connect_timeout: float = 15.0
     keepalive_interval: float = 15.0
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any], where: str) -> SSHTarget:
-        try:
-            host = str(raw["host"])
-        except KeyError:
-            raise ExtensionError(f"{where}: 'host' is required") from None
-        port = raw.get("port", 22)
-        if not isinstance(port, int) or not 0 < port < 65536:
+        host = raw.get("alias") or raw.get("host")
+        if not host:
+            raise ExtensionError(f"{where}: 'host' (or an ssh config 'alias') is required")
+        port = raw.get("port")
+        if port is not None and (not isinstance(port, int) or not 0 < port < 65536):
             raise ExtensionError(f"{where}: 'port' must be 1..65535, got {port!r}")
+        ssh_config = raw.get("ssh_config")
+        if raw.get("alias") and not ssh_config:
+            raise ExtensionError(f"{where}: an 'alias' needs an 'ssh_config' file")
         return cls(
-            host=host,
+            host=str(host),
             port=port,
+            ssh_config=str(ssh_config) if ssh_config else None,
             user=str(raw["user"]) if raw.get("user") else None,
             identity_file=str(raw["identity_file"]) if raw.get("identity_file") else None,
             known_hosts=str(raw["known_hosts"]) if raw.get("known_hosts") else None,
@@ -65,22 +73,22 @@ class SSHTarget:
         )
 
     @property
+    def label(self) -> str:
+        return f"{self.host}:{self.port}" if self.port is not None else self.host
+
+    @property
     def destination(self) -> str:
         return f"{self.user}@{self.host}" if self.user else self.host
 
     def ssh_command(self) -> list[str]:
         """The OpenSSH client invocation rsync uses: same identity, same host-key rules."""
-        argv = [
-            "ssh",
-            "-p",
-            str(self.port),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            f"ConnectTimeout={int(self.connect_timeout)}",
-        ]
+        argv = ["ssh"]
+        if self.ssh_config:
+            argv += ["-F", self.ssh_config]
+        if self.port is not None:
+            argv += ["-p", str(self.port)]
+        argv += ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+        argv += ["-o", f"ConnectTimeout={int(self.connect_timeout)}"]
         if self.known_hosts:
             argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
         if self.identity_file:
@@ -114,11 +122,16 @@ class SSHPool:
 
     async def _connect(self, target: SSHTarget) -> asyncssh.SSHClientConnection:
         options: dict[str, Any] = {
-            "port": target.port,
             "connect_timeout": target.connect_timeout,
             "keepalive_interval": target.keepalive_interval,
             "keepalive_count_max": 3,
         }
+        if target.port is not None:
+            options["port"] = target.port
+        if target.ssh_config:
+            if not Path(target.ssh_config).exists():  # noqa: ASYNC240 - one local stat
+                raise SSHError(f"ssh config file {target.ssh_config} does not exist")
+            options["config"] = [target.ssh_config]
         if target.user:
             options["username"] = target.user
         if target.identity_file:
@@ -132,11 +145,11 @@ class SSHPool:
             return await asyncssh.connect(target.host, **options)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise SSHError(
-                f"host key of {target.host}:{target.port} is not trusted (unknown or "
+                f"host key of {target.label} is not trusted (unknown or "
                 f"changed; check known_hosts): {exc}"
             ) from exc
         except (OSError, asyncssh.Error, TimeoutError) as exc:
-            raise SSHError(f"cannot connect to {target.host}:{target.port}: {exc}") from exc
+            raise SSHError(f"cannot connect to {target.label}: {exc}") from exc
 
     async def run(
         self,

@@ -386,6 +386,10 @@ class SandboxManager:
             except NoCapacity as exc:
                 await self._record(sbx, SandboxRejected, reason=str(exc), code="no_capacity")
                 return
+            except Exception as exc:  # a bad pool config, an adapter bug: no route
+                reason = _redact(f"placement failed: {exc}", sbx.secrets)
+                await self._record(sbx, SandboxRejected, reason=reason, code="no_route")
+                return
             await self._record(
                 sbx,
                 RouteChosen,

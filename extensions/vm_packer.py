@@ -1,0 +1,124 @@
+"""ext.vm-packer: attach mode for pre-built VMs.
+
+The VM already exists (building it with Packer or importing an OVA stays with the
+operator). provision: SSH to the VM, by an alias of an ssh config file or a tunnel
+port on loopback → the workspace `<root>/<sandbox id>` (`/build/sbx-<hex>/`) →
+optional rsync of the `repo` input. wait_ready: the workspace exists and the
+profile's tool checks answer. teardown: removes the workspace only; the VM persists.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+from extensions.hosts import (
+    PREPARE_WORKSPACE,
+    REMOVE_WORKSPACE,
+    PoolHost,
+    check_sandbox_id,
+    local_repo,
+    parse_pool,
+    place_least_loaded,
+    pool_host,
+)
+from extensions.sdk import ExtensionError, Handle, Placement, RuntimeInfo, StepContext
+from extensions.ssh import SSHPool, rsync
+
+
+def parse_vms(config: Mapping[str, Any]) -> dict[str, PoolHost]:
+    shared_config = str(config.get("ssh_config") or "")
+    entries = []
+    for raw in config.get("vms") or []:
+        if isinstance(raw, dict) and raw.get("alias") and not raw.get("ssh_config"):
+            raw = {**raw, "ssh_config": shared_config}
+        entries.append(raw)
+    return parse_pool(
+        entries,
+        what="vm-packer vms",
+        default_root=str(config.get("root") or "/build"),
+        default_capacity=1,
+    )
+
+
+class VmPacker:
+    def __init__(self, config: dict[str, Any], runtime: RuntimeInfo) -> None:
+        self.runtime = runtime
+        self.base_config = config
+        self.pool = SSHPool()
+
+    def _vm(self, ctx: StepContext) -> PoolHost:
+        return pool_host(parse_vms(ctx.config), ctx.host, "VM")
+
+    @staticmethod
+    def workspace(vm: PoolHost, sandbox_id: str) -> str:
+        return f"{vm.root}/{check_sandbox_id(sandbox_id)}"
+
+    def place(self, ctx: StepContext, load: Mapping[str, int]) -> Placement:
+        return place_least_loaded(parse_vms(ctx.config), load, "VM", only=ctx.inputs.get("vm"))
+
+    async def provision(self, ctx: StepContext) -> Handle:
+        vm = self._vm(ctx)
+        workspace = self.workspace(vm, ctx.sandbox_id)
+        raw_repo = ctx.inputs.get("repo")
+        repo = local_repo(raw_repo, "vm-packer") if raw_repo else None
+        ctx.progress(f"creating {workspace} on {vm.name}")
+        await self.pool.run(
+            vm.target, ["sh", "-c", PREPARE_WORKSPACE, "sh", vm.root, workspace], timeout=60
+        )
+        if repo is not None:
+            ctx.progress("rsync 0%")
+            await rsync(
+                vm.target,
+                repo,
+                workspace,
+                excludes=[str(e) for e in ctx.config.get("excludes") or []],
+                filters=[":- .gitignore"] if ctx.config.get("gitignore", True) else [],
+                progress=ctx.progress,
+                timeout=float(ctx.config.get("rsync_timeout", 600)),
+            )
+        return {"vm": vm.name, "workspace": workspace}
+
+    async def wait_ready(self, ctx: StepContext, handle: Handle) -> list[str]:
+        vm = self._vm(ctx)
+        workspace = self.workspace(vm, ctx.sandbox_id)
+        found = await self.pool.run(vm.target, ["test", "-d", workspace], check=False, timeout=30)
+        if found.exit_status != 0:
+            raise ExtensionError(f"workspace {workspace} does not exist on {vm.name}")
+        checked = ["workspace"]
+        for check in ctx.config.get("tools") or []:
+            argv = shlex.split(str(check))
+            if not argv:
+                continue
+            ctx.progress(f"checking {argv[0]}")
+            result = await self.pool.run(
+                vm.target,
+                argv,
+                cwd=workspace,
+                check=False,
+                timeout=float(ctx.config.get("tool_timeout", 60)),
+            )
+            if result.exit_status != 0:
+                detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or [""]
+                raise ExtensionError(
+                    f"tool check failed: {argv[0]} ({check!r} exited {result.exit_status} "
+                    f"on {vm.name}: {detail[0][:200]})"
+                )
+            checked.append(argv[0])
+        return checked
+
+    async def teardown(self, ctx: StepContext, handle: Handle | None) -> None:
+        if ctx.host is None:
+            return  # never placed on a VM: nothing was made
+        vm = self._vm(ctx)
+        workspace = self.workspace(vm, ctx.sandbox_id)
+        ctx.progress(f"removing {workspace}")
+        await self.pool.run(
+            vm.target,
+            ["sh", "-c", REMOVE_WORKSPACE, "sh", workspace],
+            timeout=float(ctx.config.get("remove_timeout", 300)),
+        )
+
+    async def close(self) -> None:
+        await self.pool.close()
