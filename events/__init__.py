@@ -5,10 +5,19 @@ Data only. Everything that records or folds these lives elsewhere.
 
 from events.base import Event, EventMeta, new_event_id, utc_now
 from events.codec import DecodeError, decode_event, encode_event, register_upcaster
-from events.ledger import LEDGER_EVENTS
+from events.ledger import (
+    LEDGER_EVENTS,
+    CreditsDebited,
+    CreditsGranted,
+    CreditsRejected,
+    CreditsReleased,
+    CreditsReserved,
+    phase_event_id,
+)
 from events.sandbox import (
     SANDBOX_EVENTS,
     BecameReady,
+    CreditsHeld,
     DestroyRequested,
     Provisioned,
     RouteChosen,
@@ -39,6 +48,12 @@ __all__ = [
     "SANDBOX_PREFIX",
     "STREAM_SUBJECTS",
     "BecameReady",
+    "CreditsDebited",
+    "CreditsGranted",
+    "CreditsHeld",
+    "CreditsRejected",
+    "CreditsReleased",
+    "CreditsReserved",
     "DecodeError",
     "DestroyRequested",
     "Event",
@@ -55,6 +70,7 @@ __all__ = [
     "encode_event",
     "ledger_subject",
     "new_event_id",
+    "phase_event_id",
     "register_upcaster",
     "sandbox_filter",
     "sandbox_subject",

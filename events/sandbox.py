@@ -6,17 +6,35 @@ marks `secret` before the event is built.
 
 from __future__ import annotations
 
+import msgspec
+
 from events.base import Event
+
+
+class RouteCandidate(msgspec.Struct, frozen=True, kw_only=True):
+    """One candidate of a routed profile, in order: extension, its config, admission."""
+
+    extension: str
+    config: dict[str, object] = {}
+    when: str = "always"
 
 
 class SandboxRequested(Event, frozen=True, kw_only=True):
     profile: str
-    extension: str
+    extension: str  # the profile's extension, or its first route candidate
     inputs: dict[str, str]
     secret_inputs: list[str] = []
     account: str = "default"
     ttl_seconds: int
     config: dict[str, object] = {}
+    route: list[RouteCandidate] = []  # empty: `extension` with `config`, no choice
+
+
+class CreditsHeld(Event, frozen=True, kw_only=True):
+    """The account's reservation for this sandbox is in place (ledger CreditsReserved)."""
+
+    account: str
+    amount: int
 
 
 class RouteChosen(Event, frozen=True, kw_only=True):
@@ -68,6 +86,7 @@ SANDBOX_EVENTS: tuple[type[Event], ...] = (
     SandboxRequested,
     RouteChosen,
     SandboxRejected,
+    CreditsHeld,
     Provisioned,
     BecameReady,
     StepFailed,

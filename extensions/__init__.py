@@ -3,9 +3,11 @@
 from extensions.manifest import ConfigError, HookPolicy, Manifest, load_manifest
 from extensions.registry import ENTRY_POINT_GROUP, ExtensionRegistry, LoadedExtension
 from extensions.sdk import (
+    Cost,
     Extension,
     ExtensionError,
     Handle,
+    Metered,
     NoCapacity,
     Placement,
     Placing,
@@ -17,6 +19,7 @@ from extensions.sdk import (
 __all__ = [
     "ENTRY_POINT_GROUP",
     "ConfigError",
+    "Cost",
     "Extension",
     "ExtensionError",
     "ExtensionRegistry",
@@ -24,6 +27,7 @@ __all__ = [
     "HookPolicy",
     "LoadedExtension",
     "Manifest",
+    "Metered",
     "NoCapacity",
     "Placement",
     "Placing",

@@ -57,8 +57,12 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     capabilities: list[str] = []
     config: dict[str, ConfigField] = {}
     hooks: dict[str, HookPolicy] = {}
-    metered: bool = False
     source: str = ""
+
+    @property
+    def metered(self) -> bool:
+        """Metered extensions reserve credits on create and debit the actual on destroy."""
+        return self.has("estimate_cost") and self.has("meter_actual")
 
     def hook(self, name: str) -> HookPolicy:
         return self.hooks.get(name, HookPolicy())
@@ -145,6 +149,8 @@ def manifest_from_dict(raw: Any, source: str) -> Manifest:
     for hook in REQUIRED_HOOKS:
         if hook not in manifest.capabilities:
             raise ConfigError(f"{source}: capability {hook!r} is required")
+    if manifest.has("estimate_cost") != manifest.has("meter_actual"):
+        raise ConfigError(f"{source}: estimate_cost and meter_actual go together")
     for hook in manifest.hooks:
         if hook not in known:
             raise ConfigError(f"{source}: hooks: unknown hook {hook!r}")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import re
 from pathlib import Path
 from typing import Any
 
-from extensions.sdk import ExtensionError, Handle, RuntimeInfo, StepContext
+from extensions.sdk import Cost, ExtensionError, Handle, RuntimeInfo, StepContext
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -69,6 +70,47 @@ class SaasStub:
         await self._latency(ctx)
         self._maybe_fail(ctx, "teardown")
         path.unlink(missing_ok=True)
+
+    def _rate(self, ctx: StepContext) -> tuple[str, float]:
+        size = ctx.inputs.get("size", "small")
+        rates = ctx.config.get("rates") or {}
+        if size not in rates:
+            raise ExtensionError(
+                f"saas-stub: no rate for size {size!r} (rates: {', '.join(sorted(rates))})"
+            )
+        return size, float(rates[size])
+
+    async def estimate_cost(self, ctx: StepContext, ttl_seconds: int) -> Cost:
+        if ctx.config.get("refuse"):
+            raise ExtensionError("saas-stub refuses new sandboxes (refuse=true)")
+        size, rate = self._rate(ctx)
+        minimum = int(ctx.config.get("minimum_charge", 0))
+        amount = max(minimum, math.ceil(rate * ttl_seconds - 1e-9))
+        return Cost(
+            amount,
+            {
+                "size": size,
+                "rate": rate,
+                "seconds": ttl_seconds,
+                "minimum_charge": minimum,
+                "basis": "ttl",
+            },
+        )
+
+    async def meter_actual(self, ctx: StepContext, seconds: float) -> Cost:
+        size, rate = self._rate(ctx)
+        minimum = int(ctx.config.get("minimum_charge", 0))
+        amount = max(minimum, math.ceil(rate * seconds - 1e-9))
+        return Cost(
+            amount,
+            {
+                "size": size,
+                "rate": rate,
+                "seconds": round(seconds, 3),
+                "minimum_charge": minimum,
+                "basis": "provisioned-to-torn-down",
+            },
+        )
 
     def instances(self, config: dict[str, Any] | None = None) -> list[str]:
         """What the vendor still runs for us: the conformance suite's leftovers check."""

@@ -50,6 +50,14 @@ class NoCapacity(ExtensionError):
 
 
 @dataclass(frozen=True)
+class Cost:
+    """Credits (whole) and how they were computed; the basis is recorded in the ledger."""
+
+    amount: int
+    basis: dict[str, str | int | float | bool]
+
+
+@dataclass(frozen=True)
 class Placement:
     """Where a sandbox goes, and why (recorded in `RouteChosen`)."""
 
@@ -64,6 +72,19 @@ class Extension(Protocol):
     async def wait_ready(self, ctx: StepContext, handle: Handle) -> list[str]: ...
 
     async def teardown(self, ctx: StepContext, handle: Handle | None) -> None: ...
+
+
+class Metered(Protocol):
+    """Optional capabilities `estimate_cost` + `meter_actual` (they go together).
+
+    `estimate_cost` is reserved on create (it may raise to refuse the sandbox);
+    `meter_actual` gets the provisioned seconds as the events recorded them, so a
+    replay computes the same number. The manager never debits more than it reserved.
+    """
+
+    async def estimate_cost(self, ctx: StepContext, ttl_seconds: int) -> Cost: ...
+
+    async def meter_actual(self, ctx: StepContext, seconds: float) -> Cost: ...
 
 
 class Placing(Protocol):

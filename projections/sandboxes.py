@@ -8,6 +8,7 @@ import msgspec
 
 from events import (
     BecameReady,
+    CreditsHeld,
     DestroyRequested,
     Event,
     Provisioned,
@@ -41,6 +42,11 @@ class SandboxView(msgspec.Struct, frozen=True, kw_only=True):
     failing: bool = False
     needs_reconciliation: bool = False
     correlation_id: str = ""
+    metered: bool = False
+    credits_held: int = 0
+    provisioned_at: dt.datetime | None = None
+    ready_at: dt.datetime | None = None
+    ended_at: dt.datetime | None = None
 
 
 def _reason(view: SandboxView, event: Event) -> str | None:
@@ -79,13 +85,22 @@ def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | No
         return msgspec.structs.replace(view, last_seq=seq, events=view.events + 1)
     changes: dict[str, object] = {}
     if isinstance(event, RouteChosen):
-        changes = {"extension": event.extension, "host": event.host, "route_reason": event.reason}
+        changes = {
+            "extension": event.extension,
+            "host": event.host,
+            "route_reason": event.reason,
+            "metered": event.metered,
+        }
+    elif isinstance(event, CreditsHeld):
+        changes = {"credits_held": event.amount}
     elif isinstance(event, Provisioned):
-        changes = {"handle": event.handle}
+        changes = {"handle": event.handle, "provisioned_at": event.occurred_at}
     elif isinstance(event, BecameReady):
-        changes = {"services": event.services}
+        changes = {"services": event.services, "ready_at": event.occurred_at}
     elif isinstance(event, TeardownFailed) and event.final:
         changes = {"needs_reconciliation": True}
+    if state in TERMINAL:
+        changes["ended_at"] = event.occurred_at
     return msgspec.structs.replace(
         view,
         state=state,

@@ -5,15 +5,17 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
 
 from events import Event, EventMeta
+from projections.ledger import AccountView
 from projections.sandboxes import SandboxView
+from sandboxer.audit import AuditReport, audit
 from sandboxer.event_store import EventRecorder, RecordedEvent
-from sandboxer.ids import InvalidId, check_sandbox_id, new_correlation_id
+from sandboxer.ids import InvalidId, check_account, check_sandbox_id, new_correlation_id
 from sandboxer.lifecycle import TERMINAL, InvalidTransition, State
 from sandboxer.manager import STEP_LABELS, CreateRequest, NotFound, SandboxManager
 from sandboxer.profiles import ProfileCatalog, ProfileError
@@ -25,6 +27,7 @@ MAX_WAIT_SECONDS = 60.0
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 PROJECTION_WAIT = 10.0
 
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -104,6 +107,34 @@ class ProfileList(msgspec.Struct):
     profiles: list[ProfileOut]
 
 
+class GrantBody(msgspec.Struct, forbid_unknown_fields=True):
+    amount: int
+    reason: str = ""
+
+
+class AccountOut(msgspec.Struct):
+    account: str
+    last_seq: int
+    granted: int
+    reserved: int
+    debited: int
+    released: int
+    available: int
+    rejected: int
+    entries: int
+    open_reservations: dict[str, int]
+
+
+class AccountList(msgspec.Struct):
+    accounts: list[AccountOut]
+
+
+class LedgerPage(msgspec.Struct):
+    account: str
+    entries: list[EventOut]
+    next_after_seq: int | None
+
+
 class Health(msgspec.Struct):
     status: str
     last_seq: int
@@ -123,6 +154,8 @@ class ErrorBody(msgspec.Struct):
 
 _encoder = msgspec.json.Encoder()
 _create_decoder = msgspec.json.Decoder(CreateBody)
+_grant_decoder = msgspec.json.Decoder(GrantBody)
+MAX_GRANT = 10**12
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN_RE = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 
@@ -186,6 +219,11 @@ class Api:
         app.router.add_get("/v1/sandboxes/{id}/events", self.sandbox_events)
         app.router.add_get("/v1/events", self.events)
         app.router.add_get("/v1/profiles", self.list_profiles)
+        app.router.add_get("/v1/accounts", self.list_accounts)
+        app.router.add_get("/v1/accounts/{account}", self.get_account)
+        app.router.add_post("/v1/accounts/{account}/credits", self.grant)
+        app.router.add_get("/v1/accounts/{account}/ledger", self.account_ledger)
+        app.router.add_post("/v1/ledger/audit", self.ledger_audit)
         app.router.add_post("/v1/replay", self.replay)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/openapi.json", self.openapi)
@@ -280,16 +318,112 @@ class Api:
 
     # ---- handlers ----------------------------------------------------------------
 
-    async def create(self, request: web.Request) -> web.Response:
+    @staticmethod
+    async def _body(request: web.Request, decoder: msgspec.json.Decoder[T]) -> T:
         raw = await request.read()
         if not raw:
             raise ApiError(400, "invalid_body", "request body is empty; expected a JSON object")
         try:
-            body = _create_decoder.decode(raw)
+            return decoder.decode(raw)
         except msgspec.ValidationError as exc:
             raise ApiError(400, "invalid_body", str(exc), _validation_field(str(exc))) from exc
         except msgspec.DecodeError as exc:
             raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from exc
+
+    def _account(self, request: web.Request) -> str:
+        raw = request.match_info["account"]
+        try:
+            return check_account(raw)
+        except InvalidId as exc:
+            raise ApiError(404, "not_found", str(exc), "account") from exc
+
+    @staticmethod
+    def _account_out(view: AccountView) -> AccountOut:
+        return AccountOut(
+            account=view.account,
+            last_seq=view.last_seq,
+            granted=view.granted,
+            reserved=view.reserved,
+            debited=view.debited,
+            released=view.released,
+            available=view.available,
+            rejected=view.rejected,
+            entries=view.entries,
+            open_reservations=view.open,
+        )
+
+    async def list_accounts(self, request: web.Request) -> web.Response:
+        views = sorted(self.runner.ledger.accounts.values(), key=lambda v: v.account)
+        return json_response(AccountList([self._account_out(v) for v in views]))
+
+    async def get_account(self, request: web.Request) -> web.Response:
+        account = self._account(request)
+        wait = self._float_query(request, "wait", 0.0, MAX_WAIT_SECONDS)
+        after = self._int_query(request, "after_seq", 0, 2**63)
+        view = self.runner.ledger.accounts.get(account)
+        if wait > 0 and (view is None or view.last_seq <= after):
+            await self.runner.wait_account(account, after, wait)
+            view = self.runner.ledger.accounts.get(account)
+        if view is None:
+            raise ApiError(
+                404, "not_found", f"no account {account!r} (no credits granted)", "account"
+            )
+        return json_response(self._account_out(view))
+
+    async def grant(self, request: web.Request) -> web.Response:
+        account = self._account(request)
+        body = await self._body(request, _grant_decoder)
+        if not 0 < body.amount <= MAX_GRANT:
+            raise ApiError(
+                400,
+                "invalid_body",
+                f"amount must be a whole number between 1 and {MAX_GRANT}",
+                "amount",
+            )
+        if len(body.reason) > 500:
+            raise ApiError(400, "invalid_body", "reason is longer than 500 characters", "reason")
+        await self.manager.ledger.grant(
+            account, body.amount, self._meta(request), reason=body.reason
+        )
+        await self._caught_up(self.manager.ledger.versions[account])
+        return json_response(self._account_out(self.runner.ledger.account(account)), 201)
+
+    async def account_ledger(self, request: web.Request) -> web.Response:
+        account = self._account(request)
+        after = self._int_query(request, "after_seq", 0, 2**63)
+        limit = self._int_query(request, "limit", 100, 1000)
+        entries: list[EventOut] = []
+        more = False
+        if self.runner.last_seq > after:
+            async for recorded in self.store.read(after + 1, f"sandboxer.ledger.{account}.>"):
+                if len(entries) == limit:
+                    more = True
+                    break
+                entries.append(_event_out(recorded))
+        next_after = entries[-1].seq if more and entries else None
+        return json_response(
+            LedgerPage(account=account, entries=entries, next_after_seq=next_after)
+        )
+
+    async def ledger_audit(self, request: web.Request) -> web.Response:
+        account = request.query.get("account")
+        if account is not None:
+            try:
+                check_account(account)
+            except InvalidId as exc:
+                raise ApiError(400, "invalid_query", str(exc), "account") from exc
+        live = self.runner.ledger.snapshot()  # the follower moves on while we replay
+        target = live.last_seq
+        recorded: list[tuple[int, str, Event]] = []
+        if target > 0:
+            async for r in self.store.read(1):
+                if r.seq > target:
+                    break
+                recorded.append((r.seq, r.subject, r.event))
+        return json_response(audit(recorded, live, account))
+
+    async def create(self, request: web.Request) -> web.Response:
+        body = await self._body(request, _create_decoder)
         if len(body.inputs) > MAX_INPUTS:
             raise ApiError(400, "invalid_body", f"at most {MAX_INPUTS} inputs", "inputs")
         for key, value in body.inputs.items():
@@ -443,6 +577,11 @@ def openapi_document() -> dict[str, Any]:
         Health,
         ErrorBody,
         VerifyReport,
+        GrantBody,
+        AccountOut,
+        AccountList,
+        LedgerPage,
+        AuditReport,
     ]
     (_, components) = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
@@ -468,6 +607,12 @@ def openapi_document() -> dict[str, Any]:
             for s in statuses
         }
 
+    account_param = {
+        "name": "account",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
+    }
     id_param = {
         "name": "id",
         "in": "path",
@@ -558,6 +703,47 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
             "/v1/profiles": {"get": {"summary": "Profiles", "responses": ok("ProfileList")}},
+            "/v1/accounts": {
+                "get": {"summary": "Accounts and balances", "responses": ok("AccountList")}
+            },
+            "/v1/accounts/{account}": {
+                "get": {
+                    "summary": "One account's balance",
+                    "parameters": [account_param, wait, after],
+                    "responses": {**ok("AccountOut"), **errors(404)},
+                },
+            },
+            "/v1/accounts/{account}/credits": {
+                "post": {
+                    "summary": "Grant credits (admin)",
+                    "parameters": [account_param],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": ref("GrantBody")}},
+                    },
+                    "responses": {**ok("AccountOut", "201", "Granted"), **errors(400, 404, 413)},
+                },
+            },
+            "/v1/accounts/{account}/ledger": {
+                "get": {
+                    "summary": "The account's ledger entries, oldest first",
+                    "parameters": [
+                        account_param,
+                        after,
+                        query(
+                            "limit", {"type": "integer", "minimum": 0, "maximum": 1000}, "page size"
+                        ),
+                    ],
+                    "responses": {**ok("LedgerPage"), **errors(400, 404)},
+                },
+            },
+            "/v1/ledger/audit": {
+                "post": {
+                    "summary": "Replay the ledger from sequence 1 and check its rules",
+                    "parameters": [query("account", {"type": "string"}, "only this account")],
+                    "responses": {**ok("AuditReport"), **errors(400)},
+                },
+            },
             "/v1/replay": {
                 "post": {
                     "summary": "Rebuild the projection from sequence 1 and "

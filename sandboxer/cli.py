@@ -344,6 +344,103 @@ def cmd_profiles(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
+def cmd_ledger(args: argparse.Namespace, client: Client) -> int:
+    return int(LEDGER_COMMANDS[args.ledger_command](args, client))
+
+
+def _print_account(a: dict[str, Any]) -> None:
+    print(
+        f"{a['account']}: available {a['available']}  (granted {a['granted']}, reserved "
+        f"{a['reserved']}, debited {a['debited']}, released {a['released']})"
+    )
+
+
+def cmd_ledger_grant(args: argparse.Namespace, client: Client) -> int:
+    account = client.request(
+        "POST",
+        f"/v1/accounts/{args.account}/credits",
+        {"amount": args.amount, "reason": args.reason},
+    )
+    if args.json:
+        _print_json(account)
+    else:
+        _print_account(account)
+    return EXIT_OK
+
+
+def cmd_ledger_balance(args: argparse.Namespace, client: Client) -> int:
+    if args.account:
+        accounts = [client.request("GET", f"/v1/accounts/{args.account}")]
+    else:
+        accounts = client.request("GET", "/v1/accounts")["accounts"]
+    if args.json:
+        _print_json(accounts[0] if args.account else accounts)
+        return EXIT_OK
+    if not accounts:
+        print("no accounts")
+    for account in accounts:
+        _print_account(account)
+    return EXIT_OK
+
+
+def cmd_ledger_history(args: argparse.Namespace, client: Client) -> int:
+    after = 0
+    while True:
+        page = client.request(
+            "GET",
+            f"/v1/accounts/{args.account}/ledger",
+            query={"after_seq": str(after), "limit": "500"},
+        )
+        for entry in page["entries"]:
+            if args.json:
+                print(json.dumps(entry))
+                continue
+            ev = entry["event"]
+            amount = ev.get("amount", ev.get("requested", ""))
+            print(
+                f"{entry['seq']:>6}  {ev['occurred_at']}  {ev['type']:<16} "
+                f"{amount:>8}  {ev.get('sandbox_id', ev.get('reason', ''))}"
+            )
+        if page["next_after_seq"] is None:
+            return EXIT_OK
+        after = page["next_after_seq"]
+
+
+def cmd_ledger_audit(args: argparse.Namespace, client: Client) -> int:
+    query = {"account": args.account} if args.account else None
+    report = client.request("POST", "/v1/ledger/audit", query=query, timeout=600)
+    if args.json:
+        _print_json(report)
+    else:
+        for d in report["debits"]:
+            basis = ", ".join(f"{k}={v}" for k, v in sorted(d["basis"].items()))
+            print(
+                f"debit seq {d['seq']}: {d['account']} {d['amount']} credits for "
+                f"{d['sandbox_id']} ({basis})"
+            )
+        for name, a in sorted(report["accounts"].items()):
+            print(
+                f"account {name}: granted {a['granted']}, reserved {a['reserved']}, "
+                f"debited {a['debited']}, available "
+                f"{a['granted'] - a['reserved'] - a['debited']}"
+            )
+        if report["ok"]:
+            print(f"ok: {report['events']} ledger events replayed, every rule holds")
+        else:
+            print(f"VIOLATION: {report['violations'][0]}")
+            for more in report["violations"][1:]:
+                print(f"  also: {more}")
+    return EXIT_OK if report["ok"] else EXIT_FAILED
+
+
+LEDGER_COMMANDS = {
+    "grant": cmd_ledger_grant,
+    "balance": cmd_ledger_balance,
+    "history": cmd_ledger_history,
+    "audit": cmd_ledger_audit,
+}
+
+
 # ---- parser ------------------------------------------------------------------------
 
 
@@ -400,6 +497,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profiles", help="list profiles and their inputs")
     p.add_argument("--json", action="store_true")
+
+    ledger = sub.add_parser("ledger", help="credits: grant, balance, history, audit")
+    lsub = ledger.add_subparsers(dest="ledger_command", required=True, parser_class=_Parser)
+    p = lsub.add_parser("grant", help="grant credits to an account (admin)")
+    p.add_argument("account")
+    p.add_argument("amount", type=int)
+    p.add_argument("--reason", default="")
+    p.add_argument("--json", action="store_true")
+    p = lsub.add_parser("balance", help="an account's balance (all accounts without one)")
+    p.add_argument("account", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p = lsub.add_parser("history", help="an account's ledger entries")
+    p.add_argument("account")
+    p.add_argument("--json", action="store_true", help="JSON Lines")
+    p = lsub.add_parser("audit", help="replay the ledger from sequence 1 and check its rules")
+    p.add_argument("--account")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -411,6 +525,7 @@ COMMANDS = {
     "events": cmd_events,
     "replay": cmd_replay,
     "profiles": cmd_profiles,
+    "ledger": cmd_ledger,
 }
 
 

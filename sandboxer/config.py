@@ -28,6 +28,7 @@ class Settings:
     nats_url: str | None = None  # None: start the embedded server
     nats_sync: str = "always"
     stream_replicas: int = 1
+    starter_credits: int = 1000
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -45,7 +46,17 @@ class Settings:
             ) from None
         if replicas not in (1, 3, 5):
             raise SettingsError(f"SANDBOXER_STREAM_REPLICAS must be 1, 3 or 5, got {replicas}")
+        starter_raw = env.get("SANDBOXER_STARTER_CREDITS", "1000")
+        try:
+            starter = int(starter_raw)
+        except ValueError:
+            starter = -1
+        if starter < 0:
+            raise SettingsError(
+                f"SANDBOXER_STARTER_CREDITS must be a whole number >= 0, got {starter_raw!r}"
+            )
         values: dict[str, object] = {
+            "starter_credits": starter,
             "data_dir": data_dir,
             "nats_url": env.get("SANDBOXER_NATS_URL") or None,
             "nats_sync": sync_interval_from_env(env),

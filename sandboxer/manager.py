@@ -24,6 +24,7 @@ import nats.errors
 
 from events import (
     BecameReady,
+    CreditsHeld,
     DestroyRequested,
     Event,
     EventMeta,
@@ -37,11 +38,22 @@ from events import (
     TornDown,
 )
 from events.base import utc_now
-from extensions import ExtensionRegistry, NoCapacity, Placing, StepContext
+from events.sandbox import RouteCandidate
+from events.subjects import sandbox_filter
+from extensions import (
+    Cost,
+    ExtensionRegistry,
+    LoadedExtension,
+    Metered,
+    Placing,
+    StepContext,
+)
 from extensions.manifest import ConfigError, HookPolicy
 from projections.sandboxes import SandboxView, evolve
 from sandboxer.event_store import ConcurrencyConflict, EventRecorder
+from sandboxer.failpoints import failpoint
 from sandboxer.ids import check_account, new_sandbox_id
+from sandboxer.ledger import LedgerBook
 from sandboxer.lifecycle import TERMINAL, InvalidTransition, LifecycleModel, SandboxMachine, State
 from sandboxer.profiles import ProfileCatalog, ProfileError
 
@@ -108,14 +120,19 @@ class SandboxManager:
         store: EventRecorder,
         extensions: ExtensionRegistry,
         profiles: ProfileCatalog,
+        *,
+        starter_credits: int = 0,
     ) -> None:
         self.store = store
+        self.ledger = LedgerBook(store)
+        self.starter_credits = starter_credits
         self.extensions = extensions
         self.profiles = profiles
         self.machine = SandboxMachine()
         self.sandboxes: dict[str, Sandbox] = {}
         self._steps: dict[str, Callable[[Sandbox], Coroutine[Any, Any, None]]] = {
             State.REQUESTED: self._route,
+            State.RESERVING: self._reserve,
             State.PROVISIONING: self._provision,
             State.STARTING: self._wait_ready,
             State.TEARING_DOWN: self._teardown,
@@ -131,8 +148,13 @@ class SandboxManager:
         views: dict[str, SandboxView] = {}
         pending: dict[str, list[tuple[int, Event]]] = {}
         last = 0
-        async for recorded in self.store.read(1, "sandboxer.sandbox.>"):
+        async for recorded in self.store.read(1):
             last = recorded.seq
+            if recorded.subject.startswith("sandboxer.ledger."):
+                self.ledger.apply(recorded.seq, recorded.subject, recorded.event)
+                continue
+            if not recorded.subject.startswith("sandboxer.sandbox."):
+                continue
             key = recorded.event.aggregate_id
             view = evolve(views.get(key), recorded.seq, recorded.event)
             if view is None:
@@ -146,8 +168,21 @@ class SandboxManager:
             sbx = self._attach(key, live=False)
             for seq, event in history:
                 self._apply(sbx, seq, event)
+        await self.ledger.ensure_starter_grant(
+            self.starter_credits, EventMeta(actor=ACTOR_MANAGER, correlation_id="starter-grant")
+        )
         for sbx in list(self.sandboxes.values()):
             await self._recover(sbx)
+        # Finished sandboxes whose reservation is still open: a crash came between the
+        # end and the debit. Settle them now, exactly once (deterministic event ids).
+        for sandbox_id, charge in list(self.ledger.projection.charges.items()):
+            view = views.get(sandbox_id)
+            if view is None or view.state not in TERMINAL or charge.settled or charge.rejected:
+                continue
+            records = await self.store.read_aggregate(sandbox_filter(sandbox_id))
+            request = next(r.event for r in records if isinstance(r.event, SandboxRequested))
+            assert isinstance(request, SandboxRequested)
+            self._spawn(self._settle(request, view), f"settle-{sandbox_id}")
         return last
 
     async def close(self) -> None:
@@ -175,8 +210,10 @@ class SandboxManager:
             raise ProfileError(str(exc), "account") from exc
         inputs = profile.resolve_inputs(request.inputs)
         ttl = profile.resolve_ttl(request.ttl_seconds)
+        candidates = profile.candidates()
         try:
-            self.extensions.resolve_config(profile.extension, profile.config)
+            for candidate in candidates:
+                self.extensions.resolve_config(candidate.extension, candidate.config)
         except ConfigError as exc:
             raise ProfileError(f"{profile.name}: {exc}", "profile") from exc
         secret_keys = profile.secret_inputs()
@@ -189,12 +226,16 @@ class SandboxManager:
                 SandboxRequested,
                 meta,
                 profile=profile.name,
-                extension=profile.extension,
+                extension=candidates[0].extension,
                 inputs=recorded_inputs,
                 secret_inputs=sorted(sbx.secrets),
                 account=request.account,
                 ttl_seconds=ttl,
-                config=dict(profile.config),
+                config=dict(candidates[0].config),
+                route=[
+                    RouteCandidate(extension=c.extension, config=dict(c.config), when=c.when)
+                    for c in profile.route
+                ],
             )
         except BaseException:
             self._finish(sbx)
@@ -232,12 +273,16 @@ class SandboxManager:
         return sbx
 
     def _apply(self, sbx: Sandbox, seq: int, event: Event) -> None:
-        self.machine.fire(sbx, event)
+        """Fold the event into the aggregate, then fire the machine (whose on_enter hook
+        may start the next step, which must see the new state)."""
+        if not self.machine.allows(sbx, event):
+            raise InvalidTransition(sbx.sandbox_id, sbx.state, type(event).__name__)
         if isinstance(event, SandboxRequested):
             sbx.request = event
         sbx.view = evolve(sbx.view, seq, event)
         sbx.version = seq
         sbx.last_event_id = event.event_id
+        self.machine.fire(sbx, event)
 
     async def _record(
         self, sbx: Sandbox, event_type: type[E], meta: EventMeta | None = None, **fields: object
@@ -280,6 +325,8 @@ class SandboxManager:
 
     def _entered(self, sbx: Sandbox, state: str) -> None:
         if state in TERMINAL:
+            if sbx.request is not None and sbx.view is not None and sbx.view.metered:
+                self._spawn(self._settle(sbx.request, sbx.view), f"settle-{sbx.sandbox_id}")
             self._finish(sbx)
         elif state in self._steps:
             self._ensure_driver(sbx)
@@ -327,21 +374,37 @@ class SandboxManager:
                 sbx.step_name = None
                 sbx.progress = None
 
-    def _context(self, sbx: Sandbox) -> StepContext:
+    def _context(self, sbx: Sandbox, extension: str | None = None) -> StepContext:
         assert sbx.request is not None and sbx.view is not None
-        loaded = self.extensions.get(sbx.view.extension)
-        inputs = {**sbx.request.inputs, **sbx.secrets}
 
         def progress(message: str) -> None:
             sbx.progress = message
 
+        return self._context_for(
+            sbx.request, sbx.view, sbx.secrets, extension or sbx.view.extension, progress
+        )
+
+    def _context_for(
+        self,
+        request: SandboxRequested,
+        view: SandboxView,
+        secrets: Mapping[str, str],
+        extension: str,
+        progress: Callable[[str], None] | None = None,
+    ) -> StepContext:
+        loaded = self.extensions.get(extension)
+        overrides = request.config
+        for candidate in request.route:
+            if candidate.extension == extension:
+                overrides = candidate.config
+                break
         return StepContext(
-            sandbox_id=sbx.sandbox_id,
-            profile=sbx.request.profile,
-            inputs=inputs,
-            config=loaded.config_for(sbx.request.config),
-            host=sbx.view.host,
-            progress=progress,
+            sandbox_id=request.aggregate_id,
+            profile=request.profile,
+            inputs={**request.inputs, **secrets},
+            config=loaded.config_for(overrides),
+            host=view.host,
+            progress=progress or (lambda _message: None),
         )
 
     async def _call_hook(
@@ -350,8 +413,9 @@ class SandboxManager:
         hook: str,
         call: Callable[[StepContext], Awaitable[T]],
         policy: HookPolicy,
+        ctx: StepContext | None = None,
     ) -> T:
-        ctx = self._context(sbx)
+        ctx = ctx or self._context(sbx)
         attempts = policy.retries + 1
         for attempt in range(1, attempts + 1):
             try:
@@ -369,35 +433,136 @@ class SandboxManager:
         raise AssertionError("unreachable")
 
     async def _route(self, sbx: Sandbox) -> None:
+        """Try the profile's candidates in order; record the choice and every reason."""
+        assert sbx.request is not None and sbx.view is not None
+        request = sbx.request
+        candidates = request.route or [
+            RouteCandidate(extension=request.extension, config=request.config)
+        ]
+        passed: list[str] = []
+        for candidate in candidates:
+            extension = candidate.extension
+            loaded = self.extensions.get(extension)
+            ctx = self._context(sbx, extension)
+            why = (
+                f"{request.profile} routes to {extension}"
+                if request.route
+                else f"{request.profile} names extension {extension}"
+            )
+            if loaded.manifest.metered:
+                try:
+                    cost = await self._estimate(sbx, loaded, ctx)
+                except HookFailed as exc:
+                    passed.append(f"{extension} refused: {exc.error}")
+                    continue
+                available = self.ledger.account(request.account).available
+                if candidate.when == "credits_cover_estimate":
+                    if available < cost.amount:
+                        passed.append(
+                            f"{extension}: account {request.account} has "
+                            f"{available} credits, estimate is {cost.amount}"
+                        )
+                        continue
+                    why += f" (credits {available} cover the estimate {cost.amount})"
+            host = None
+            if loaded.manifest.has("place"):
+                lock = self._placement_locks.setdefault(extension, asyncio.Lock())
+                async with lock:
+                    try:
+                        placement = cast(Placing, loaded.adapter).place(ctx, self._load(extension))
+                    except Exception as exc:
+                        passed.append(_redact(f"{extension}: {exc}", sbx.secrets))
+                        continue
+                    await self._record_route(
+                        sbx,
+                        extension,
+                        placement.host,
+                        [*passed, why, placement.reason],
+                        loaded.manifest.metered,
+                    )
+                    return
+            await self._record_route(sbx, extension, host, [*passed, why], loaded.manifest.metered)
+            return
+        code = "no_capacity" if len(candidates) == 1 else "no_route"
+        reason = passed[0] if len(candidates) == 1 else "no route: " + "; ".join(passed)
+        await self._record(sbx, SandboxRejected, reason=reason, code=code)
+
+    async def _estimate(self, sbx: Sandbox, loaded: LoadedExtension, ctx: StepContext) -> Cost:
         assert sbx.request is not None
-        extension = sbx.request.extension
-        reason = f"{sbx.request.profile} names extension {extension}"
-        loaded = self.extensions.get(extension)
-        if not loaded.manifest.has("place"):
+        ttl = sbx.request.ttl_seconds
+        metered = cast(Metered, loaded.adapter)
+        return await self._call_hook(
+            sbx,
+            "estimate_cost",
+            lambda c: metered.estimate_cost(c, ttl),
+            loaded.manifest.hook("estimate_cost"),
+            ctx,
+        )
+
+    async def _record_route(
+        self, sbx: Sandbox, extension: str, host: str | None, reasons: list[str], metered: bool
+    ) -> None:
+        await self._record(
+            sbx,
+            RouteChosen,
+            extension=extension,
+            host=host,
+            reason="; ".join(reasons),
+            metered=metered,
+        )
+
+    async def _reserve(self, sbx: Sandbox) -> None:
+        """Reserve the estimate on the account (two-phase: the ledger first, then the
+        sandbox's CreditsHeld; recovery finishes a crash between the two)."""
+        assert sbx.request is not None and sbx.view is not None
+        request = sbx.request
+        loaded = self.extensions.get(sbx.view.extension)
+        try:
+            cost = await self._estimate(sbx, loaded, self._context(sbx))
+        except HookFailed as exc:
             await self._record(
-                sbx, RouteChosen, extension=extension, host=None, reason=reason, metered=False
+                sbx, StepFailed, step="reserve", error=exc.error, attempt=exc.attempt
             )
             return
-        placer = cast(Placing, loaded.adapter)
-        lock = self._placement_locks.setdefault(extension, asyncio.Lock())
-        async with lock:
-            try:
-                placement = placer.place(self._context(sbx), self._load(extension))
-            except NoCapacity as exc:
-                await self._record(sbx, SandboxRejected, reason=str(exc), code="no_capacity")
-                return
-            except Exception as exc:  # a bad pool config, an adapter bug: no route
-                reason = _redact(f"placement failed: {exc}", sbx.secrets)
-                await self._record(sbx, SandboxRejected, reason=reason, code="no_route")
-                return
+        charge = await self.ledger.reserve(sbx.sandbox_id, request.account, cost, sbx.meta())
+        if charge.rejected:
+            available = self.ledger.account(request.account).available
             await self._record(
                 sbx,
-                RouteChosen,
-                extension=extension,
-                host=placement.host,
-                reason=f"{reason}; {placement.reason}",
-                metered=False,
+                SandboxRejected,
+                code="insufficient_credits",
+                reason=(
+                    f"insufficient credits in account {request.account}: required "
+                    f"{cost.amount}, available {available}"
+                ),
             )
+            return
+        await self._record(sbx, CreditsHeld, account=request.account, amount=charge.reserved)
+
+    async def _settle(self, request: SandboxRequested, view: SandboxView) -> None:
+        """After the end: debit the metered actual and release the rest, or release all
+        when the sandbox never became ready. Deterministic from the recorded events."""
+        failpoint("before-settle")
+        charge = self.ledger.charge(view.id)
+        if charge is None or charge.rejected or charge.settled:
+            return
+        meta = EventMeta(actor=ACTOR_MANAGER, correlation_id=view.correlation_id)
+        debit: Cost | None = None
+        if view.ready_at is not None and view.provisioned_at is not None:
+            ended = view.ended_at or view.updated_at
+            seconds = max((ended - view.provisioned_at).total_seconds(), 0.0)
+            loaded = self.extensions.get(view.extension)
+            ctx = self._context_for(request, view, {}, view.extension)
+            policy = loaded.manifest.hook("meter_actual")
+            async with asyncio.timeout(policy.timeout * (policy.retries + 1) + 5):
+                debit = await cast(Metered, loaded.adapter).meter_actual(ctx, seconds)
+        await self.ledger.settle(view.id, debit, meta)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        task.add_done_callback(_log_failure)
 
     def _load(self, extension: str) -> dict[str, int]:
         """Sandboxes per host of one extension that still hold a place there."""
@@ -506,6 +671,7 @@ class SandboxManager:
 
 STEP_LABELS: dict[str, str] = {
     State.REQUESTED: "route",
+    State.RESERVING: "reserve",
     State.PROVISIONING: "provision",
     State.STARTING: "wait_ready",
     State.TEARING_DOWN: "teardown",
@@ -514,6 +680,15 @@ STEP_LABELS: dict[str, str] = {
 
 def _step_label(state: str) -> str:
     return STEP_LABELS.get(state, state)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "%s failed; recovery retries it on the next start: %s",
+            task.get_name(),
+            task.exception(),
+        )
 
 
 def _redact(text: str, secrets: Mapping[str, str]) -> str:

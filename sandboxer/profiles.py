@@ -34,14 +34,32 @@ class InputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     choices: list[str] | None = None
 
 
+ADMISSION_RULES = ("always", "credits_cover_estimate")
+
+
+class RouteSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A route candidate: tried in order; `when` is its admission rule."""
+
+    extension: str
+    when: str = "always"
+    config: dict[str, Any] = {}
+
+
 class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
-    extension: str
+    extension: str = ""
+    route: list[RouteSpec] = []
     description: str = ""
     ttl_seconds: int = 3600
     max_ttl_seconds: int = 7 * 24 * 3600
     inputs: dict[str, InputSpec] = {}
     config: dict[str, Any] = {}
+
+    def candidates(self) -> list[RouteSpec]:
+        """The route, or the one extension with the profile's config."""
+        if self.route:
+            return list(self.route)
+        return [RouteSpec(extension=self.extension, config=dict(self.config))]
 
     def secret_inputs(self) -> list[str]:
         return sorted(k for k, spec in self.inputs.items() if spec.secret)
@@ -99,6 +117,14 @@ def load_profile(path: Path) -> Profile:
         raise ProfileError(f"{path.name}: name must be {expected!r}, is {profile.name!r}")
     if not PROFILE_NAME_RE.match(profile.name):
         raise ProfileError(f"{path.name}: name must match {PROFILE_NAME_RE.pattern}")
+    if bool(profile.extension) == bool(profile.route):
+        raise ProfileError(f"{path.name}: give either 'extension' or 'route', not both or none")
+    for index, spec in enumerate(profile.route):
+        if spec.when not in ADMISSION_RULES:
+            raise ProfileError(
+                f"{path.name}: route[{index}].when must be one of "
+                f"{', '.join(ADMISSION_RULES)}, got {spec.when!r}"
+            )
     for key in profile.inputs:
         if not INPUT_NAME_RE.match(key):
             raise ProfileError(

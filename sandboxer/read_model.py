@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 
 import msgspec
 
+from projections.ledger import LedgerProjection, from_cache, to_cache
 from projections.sandboxes import SandboxesProjection, SandboxView
 from sandboxer.event_store import EventRecorder
 
@@ -26,9 +28,18 @@ class VerifyReport(msgspec.Struct, frozen=True):
 
 
 class ProjectionRunner:
-    def __init__(self, store: EventRecorder) -> None:
+    """Follows the stream into the sandbox and ledger projections.
+
+    The ledger projection is also kept on disk (`cache_dir/ledger.json`) and loaded
+    from there on start: a disposable cache, which `sandboxer ledger audit` checks
+    against a fresh replay of the ledger events.
+    """
+
+    def __init__(self, store: EventRecorder, cache_dir: Path | None = None) -> None:
         self.store = store
+        self.cache_dir = cache_dir
         self.projection = SandboxesProjection()
+        self.ledger = self._load_cache()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
@@ -53,6 +64,8 @@ class ProjectionRunner:
         try:
             async for recorded in self.store.follow(self.projection.last_seq + 1):
                 self.projection.apply(recorded.seq, recorded.subject, recorded.event)
+                if recorded.seq > self.ledger.last_seq:
+                    self.ledger.apply(recorded.seq, recorded.subject, recorded.event)
                 changed, self._changed = self._changed, asyncio.Event()
                 changed.set()
         except asyncio.CancelledError:
@@ -62,6 +75,28 @@ class ProjectionRunner:
             self._failed = exc
             self._changed.set()
             raise
+
+    def _cache_file(self) -> Path | None:
+        return self.cache_dir / "ledger.json" if self.cache_dir is not None else None
+
+    def _load_cache(self) -> LedgerProjection:
+        path = self._cache_file()
+        if path is None or not path.exists():
+            return LedgerProjection()
+        try:
+            return from_cache(path.read_bytes())
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("ignoring the ledger cache %s: %s", path, exc)
+            return LedgerProjection()
+
+    def save_cache(self) -> None:
+        path = self._cache_file()
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(to_cache(self.ledger))
+        tmp.replace(path)
 
     async def wait_for(self, seq: int, timeout: float) -> bool:
         """Wait until the projection has applied `seq`. False on timeout."""
@@ -85,6 +120,16 @@ class ProjectionRunner:
             async with asyncio.timeout(timeout):
                 while True:
                     view = self.projection.get(sandbox_id)
+                    if view is not None and view.last_seq > after_seq:
+                        return
+                    await self._changed.wait()
+
+    async def wait_account(self, account: str, after_seq: int, timeout: float) -> None:
+        """Wait until the account's ledger row moves past `after_seq` (long-poll)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while True:
+                    view = self.ledger.accounts.get(account)
                     if view is not None and view.last_seq > after_seq:
                         return
                     await self._changed.wait()

@@ -56,9 +56,11 @@ class Service:
         )
         self.store = JetStreamEventStore(self.nc, replicas=settings.stream_replicas)
         await self.store.ensure_stream()
-        self.runner = ProjectionRunner(self.store)
+        self.runner = ProjectionRunner(self.store, cache_dir=settings.data_dir / "cache")
         await self.runner.start()
-        self.manager = SandboxManager(self.store, extensions, profiles)
+        self.manager = SandboxManager(
+            self.store, extensions, profiles, starter_credits=settings.starter_credits
+        )
         await self.manager.start()
         self.api = Api(self.manager, self.runner, self.store, profiles)
 
@@ -68,6 +70,7 @@ class Service:
             await self.manager.extensions.close()
         if self.runner is not None:
             await self.runner.stop()
+            self.runner.save_cache()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()

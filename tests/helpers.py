@@ -62,3 +62,37 @@ async def event_types(http: aiohttp.ClientSession, url: str, sandbox_id: str) ->
         data = await resp.json()
         assert resp.status == 200, data
     return [e["event"]["type"] for e in data["events"]]
+
+
+async def grant(http: aiohttp.ClientSession, url: str, account: str, amount: int) -> dict[str, Any]:
+    async with http.post(f"{url}/v1/accounts/{account}/credits", json={"amount": amount}) as r:
+        data: dict[str, Any] = await r.json()
+        assert r.status == 201, data
+        return data
+
+
+async def audit(
+    http: aiohttp.ClientSession, url: str, account: str | None = None
+) -> dict[str, Any]:
+    params = {"account": account} if account else {}
+    async with http.post(f"{url}/v1/ledger/audit", params=params) as resp:
+        data: dict[str, Any] = await resp.json()
+        assert resp.status == 200, data
+        return data
+
+
+async def wait_settled(
+    http: aiohttp.ClientSession, url: str, account: str, timeout: float = 30.0
+) -> dict[str, Any]:
+    """Long-poll the account until no reservation is open (settlement follows the end)."""
+    seq = 0
+    async with asyncio.timeout(timeout):
+        while True:
+            async with http.get(
+                f"{url}/v1/accounts/{account}", params={"wait": "10", "after_seq": str(seq)}
+            ) as resp:
+                data: dict[str, Any] = await resp.json()
+                assert resp.status == 200, data
+            if not data["open_reservations"]:
+                return data
+            seq = data["last_seq"]

@@ -8,11 +8,12 @@ import itertools
 from nats.aio.client import Client as NatsClient
 
 from tests.conftest import RunningService, StartService
-from tests.helpers import create, destroy, event_types, get, wait_state
+from tests.helpers import create, destroy, event_types, get, grant, wait_state
 
 LIFECYCLE = [
     "SandboxRequested",
     "RouteChosen",
+    "CreditsHeld",
     "Provisioned",
     "BecameReady",
     "DestroyRequested",
@@ -49,13 +50,21 @@ async def test_full_lifecycle_subjects_and_projection(api: RunningService, nc: N
     gone = await destroy(http, url, sandbox_id)
     assert gone["state"] == "tearing_down"
     final = await wait_state(http, url, sandbox_id, {"destroyed"})
-    assert final["terminal"] and final["events"] == 6
+    assert final["terminal"] and final["events"] == 7
     async with asyncio.timeout(10):
         await done.wait()
     await sub.unsubscribe()
 
     assert [s for s, _ in seen] == [f"sandboxer.sandbox.{sandbox_id}.{t}" for t in LIFECYCLE]
-    assert states == ["requested", "provisioning", "starting", "ready", "tearing_down", "destroyed"]
+    assert states == [
+        "requested",
+        "reserving",
+        "provisioning",
+        "starting",
+        "ready",
+        "tearing_down",
+        "destroyed",
+    ]
     assert await event_types(http, url, sandbox_id) == LIFECYCLE
 
     async with http.get(f"{url}/v1/sandboxes/{sandbox_id}/events") as resp:
@@ -116,6 +125,7 @@ async def test_listing_profiles_health_and_openapi(api: RunningService) -> None:
 
 
 async def test_list_filters_and_replay_equals_live(api: RunningService) -> None:
+    await grant(api.http, api.url, "acme", 30)
     a = await create(api.http, api.url)
     b = await create(api.http, api.url, account="acme")
     await wait_state(api.http, api.url, a["id"], {"ready"})

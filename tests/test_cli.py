@@ -94,6 +94,7 @@ def test_create_wait_list_get_destroy_events(server: Server) -> None:
     assert types == [
         "SandboxRequested",
         "RouteChosen",
+        "CreditsHeld",
         "Provisioned",
         "BecameReady",
         "DestroyRequested",

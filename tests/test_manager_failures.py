@@ -24,6 +24,7 @@ async def test_failed_provision_is_torn_down_and_ends_failed(
     assert await event_types(svc.http, svc.url, made["id"]) == [
         "SandboxRequested",
         "RouteChosen",
+        "CreditsHeld",
         "StepFailed",
         "TornDown",
     ]
@@ -38,6 +39,7 @@ async def test_failed_wait_ready_is_torn_down(start_service: StartService) -> No
     assert await event_types(svc.http, svc.url, made["id"]) == [
         "SandboxRequested",
         "RouteChosen",
+        "CreditsHeld",
         "Provisioned",
         "StepFailed",
         "TornDown",
@@ -74,12 +76,13 @@ async def test_destroy_during_provision_cancels_the_step(start_service: StartSer
     assert types == [
         "SandboxRequested",
         "RouteChosen",
+        "CreditsHeld",
         "DestroyRequested",
         "StepCancelled",
         "TornDown",
     ]
     async with svc.http.get(f"{svc.url}/v1/sandboxes/{made['id']}/events") as resp:
-        cancelled = (await resp.json())["events"][3]["event"]
+        cancelled = (await resp.json())["events"][4]["event"]
     assert cancelled["step"] == "provision" and cancelled["reason"] == "destroy requested"
     assert instances(svc) == []
 
@@ -141,4 +144,4 @@ async def test_destroy_twice_and_after_the_end(api: RunningService) -> None:
         assert resp.status == 409
         error = (await resp.json())["error"]
     assert error["code"] == "conflict" and "already destroyed" in error["message"]
-    assert (await get(api.http, api.url, made["id"]))["events"] == 6
+    assert (await get(api.http, api.url, made["id"]))["events"] == 7

@@ -19,7 +19,7 @@ def test_shipped_saas_stub_profile() -> None:
         "api_key": "k",
     }
     assert profile.secret_inputs() == ["api_key"]
-    assert profile.resolve_ttl(None) == 3600
+    assert profile.resolve_ttl(None) == 600
 
 
 def test_required_inputs_and_unknown_profile(tmp_path: Path) -> None:
@@ -45,7 +45,15 @@ def test_required_inputs_and_unknown_profile(tmp_path: Path) -> None:
     ("content", "message"),
     [
         ({"name": "profile.other", "extension": "x"}, "name must be 'profile.bad'"),
-        ({"name": "profile.bad"}, "missing required field `extension`"),
+        ({"name": "profile.bad"}, "give either 'extension' or 'route'"),
+        (
+            {"name": "profile.bad", "extension": "x", "route": [{"extension": "y"}]},
+            "give either 'extension' or 'route'",
+        ),
+        (
+            {"name": "profile.bad", "route": [{"extension": "y", "when": "sometimes"}]},
+            r"route\[0\].when must be one of always, credits_cover_estimate",
+        ),
         ({"name": "profile.bad", "extension": "x", "inputs": {"Bad-Key": {}}}, "input name"),
         ({"name": "profile.bad", "extension": "x", "extra": 1}, "unknown field `extra`"),
     ],

@@ -1,0 +1,167 @@
+"""The ledger read model: balances per account, charges per sandbox. A pure fold.
+
+available = granted - reserved - debited, where `reserved` is the sum of the open
+reservations. A reservation is closed by a debit plus a release of the rest, or by a
+release of all of it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from events import (
+    CreditsDebited,
+    CreditsGranted,
+    CreditsRejected,
+    CreditsReleased,
+    CreditsReserved,
+    Event,
+)
+
+
+class AccountView(msgspec.Struct, frozen=True, kw_only=True):
+    account: str
+    granted: int = 0
+    reserved: int = 0
+    debited: int = 0
+    released: int = 0
+    rejected: int = 0
+    entries: int = 0
+    last_seq: int = 0
+    open: dict[str, int] = {}  # sandbox id -> amount still reserved
+
+    @property
+    def available(self) -> int:
+        return self.granted - self.reserved - self.debited
+
+
+class Charge(msgspec.Struct, frozen=True, kw_only=True):
+    """What one sandbox cost: its reservation, debit and release."""
+
+    sandbox_id: str
+    account: str
+    reserved: int = 0
+    debited: int | None = None
+    released: int = 0
+    rejected: bool = False
+    debits: int = 0  # how many debits were recorded (an invariant says at most one)
+    reserve_basis: dict[str, str | int | float | bool] = {}
+    debit_basis: dict[str, str | int | float | bool] = {}
+    settled: bool = False
+
+
+def evolve_account(view: AccountView | None, seq: int, event: Event) -> AccountView:
+    view = view or AccountView(account=event.aggregate_id)
+    common = {"entries": view.entries + 1, "last_seq": seq}
+    if isinstance(event, CreditsGranted):
+        return msgspec.structs.replace(view, granted=view.granted + event.amount, **common)
+    if isinstance(event, CreditsReserved):
+        opened = {**view.open, event.sandbox_id: view.open.get(event.sandbox_id, 0) + event.amount}
+        return msgspec.structs.replace(
+            view, reserved=view.reserved + event.amount, open=opened, **common
+        )
+    if isinstance(event, CreditsDebited):
+        return msgspec.structs.replace(
+            view,
+            reserved=view.reserved - event.amount,
+            debited=view.debited + event.amount,
+            open=_less(view.open, event.sandbox_id, event.amount),
+            **common,
+        )
+    if isinstance(event, CreditsReleased):
+        return msgspec.structs.replace(
+            view,
+            reserved=view.reserved - event.amount,
+            released=view.released + event.amount,
+            open=_less(view.open, event.sandbox_id, event.amount),
+            **common,
+        )
+    if isinstance(event, CreditsRejected):
+        return msgspec.structs.replace(view, rejected=view.rejected + 1, **common)
+    return msgspec.structs.replace(view, **common)
+
+
+def _less(open_: dict[str, int], sandbox_id: str, amount: int) -> dict[str, int]:
+    left = open_.get(sandbox_id, 0) - amount
+    rest = {k: v for k, v in open_.items() if k != sandbox_id}
+    if left != 0:
+        rest[sandbox_id] = left
+    return rest
+
+
+def evolve_charge(charge: Charge | None, event: Event) -> Charge | None:
+    sandbox_id = getattr(event, "sandbox_id", None)
+    if sandbox_id is None:
+        return charge
+    charge = charge or Charge(sandbox_id=sandbox_id, account=event.aggregate_id)
+    if isinstance(event, CreditsReserved):
+        return msgspec.structs.replace(
+            charge, reserved=charge.reserved + event.amount, reserve_basis=event.basis
+        )
+    if isinstance(event, CreditsRejected):
+        return msgspec.structs.replace(charge, rejected=True)
+    if isinstance(event, CreditsDebited):
+        return msgspec.structs.replace(
+            charge,
+            debited=(charge.debited or 0) + event.amount,
+            debits=charge.debits + 1,
+            debit_basis=event.basis,
+        )
+    if isinstance(event, CreditsReleased):
+        return msgspec.structs.replace(
+            charge, released=charge.released + event.amount, settled=True
+        )
+    return charge
+
+
+class LedgerProjection:
+    def __init__(self) -> None:
+        self.accounts: dict[str, AccountView] = {}
+        self.charges: dict[str, Charge] = {}
+        self.last_seq = 0
+
+    def apply(self, seq: int, subject: str, event: Event) -> None:
+        self.last_seq = seq
+        if not subject.startswith("sandboxer.ledger."):
+            return
+        key = event.aggregate_id
+        self.accounts[key] = evolve_account(self.accounts.get(key), seq, event)
+        sandbox_id = getattr(event, "sandbox_id", None)
+        if sandbox_id is not None:
+            charge = evolve_charge(self.charges.get(sandbox_id), event)
+            if charge is not None:
+                self.charges[sandbox_id] = charge
+
+    def snapshot(self) -> LedgerProjection:
+        """A copy that stays put while this one follows the stream (rows are immutable)."""
+        copy = LedgerProjection()
+        copy.accounts = dict(self.accounts)
+        copy.charges = dict(self.charges)
+        copy.last_seq = self.last_seq
+        return copy
+
+    def account(self, name: str) -> AccountView:
+        return self.accounts.get(name) or AccountView(account=name)
+
+
+class LedgerCache(msgspec.Struct):
+    """The ledger projection on disk: a disposable cache that a replay rebuilds."""
+
+    last_seq: int
+    accounts: dict[str, AccountView]
+    charges: dict[str, Charge]
+
+
+def to_cache(projection: LedgerProjection) -> bytes:
+    return msgspec.json.encode(
+        LedgerCache(projection.last_seq, projection.accounts, projection.charges)
+    )
+
+
+def from_cache(data: bytes) -> LedgerProjection:
+    cache = msgspec.json.decode(data, type=LedgerCache)
+    projection = LedgerProjection()
+    projection.accounts = cache.accounts
+    projection.charges = cache.charges
+    projection.last_seq = cache.last_seq
+    return projection

@@ -1,0 +1,109 @@
+"""`sandboxer ledger audit`: replay the ledger from sequence 1 and check its rules.
+
+Pure: it gets the events and the live (possibly cached) projection and returns a
+report. The rules (docs/payments.md): an account's available balance is never below
+zero after any event; a sandbox is debited at most once; every destroyed metered
+sandbox that became ready is debited; reserved equals the sum of open reservations;
+and the live projection equals the fresh replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from events import CreditsDebited, Event
+from projections.ledger import AccountView, LedgerProjection
+from projections.sandboxes import SandboxesProjection
+
+
+class DebitLine(msgspec.Struct, frozen=True):
+    seq: int
+    account: str
+    sandbox_id: str
+    amount: int
+    basis: dict[str, str | int | float | bool]
+
+
+class AuditReport(msgspec.Struct, frozen=True):
+    ok: bool
+    events: int
+    accounts: dict[str, AccountView]
+    debits: list[DebitLine]
+    violations: list[str]
+
+
+def audit(
+    recorded: Iterable[tuple[int, str, Event]],
+    live: LedgerProjection,
+    account: str | None = None,
+) -> AuditReport:
+    fresh = LedgerProjection()
+    sandboxes = SandboxesProjection()
+    violations: list[str] = []
+    debits: list[DebitLine] = []
+    count = 0
+    for seq, subject, event in recorded:
+        sandboxes.apply(seq, subject, event)
+        if not subject.startswith("sandboxer.ledger."):
+            continue
+        name = event.aggregate_id
+        if account is not None and name != account:
+            fresh.apply(seq, subject, event)
+            continue
+        count += 1
+        fresh.apply(seq, subject, event)
+        view = fresh.account(name)
+        if view.available < 0:
+            violations.append(f"seq {seq}: account {name} available {view.available} < 0")
+        if view.reserved != sum(view.open.values()):
+            violations.append(
+                f"seq {seq}: account {name} reserved {view.reserved} != "
+                f"open reservations {sum(view.open.values())}"
+            )
+        if isinstance(event, CreditsDebited):
+            debits.append(DebitLine(seq, name, event.sandbox_id, event.amount, event.basis))
+            if fresh.charges[event.sandbox_id].debits > 1:
+                violations.append(f"seq {seq}: sandbox {event.sandbox_id} debited twice")
+    for sandbox in sandboxes.sandboxes.values():
+        if not sandbox.metered or sandbox.credits_held == 0:
+            continue
+        if account is not None and sandbox.account != account:
+            continue
+        charge = fresh.charges.get(sandbox.id)
+        if (
+            sandbox.state == "destroyed"
+            and sandbox.ready_at is not None
+            and (charge is None or charge.debits == 0)
+        ):
+            violations.append(f"sandbox {sandbox.id} was destroyed but never debited")
+        elif sandbox.state in ("destroyed", "failed") and (charge is None or not charge.settled):
+            violations.append(
+                f"sandbox {sandbox.id} is {sandbox.state} but its reservation is open"
+            )
+    names = sorted(set(fresh.accounts) | set(live.accounts))
+    for name in names:
+        if account is not None and name != account:
+            continue
+        mine, theirs = live.accounts.get(name), fresh.accounts.get(name)
+        if mine != theirs:
+            violations.append(
+                f"account {name}: the live projection differs from a fresh "
+                f"replay ({_diff(mine, theirs)})"
+            )
+    accounts = {k: v for k, v in fresh.accounts.items() if account is None or k == account}
+    return AuditReport(
+        ok=not violations, events=count, accounts=accounts, debits=debits, violations=violations
+    )
+
+
+def _diff(live: AccountView | None, fresh: AccountView | None) -> str:
+    if live is None or fresh is None:
+        return "missing in the " + ("live projection" if live is None else "replay")
+    parts = []
+    for field in ("granted", "reserved", "debited", "released", "rejected", "entries"):
+        a, b = getattr(live, field), getattr(fresh, field)
+        if a != b:
+            parts.append(f"{field}: live {a}, replay {b}")
+    return "; ".join(parts) or "open reservations differ"

@@ -1,0 +1,208 @@
+"""The command side of payments: grants, reservations and settlements on accounts.
+
+Every decision is taken on the account's own events (folded here) and appended with
+optimistic concurrency on `sandboxer.ledger.<account>.>`: if another process moved
+the account on, the append is refused, the account is re-read and the decision
+taken again. So concurrent reservations, also from several processes, can never
+overdraw an account. Sandbox phases carry deterministic event ids
+(`<sandbox>.reserve`, `.debit`, `.release`): a phase recorded twice is one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from events import (
+    CreditsDebited,
+    CreditsGranted,
+    CreditsRejected,
+    CreditsReleased,
+    CreditsReserved,
+    Event,
+    EventMeta,
+    phase_event_id,
+)
+from events.subjects import ledger_filter
+from extensions.sdk import Cost
+from projections.ledger import AccountView, Charge, LedgerProjection
+from sandboxer.event_store import ConcurrencyConflict, EventRecorder
+
+CONFLICT_RETRIES = 20
+STARTER_GRANT_ID = "default.starter-grant"
+
+
+class LedgerError(ValueError):
+    pass
+
+
+class LedgerBook:
+    def __init__(self, store: EventRecorder) -> None:
+        self.store = store
+        self.projection = LedgerProjection()
+        self.versions: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def apply(self, seq: int, subject: str, event: Event) -> None:
+        """Fold one ledger event (from replay or from our own append)."""
+        if seq <= self.versions.get(event.aggregate_id, 0):
+            return
+        self.projection.apply(seq, subject, event)
+        self.versions[event.aggregate_id] = seq
+
+    def account(self, name: str) -> AccountView:
+        return self.projection.account(name)
+
+    def charge(self, sandbox_id: str) -> Charge | None:
+        return self.projection.charges.get(sandbox_id)
+
+    async def _refresh(self, account: str) -> None:
+        after = self.versions.get(account, 0)
+        async for recorded in self.store.read(after + 1, ledger_filter(account)):
+            self.apply(recorded.seq, recorded.subject, recorded.event)
+
+    async def _append(
+        self, account: str, decide: Callable[[AccountView], Sequence[Event]]
+    ) -> list[Event]:
+        """Decide on the account's current state and append; on a conflict, re-read and
+        decide again. Returns what was appended."""
+        lock = self._locks.setdefault(account, asyncio.Lock())
+        async with lock:
+            for _ in range(CONFLICT_RETRIES):
+                events = list(decide(self.account(account)))
+                if not events:
+                    return []
+                try:
+                    seqs = await self.store.append(events, self.versions.get(account, 0))
+                except ConcurrencyConflict:
+                    await self._refresh(account)
+                    continue
+                for seq, event in zip(seqs, events, strict=True):
+                    self.apply(seq, f"sandboxer.ledger.{account}.{event.type_name()}", event)
+                return events
+        raise LedgerError(f"account {account}: gave up after {CONFLICT_RETRIES} conflicts")
+
+    async def grant(
+        self,
+        account: str,
+        amount: int,
+        meta: EventMeta,
+        reason: str = "",
+        event_id: str | None = None,
+    ) -> AccountView:
+        if amount <= 0:
+            raise LedgerError("amount must be a positive whole number of credits")
+        await self._append(
+            account,
+            lambda _view: [
+                CreditsGranted.create(
+                    account, meta, event_id=event_id, amount=amount, reason=reason
+                )
+            ],
+        )
+        return self.account(account)
+
+    async def ensure_starter_grant(self, amount: int, meta: EventMeta) -> None:
+        """A fresh data directory's default account gets `amount` credits, once."""
+        if amount <= 0 or self.account("default").entries > 0:
+            return
+        await self._refresh("default")
+        if self.account("default").entries > 0:
+            return
+        await self._append(
+            "default",
+            lambda view: (
+                []
+                if view.entries
+                else [
+                    CreditsGranted.create(
+                        "default",
+                        meta,
+                        event_id=STARTER_GRANT_ID,
+                        amount=amount,
+                        reason="starter grant",
+                    )
+                ]
+            ),
+        )
+
+    async def reserve(self, sandbox_id: str, account: str, cost: Cost, meta: EventMeta) -> Charge:
+        """Reserve `cost` for the sandbox, or record that the account cannot cover it."""
+
+        def decide(view: AccountView) -> list[Event]:
+            if self.charge(sandbox_id) is not None:
+                return []  # decided before (a retry, or recovery after a crash)
+            event_id = phase_event_id(sandbox_id, "reserve")
+            if view.available >= cost.amount:
+                return [
+                    CreditsReserved.create(
+                        account,
+                        meta,
+                        event_id=event_id,
+                        sandbox_id=sandbox_id,
+                        amount=cost.amount,
+                        basis=cost.basis,
+                    )
+                ]
+            return [
+                CreditsRejected.create(
+                    account,
+                    meta,
+                    event_id=event_id,
+                    sandbox_id=sandbox_id,
+                    requested=cost.amount,
+                    available=view.available,
+                )
+            ]
+
+        await self._append(account, decide)
+        charge = self.charge(sandbox_id)
+        assert charge is not None
+        return charge
+
+    async def settle(self, sandbox_id: str, debit: Cost | None, meta: EventMeta) -> Charge:
+        """Close the sandbox's reservation: debit (at most the reservation) and release
+        the rest; with no debit, release all. Idempotent."""
+        charge = self.charge(sandbox_id)
+        if charge is None or charge.rejected:
+            raise LedgerError(f"sandbox {sandbox_id} has no reservation")
+
+        def decide(view: AccountView) -> list[Event]:
+            current = self.charge(sandbox_id)
+            assert current is not None
+            open_amount = view.open.get(sandbox_id, 0)
+            if current.settled:
+                return []
+            events: list[Event] = []
+            if debit is not None and current.debits == 0:
+                amount = min(debit.amount, open_amount)
+                basis = dict(debit.basis)
+                if amount < debit.amount:
+                    basis["capped_at_reservation"] = True
+                events.append(
+                    CreditsDebited.create(
+                        view.account,
+                        meta,
+                        event_id=phase_event_id(sandbox_id, "debit"),
+                        sandbox_id=sandbox_id,
+                        amount=amount,
+                        basis=basis,
+                    )
+                )
+                open_amount -= amount
+            events.append(
+                CreditsReleased.create(
+                    view.account,
+                    meta,
+                    event_id=phase_event_id(sandbox_id, "release"),
+                    sandbox_id=sandbox_id,
+                    amount=open_amount,
+                    reason="remainder of the reservation" if debit else "create failed",
+                )
+            )
+            return events
+
+        await self._append(charge.account, decide)
+        settled = self.charge(sandbox_id)
+        assert settled is not None
+        return settled
