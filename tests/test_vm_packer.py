@@ -173,7 +173,7 @@ async def test_two_sandboxes_on_one_vm_then_capacity(
     assert workspaces(vm_root) == sorted([a["id"], b["id"]])
     c = await create(svc.http, svc.url, profile="profile.vm-test", inputs={"vm": "haskell-vm"})
     rejected = await wait_state(svc.http, svc.url, c["id"], {"rejected"}, timeout=60)
-    assert rejected["reason"] == "VM is full (haskell-vm 2/2)"
+    assert rejected["reason"] == "vm-packer: VM is full (haskell-vm 2/2)"
     await destroy(svc.http, svc.url, a["id"])
     await wait_state(svc.http, svc.url, a["id"], {"destroyed"}, timeout=60)
     assert workspaces(vm_root) == [b["id"]], "b's workspace is independent of a's teardown"
