@@ -66,6 +66,8 @@ class SandboxOut(msgspec.Struct):
     reason: str | None
     needs_reconciliation: bool
     terminal: bool
+    metered: bool
+    credits_held: int
     progress: Progress | None = None
 
 
@@ -285,6 +287,8 @@ class Api:
             reason=view.reason,
             needs_reconciliation=view.needs_reconciliation,
             terminal=view.state in TERMINAL,
+            metered=view.metered,
+            credits_held=view.credits_held,
             progress=progress,
         )
 

@@ -256,10 +256,30 @@ def cmd_create(args: argparse.Namespace, client: Client) -> int:
     return EXIT_FAILED if args.wait and sandbox["state"] in ("failed", "rejected") else EXIT_OK
 
 
+def _wait_settled(client: Client, sandbox: dict[str, Any], timeout: float) -> None:
+    """A metered sandbox is billed right after it ends: wait for its debit too."""
+    if not sandbox.get("metered") or not sandbox.get("credits_held"):
+        return
+    deadline = time.monotonic() + timeout
+    seq = 0
+    while time.monotonic() < deadline:
+        account = client.request(
+            "GET",
+            f"/v1/accounts/{sandbox['account']}",
+            query={"wait": "5", "after_seq": str(seq)},
+            timeout=35,
+        )
+        if sandbox["id"] not in account["open_reservations"]:
+            return
+        seq = account["last_seq"]
+    raise CliError(f"timed out waiting for the debit of {sandbox['id']}", EXIT_TIMEOUT)
+
+
 def cmd_destroy(args: argparse.Namespace, client: Client) -> int:
     sandbox = client.request("DELETE", f"/v1/sandboxes/{args.id}")
     if args.wait:
         sandbox = _wait(client, sandbox, TERMINAL, args.timeout)
+        _wait_settled(client, sandbox, args.timeout)
     _emit(args, sandbox)
     return EXIT_FAILED if args.wait and sandbox["state"] == "failed" else EXIT_OK
 
