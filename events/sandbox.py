@@ -28,6 +28,27 @@ class SandboxRequested(Event, frozen=True, kw_only=True):
     ttl_seconds: int
     config: dict[str, object] = {}
     route: list[RouteCandidate] = []  # empty: `extension` with `config`, no choice
+    checkpoint_policy: CheckpointPolicy | None = None
+    from_checkpoint: CheckpointSource | None = None
+
+
+class CheckpointPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """From the profile: checkpoint on ready, and how long artifacts are kept."""
+
+    on_ready: bool = False
+    keep_last: int = 5
+    keep_days_after_destroy: float = 7.0
+
+
+class CheckpointSource(msgspec.Struct, frozen=True, kw_only=True):
+    """A clone: this sandbox is provisioned from another sandbox's checkpoint."""
+
+    checkpoint_id: str
+    sandbox_id: str
+    store_key: str
+    size: int
+    digest: str
+    metadata: dict[str, str] = {}
 
 
 class CreditsHeld(Event, frozen=True, kw_only=True):
@@ -94,4 +115,53 @@ SANDBOX_EVENTS: tuple[type[Event], ...] = (
     DestroyRequested,
     TornDown,
     TeardownFailed,
+)
+
+
+class CheckpointRequested(Event, frozen=True, kw_only=True):
+    checkpoint_id: str
+
+
+class CheckpointCreated(Event, frozen=True, kw_only=True):
+    checkpoint_id: str
+    store_key: str
+    size: int
+    digest: str  # "sha256:<hex>"
+    metadata: dict[str, str] = {}
+
+
+class CheckpointFailed(Event, frozen=True, kw_only=True):
+    checkpoint_id: str
+    error: str
+
+
+class RestoreRequested(Event, frozen=True, kw_only=True):
+    checkpoint_id: str
+
+
+class Restored(Event, frozen=True, kw_only=True):
+    checkpoint_id: str
+
+
+class RestoreFailed(Event, frozen=True, kw_only=True):
+    checkpoint_id: str
+    error: str
+
+
+class CheckpointDeleted(Event, frozen=True, kw_only=True):
+    """The artifact is gone from the store (retention, or an explicit delete)."""
+
+    checkpoint_id: str
+    reason: str
+
+
+SANDBOX_EVENTS = (
+    *SANDBOX_EVENTS,
+    CheckpointRequested,
+    CheckpointCreated,
+    CheckpointFailed,
+    RestoreRequested,
+    Restored,
+    RestoreFailed,
+    CheckpointDeleted,
 )

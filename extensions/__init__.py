@@ -13,6 +13,7 @@ from extensions.sdk import (
     Placing,
     ProgressFn,
     RuntimeInfo,
+    Snapshotting,
     StepContext,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "Placing",
     "ProgressFn",
     "RuntimeInfo",
+    "Snapshotting",
     "StepContext",
     "load_manifest",
 ]

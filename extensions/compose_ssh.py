@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from extensions.hosts import (
+    ID_RE,
     PREPARE_WORKSPACE,
     PoolHost,
     check_sandbox_id,
@@ -33,6 +34,18 @@ from extensions.ssh import SSHPool, rsync
 COMPOSE_FILES = ("compose.yml", "compose.yaml", "docker-compose.yml", "docker-compose.yaml")
 RUNNING = {"running"}
 DEAD = {"exited", "dead", "stopped", "removing"}
+
+RESTORE_OVERRIDE = ".sandboxer-restore.yml"
+
+# Moves a restored workspace into place (replacing the old one, never via a symlink).
+REPLACE_WORKSPACE = r"""
+set -eu
+new=$1; dir=$2
+[ -d "$new" ] && [ ! -L "$new" ] || { echo "archive has no workspace" >&2; exit 3; }
+if [ -L "$dir" ]; then rm -f -- "$dir"; fi
+rm -rf -- "$dir"
+mv -- "$new" "$dir"
+"""
 
 # compose down (when a compose file is there), then remove the directory. Idempotent.
 TEARDOWN = r"""
@@ -70,29 +83,57 @@ def project_name(sandbox_id: str) -> str:
     return f"sandboxer-{sandbox_id}"
 
 
+def ps_items(output: str) -> list[dict[str, Any]]:
+    text = output.strip()
+    if not text:
+        return []
+    try:
+        data = json.loads(text)
+        return list(data) if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+
+
+def service_of(item: Mapping[str, Any]) -> str | None:
+    labels = item.get("Labels") or {}
+    if isinstance(labels, str):  # docker: "k=v,k=v"
+        labels = dict(p.split("=", 1) for p in labels.split(",") if "=" in p)
+    service = item.get("Service") or labels.get("com.docker.compose.service")
+    return str(service) if service else None
+
+
+def container_names(output: str) -> dict[str, str]:
+    """Service → the name of its (first) container, from `ps --format json`."""
+    names: dict[str, str] = {}
+    for item in ps_items(output):
+        service = service_of(item)
+        raw = item.get("Names") or item.get("Name")
+        name = raw[0] if isinstance(raw, list) and raw else raw
+        if service and isinstance(name, str) and service not in names:
+            names[service] = name
+    return names
+
+
 def parse_ps(output: str) -> dict[str, str]:
     """Service → state, from `ps --format json` of docker compose (JSON lines or an
     array) or podman-compose (podman's array, services in compose labels)."""
-    text = output.strip()
-    if not text:
-        return {}
-    try:
-        data = json.loads(text)
-        items = data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
-        items = [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
     states: dict[str, str] = {}
-    for item in items:
-        labels = item.get("Labels") or {}
-        if isinstance(labels, str):  # docker: "k=v,k=v"
-            labels = dict(p.split("=", 1) for p in labels.split(",") if "=" in p)
-        service = item.get("Service") or labels.get("com.docker.compose.service")
+    for item in ps_items(output):
+        service = service_of(item)
         state = str(item.get("State") or "").lower()
-        if service:
-            # Any running container of a service counts; otherwise keep the worst.
-            if states.get(service) not in RUNNING:
-                states[service] = state
+        # Any running container of a service counts; otherwise keep the worst.
+        if service and states.get(service) not in RUNNING:
+            states[service] = state
     return states
+
+
+def checkpoint_tag(project: str, service: str, checkpoint: str) -> str:
+    return f"sandboxer-ckpt/{project}-{service}:{checkpoint}"
+
+
+def engine_cmd(host: PoolHost, config: Mapping[str, Any]) -> list[str]:
+    """The container engine CLI beside the compose command (commit, save, load)."""
+    return shlex.split(str(host.raw.get("engine_cmd") or config.get("engine_cmd") or "docker"))
 
 
 class ComposeSSH:
@@ -243,6 +284,163 @@ class ComposeSSH:
             ],
             timeout=float(ctx.config.get("down_timeout", 300)),
         )
+
+    # ---- checkpoints -----------------------------------------------------------------
+
+    async def _ps(self, host: PoolHost, ctx: StepContext, handle: Handle) -> str:
+        compose = [
+            *compose_cmd(host, ctx.config),
+            "-p",
+            handle["project"],
+            "-f",
+            handle.get("compose_file") or COMPOSE_FILES[0],
+        ]
+        result = await self.pool.run(
+            host.target,
+            [*compose, "ps", "-a", "--format", "json"],
+            cwd=handle["directory"],
+            timeout=60,
+            check=False,
+        )
+        if result.exit_status != 0:
+            result = await self.pool.run(
+                host.target,
+                [*compose, "ps", "--format", "json"],
+                cwd=handle["directory"],
+                timeout=60,
+            )
+        return result.stdout
+
+    async def snapshot(self, ctx: StepContext, handle: Handle, target: Path) -> dict[str, str]:
+        """Pause the services, commit and save each container's filesystem, stream the
+        workspace and the images as one tar into `target`, unpause."""
+        host = self._host(ctx)
+        directory = self._directory(host, ctx.sandbox_id)
+        project = handle.get("project") or project_name(ctx.sandbox_id)
+        checkpoint = ctx.checkpoint_id or ""
+        if not ID_RE.match(checkpoint):
+            raise ExtensionError(f"invalid checkpoint id {checkpoint!r}")
+        compose = [
+            *compose_cmd(host, ctx.config),
+            "-p",
+            project,
+            "-f",
+            handle.get("compose_file") or COMPOSE_FILES[0],
+        ]
+        engine = engine_cmd(host, ctx.config)
+        scratch = f"{host.root}/.ckpt-{checkpoint}"
+        names = container_names(await self._ps(host, ctx, handle))
+        tags = {service: checkpoint_tag(project, service, checkpoint) for service in names}
+        timeout = float(ctx.config.get("checkpoint_timeout", 1800))
+        ctx.progress("pausing services")
+        await self.pool.run(host.target, [*compose, "pause"], cwd=directory, timeout=120)
+        try:
+            await self.pool.run(host.target, ["mkdir", "-p", "--", f"{scratch}/images"])
+            for service, name in sorted(names.items()):
+                ctx.progress(f"committing {service}")
+                await self.pool.run(
+                    host.target, [*engine, "commit", name, tags[service]], timeout=timeout
+                )
+                await self.pool.run(
+                    host.target,
+                    [*engine, "save", "-o", f"{scratch}/images/{service}.tar", tags[service]],
+                    timeout=timeout,
+                )
+            ctx.progress("streaming the archive")
+            await self.pool.stream_to_file(
+                host.target,
+                ["tar", "-cf", "-", "-C", host.root, ctx.sandbox_id, "-C", scratch, "images"],
+                target,
+                timeout=timeout,
+                progress=lambda n: ctx.progress(f"streamed {n // (1024 * 1024)} MiB"),
+            )
+        finally:
+            await self.pool.run(
+                host.target, [*compose, "unpause"], cwd=directory, timeout=120, check=False
+            )
+            await self.pool.run(host.target, ["rm", "-rf", "--", scratch], check=False)
+            if tags:
+                await self.pool.run(
+                    host.target, [*engine, "rmi", *tags.values()], check=False, timeout=120
+                )
+        return {
+            "source_sandbox": ctx.sandbox_id,
+            "project": project,
+            "compose_file": handle.get("compose_file") or COMPOSE_FILES[0],
+            "services": ",".join(sorted(names)),
+            "images": ",".join(f"{s}={t}" for s, t in sorted(tags.items())),
+        }
+
+    async def restore(
+        self, ctx: StepContext, handle: Handle | None, source: Path, metadata: dict[str, str]
+    ) -> Handle:
+        """Put a checkpoint back: into this sandbox (its project is stopped first), or
+        into a fresh one (a clone, `handle` None). The project comes up on the images
+        committed at checkpoint time."""
+        host = self._host(ctx)
+        directory = self._directory(host, ctx.sandbox_id)
+        project = project_name(ctx.sandbox_id)
+        old = check_sandbox_id(metadata["source_sandbox"])
+        compose_file = metadata.get("compose_file") or COMPOSE_FILES[0]
+        compose = [*compose_cmd(host, ctx.config), "-p", project, "-f", compose_file]
+        engine = engine_cmd(host, ctx.config)
+        staging = f"{host.root}/.restore-{ctx.sandbox_id}"
+        timeout = float(ctx.config.get("checkpoint_timeout", 1800))
+        stop = str(int(ctx.config.get("stop_timeout", 10)))
+        if handle is not None:
+            ctx.progress("stopping the project")
+            await self.pool.run(
+                host.target,
+                [*compose, "down", "-v", "--remove-orphans", "-t", stop],
+                cwd=directory,
+                timeout=300,
+            )
+        await self.pool.run(
+            host.target, ["sh", "-c", PREPARE_WORKSPACE, "sh", host.root, staging], timeout=60
+        )
+        try:
+            ctx.progress("streaming the archive back")
+            await self.pool.stream_from_file(
+                host.target, ["tar", "-xf", "-", "-C", staging], source, timeout=timeout
+            )
+            await self.pool.run(
+                host.target,
+                ["sh", "-c", REPLACE_WORKSPACE, "sh", f"{staging}/{old}", directory],
+                timeout=300,
+            )
+            images: dict[str, str] = dict(
+                pair.split("=", 1) for pair in metadata.get("images", "").split(",") if pair
+            )
+            for service in sorted(images):
+                ctx.progress(f"loading the image of {service}")
+                await self.pool.run(
+                    host.target,
+                    [*engine, "load", "-i", f"{staging}/images/{service}.tar"],
+                    timeout=timeout,
+                )
+        finally:
+            await self.pool.run(host.target, ["rm", "-rf", "--", staging], check=False)
+        override = {"services": {s: {"image": tag} for s, tag in images.items()}}
+        await self.pool.run(
+            host.target,
+            ["sh", "-c", 'cat > "$1"', "sh", f"{directory}/{RESTORE_OVERRIDE}"],
+            stdin=yaml.safe_dump(override),
+        )
+        ctx.progress("compose up on the checkpoint's images")
+        await self.pool.run(
+            host.target,
+            [*compose, "-f", RESTORE_OVERRIDE, "up", "-d"],
+            cwd=directory,
+            timeout=float(ctx.config.get("up_timeout", 600)),
+        )
+        return {
+            "host": host.name,
+            "address": host.target.host,
+            "directory": directory,
+            "project": project,
+            "compose_file": compose_file,
+            "services": metadata.get("services", ""),
+        }
 
     async def close(self) -> None:
         await self.pool.close()

@@ -151,6 +151,8 @@ def manifest_from_dict(raw: Any, source: str) -> Manifest:
             raise ConfigError(f"{source}: capability {hook!r} is required")
     if manifest.has("estimate_cost") != manifest.has("meter_actual"):
         raise ConfigError(f"{source}: estimate_cost and meter_actual go together")
+    if manifest.has("snapshot") != manifest.has("restore"):
+        raise ConfigError(f"{source}: snapshot and restore go together")
     for hook in manifest.hooks:
         if hook not in known:
             raise ConfigError(f"{source}: hooks: unknown hook {hook!r}")

@@ -112,6 +112,26 @@ class SaasStub:
             },
         )
 
+    async def snapshot(self, ctx: StepContext, handle: Handle, target: Path) -> dict[str, str]:
+        """The vendor's per-sandbox state: its instance record."""
+        await self._latency(ctx)
+        source = self._instance_path(ctx)
+        if not source.exists():
+            raise ExtensionError(f"saas-stub: instance {ctx.sandbox_id} does not exist")
+        target.write_bytes(source.read_bytes())
+        return {"kind": "saas-stub-instance", "source_sandbox": ctx.sandbox_id}
+
+    async def restore(
+        self, ctx: StepContext, handle: Handle | None, source: Path, metadata: dict[str, str]
+    ) -> Handle:
+        await self._latency(ctx)
+        record = json.loads(source.read_bytes())
+        if not isinstance(record, dict):
+            raise ExtensionError("saas-stub: not an instance record")
+        record["id"] = ctx.sandbox_id
+        self._instance_path(ctx).write_text(json.dumps(record))
+        return handle or {"instance": ctx.sandbox_id, "endpoint": f"saas-stub://{ctx.sandbox_id}"}
+
     def instances(self, config: dict[str, Any] | None = None) -> list[str]:
         """What the vendor still runs for us: the conformance suite's leftovers check."""
         folder = self.state_dir(config or self.base_config)

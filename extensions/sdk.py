@@ -39,6 +39,7 @@ class StepContext:
     config: Mapping[str, Any]
     host: str | None = None
     progress: ProgressFn = field(default=_no_progress, compare=False)
+    checkpoint_id: str | None = None  # set for snapshot and restore
 
 
 class ExtensionError(Exception):
@@ -85,6 +86,22 @@ class Metered(Protocol):
     async def estimate_cost(self, ctx: StepContext, ttl_seconds: int) -> Cost: ...
 
     async def meter_actual(self, ctx: StepContext, seconds: float) -> Cost: ...
+
+
+class Snapshotting(Protocol):
+    """Optional capabilities `snapshot` + `restore` (they go together).
+
+    `snapshot` writes one archive of the sandbox to a local file (streamed, never held
+    in memory) and returns metadata that `restore` needs; `restore` puts it back into
+    the sandbox (`handle` given) or into a fresh one, a clone (`handle` None, returns
+    the new handle). The manager stores, digests and verifies the file.
+    """
+
+    async def snapshot(self, ctx: StepContext, handle: Handle, target: Path) -> dict[str, str]: ...
+
+    async def restore(
+        self, ctx: StepContext, handle: Handle | None, source: Path, metadata: dict[str, str]
+    ) -> Handle: ...
 
 
 class Placing(Protocol):

@@ -20,6 +20,8 @@ import asyncssh
 
 from extensions.sdk import ExtensionError
 
+CHUNK = 256 * 1024
+
 
 class SSHError(ExtensionError):
     """The connection failed (unreachable, auth, unknown or changed host key)."""
@@ -159,21 +161,30 @@ class SSHPool:
         timeout: float = 60.0,
         check: bool = True,
         cwd: str | None = None,
+        stdin: str | None = None,
     ) -> CommandResult:
         """Run argv on the target (quoted); `cwd` is entered first, also quoted."""
         command = shlex.join(argv)
         if cwd is not None:
             command = f"cd -- {shlex.quote(cwd)} && {command}"
-        return await self.run_shell(target, command, timeout=timeout, check=check)
+        return await self.run_shell(target, command, timeout=timeout, check=check, stdin=stdin)
 
     async def run_shell(
-        self, target: SSHTarget, command: str, *, timeout: float = 60.0, check: bool = True
+        self,
+        target: SSHTarget,
+        command: str,
+        *,
+        timeout: float = 60.0,
+        check: bool = True,
+        stdin: str | None = None,
     ) -> CommandResult:
         """Run an already-quoted command line. Callers build it with shlex only."""
         for attempt in (1, 2):
             conn = await self.connection(target)
             try:
-                result = await asyncio.wait_for(conn.run(command, check=False), timeout)
+                result = await asyncio.wait_for(
+                    conn.run(command, check=False, input=stdin), timeout
+                )
                 break
             except (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError) as exc:
                 self._connections.pop(target, None)
@@ -191,6 +202,65 @@ class SSHPool:
         if check and out.exit_status != 0:
             raise RemoteCommandFailed(command, out.exit_status, out.stderr)
         return out
+
+    async def stream_to_file(
+        self,
+        target: SSHTarget,
+        argv: Sequence[str],
+        path: Path,
+        *,
+        timeout: float,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Run argv and write its stdout to a local file, chunk by chunk (never all in
+        memory). Returns the byte count."""
+        conn = await self.connection(target)
+        command = shlex.join(argv)
+        written = 0
+        async with asyncio.timeout(timeout):
+            async with conn.create_process(command, encoding=None) as proc:
+                with path.open("wb") as out:
+                    # Written inline: a 256 KiB write lands in the page cache at once,
+                    # and handing each chunk to a worker thread spreads freed buffers
+                    # over per-thread malloc arenas (measured: RSS grew with the size).
+                    while chunk := await proc.stdout.read(CHUNK):
+                        out.write(chunk)
+                        written += len(chunk)
+                        if progress is not None:
+                            progress(written)
+                await proc.wait()
+                stderr = await proc.stderr.read()
+        if proc.exit_status != 0:
+            raise RemoteCommandFailed(command, proc.exit_status, _text(stderr))
+        return written
+
+    async def stream_from_file(
+        self,
+        target: SSHTarget,
+        argv: Sequence[str],
+        path: Path,
+        *,
+        timeout: float,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Run argv with a local file as its stdin, chunk by chunk."""
+        conn = await self.connection(target)
+        command = shlex.join(argv)
+        sent = 0
+        async with asyncio.timeout(timeout):
+            async with conn.create_process(command, encoding=None) as proc:
+                with path.open("rb") as source:
+                    while chunk := source.read(CHUNK):
+                        proc.stdin.write(chunk)
+                        await proc.stdin.drain()
+                        sent += len(chunk)
+                        if progress is not None:
+                            progress(sent)
+                proc.stdin.write_eof()
+                await proc.wait()
+                stderr = await proc.stderr.read()
+        if proc.exit_status != 0:
+            raise RemoteCommandFailed(command, proc.exit_status, _text(stderr))
 
     async def close(self) -> None:
         for conn in self._connections.values():

@@ -11,9 +11,11 @@ import msgspec
 from aiohttp import web
 
 from events import Event, EventMeta
+from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
 from projections.sandboxes import SandboxView
 from sandboxer.audit import AuditReport, audit
+from sandboxer.checkpointing import NotCapable, UnknownCheckpoint
 from sandboxer.event_store import EventRecorder, RecordedEvent
 from sandboxer.ids import InvalidId, check_account, check_sandbox_id, new_correlation_id
 from sandboxer.lifecycle import TERMINAL, InvalidTransition, State
@@ -32,10 +34,33 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
-    profile: str
+    profile: str = ""  # may be omitted with from_checkpoint: the checkpoint's profile
     inputs: dict[str, Any] = {}  # checked per key below, so errors can name the input
     ttl_seconds: int | None = None
     account: str = "default"
+    from_checkpoint: str | None = None
+
+
+class RestoreBody(msgspec.Struct, forbid_unknown_fields=True):
+    checkpoint: str
+
+
+class CheckpointOut(msgspec.Struct):
+    id: str
+    sandbox_id: str
+    status: str
+    requested_at: dt.datetime
+    created_at: dt.datetime | None
+    size: int | None
+    digest: str | None
+    store_key: str | None
+    error: str | None
+    deleted_reason: str | None
+    last_seq: int
+
+
+class CheckpointList(msgspec.Struct):
+    checkpoints: list[CheckpointOut]
 
 
 class Progress(msgspec.Struct):
@@ -157,6 +182,8 @@ class ErrorBody(msgspec.Struct):
 _encoder = msgspec.json.Encoder()
 _create_decoder = msgspec.json.Decoder(CreateBody)
 _grant_decoder = msgspec.json.Decoder(GrantBody)
+_restore_decoder = msgspec.json.Decoder(RestoreBody)
+CHECKPOINT_ID_RE = re.compile(r"^ckpt-[a-f0-9]{12}$")
 MAX_GRANT = 10**12
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN_RE = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
@@ -221,6 +248,11 @@ class Api:
         app.router.add_get("/v1/sandboxes/{id}/events", self.sandbox_events)
         app.router.add_get("/v1/events", self.events)
         app.router.add_get("/v1/profiles", self.list_profiles)
+        app.router.add_post("/v1/sandboxes/{id}/checkpoints", self.create_checkpoint)
+        app.router.add_get("/v1/sandboxes/{id}/checkpoints", self.list_checkpoints)
+        app.router.add_post("/v1/sandboxes/{id}/restore", self.restore)
+        app.router.add_get("/v1/checkpoints/{cid}", self.get_checkpoint)
+        app.router.add_delete("/v1/checkpoints/{cid}", self.delete_checkpoint)
         app.router.add_get("/v1/accounts", self.list_accounts)
         app.router.add_get("/v1/accounts/{account}", self.get_account)
         app.router.add_post("/v1/accounts/{account}/credits", self.grant)
@@ -356,6 +388,101 @@ class Api:
             open_reservations=view.open,
         )
 
+    # ---- checkpoints ----------------------------------------------------------------
+
+    @staticmethod
+    def _checkpoint_out(view: CheckpointView) -> CheckpointOut:
+        return CheckpointOut(
+            id=view.id,
+            sandbox_id=view.sandbox_id,
+            status=view.status,
+            requested_at=view.requested_at,
+            created_at=view.created_at,
+            size=view.size,
+            digest=view.digest,
+            store_key=view.store_key,
+            error=view.error,
+            deleted_reason=view.deleted_reason,
+            last_seq=view.last_seq,
+        )
+
+    def _checkpoint_view(self, checkpoint_id: str, field: str = "cid") -> CheckpointView:
+        view = (
+            self.runner.checkpoints.get(checkpoint_id)
+            if CHECKPOINT_ID_RE.match(checkpoint_id)
+            else None
+        )
+        if view is None:
+            raise ApiError(404, "not_found", f"no checkpoint {checkpoint_id[:80]!r}", field)
+        return view
+
+    async def create_checkpoint(self, request: web.Request) -> web.Response:
+        sandbox_id = self._sandbox_id(request)
+        view = self._view(sandbox_id)
+        if view.state in TERMINAL:
+            raise ApiError(409, "conflict", f"sandbox {sandbox_id} is {view.state}", "state")
+        try:
+            checkpoint_id, seq = await self.manager.checkpoints.request(
+                sandbox_id, self._meta(request)
+            )
+        except NotCapable as exc:
+            raise ApiError(409, "not_capable", str(exc), "extension") from exc
+        except InvalidTransition as exc:
+            raise ApiError(409, "conflict", str(exc), "state") from exc
+        await self._caught_up(seq)
+        return json_response(self._checkpoint_out(self._checkpoint_view(checkpoint_id)), 202)
+
+    async def list_checkpoints(self, request: web.Request) -> web.Response:
+        sandbox_id = self._sandbox_id(request)
+        self._view(sandbox_id)
+        rows = [self._checkpoint_out(v) for v in self.runner.checkpoints.for_sandbox(sandbox_id)]
+        return json_response(CheckpointList(rows))
+
+    async def get_checkpoint(self, request: web.Request) -> web.Response:
+        checkpoint_id = request.match_info["cid"]
+        wait = self._float_query(request, "wait", 0.0, MAX_WAIT_SECONDS)
+        after = self._int_query(request, "after_seq", 0, 2**63)
+        view = self._checkpoint_view(checkpoint_id)
+        if wait > 0 and view.last_seq <= after:
+            await self.runner.wait_checkpoint(checkpoint_id, after, wait)
+            view = self._checkpoint_view(checkpoint_id)
+        return json_response(self._checkpoint_out(view))
+
+    async def restore(self, request: web.Request) -> web.Response:
+        sandbox_id = self._sandbox_id(request)
+        view = self._view(sandbox_id)
+        body = await self._body(request, _restore_decoder)
+        checkpoint = self._checkpoint_view(body.checkpoint, "checkpoint")
+        if checkpoint.status != "created":
+            raise ApiError(
+                409, "conflict", f"checkpoint {checkpoint.id} is {checkpoint.status}", "checkpoint"
+            )
+        if view.state in TERMINAL:
+            raise ApiError(409, "conflict", f"sandbox {sandbox_id} is {view.state}", "state")
+        try:
+            seq = await self.manager.checkpoints.request_restore(
+                sandbox_id, checkpoint.id, self._meta(request)
+            )
+        except NotCapable as exc:
+            raise ApiError(409, "not_capable", str(exc), "extension") from exc
+        except UnknownCheckpoint as exc:
+            raise ApiError(409, "conflict", str(exc), "checkpoint") from exc
+        except InvalidTransition as exc:
+            raise ApiError(409, "conflict", str(exc), "state") from exc
+        await self._caught_up(seq)
+        return json_response(self._out(self._view(sandbox_id)), 202)
+
+    async def delete_checkpoint(self, request: web.Request) -> web.Response:
+        view = self._checkpoint_view(request.match_info["cid"])
+        if view.status in ("requested",):
+            raise ApiError(409, "conflict", f"checkpoint {view.id} is still being made", "status")
+        meta = self._meta(request)
+        await self.manager.checkpoints.delete(view.id, meta, reason=f"deleted by {meta.actor}")
+        seq = self.manager.checkpoints.projection.get(view.id)
+        if seq is not None:
+            await self._caught_up(seq.last_seq)
+        return json_response(self._checkpoint_out(self._checkpoint_view(view.id)))
+
     async def list_accounts(self, request: web.Request) -> web.Response:
         views = sorted(self.runner.ledger.accounts.values(), key=lambda v: v.account)
         return json_response(AccountList([self._account_out(v) for v in views]))
@@ -439,13 +566,22 @@ class Api:
                     f"inputs.{key}",
                 )
         meta = self._meta(request)
+        profile = body.profile
+        if body.from_checkpoint is not None:
+            checkpoint = self._checkpoint_view(body.from_checkpoint, "from_checkpoint")
+            if not profile:
+                source = self.runner.projection.get(checkpoint.sandbox_id)
+                profile = source.profile if source else ""
+        if not profile:
+            raise ApiError(400, "invalid_body", "profile is required", "profile")
         try:
             sandbox, seq = await self.manager.create(
                 CreateRequest(
-                    profile=body.profile,
+                    profile=profile,
                     inputs=body.inputs,
                     ttl_seconds=body.ttl_seconds,
                     account=body.account,
+                    from_checkpoint=body.from_checkpoint,
                 ),
                 meta,
             )
@@ -586,6 +722,9 @@ def openapi_document() -> dict[str, Any]:
         AccountList,
         LedgerPage,
         AuditReport,
+        RestoreBody,
+        CheckpointOut,
+        CheckpointList,
     ]
     (_, components) = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
@@ -616,6 +755,12 @@ def openapi_document() -> dict[str, Any]:
         "in": "path",
         "required": True,
         "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
+    }
+    cid_param = {
+        "name": "cid",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^ckpt-[a-f0-9]{12}$"},
     }
     id_param = {
         "name": "id",
@@ -739,6 +884,47 @@ def openapi_document() -> dict[str, Any]:
                         ),
                     ],
                     "responses": {**ok("LedgerPage"), **errors(400, 404)},
+                },
+            },
+            "/v1/sandboxes/{id}/checkpoints": {
+                "post": {
+                    "summary": "Checkpoint a ready sandbox",
+                    "parameters": [id_param],
+                    "responses": {
+                        **ok("CheckpointOut", "202", "Accepted"),
+                        **errors(404, 409, 503),
+                    },
+                },
+                "get": {
+                    "summary": "A sandbox's checkpoints",
+                    "parameters": [id_param],
+                    "responses": {**ok("CheckpointList"), **errors(404)},
+                },
+            },
+            "/v1/sandboxes/{id}/restore": {
+                "post": {
+                    "summary": "Restore a sandbox to one of its checkpoints",
+                    "parameters": [id_param],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": ref("RestoreBody")}},
+                    },
+                    "responses": {
+                        **ok("SandboxOut", "202", "Accepted"),
+                        **errors(400, 404, 409, 503),
+                    },
+                },
+            },
+            "/v1/checkpoints/{cid}": {
+                "get": {
+                    "summary": "One checkpoint",
+                    "parameters": [cid_param, wait, after],
+                    "responses": {**ok("CheckpointOut"), **errors(400, 404)},
+                },
+                "delete": {
+                    "summary": "Delete a checkpoint's artifact",
+                    "parameters": [cid_param],
+                    "responses": {**ok("CheckpointOut"), **errors(404, 409)},
                 },
             },
             "/v1/ledger/audit": {

@@ -244,7 +244,13 @@ def _parse_inputs(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_create(args: argparse.Namespace, client: Client) -> int:
-    body: dict[str, Any] = {"profile": args.profile, "inputs": _parse_inputs(args.input)}
+    body: dict[str, Any] = {"inputs": _parse_inputs(args.input)}
+    if args.profile:
+        body["profile"] = args.profile
+    if args.from_checkpoint:
+        body["from_checkpoint"] = args.from_checkpoint
+    elif not args.profile:
+        raise CliError("create needs --profile (or --from-checkpoint)", EXIT_USAGE)
     if args.ttl is not None:
         body["ttl_seconds"] = args.ttl
     if args.account is not None:
@@ -453,6 +459,90 @@ def cmd_ledger_audit(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
+def cmd_checkpoint(args: argparse.Namespace, client: Client) -> int:
+    return int(CHECKPOINT_COMMANDS[args.checkpoint_command](args, client))
+
+
+def _print_checkpoint(c: dict[str, Any]) -> None:
+    size = f"{c['size']} bytes" if c.get("size") is not None else ""
+    extra = c.get("error") or c.get("deleted_reason") or c.get("digest") or ""
+    print(f"{c['id']}  {c['status']:<9} {c['sandbox_id']}  {size}  {extra}".rstrip())
+
+
+def _wait_checkpoint(client: Client, checkpoint: dict[str, Any], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while checkpoint["status"] == "requested":
+        if time.monotonic() > deadline:
+            raise CliError(
+                f"timed out: checkpoint {checkpoint['id']} is still being made", EXIT_TIMEOUT
+            )
+        checkpoint = client.request(
+            "GET",
+            f"/v1/checkpoints/{checkpoint['id']}",
+            query={"wait": "10", "after_seq": str(checkpoint["last_seq"])},
+            timeout=40,
+        )
+    return checkpoint
+
+
+def cmd_checkpoint_create(args: argparse.Namespace, client: Client) -> int:
+    checkpoint = client.request("POST", f"/v1/sandboxes/{args.id}/checkpoints")
+    if args.wait:
+        checkpoint = _wait_checkpoint(client, checkpoint, args.timeout)
+    if args.json:
+        _print_json(checkpoint)
+    else:
+        _print_checkpoint(checkpoint)
+    return EXIT_FAILED if checkpoint["status"] == "failed" else EXIT_OK
+
+
+def cmd_checkpoint_list(args: argparse.Namespace, client: Client) -> int:
+    rows = client.request("GET", f"/v1/sandboxes/{args.id}/checkpoints")["checkpoints"]
+    if args.json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            _print_checkpoint(row)
+        if not rows:
+            print("no checkpoints")
+    return EXIT_OK
+
+
+def cmd_checkpoint_restore(args: argparse.Namespace, client: Client) -> int:
+    sandbox = client.request(
+        "POST", f"/v1/sandboxes/{args.id}/restore", {"checkpoint": args.checkpoint}
+    )
+    if args.wait:
+        sandbox = _wait(client, sandbox, {"ready"}, args.timeout)
+        events = client.request("GET", f"/v1/sandboxes/{args.id}/events")["events"]
+        outcome = [
+            e["event"] for e in events if e["event"]["type"] in ("Restored", "RestoreFailed")
+        ]
+        if outcome and outcome[-1]["type"] == "RestoreFailed":
+            print(f"sandboxer: restore failed: {outcome[-1]['error']}", file=sys.stderr)
+            _emit(args, sandbox)
+            return EXIT_FAILED
+    _emit(args, sandbox)
+    return EXIT_OK
+
+
+def cmd_checkpoint_delete(args: argparse.Namespace, client: Client) -> int:
+    checkpoint = client.request("DELETE", f"/v1/checkpoints/{args.checkpoint}")
+    if args.json:
+        _print_json(checkpoint)
+    else:
+        _print_checkpoint(checkpoint)
+    return EXIT_OK
+
+
+CHECKPOINT_COMMANDS = {
+    "create": cmd_checkpoint_create,
+    "list": cmd_checkpoint_list,
+    "restore": cmd_checkpoint_restore,
+    "delete": cmd_checkpoint_delete,
+}
+
+
 LEDGER_COMMANDS = {
     "grant": cmd_ledger_grant,
     "balance": cmd_ledger_balance,
@@ -484,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
 
     p = sub.add_parser("create", help="create a sandbox from a profile")
-    p.add_argument("--profile", required=True)
+    p.add_argument("--profile")
+    p.add_argument("--from-checkpoint", metavar="CID", help="clone a checkpoint")
     p.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--ttl", type=int, metavar="SECONDS")
     p.add_argument("--account")
@@ -518,6 +609,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profiles", help="list profiles and their inputs")
     p.add_argument("--json", action="store_true")
 
+    ckpt = sub.add_parser("checkpoint", help="checkpoints: create, list, restore, delete")
+    csub = ckpt.add_subparsers(dest="checkpoint_command", required=True, parser_class=_Parser)
+    p = csub.add_parser("create", help="checkpoint a ready sandbox")
+    p.add_argument("id")
+    p.add_argument("--wait", action="store_true", help="wait until it is created or failed")
+    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--json", action="store_true")
+    p = csub.add_parser("list", help="a sandbox's checkpoints")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p = csub.add_parser("restore", help="restore a sandbox to one of its checkpoints")
+    p.add_argument("id")
+    p.add_argument("checkpoint")
+    p.add_argument("--wait", action="store_true", help="wait until it is ready again")
+    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--json", action="store_true")
+    p = csub.add_parser("delete", help="delete a checkpoint's artifact")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true")
+
     ledger = sub.add_parser("ledger", help="credits: grant, balance, history, audit")
     lsub = ledger.add_subparsers(dest="ledger_command", required=True, parser_class=_Parser)
     p = lsub.add_parser("grant", help="grant credits to an account (admin)")
@@ -546,6 +657,7 @@ COMMANDS = {
     "replay": cmd_replay,
     "profiles": cmd_profiles,
     "ledger": cmd_ledger,
+    "checkpoint": cmd_checkpoint,
 }
 
 

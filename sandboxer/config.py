@@ -29,6 +29,8 @@ class Settings:
     nats_sync: str = "always"
     stream_replicas: int = 1
     starter_credits: int = 1000
+    checkpoint_store: str = "jetstream"  # or "fs"
+    checkpoint_bucket: str = "sandboxer-checkpoints"
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -55,7 +57,14 @@ class Settings:
             raise SettingsError(
                 f"SANDBOXER_STARTER_CREDITS must be a whole number >= 0, got {starter_raw!r}"
             )
+        checkpoint_store = env.get("SANDBOXER_CHECKPOINT_STORE") or "jetstream"
+        if checkpoint_store not in ("jetstream", "fs"):
+            raise SettingsError(
+                f"SANDBOXER_CHECKPOINT_STORE must be 'jetstream' or 'fs', got {checkpoint_store!r}"
+            )
         values: dict[str, object] = {
+            "checkpoint_store": checkpoint_store,
+            "checkpoint_bucket": env.get("SANDBOXER_CHECKPOINT_BUCKET") or "sandboxer-checkpoints",
             "starter_credits": starter,
             "data_dir": data_dir,
             "nats_url": env.get("SANDBOXER_NATS_URL") or None,

@@ -44,6 +44,8 @@ LIVE: tuple[str, ...] = (
     State.RESTORING,
 )
 
+SAME = "="  # the destination of an event that does not change the state
+
 # A guard sees whether the sandbox is being torn down because something failed,
 # and the event itself.
 Guard = Callable[[bool, Event], bool]
@@ -94,6 +96,14 @@ TABLE: tuple[tuple[str, tuple[str, ...], str, Guard | None], ...] = (
     ("TornDown", (State.TEARING_DOWN,), State.DESTROYED, _not_failing),
     ("TeardownFailed", (State.TEARING_DOWN,), State.FAILED, _final),
     ("TeardownFailed", (State.TEARING_DOWN,), State.TEARING_DOWN, _not_final),
+    ("CheckpointRequested", (State.READY,), State.CHECKPOINTING, None),
+    ("CheckpointCreated", (State.CHECKPOINTING,), State.READY, None),
+    ("CheckpointFailed", (State.CHECKPOINTING,), State.READY, None),
+    ("RestoreRequested", (State.READY,), State.RESTORING, None),
+    ("Restored", (State.RESTORING,), State.READY, None),
+    ("RestoreFailed", (State.RESTORING,), State.READY, None),
+    # An artifact can be deleted whatever the sandbox is doing, also after its end.
+    ("CheckpointDeleted", tuple(s for s in State if s != State.NEW), SAME, None),
 )
 
 # Events that mark the teardown that follows as the clean-up of a failure.
@@ -118,7 +128,7 @@ def next_state(state: str, failing: bool, event: Event) -> str | None:
     """The state after `event`, or None when the state does not allow it."""
     for dest, guard in _BY_TRIGGER.get((type(event).__name__, state), ()):
         if guard is None or guard(failing, event):
-            return dest
+            return state if dest == SAME else dest
     return None
 
 

@@ -18,17 +18,23 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import nats.errors
 
 from events import (
     BecameReady,
+    CheckpointFailed,
+    CheckpointPolicy,
+    CheckpointRequested,
     CreditsHeld,
     DestroyRequested,
     Event,
     EventMeta,
     Provisioned,
+    RestoreFailed,
+    RestoreRequested,
     RouteChosen,
     SandboxRejected,
     SandboxRequested,
@@ -50,18 +56,21 @@ from extensions import (
 )
 from extensions.manifest import ConfigError, HookPolicy
 from projections.sandboxes import SandboxView, evolve
+from sandboxer.checkpointing import Checkpoints, NotCapable, UnknownCheckpoint
 from sandboxer.event_store import ConcurrencyConflict, EventRecorder
 from sandboxer.failpoints import failpoint
 from sandboxer.ids import check_account, new_sandbox_id
 from sandboxer.ledger import LedgerBook
 from sandboxer.lifecycle import TERMINAL, InvalidTransition, LifecycleModel, SandboxMachine, State
 from sandboxer.profiles import ProfileCatalog, ProfileError
+from sandboxer.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
 
 ACTOR_MANAGER = "system:manager"
 ACTOR_RECOVERY = "system:recovery"
 ACTOR_TTL = "system:ttl-reaper"
+ACTOR_CHECKPOINT_POLICY = "system:checkpoint-policy"
 APPEND_ATTEMPTS = 4
 
 T = TypeVar("T")
@@ -86,6 +95,7 @@ class CreateRequest:
     inputs: Mapping[str, str]
     ttl_seconds: int | None = None
     account: str = "default"
+    from_checkpoint: str | None = None
 
 
 class Sandbox(LifecycleModel):
@@ -108,6 +118,7 @@ class Sandbox(LifecycleModel):
         self.step_started: dt.datetime | None = None
         self.progress: str | None = None
         self.ttl_timer: asyncio.TimerHandle | None = None
+        self.pending_checkpoint: str | None = None  # of the running checkpoint or restore
 
     def meta(self, actor: str = ACTOR_MANAGER) -> EventMeta:
         correlation = self.view.correlation_id if self.view else ""
@@ -121,9 +132,12 @@ class SandboxManager:
         extensions: ExtensionRegistry,
         profiles: ProfileCatalog,
         *,
+        snapshots: SnapshotStore,
+        spool_dir: Path,
         starter_credits: int = 0,
     ) -> None:
         self.store = store
+        self.checkpoints = Checkpoints(self, snapshots, spool_dir)
         self.ledger = LedgerBook(store)
         self.starter_credits = starter_credits
         self.extensions = extensions
@@ -136,6 +150,8 @@ class SandboxManager:
             State.PROVISIONING: self._provision,
             State.STARTING: self._wait_ready,
             State.TEARING_DOWN: self._teardown,
+            State.CHECKPOINTING: self.checkpoints.run_checkpoint,
+            State.RESTORING: self.checkpoints.run_restore,
         }
         self._inflight: set[asyncio.Task[Any]] = set()
         self._placement_locks: dict[str, asyncio.Lock] = {}
@@ -146,6 +162,7 @@ class SandboxManager:
     async def start(self) -> int:
         """Replay the sandbox events, then resume every sandbox that is not finished."""
         views: dict[str, SandboxView] = {}
+        policies: dict[str, CheckpointPolicy] = {}
         pending: dict[str, list[tuple[int, Event]]] = {}
         last = 0
         async for recorded in self.store.read(1):
@@ -156,6 +173,9 @@ class SandboxManager:
             if not recorded.subject.startswith("sandboxer.sandbox."):
                 continue
             key = recorded.event.aggregate_id
+            self.checkpoints.projection.apply(recorded.seq, recorded.subject, recorded.event)
+            if isinstance(recorded.event, SandboxRequested) and recorded.event.checkpoint_policy:
+                policies[key] = recorded.event.checkpoint_policy
             view = evolve(views.get(key), recorded.seq, recorded.event)
             if view is None:
                 continue
@@ -168,6 +188,11 @@ class SandboxManager:
             sbx = self._attach(key, live=False)
             for seq, event in history:
                 self._apply(sbx, seq, event)
+        for key, view in views.items():
+            if view.state in TERMINAL:
+                self.checkpoints.schedule_expiry(
+                    key, view.ended_at or view.updated_at, policies.get(key) or CheckpointPolicy()
+                )
         await self.ledger.ensure_starter_grant(
             self.starter_credits, EventMeta(actor=ACTOR_MANAGER, correlation_id="starter-grant")
         )
@@ -188,6 +213,7 @@ class SandboxManager:
     async def close(self) -> None:
         """Stop driving; what is unfinished resumes on the next start."""
         self._closing = True
+        self.checkpoints.close()
         tasks: list[asyncio.Task[Any]] = []
         for sbx in self.sandboxes.values():
             if sbx.ttl_timer:
@@ -216,6 +242,18 @@ class SandboxManager:
                 self.extensions.resolve_config(candidate.extension, candidate.config)
         except ConfigError as exc:
             raise ProfileError(f"{profile.name}: {exc}", "profile") from exc
+        source = None
+        if request.from_checkpoint is not None:
+            if profile.route:
+                raise ProfileError(
+                    f"{profile.name} routes between extensions; a clone needs "
+                    "the extension of its checkpoint",
+                    "profile",
+                )
+            try:
+                source = self.checkpoints.source(request.from_checkpoint, profile.extension)
+            except (UnknownCheckpoint, NotCapable) as exc:
+                raise ProfileError(str(exc), "from_checkpoint") from exc
         secret_keys = profile.secret_inputs()
         sbx = self._attach(new_sandbox_id(), live=True)
         sbx.secrets = {k: v for k, v in inputs.items() if k in secret_keys}
@@ -236,6 +274,8 @@ class SandboxManager:
                     RouteCandidate(extension=c.extension, config=dict(c.config), when=c.when)
                     for c in profile.route
                 ],
+                checkpoint_policy=profile.checkpoint,
+                from_checkpoint=source,
             )
         except BaseException:
             self._finish(sbx)
@@ -279,10 +319,22 @@ class SandboxManager:
             raise InvalidTransition(sbx.sandbox_id, sbx.state, type(event).__name__)
         if isinstance(event, SandboxRequested):
             sbx.request = event
+        if isinstance(event, (CheckpointRequested, RestoreRequested)):
+            sbx.pending_checkpoint = event.checkpoint_id
         sbx.view = evolve(sbx.view, seq, event)
         sbx.version = seq
         sbx.last_event_id = event.event_id
+        self.checkpoints.projection.apply(seq, f"sandboxer.sandbox.{sbx.sandbox_id}.", event)
         self.machine.fire(sbx, event)
+        if (
+            isinstance(event, BecameReady)
+            and sbx.on_enter is not None
+            and self.checkpoints.policy(sbx).on_ready
+        ):
+            meta = sbx.meta(ACTOR_CHECKPOINT_POLICY)
+            self._spawn(
+                self._checkpoint_quietly(sbx.sandbox_id, meta), f"checkpoint-{sbx.sandbox_id}"
+            )
 
     async def _record(
         self, sbx: Sandbox, event_type: type[E], meta: EventMeta | None = None, **fields: object
@@ -323,10 +375,18 @@ class SandboxManager:
 
     # ---- driving -----------------------------------------------------------------
 
+    async def _checkpoint_quietly(self, sandbox_id: str, meta: EventMeta) -> None:
+        with contextlib.suppress(InvalidTransition):
+            await self.checkpoints.request(sandbox_id, meta)
+
     def _entered(self, sbx: Sandbox, state: str) -> None:
         if state in TERMINAL:
             if sbx.request is not None and sbx.view is not None and sbx.view.metered:
                 self._spawn(self._settle(sbx.request, sbx.view), f"settle-{sbx.sandbox_id}")
+            if sbx.view is not None:
+                self.checkpoints.schedule_expiry(
+                    sbx.sandbox_id, sbx.view.ended_at or utc_now(), self.checkpoints.policy(sbx)
+                )
             self._finish(sbx)
         elif state in self._steps:
             self._ensure_driver(sbx)
@@ -576,10 +636,19 @@ class SandboxManager:
 
     async def _provision(self, sbx: Sandbox) -> None:
         loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
+        source = sbx.request.from_checkpoint if sbx.request else None
         try:
-            handle = await self._call_hook(
-                sbx, "provision", loaded.adapter.provision, loaded.manifest.hook("provision")
-            )
+            if source is not None:
+                handle = await self._call_hook(
+                    sbx,
+                    "provision",
+                    lambda _ctx: self.checkpoints.provision_clone(sbx, source),
+                    loaded.manifest.hook("restore"),
+                )
+            else:
+                handle = await self._call_hook(
+                    sbx, "provision", loaded.adapter.provision, loaded.manifest.hook("provision")
+                )
         except HookFailed as exc:
             await self._record(
                 sbx, StepFailed, step="provision", error=exc.error, attempt=exc.attempt
@@ -654,7 +723,16 @@ class SandboxManager:
     async def _recover(self, sbx: Sandbox) -> None:
         sbx.on_enter = lambda state: self._entered(sbx, state)
         self._schedule_ttl(sbx)
-        if sbx.state == State.PROVISIONING:
+        if sbx.state in (State.CHECKPOINTING, State.RESTORING) and sbx.pending_checkpoint:
+            failed = CheckpointFailed if sbx.state == State.CHECKPOINTING else RestoreFailed
+            await self._record(
+                sbx,
+                failed,
+                sbx.meta(ACTOR_RECOVERY),
+                checkpoint_id=sbx.pending_checkpoint,
+                error="interrupted: the service stopped during the step",
+            )
+        elif sbx.state == State.PROVISIONING:
             await self._record(
                 sbx,
                 StepFailed,
@@ -670,6 +748,8 @@ class SandboxManager:
 
 
 STEP_LABELS: dict[str, str] = {
+    State.CHECKPOINTING: "checkpoint",
+    State.RESTORING: "restore",
     State.REQUESTED: "route",
     State.RESERVING: "reserve",
     State.PROVISIONING: "provision",

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from events import CheckpointPolicy
 from profiles import SHIPPED_DIR
 
 PROFILE_NAME_RE = re.compile(r"^profile\.[a-z0-9][a-z0-9-]{0,62}$")
@@ -54,6 +55,7 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_ttl_seconds: int = 7 * 24 * 3600
     inputs: dict[str, InputSpec] = {}
     config: dict[str, Any] = {}
+    checkpoint: CheckpointPolicy | None = None
 
     def candidates(self) -> list[RouteSpec]:
         """The route, or the one extension with the profile's config."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 
+from projections.checkpoints import CheckpointsProjection
 from projections.ledger import LedgerProjection, from_cache, to_cache
 from projections.sandboxes import SandboxesProjection, SandboxView
 from sandboxer.event_store import EventRecorder
@@ -39,6 +40,7 @@ class ProjectionRunner:
         self.store = store
         self.cache_dir = cache_dir
         self.projection = SandboxesProjection()
+        self.checkpoints = CheckpointsProjection()
         self.ledger = self._load_cache()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -64,6 +66,7 @@ class ProjectionRunner:
         try:
             async for recorded in self.store.follow(self.projection.last_seq + 1):
                 self.projection.apply(recorded.seq, recorded.subject, recorded.event)
+                self.checkpoints.apply(recorded.seq, recorded.subject, recorded.event)
                 if recorded.seq > self.ledger.last_seq:
                     self.ledger.apply(recorded.seq, recorded.subject, recorded.event)
                 changed, self._changed = self._changed, asyncio.Event()
@@ -134,22 +137,39 @@ class ProjectionRunner:
                         return
                     await self._changed.wait()
 
+    async def wait_checkpoint(self, checkpoint_id: str, after_seq: int, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while True:
+                    view = self.checkpoints.get(checkpoint_id)
+                    if view is not None and view.last_seq > after_seq:
+                        return
+                    await self._changed.wait()
+
     async def verify(self) -> VerifyReport:
         """Replay the stream from sequence 1 into a fresh projection and compare."""
         live: dict[str, SandboxView] = self.projection.snapshot()
+        live_checkpoints = dict(self.checkpoints.checkpoints)
         seq = self.projection.last_seq
         fresh = SandboxesProjection()
+        fresh_checkpoints = CheckpointsProjection()
         if seq > 0:
             async for recorded in self.store.read(1):
                 if recorded.seq > seq:
                     break
                 fresh.apply(recorded.seq, recorded.subject, recorded.event)
+                fresh_checkpoints.apply(recorded.seq, recorded.subject, recorded.event)
                 if recorded.seq == seq:
                     break
         differences = [
             key
             for key in sorted(set(live) | set(fresh.sandboxes))
             if live.get(key) != fresh.sandboxes.get(key)
+        ]
+        differences += [
+            f"checkpoint {key}"
+            for key in sorted(set(live_checkpoints) | set(fresh_checkpoints.checkpoints))
+            if live_checkpoints.get(key) != fresh_checkpoints.checkpoints.get(key)
         ]
         return VerifyReport(
             equal=not differences and fresh.last_seq == seq,

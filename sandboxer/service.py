@@ -19,6 +19,7 @@ from sandboxer.manager import SandboxManager
 from sandboxer.nats_server import EmbeddedNats
 from sandboxer.profiles import ProfileCatalog
 from sandboxer.read_model import ProjectionRunner
+from sandboxer.snapshots import FileSnapshotStore, ObjectStoreSnapshots, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,22 @@ class Service:
         await self.store.ensure_stream()
         self.runner = ProjectionRunner(self.store, cache_dir=settings.data_dir / "cache")
         await self.runner.start()
+        snapshots: SnapshotStore
+        if settings.checkpoint_store == "fs":
+            snapshots = FileSnapshotStore(settings.data_dir / "checkpoints")
+        else:
+            snapshots = ObjectStoreSnapshots(
+                self.nc.jetstream(timeout=30),
+                settings.checkpoint_bucket,
+                replicas=settings.stream_replicas,
+            )
         self.manager = SandboxManager(
-            self.store, extensions, profiles, starter_credits=settings.starter_credits
+            self.store,
+            extensions,
+            profiles,
+            snapshots=snapshots,
+            spool_dir=settings.data_dir / "spool",
+            starter_credits=settings.starter_credits,
         )
         await self.manager.start()
         self.api = Api(self.manager, self.runner, self.store, profiles)

@@ -145,6 +145,7 @@ def compose_env(
         return {
             "SANDBOXER_COMPOSE_HOSTS": json.dumps(hosts),
             "SANDBOXER_COMPOSE_CMD": podman.compose_cmd,
+            "SANDBOXER_COMPOSE_ENGINE_CMD": podman.engine_cmd,
             "SANDBOXER_COMPOSE_STOP_TIMEOUT": "1",
         }
 

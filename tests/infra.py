@@ -54,6 +54,10 @@ class Podman:
         return {**os.environ, "CONTAINERS_CONF": str(self.conf)}
 
     @property
+    def engine_cmd(self) -> str:
+        return f"env CONTAINERS_CONF={self.conf} podman"
+
+    @property
     def compose_cmd(self) -> str:
         compose = Path(sys.executable).parent / "podman-compose"
         return f"env CONTAINERS_CONF={self.conf} {compose}"

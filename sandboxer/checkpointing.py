@@ -1,0 +1,287 @@
+"""Checkpoint orchestration: the manager's steps for `checkpointing` and `restoring`,
+clones from a checkpoint, and artifact retention.
+
+The adapter streams an archive into a spool file; the SnapshotStore streams it to its
+backend with a digest; the events record id, store key, size and digest. A failed
+checkpoint or restore (a digest mismatch included) is recorded and leaves the sandbox
+`ready`; a digest mismatch is found before the sandbox is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+from events import (
+    CheckpointCreated,
+    CheckpointDeleted,
+    CheckpointFailed,
+    CheckpointPolicy,
+    CheckpointRequested,
+    CheckpointSource,
+    EventMeta,
+    Restored,
+    RestoreFailed,
+    RestoreRequested,
+)
+from events.base import utc_now
+from extensions import Handle, Snapshotting, StepContext
+from projections.checkpoints import CheckpointsProjection, CheckpointView
+from sandboxer.lifecycle import InvalidTransition
+from sandboxer.snapshots import SnapshotStore
+
+if TYPE_CHECKING:
+    from sandboxer.manager import Sandbox, SandboxManager
+
+log = logging.getLogger(__name__)
+
+ACTOR_POLICY = "system:checkpoint-policy"
+ACTOR_RETENTION = "system:retention"
+
+
+class NotCapable(Exception):
+    """The sandbox's extension cannot do this (HTTP 409 with the reason)."""
+
+
+class UnknownCheckpoint(LookupError):
+    pass
+
+
+def new_checkpoint_id() -> str:
+    return f"ckpt-{secrets.token_hex(6)}"
+
+
+class Checkpoints:
+    def __init__(self, manager: SandboxManager, store: SnapshotStore, spool: Path) -> None:
+        self.manager = manager
+        self.store = store
+        self.spool = spool
+        self.projection = CheckpointsProjection()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    # ---- commands -----------------------------------------------------------------
+
+    def _capable(self, extension: str) -> Snapshotting:
+        loaded = self.manager.extensions.get(extension)
+        if not (loaded.manifest.has("snapshot") and loaded.manifest.has("restore")):
+            raise NotCapable(
+                f"extension {extension} cannot checkpoint (no snapshot/restore capability)"
+            )
+        return cast(Snapshotting, loaded.adapter)
+
+    def _live(self, sandbox_id: str) -> Sandbox:
+        sbx = self.manager.sandboxes.get(sandbox_id)
+        if sbx is None or sbx.view is None:
+            raise InvalidTransition(sandbox_id, "finished", "CheckpointRequested")
+        return sbx
+
+    async def request(self, sandbox_id: str, meta: EventMeta) -> tuple[str, int]:
+        sbx = self._live(sandbox_id)
+        assert sbx.view is not None
+        self._capable(sbx.view.extension)
+        checkpoint_id = new_checkpoint_id()
+        seq = await self.manager._record(
+            sbx, CheckpointRequested, meta, checkpoint_id=checkpoint_id
+        )
+        return checkpoint_id, seq
+
+    async def request_restore(self, sandbox_id: str, checkpoint_id: str, meta: EventMeta) -> int:
+        sbx = self._live(sandbox_id)
+        assert sbx.view is not None
+        self._capable(sbx.view.extension)
+        checkpoint = self.created(checkpoint_id)
+        if checkpoint.sandbox_id != sandbox_id:
+            raise UnknownCheckpoint(
+                f"checkpoint {checkpoint_id} belongs to sandbox {checkpoint.sandbox_id}; "
+                "clone it with create --from-checkpoint"
+            )
+        return await self.manager._record(sbx, RestoreRequested, meta, checkpoint_id=checkpoint_id)
+
+    def created(self, checkpoint_id: str) -> CheckpointView:
+        view = self.projection.get(checkpoint_id)
+        if view is None:
+            raise UnknownCheckpoint(f"no checkpoint {checkpoint_id!r}")
+        if view.status != "created" or view.store_key is None or view.digest is None:
+            raise UnknownCheckpoint(f"checkpoint {checkpoint_id} is {view.status}")
+        return view
+
+    def source(self, checkpoint_id: str, extension: str) -> CheckpointSource:
+        """What a clone records about the checkpoint it starts from."""
+        self._capable(extension)
+        view = self.created(checkpoint_id)
+        assert view.store_key is not None and view.digest is not None and view.size is not None
+        return CheckpointSource(
+            checkpoint_id=view.id,
+            sandbox_id=view.sandbox_id,
+            store_key=view.store_key,
+            size=view.size,
+            digest=view.digest,
+            metadata=dict(view.metadata),
+        )
+
+    async def delete(self, checkpoint_id: str, meta: EventMeta, reason: str) -> None:
+        view = self.projection.get(checkpoint_id)
+        if view is None:
+            raise UnknownCheckpoint(f"no checkpoint {checkpoint_id!r}")
+        if view.status == "deleted":
+            return
+        if view.store_key:
+            await self.store.delete(view.store_key)
+        sbx = self.manager.sandboxes.get(view.sandbox_id)
+        if sbx is not None:
+            await self.manager._record(
+                sbx, CheckpointDeleted, meta, checkpoint_id=checkpoint_id, reason=reason
+            )
+        else:  # a finished sandbox: nobody else writes to it any more
+            event = CheckpointDeleted.create(
+                view.sandbox_id,
+                meta,
+                event_id=f"{checkpoint_id}.deleted",
+                checkpoint_id=checkpoint_id,
+                reason=reason,
+            )
+            (seq,) = await self.manager.store.append([event], None)
+            self.projection.apply(
+                seq, f"sandboxer.sandbox.{view.sandbox_id}.CheckpointDeleted", event
+            )
+
+    # ---- steps (driven by the state machine) -----------------------------------------
+
+    def _spool_file(self, checkpoint_id: str) -> Path:
+        self.spool.mkdir(parents=True, exist_ok=True)
+        return self.spool / f"{checkpoint_id}.tar"
+
+    def _ctx(self, sbx: Sandbox, checkpoint_id: str) -> StepContext:
+        ctx = self.manager._context(sbx)
+        return StepContext(
+            sandbox_id=ctx.sandbox_id,
+            profile=ctx.profile,
+            inputs=ctx.inputs,
+            config=ctx.config,
+            host=ctx.host,
+            progress=ctx.progress,
+            checkpoint_id=checkpoint_id,
+        )
+
+    async def run_checkpoint(self, sbx: Sandbox) -> None:
+        assert sbx.view is not None and sbx.pending_checkpoint is not None
+        checkpoint_id = sbx.pending_checkpoint
+        loaded = self.manager.extensions.get(sbx.view.extension)
+        adapter = self._capable(sbx.view.extension)
+        spool = self._spool_file(checkpoint_id)
+        handle: Handle = dict(sbx.view.handle)
+        policy = loaded.manifest.hook("snapshot")
+        try:
+            async with asyncio.timeout(policy.timeout):
+                metadata = await adapter.snapshot(self._ctx(sbx, checkpoint_id), handle, spool)
+                sbx.progress = "storing the artifact"
+                artifact = await self.store.put_file(checkpoint_id, spool)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            await self.manager._record(
+                sbx, CheckpointFailed, checkpoint_id=checkpoint_id, error=error[:2000]
+            )
+            return
+        finally:
+            spool.unlink(missing_ok=True)
+        await self.manager._record(
+            sbx,
+            CheckpointCreated,
+            checkpoint_id=checkpoint_id,
+            store_key=artifact.key,
+            size=artifact.size,
+            digest=artifact.digest,
+            metadata=metadata,
+        )
+        await self._keep_last(sbx)
+
+    async def run_restore(self, sbx: Sandbox) -> None:
+        assert sbx.view is not None and sbx.pending_checkpoint is not None
+        checkpoint_id = sbx.pending_checkpoint
+        adapter = self._capable(sbx.view.extension)
+        spool = self._spool_file(f"restore-{checkpoint_id}-{sbx.sandbox_id}")
+        loaded = self.manager.extensions.get(sbx.view.extension)
+        try:
+            view = self.created(checkpoint_id)
+            assert view.store_key is not None and view.digest is not None
+            async with asyncio.timeout(loaded.manifest.hook("restore").timeout):
+                sbx.progress = "fetching the artifact"
+                await self.store.get_file(view.store_key, spool, view.digest)
+                ctx = self._ctx(sbx, checkpoint_id)
+                handle = await adapter.restore(
+                    ctx, dict(sbx.view.handle), spool, dict(view.metadata)
+                )
+            async with asyncio.timeout(loaded.manifest.hook("wait_ready").timeout):
+                sbx.progress = "waiting until ready"
+                await loaded.adapter.wait_ready(ctx, handle)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            await self.manager._record(
+                sbx, RestoreFailed, checkpoint_id=checkpoint_id, error=error[:2000]
+            )
+            return
+        finally:
+            spool.unlink(missing_ok=True)
+        await self.manager._record(sbx, Restored, checkpoint_id=checkpoint_id)
+
+    async def provision_clone(self, sbx: Sandbox, source: CheckpointSource) -> Handle:
+        """The provision step of a sandbox created from a checkpoint."""
+        assert sbx.view is not None
+        adapter = self._capable(sbx.view.extension)
+        spool = self._spool_file(f"clone-{sbx.sandbox_id}")
+        try:
+            await self.store.get_file(source.store_key, spool, source.digest)
+            ctx = self._ctx(sbx, source.checkpoint_id)
+            return await adapter.restore(ctx, None, spool, dict(source.metadata))
+        finally:
+            spool.unlink(missing_ok=True)
+
+    # ---- retention ------------------------------------------------------------------
+
+    def policy(self, sbx: Sandbox) -> CheckpointPolicy:
+        request = sbx.request
+        return (
+            request.checkpoint_policy
+            if request and request.checkpoint_policy
+            else CheckpointPolicy()
+        )
+
+    async def _keep_last(self, sbx: Sandbox) -> None:
+        keep = max(self.policy(sbx).keep_last, 1)
+        created = [c for c in self.projection.for_sandbox(sbx.sandbox_id) if c.status == "created"]
+        for old in created[:-keep]:
+            await self.delete(
+                old.id,
+                EventMeta(actor=ACTOR_RETENTION, correlation_id=sbx.meta().correlation_id),
+                reason=f"retention: keep the last {keep}",
+            )
+
+    def schedule_expiry(
+        self, sandbox_id: str, ended_at: dt.datetime, policy: CheckpointPolicy
+    ) -> None:
+        """All of a finished sandbox's artifacts go `keep_days_after_destroy` after its end."""
+        if not any(c.status == "created" for c in self.projection.for_sandbox(sandbox_id)):
+            return
+        due = ended_at + dt.timedelta(days=policy.keep_days_after_destroy)
+        delay = max((due - utc_now()).total_seconds(), 0.0)
+        loop = asyncio.get_running_loop()
+        self._timers[sandbox_id] = loop.call_later(
+            min(delay, 2**31),
+            lambda: self.manager._spawn(self.expire(sandbox_id), f"retention-{sandbox_id}"),
+        )
+
+    async def expire(self, sandbox_id: str) -> None:
+        self._timers.pop(sandbox_id, None)
+        meta = EventMeta(actor=ACTOR_RETENTION, correlation_id=f"retention-{sandbox_id}")
+        for view in self.projection.for_sandbox(sandbox_id):
+            if view.status == "created":
+                await self.delete(view.id, meta, reason="retention: the sandbox ended")
+
+    def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
