@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from sandboxer.nats_server import EmbeddedNats
-from tests.conftest import StartService
+from tests.conftest import RunningService, StartService
 from tests.helpers import create, destroy, wait_state
 from tests.infra import Podman, ServeProcess, free_port
 
@@ -326,3 +326,42 @@ def test_cli_checkpoint_commands_exist() -> None:
     )
     for command in ("create", "list", "restore", "delete"):
         assert command in out.stdout
+
+
+def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sandboxer", "--url", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_cli_checkpoint_round_trip(api: RunningService) -> None:
+    made = await create(api.http, api.url)
+    await wait_state(api.http, api.url, made["id"], {"ready"})
+    created = await asyncio.to_thread(
+        run_cli, api.url, "checkpoint", "create", made["id"], "--wait", "--json"
+    )
+    assert created.returncode == 0, created.stderr
+    ckpt = json.loads(created.stdout)
+    assert ckpt["status"] == "created"
+    listed = await asyncio.to_thread(run_cli, api.url, "checkpoint", "list", made["id"])
+    assert ckpt["id"] in listed.stdout and "created" in listed.stdout
+    restored = await asyncio.to_thread(
+        run_cli, api.url, "checkpoint", "restore", made["id"], ckpt["id"], "--wait", "--json"
+    )
+    assert restored.returncode == 0 and json.loads(restored.stdout)["state"] == "ready"
+    clone = await asyncio.to_thread(
+        run_cli, api.url, "create", "--from-checkpoint", ckpt["id"], "--wait", "--json"
+    )
+    assert clone.returncode == 0, clone.stderr
+    assert json.loads(clone.stdout)["profile"] == "profile.saas-stub"
+    deleted = await asyncio.to_thread(
+        run_cli, api.url, "checkpoint", "delete", ckpt["id"], "--json"
+    )
+    assert json.loads(deleted.stdout)["status"] == "deleted"
+    again = await asyncio.to_thread(
+        run_cli, api.url, "checkpoint", "restore", made["id"], ckpt["id"]
+    )
+    assert again.returncode == 3 and "is deleted" in again.stderr
