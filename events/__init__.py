@@ -46,8 +46,14 @@ from events.subjects import (
     sandbox_subject,
     subject_for,
 )
+from events.validation import (
+    VALIDATION_EVENTS,
+    ValidationFailed,
+    ValidationPassed,
+    ValidationStarted,
+)
 
-ALL_EVENTS: tuple[type[Event], ...] = SANDBOX_EVENTS + LEDGER_EVENTS
+ALL_EVENTS: tuple[type[Event], ...] = SANDBOX_EVENTS + LEDGER_EVENTS + VALIDATION_EVENTS
 
 __all__ = [
     "ALL_EVENTS",
@@ -56,6 +62,7 @@ __all__ = [
     "SANDBOX_EVENTS",
     "SANDBOX_PREFIX",
     "STREAM_SUBJECTS",
+    "VALIDATION_EVENTS",
     "BecameReady",
     "CheckpointCreated",
     "CheckpointDeleted",
@@ -84,6 +91,9 @@ __all__ = [
     "StepFailed",
     "TeardownFailed",
     "TornDown",
+    "ValidationFailed",
+    "ValidationPassed",
+    "ValidationStarted",
     "decode_event",
     "encode_event",
     "ledger_subject",

@@ -6,6 +6,8 @@ from events.base import Event
 
 SANDBOX_PREFIX = "sandboxer.sandbox"
 LEDGER_PREFIX = "sandboxer.ledger"
+VALIDATION_PREFIX = "sandboxer.validation"
+DEAD_LETTER_PREFIX = "sandboxer.deadletter"
 STREAM_SUBJECTS = ["sandboxer.>"]
 
 
@@ -26,13 +28,13 @@ def ledger_filter(account: str) -> str:
     return f"{LEDGER_PREFIX}.{account}.>"
 
 
+_PREFIXES = {"sandbox": SANDBOX_PREFIX, "ledger": LEDGER_PREFIX, "validation": VALIDATION_PREFIX}
+
+
 def subject_for(event: Event) -> str:
-    if event.KIND == "ledger":
-        return ledger_subject(event.aggregate_id, event.type_name())
-    return sandbox_subject(event.aggregate_id, event.type_name())
+    return f"{_PREFIXES[event.KIND]}.{event.aggregate_id}.{event.type_name()}"
 
 
 def filter_for(event: Event) -> str:
-    if event.KIND == "ledger":
-        return ledger_filter(event.aggregate_id)
-    return sandbox_filter(event.aggregate_id)
+    """The optimistic-concurrency scope of the event's aggregate."""
+    return f"{_PREFIXES[event.KIND]}.{event.aggregate_id}.>"

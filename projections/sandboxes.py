@@ -17,6 +17,9 @@ from events import (
     SandboxRequested,
     StepFailed,
     TeardownFailed,
+    ValidationFailed,
+    ValidationPassed,
+    ValidationStarted,
 )
 from sandboxer.lifecycle import TERMINAL, failing_after, next_state
 
@@ -47,6 +50,8 @@ class SandboxView(msgspec.Struct, frozen=True, kw_only=True):
     provisioned_at: dt.datetime | None = None
     ready_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
+    validation: str | None = None  # running, passed, failed (reported by a validator)
+    validation_exit_code: int | None = None
 
 
 def _reason(view: SandboxView, event: Event) -> str | None:
@@ -122,12 +127,33 @@ class SandboxesProjection:
 
     def apply(self, seq: int, subject: str, event: Event) -> SandboxView | None:
         self.last_seq = seq
+        if subject.startswith("sandboxer.validation."):
+            return self._validation(seq, event)
         if not subject.startswith("sandboxer.sandbox."):
             return None
         key = event.aggregate_id
         view = evolve(self.sandboxes.get(key), seq, event)
         if view is not None:
             self.sandboxes[key] = view
+        return view
+
+    def _validation(self, seq: int, event: Event) -> SandboxView | None:
+        view = self.sandboxes.get(event.aggregate_id)
+        if view is None:
+            return None
+        if isinstance(event, ValidationStarted):
+            view = msgspec.structs.replace(
+                view, validation="running", validation_exit_code=None, last_seq=seq
+            )
+        elif isinstance(event, ValidationPassed):
+            view = msgspec.structs.replace(
+                view, validation="passed", validation_exit_code=event.exit_code, last_seq=seq
+            )
+        elif isinstance(event, ValidationFailed):
+            view = msgspec.structs.replace(
+                view, validation="failed", validation_exit_code=event.exit_code, last_seq=seq
+            )
+        self.sandboxes[view.id] = view
         return view
 
     def get(self, sandbox_id: str) -> SandboxView | None:

@@ -93,6 +93,8 @@ class SandboxOut(msgspec.Struct):
     terminal: bool
     metered: bool
     credits_held: int
+    validation: str | None = None
+    validation_exit_code: int | None = None
     progress: Progress | None = None
 
 
@@ -321,6 +323,8 @@ class Api:
             terminal=view.state in TERMINAL,
             metered=view.metered,
             credits_held=view.credits_held,
+            validation=view.validation,
+            validation_exit_code=view.validation_exit_code,
             progress=progress,
         )
 

@@ -1,0 +1,145 @@
+"""Subscriptions for downstream consumers (validators): durable, at least once.
+
+`subscribe` runs a handler for every event on the filter subjects, through a durable
+JetStream pull consumer: the event is acked only after the handler returns; a failure
+is redelivered after a back-off; after `max_attempts` the event goes to the dead-letter
+subject `sandboxer.deadletter.<durable>` (with the error) and is terminated. Delivery
+is at least once: `Delivery.key` (the event id) lets a handler be exactly once in
+effect (use it as an idempotency key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from events import Event
+from events.codec import EventCodec, default_codec
+from events.subjects import DEAD_LETTER_PREFIX
+from sandboxer.event_store import STREAM_NAME
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    event: Event
+    subject: str
+    seq: int
+    attempt: int
+
+    @property
+    def key(self) -> str:
+        """Idempotency key: the same for every redelivery of this event."""
+        return self.event.event_id
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+def dead_letter_subject(durable: str) -> str:
+    return f"{DEAD_LETTER_PREFIX}.{durable}"
+
+
+async def subscribe(
+    js: JetStreamContext,
+    durable: str,
+    filter_subjects: Sequence[str],
+    handler: Handler,
+    *,
+    max_attempts: int = 5,
+    backoff: Sequence[float] = (1.0, 2.0, 5.0, 10.0),
+    ack_wait: float = 60.0,
+    batch: int = 10,
+    stop: asyncio.Event | None = None,
+    codec: EventCodec | None = None,
+    stream: str = STREAM_NAME,
+) -> None:
+    """Consume until `stop` is set (or the task is cancelled)."""
+    codec = codec or default_codec()
+    config = api.ConsumerConfig(
+        durable_name=durable,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_deliver=-1,  # we count attempts and dead-letter ourselves
+        filter_subjects=list(filter_subjects),
+        deliver_policy=api.DeliverPolicy.ALL,
+    )
+    try:
+        await js.add_consumer(stream, config)
+    except nats.js.errors.BadRequestError:
+        pass  # exists already: keep its position
+    psub = await js.pull_subscribe_bind(durable, stream=stream)
+    stop = stop or asyncio.Event()
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await psub.fetch(batch, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            for msg in msgs:
+                await _handle(js, durable, msg, handler, codec, max_attempts, backoff)
+    finally:
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
+
+
+async def _handle(
+    js: JetStreamContext,
+    durable: str,
+    msg: Msg,
+    handler: Handler,
+    codec: EventCodec,
+    max_attempts: int,
+    backoff: Sequence[float],
+) -> None:
+    meta = msg.metadata
+    attempt = meta.num_delivered
+    try:
+        event = codec.decode(msg.data)
+        await handler(Delivery(event, msg.subject, meta.sequence.stream, attempt))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        if attempt >= max_attempts:
+            log.warning(
+                "%s: seq %d failed %d times, dead-lettered: %s",
+                durable,
+                meta.sequence.stream,
+                attempt,
+                error,
+            )
+            await js.publish(
+                dead_letter_subject(durable),
+                msg.data,
+                headers={
+                    "Sandboxer-Subject": msg.subject,
+                    "Sandboxer-Seq": str(meta.sequence.stream),
+                    "Sandboxer-Attempts": str(attempt),
+                    "Sandboxer-Error": error[:500],
+                    "Nats-Msg-Id": f"dead.{durable}.{meta.sequence.stream}",
+                },
+            )
+            await msg.term()
+            return
+        delay = backoff[min(attempt - 1, len(backoff) - 1)] if backoff else 0.0
+        log.info(
+            "%s: seq %d attempt %d failed (%s); again in %.1fs",
+            durable,
+            meta.sequence.stream,
+            attempt,
+            error,
+            delay,
+        )
+        await msg.nak(delay=delay)
+        return
+    await msg.ack_sync()
