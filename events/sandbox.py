@@ -6,6 +6,8 @@ marks `secret` before the event is built.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from events.base import Event
@@ -15,7 +17,7 @@ class RouteCandidate(msgspec.Struct, frozen=True, kw_only=True):
     """One candidate of a routed profile, in order: extension, its config, admission."""
 
     extension: str
-    config: dict[str, object] = {}
+    config: dict[str, Any] = {}
     when: str = "always"
 
 
@@ -26,7 +28,7 @@ class SandboxRequested(Event, frozen=True, kw_only=True):
     secret_inputs: list[str] = []
     account: str = "default"
     ttl_seconds: int
-    config: dict[str, object] = {}
+    config: dict[str, Any] = {}
     route: list[RouteCandidate] = []  # empty: `extension` with `config`, no choice
     checkpoint_policy: CheckpointPolicy | None = None
     from_checkpoint: CheckpointSource | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import re
 from collections.abc import Awaitable, Callable
@@ -10,7 +12,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from events import Event, EventMeta
+from events import Event, EventMeta, SandboxRequested
 from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
 from projections.sandboxes import SandboxView
@@ -24,6 +26,7 @@ from sandboxer.profiles import ProfileCatalog, ProfileError
 from sandboxer.read_model import ProjectionRunner, VerifyReport
 
 MAX_BODY_BYTES = 64 * 1024
+SSE_KEEPALIVE = 15.0
 MAX_INPUTS = 64
 MAX_WAIT_SECONDS = 60.0
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -240,6 +243,7 @@ class Api:
         self.runner = runner
         self.store = store
         self.profiles = profiles
+        self._streams: set[asyncio.Task[Any]] = set()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
@@ -249,6 +253,8 @@ class Api:
         app.router.add_delete("/v1/sandboxes/{id}", self.destroy)
         app.router.add_get("/v1/sandboxes/{id}/events", self.sandbox_events)
         app.router.add_get("/v1/events", self.events)
+        app.router.add_get("/v1/events/stream", self.event_stream)
+        app.router.add_get("/v1/events/schema", self.event_schema)
         app.router.add_get("/v1/profiles", self.list_profiles)
         app.router.add_post("/v1/sandboxes/{id}/checkpoints", self.create_checkpoint)
         app.router.add_get("/v1/sandboxes/{id}/checkpoints", self.list_checkpoints)
@@ -263,7 +269,13 @@ class Api:
         app.router.add_post("/v1/replay", self.replay)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/openapi.json", self.openapi)
+        app.on_shutdown.append(self._close_streams)
         return app
+
+    async def _close_streams(self, app: web.Application) -> None:
+        """Open event streams would hold shutdown until their next keep-alive."""
+        for task in list(self._streams):
+            task.cancel()
 
     # ---- helpers -----------------------------------------------------------------
 
@@ -665,6 +677,96 @@ class Api:
                     break
         return json_response(EventList(events=events, last_seq=self.runner.last_seq))
 
+    async def event_schema(self, request: web.Request) -> web.Response:
+        return json_response(event_schema())
+
+    async def event_stream(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: every event after `Last-Event-ID` (the stream sequence),
+        filtered by sandbox, type and account; a comment line every 15 s keeps proxies
+        from closing an idle stream."""
+        raw_last = request.headers.get("Last-Event-ID") or request.query.get("after_seq", "0")
+        try:
+            after = int(raw_last)
+            if after < 0:
+                raise ValueError(raw_last)
+        except ValueError:
+            raise ApiError(
+                400,
+                "invalid_header",
+                "Last-Event-ID must be a stream sequence (a whole number)",
+                "Last-Event-ID",
+            ) from None
+        sandbox = request.query.get("sandbox")
+        if sandbox is not None:
+            try:
+                check_sandbox_id(sandbox)
+            except InvalidId as exc:
+                raise ApiError(400, "invalid_query", str(exc), "sandbox") from exc
+        account = request.query.get("account")
+        types = {t for t in request.query.get("type", "").split(",") if t}
+        known = {t.type_name() for t in _event_schema_types()}
+        if types - known:
+            raise ApiError(
+                400, "invalid_query", f"unknown event type {sorted(types - known)[0]!r}", "type"
+            )
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        queue: asyncio.Queue[RecordedEvent] = asyncio.Queue(maxsize=1000)
+
+        async def pump() -> None:
+            async for recorded in self.store.follow(after + 1):
+                await queue.put(recorded)
+
+        pumping = asyncio.create_task(pump())
+        me = asyncio.current_task()
+        if me is not None:
+            self._streams.add(me)
+        try:
+            while True:
+                try:
+                    recorded = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+                except TimeoutError:
+                    await response.write(b": keepalive\n\n")
+                    continue
+                event = recorded.event
+                if types and event.type_name() not in types:
+                    continue
+                if sandbox is not None and event.aggregate_id != sandbox:
+                    continue
+                if account is not None and self._account_of(recorded) != account:
+                    continue
+                payload = _encoder.encode(_event_out(recorded))
+                await response.write(
+                    f"id: {recorded.seq}\nevent: {event.type_name()}\n".encode()
+                    + b"data: "
+                    + payload
+                    + b"\n\n"
+                )
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            if me is not None:
+                self._streams.discard(me)
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pumping
+        return response
+
+    def _account_of(self, recorded: RecordedEvent) -> str | None:
+        event = recorded.event
+        if recorded.subject.startswith("sandboxer.ledger."):
+            return event.aggregate_id
+        if isinstance(event, SandboxRequested):
+            return event.account
+        view = self.runner.projection.get(event.aggregate_id)
+        return view.account if view else None
+
     async def list_profiles(self, request: web.Request) -> web.Response:
         out = []
         for name in self.profiles.names():
@@ -708,6 +810,25 @@ def _event_schema_types() -> tuple[type[Event], ...]:
     from events import ALL_EVENTS
 
     return ALL_EVENTS
+
+
+def event_schema() -> dict[str, Any]:
+    """JSON Schema of every event type (generated from the msgspec types), with the
+    subject each is published on. docs/events.schema.json is this, checked in."""
+    types = _event_schema_types()
+    (refs, components) = msgspec.json.schema_components(types, ref_template="#/$defs/{name}")
+    subjects = {
+        t.type_name(): f"sandboxer.{t.KIND}.<{'account' if t.KIND == 'ledger' else 'sandbox_id'}>"
+        f".{t.type_name()}"
+        for t in types
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "sand-boxer events",
+        "oneOf": list(refs),
+        "$defs": components,
+        "x-subjects": subjects,
+    }
 
 
 def openapi_document() -> dict[str, Any]:

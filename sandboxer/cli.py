@@ -312,7 +312,48 @@ def cmd_list(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
+def _follow_stream(args: argparse.Namespace, client: Client) -> int:
+    """Follow the Server-Sent Events stream, resuming with Last-Event-ID on a drop."""
+    last = "0"
+    query = {"sandbox": args.sandbox} if args.sandbox else {}
+    while True:
+        url = client.base_url + "/v1/events/stream"
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        req = urllib.request.Request(url, headers={"Last-Event-ID": last})  # noqa: S310
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
+                data = b""
+                for raw in resp:
+                    line = raw.rstrip(b"\r\n")
+                    if line.startswith(b"id: "):
+                        last = line[4:].decode()
+                    elif line.startswith(b"data: "):
+                        data = line[6:]
+                    elif not line and data:
+                        entry = json.loads(data)
+                        if args.json:
+                            print(json.dumps(entry), flush=True)
+                        else:
+                            _print_event(entry)
+                            sys.stdout.flush()
+                        data = b""
+        except urllib.error.HTTPError as exc:
+            raise CliError(_api_error(exc), EXIT_API) from exc
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            if last == "0":
+                raise CliError(
+                    f"cannot reach the sandboxer API at {client.base_url}: {exc}", EXIT_UNREACHABLE
+                ) from exc
+            time.sleep(1)  # reconnect, resuming after the last event seen
+
+
 def cmd_events(args: argparse.Namespace, client: Client) -> int:
+    if args.follow:
+        try:
+            return _follow_stream(args, client)
+        except KeyboardInterrupt:
+            return EXIT_OK
     after = 0
     try:
         while True:

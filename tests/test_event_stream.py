@@ -1,0 +1,135 @@
+"""The public event contract: SSE with Last-Event-ID resume, and the JSON Schema."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from sandboxer.api import event_schema
+from tests.conftest import RunningService
+from tests.helpers import create, destroy, wait_state
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def read_sse(resp: aiohttp.ClientResponse, count: int) -> list[dict[str, Any]]:
+    """Parse `count` events off a text/event-stream response."""
+    events: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    async with asyncio.timeout(30):
+        while len(events) < count:
+            line = (await resp.content.readline()).decode().rstrip("\n")
+            if line.startswith(":"):
+                continue
+            if not line:
+                if current:
+                    events.append(current)
+                    current = {}
+                continue
+            key, _, value = line.partition(": ")
+            current[key] = json.loads(value) if key == "data" else value
+    return events
+
+
+async def test_sse_resume_with_last_event_id(api: RunningService) -> None:
+    http, url = api.http, api.url
+    first = await create(http, url)
+    await wait_state(http, url, first["id"], {"ready"})
+    received: list[dict[str, Any]] = []
+    async with http.get(f"{url}/v1/events/stream") as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        received += await read_sse(resp, 3)
+    last_id = received[-1]["id"]
+    # Events keep happening while the client is away.
+    await destroy(http, url, first["id"])
+    await wait_state(http, url, first["id"], {"destroyed"})
+    second = await create(http, url)
+    await wait_state(http, url, second["id"], {"ready"})
+    async with http.get(f"{url}/v1/events") as resp:
+        total = (await resp.json())["last_seq"]
+    async with http.get(f"{url}/v1/events/stream", headers={"Last-Event-ID": last_id}) as resp:
+        received += await read_sse(resp, total - int(last_id))
+    seqs = [int(e["id"]) for e in received]
+    assert seqs == list(range(1, total + 1)), "every event once, in order"
+    for e in received:
+        assert e["event"] == e["data"]["event"]["type"]
+        assert int(e["id"]) == e["data"]["seq"]
+
+
+async def test_sse_filters(api: RunningService) -> None:
+    http, url = api.http, api.url
+    a = await create(http, url)
+    b = await create(http, url)
+    await wait_state(http, url, a["id"], {"ready"})
+    await wait_state(http, url, b["id"], {"ready"})
+    params = {"sandbox": b["id"], "type": "SandboxRequested,BecameReady"}
+    async with http.get(f"{url}/v1/events/stream", params=params) as resp:
+        got = await read_sse(resp, 2)
+    assert [e["event"] for e in got] == ["SandboxRequested", "BecameReady"]
+    assert {e["data"]["event"]["aggregate_id"] for e in got} == {b["id"]}
+    async with http.get(
+        f"{url}/v1/events/stream", params={"account": "default", "type": "CreditsReserved"}
+    ) as resp:
+        got = await read_sse(resp, 2)
+    assert {e["data"]["event"]["sandbox_id"] for e in got} == {a["id"], b["id"]}
+    for bad, field in [({"type": "Nope"}, "type"), ({"sandbox": "a.b"}, "sandbox")]:
+        async with http.get(f"{url}/v1/events/stream", params=bad) as resp:
+            assert resp.status == 400 and (await resp.json())["error"]["field"] == field
+    async with http.get(f"{url}/v1/events/stream", headers={"Last-Event-ID": "x"}) as resp:
+        assert resp.status == 400
+
+
+async def test_cli_follow_uses_the_stream(api: RunningService) -> None:
+    made = await create(api.http, api.url)
+    await wait_state(api.http, api.url, made["id"], {"ready"})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sandboxer",
+        "--url",
+        api.url,
+        "events",
+        "--follow",
+        "--json",
+        "--sandbox",
+        made["id"],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        lines = []
+        async with asyncio.timeout(30):
+            for _ in range(5):
+                lines.append(json.loads(await proc.stdout.readline()))
+            await destroy(api.http, api.url, made["id"])
+            for _ in range(2):
+                lines.append(json.loads(await proc.stdout.readline()))
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert [x["event"]["type"] for x in lines] == [
+        "SandboxRequested",
+        "RouteChosen",
+        "CreditsHeld",
+        "Provisioned",
+        "BecameReady",
+        "DestroyRequested",
+        "TornDown",
+    ]
+
+
+async def test_schema_endpoint_equals_the_checked_in_file(api: RunningService) -> None:
+    async with api.http.get(f"{api.url}/v1/events/schema") as resp:
+        served = await resp.json()
+    checked_in = json.loads((ROOT / "docs" / "events.schema.json").read_text())
+    assert served == checked_in == json.loads(json.dumps(event_schema()))
+    assert served["x-subjects"]["ValidationPassed"] == (
+        "sandboxer.validation.<sandbox_id>.ValidationPassed"
+    )
+    assert "BecameReady" in served["$defs"]
