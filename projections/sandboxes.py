@@ -52,6 +52,8 @@ class SandboxView(msgspec.Struct, frozen=True, kw_only=True):
     ended_at: dt.datetime | None = None
     validation: str | None = None  # running, passed, failed (reported by a validator)
     validation_exit_code: int | None = None
+    validation_output: str | None = None
+    validation_reason: str | None = None
 
 
 def _reason(view: SandboxView, event: Event) -> str | None:
@@ -143,15 +145,20 @@ class SandboxesProjection:
             return None
         if isinstance(event, ValidationStarted):
             view = msgspec.structs.replace(
-                view, validation="running", validation_exit_code=None, last_seq=seq
+                view,
+                validation="running",
+                validation_exit_code=None,
+                validation_output=None,
+                last_seq=seq,
             )
-        elif isinstance(event, ValidationPassed):
+        elif isinstance(event, (ValidationPassed, ValidationFailed)):
             view = msgspec.structs.replace(
-                view, validation="passed", validation_exit_code=event.exit_code, last_seq=seq
-            )
-        elif isinstance(event, ValidationFailed):
-            view = msgspec.structs.replace(
-                view, validation="failed", validation_exit_code=event.exit_code, last_seq=seq
+                view,
+                validation="passed" if isinstance(event, ValidationPassed) else "failed",
+                validation_exit_code=event.exit_code,
+                validation_output=event.output_tail,
+                validation_reason=getattr(event, "reason", None),
+                last_seq=seq,
             )
         self.sandboxes[view.id] = view
         return view

@@ -98,6 +98,8 @@ class SandboxOut(msgspec.Struct):
     credits_held: int
     validation: str | None = None
     validation_exit_code: int | None = None
+    validation_output: str | None = None
+    validation_reason: str | None = None
     progress: Progress | None = None
 
 
@@ -337,6 +339,8 @@ class Api:
             credits_held=view.credits_held,
             validation=view.validation,
             validation_exit_code=view.validation_exit_code,
+            validation_output=view.validation_output,
+            validation_reason=view.validation_reason,
             progress=progress,
         )
 

@@ -229,6 +229,75 @@ def cmd_serve(args: argparse.Namespace) -> int:
 PATH_INPUTS = {"repo"}
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sandboxer.config import Settings
+    from sandboxer.validator import serve_validator
+
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve_validator(Settings.from_env(), ack_wait=args.ack_wait))
+    return EXIT_OK
+
+
+def cmd_e2e(args: argparse.Namespace, client: Client) -> int:
+    """Legacy `make e2e` in one step: create, wait ready, wait for the validator's
+    result, tear down (also on failure or Ctrl-C), exit with the test's exit code."""
+    inputs = _parse_inputs(args.input)
+    if args.test_command:
+        inputs["test_command"] = args.test_command
+    body: dict[str, Any] = {"profile": args.profile, "inputs": inputs}
+    sandbox = client.request("POST", "/v1/sandboxes", body)
+    sid = sandbox["id"]
+    print(f"e2e: created {sid}", file=sys.stderr)
+    code = EXIT_FAILED
+    try:
+        sandbox = _wait(client, sandbox, {"ready"}, args.timeout)
+        if sandbox["state"] != "ready":
+            print(f"e2e: {sid} ended {sandbox['state']}: {sandbox.get('reason')}", file=sys.stderr)
+            return EXIT_FAILED
+        print("e2e: ready; waiting for the validator", file=sys.stderr)
+        deadline = time.monotonic() + args.timeout
+        while sandbox.get("validation") not in ("passed", "failed"):
+            if time.monotonic() > deadline:
+                raise CliError(f"timed out waiting for the validation of {sid}", EXIT_TIMEOUT)
+            sandbox = client.request(
+                "GET",
+                f"/v1/sandboxes/{sid}",
+                query={"wait": "10", "after_seq": str(sandbox["last_seq"])},
+                timeout=40,
+            )
+            if sandbox["state"] not in ("ready", "checkpointing", "restoring"):
+                raise CliError(
+                    f"{sid} is {sandbox['state']} before its validation ended", EXIT_FAILED
+                )
+        if sandbox.get("validation_output"):
+            sys.stdout.write(sandbox["validation_output"])
+            sys.stdout.flush()
+        passed = sandbox["validation"] == "passed"
+        exit_code = sandbox.get("validation_exit_code")
+        code = (
+            EXIT_OK
+            if passed
+            else (exit_code if isinstance(exit_code, int) and exit_code else EXIT_FAILED)
+        )
+        why = "" if passed else f": {sandbox.get('validation_reason')}"
+        print(
+            f"e2e: validation {sandbox['validation']} (exit code {exit_code}){why}", file=sys.stderr
+        )
+        return code
+    finally:
+        print(f"e2e: tearing down {sid}", file=sys.stderr)
+        try:
+            gone = client.request("DELETE", f"/v1/sandboxes/{sid}")
+            _wait(client, gone, TERMINAL, args.timeout)
+        except CliError as exc:
+            if "already" not in str(exc):
+                print(f"e2e: teardown: {exc}", file=sys.stderr)
+
+
 def _parse_inputs(pairs: Sequence[str]) -> dict[str, str]:
     """key=value pairs. `repo` is a local path: made absolute here, where the user is,
     because the server resolves paths from its own working directory."""
@@ -650,6 +719,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profiles", help="list profiles and their inputs")
     p.add_argument("--json", action="store_true")
 
+    validate = sub.add_parser("validate", help="the reference validator")
+    vsub = validate.add_subparsers(dest="validate_command", required=True, parser_class=_Parser)
+    p = vsub.add_parser("serve", help="run health checks and test_command on ready sandboxes")
+    p.add_argument(
+        "--ack-wait",
+        type=float,
+        default=30.0,
+        help="seconds before an unacknowledged ready event is redelivered",
+    )
+
+    p = sub.add_parser("e2e", help="legacy make e2e: create, validate, tear down, exit code")
+    p.add_argument("--profile", default="profile.compose-e2e")
+    p.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--test-command", help="overrides the profile's test_command")
+    p.add_argument("--timeout", type=float, default=3600.0)
+
     ckpt = sub.add_parser("checkpoint", help="checkpoints: create, list, restore, delete")
     csub = ckpt.add_subparsers(dest="checkpoint_command", required=True, parser_class=_Parser)
     p = csub.add_parser("create", help="checkpoint a ready sandbox")
@@ -699,6 +784,7 @@ COMMANDS = {
     "profiles": cmd_profiles,
     "ledger": cmd_ledger,
     "checkpoint": cmd_checkpoint,
+    "e2e": cmd_e2e,
 }
 
 
@@ -707,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "validate":
+            return cmd_validate(args)
         return COMMANDS[args.command](args, Client(args.url))
     except CliError as exc:
         print(f"sandboxer: {exc}", file=sys.stderr)

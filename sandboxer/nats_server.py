@@ -85,6 +85,8 @@ class EmbeddedNats:
         self.config_file = self.folder / "nats-server.conf"
         self.pid_file = self.folder / "nats-server.pid"
         self.log_file = self.folder / "nats-server.log"
+        # Where other local processes (the validator, bench) find this server.
+        self.url_file = self.folder / "url"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -129,6 +131,7 @@ class EmbeddedNats:
         except BaseException:
             self.stop()
             raise
+        self.url_file.write_text(self.url)
         return self.url
 
     def _wait_ready(self, timeout: float) -> None:
@@ -196,6 +199,7 @@ class EmbeddedNats:
                 proc.wait()
         if proc is not None:
             self.pid_file.unlink(missing_ok=True)
+            self.url_file.unlink(missing_ok=True)
 
     def __enter__(self) -> EmbeddedNats:
         self.start()

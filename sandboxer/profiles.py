@@ -46,6 +46,22 @@ class RouteSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     config: dict[str, Any] = {}
 
 
+class HealthCheck(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An HTTP GET the validator makes: `url` from the sandbox host (over its SSH
+    connection), or `service` + `port` + `path` from inside that service's container."""
+
+    url: str | None = None
+    service: str | None = None
+    port: int | None = None
+    path: str = "/"
+
+
+class ValidationSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    health_checks: list[HealthCheck] = []
+    test_command: str | None = None  # an input `test_command` overrides it
+    timeout_seconds: float = 1800.0
+
+
 class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     extension: str = ""
@@ -56,6 +72,7 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     inputs: dict[str, InputSpec] = {}
     config: dict[str, Any] = {}
     checkpoint: CheckpointPolicy | None = None
+    validation: ValidationSpec | None = None
 
     def candidates(self) -> list[RouteSpec]:
         """The route, or the one extension with the profile's config."""

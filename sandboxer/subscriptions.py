@@ -86,7 +86,7 @@ async def subscribe(
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             for msg in msgs:
-                await _handle(js, durable, msg, handler, codec, max_attempts, backoff)
+                await _handle(js, durable, msg, handler, codec, max_attempts, backoff, ack_wait)
     finally:
         with contextlib.suppress(Exception):
             await psub.unsubscribe()
@@ -100,9 +100,19 @@ async def _handle(
     codec: EventCodec,
     max_attempts: int,
     backoff: Sequence[float],
+    ack_wait: float,
 ) -> None:
     meta = msg.metadata
     attempt = meta.num_delivered
+
+    async def still_working() -> None:
+        # A long handler (a test suite) must not be redelivered while it runs.
+        while True:
+            await asyncio.sleep(max(ack_wait / 3, 0.2))
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    heartbeat = asyncio.create_task(still_working())
     try:
         event = codec.decode(msg.data)
         await handler(Delivery(event, msg.subject, meta.sequence.stream, attempt))
@@ -142,4 +152,6 @@ async def _handle(
         )
         await msg.nak(delay=delay)
         return
+    finally:
+        heartbeat.cancel()
     await msg.ack_sync()

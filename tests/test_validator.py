@@ -1,0 +1,208 @@
+"""The reference validator and `sandboxer e2e`: real NATS, sshd, podman-compose."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from nats.aio.client import Client as NatsClient
+
+from sandboxer.nats_server import EmbeddedNats
+from tests.conftest import StartService
+from tests.helpers import create, wait_state
+from tests.infra import Podman
+
+pytestmark = pytest.mark.timeout(600)
+Factory = Callable[..., dict[str, str]]
+
+
+@pytest.fixture
+def validated_env(
+    compose_env: Factory, tmp_path: Path, nats_server: EmbeddedNats
+) -> dict[str, str]:
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "profile.compose-validated.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "profile.compose-validated",
+                "extension": "compose-ssh",
+                "ttl_seconds": 600,
+                "inputs": {"repo": {"required": True}, "test_command": {}},
+                "validation": {
+                    "health_checks": [{"service": "web", "port": 8080, "path": "/index.html"}],
+                    "test_command": "test -f site/index.html",
+                },
+            }
+        )
+    )
+    return {
+        **compose_env(),
+        "SANDBOXER_PROFILES_PATH": str(profiles),
+        "SANDBOXER_NATS_URL": nats_server.url,
+    }
+
+
+class ValidatorProcess:
+    def __init__(self, env: dict[str, str], ack_wait: float = 30.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sandboxer", "validate", "serve", "--ack-wait", str(ack_wait)],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # printed once subscribed
+        assert "subscribed" in line, line
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+
+@pytest.fixture
+def validator(validated_env: dict[str, str]) -> Iterator[ValidatorProcess]:
+    running = ValidatorProcess(validated_env)
+    yield running
+    running.stop()
+
+
+def e2e(url: str, repo: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sandboxer",
+            "--url",
+            url,
+            "e2e",
+            "--profile",
+            "profile.compose-validated",
+            "--input",
+            f"repo={repo}",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def leftovers(podman: Podman, tmp_path: Path, run: subprocess.CompletedProcess[str]) -> list[str]:
+    """What the e2e run's sandbox left: its directory, containers, network."""
+    sandbox_id = run.stderr.split("e2e: created ", 1)[1].split()[0]
+    root = tmp_path / "remote0"
+    dirs = [p.name for p in root.iterdir()] if root.exists() else []
+    project = f"sandboxer-{sandbox_id}"
+    left = [d for d in dirs if d == sandbox_id]
+    left += [c["Names"][0] for c in podman.containers(project)]
+    left += [n for n in podman.networks() if n.startswith(project)]
+    return left
+
+
+async def test_e2e_passes_and_fails_with_the_test_exit_code(
+    start_service: StartService,
+    validated_env: dict[str, str],
+    validator: ValidatorProcess,
+    compose_repo: Path,
+    podman: Podman,
+    tmp_path: Path,
+) -> None:
+    svc = await start_service(**validated_env)
+    passed = await asyncio.to_thread(e2e, svc.url, compose_repo)
+    assert passed.returncode == 0, passed.stderr + passed.stdout
+    assert "validation passed" in passed.stderr
+    assert leftovers(podman, tmp_path, passed) == []
+
+    failed = await asyncio.to_thread(
+        e2e, svc.url, compose_repo, "--test-command", "echo 3 tests failed; exit 7"
+    )
+    assert failed.returncode == 7, failed.stderr
+    assert "3 tests failed" in failed.stdout
+    assert "validation failed (exit code 7)" in failed.stderr
+    assert leftovers(podman, tmp_path, failed) == []
+
+
+async def test_failing_health_check_is_reported(
+    start_service: StartService,
+    validated_env: dict[str, str],
+    validator: ValidatorProcess,
+    compose_repo: Path,
+) -> None:
+    (compose_repo / "site" / "index.html").unlink()
+    svc = await start_service(**validated_env)
+    made = await create(
+        svc.http, svc.url, profile="profile.compose-validated", inputs={"repo": str(compose_repo)}
+    )
+    async with asyncio.timeout(120):
+        view = await wait_state(svc.http, svc.url, made["id"], {"ready"}, timeout=120)
+        while view["validation"] not in ("passed", "failed"):
+            async with svc.http.get(
+                f"{svc.url}/v1/sandboxes/{made['id']}",
+                params={"wait": "10", "after_seq": str(view["last_seq"])},
+            ) as resp:
+                view = await resp.json()
+    assert view["validation"] == "failed"
+    async with svc.http.delete(f"{svc.url}/v1/sandboxes/{made['id']}"):
+        pass
+    await wait_state(svc.http, svc.url, made["id"], {"destroyed"}, timeout=120)
+
+
+async def test_validator_killed_mid_test_gives_exactly_one_result(
+    start_service: StartService,
+    validated_env: dict[str, str],
+    compose_repo: Path,
+    nc: NatsClient,
+) -> None:
+    svc = await start_service(**validated_env)
+    first = ValidatorProcess(validated_env, ack_wait=2.0)
+    try:
+        made = await create(
+            svc.http,
+            svc.url,
+            profile="profile.compose-validated",
+            inputs={"repo": str(compose_repo), "test_command": "sleep 4; echo slow suite ok"},
+        )
+        view = await wait_state(svc.http, svc.url, made["id"], {"ready"}, timeout=120)
+        async with asyncio.timeout(60):
+            while view["validation"] != "running":
+                async with svc.http.get(
+                    f"{svc.url}/v1/sandboxes/{made['id']}",
+                    params={"wait": "10", "after_seq": str(view["last_seq"])},
+                ) as resp:
+                    view = await resp.json()
+    finally:
+        first.stop(signal.SIGKILL)
+    second = ValidatorProcess(validated_env, ack_wait=2.0)
+    try:
+        async with asyncio.timeout(120):
+            while view["validation"] not in ("passed", "failed"):
+                async with svc.http.get(
+                    f"{svc.url}/v1/sandboxes/{made['id']}",
+                    params={"wait": "10", "after_seq": str(view["last_seq"])},
+                ) as resp:
+                    view = await resp.json()
+        assert view["validation"] == "passed"
+        assert "slow suite ok" in view["validation_output"]
+        info = await nc.jetstream().stream_info(
+            "SANDBOXER", subjects_filter=f"sandboxer.validation.{made['id']}.>"
+        )
+        subjects = info.state.subjects or {}
+        finals = sum(
+            n for s, n in subjects.items() if s.endswith((".ValidationPassed", ".ValidationFailed"))
+        )
+        assert finals == 1, subjects
+    finally:
+        assert second.stop() == 0
+    async with svc.http.delete(f"{svc.url}/v1/sandboxes/{made['id']}"):
+        pass
+    await wait_state(svc.http, svc.url, made["id"], {"destroyed"}, timeout=120)
