@@ -52,8 +52,16 @@ from events.validation import (
     ValidationPassed,
     ValidationStarted,
 )
+from events.webhooks import (
+    WEBHOOK_EVENTS,
+    WebhookDeliveryAttempted,
+    WebhookRegistered,
+    WebhookRemoved,
+)
 
-ALL_EVENTS: tuple[type[Event], ...] = SANDBOX_EVENTS + LEDGER_EVENTS + VALIDATION_EVENTS
+ALL_EVENTS: tuple[type[Event], ...] = (
+    SANDBOX_EVENTS + LEDGER_EVENTS + VALIDATION_EVENTS + WEBHOOK_EVENTS
+)
 
 __all__ = [
     "ALL_EVENTS",
@@ -63,6 +71,7 @@ __all__ = [
     "SANDBOX_PREFIX",
     "STREAM_SUBJECTS",
     "VALIDATION_EVENTS",
+    "WEBHOOK_EVENTS",
     "BecameReady",
     "CheckpointCreated",
     "CheckpointDeleted",
@@ -94,6 +103,9 @@ __all__ = [
     "ValidationFailed",
     "ValidationPassed",
     "ValidationStarted",
+    "WebhookDeliveryAttempted",
+    "WebhookRegistered",
+    "WebhookRemoved",
     "decode_event",
     "encode_event",
     "ledger_subject",

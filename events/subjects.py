@@ -28,7 +28,13 @@ def ledger_filter(account: str) -> str:
     return f"{LEDGER_PREFIX}.{account}.>"
 
 
-_PREFIXES = {"sandbox": SANDBOX_PREFIX, "ledger": LEDGER_PREFIX, "validation": VALIDATION_PREFIX}
+WEBHOOK_PREFIX = "sandboxer.webhook"
+_PREFIXES = {
+    "sandbox": SANDBOX_PREFIX,
+    "ledger": LEDGER_PREFIX,
+    "validation": VALIDATION_PREFIX,
+    "webhook": WEBHOOK_PREFIX,
+}
 
 
 def subject_for(event: Event) -> str:

@@ -24,6 +24,7 @@ from sandboxer.lifecycle import TERMINAL, InvalidTransition, State
 from sandboxer.manager import STEP_LABELS, CreateRequest, NotFound, SandboxManager
 from sandboxer.profiles import ProfileCatalog, ProfileError
 from sandboxer.read_model import ProjectionRunner, VerifyReport
+from sandboxer.webhooks import WebhookError, WebhookOut, Webhooks
 
 MAX_BODY_BYTES = 64 * 1024
 SSE_KEEPALIVE = 15.0
@@ -42,6 +43,11 @@ class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
     ttl_seconds: int | None = None
     account: str = "default"
     from_checkpoint: str | None = None
+
+
+class WebhookBody(msgspec.Struct, forbid_unknown_fields=True):
+    url: str
+    event_types: list[str]
 
 
 class RestoreBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -190,6 +196,7 @@ _encoder = msgspec.json.Encoder()
 _create_decoder = msgspec.json.Decoder(CreateBody)
 _grant_decoder = msgspec.json.Decoder(GrantBody)
 _restore_decoder = msgspec.json.Decoder(RestoreBody)
+_webhook_decoder = msgspec.json.Decoder(WebhookBody)
 CHECKPOINT_ID_RE = re.compile(r"^ckpt-[a-f0-9]{12}$")
 MAX_GRANT = 10**12
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
@@ -240,7 +247,9 @@ class Api:
         runner: ProjectionRunner,
         store: EventRecorder,
         profiles: ProfileCatalog,
+        webhooks: Webhooks | None = None,
     ) -> None:
+        self.webhooks = webhooks
         self.manager = manager
         self.runner = runner
         self.store = store
@@ -268,6 +277,9 @@ class Api:
         app.router.add_post("/v1/accounts/{account}/credits", self.grant)
         app.router.add_get("/v1/accounts/{account}/ledger", self.account_ledger)
         app.router.add_post("/v1/ledger/audit", self.ledger_audit)
+        app.router.add_post("/v1/accounts/{account}/webhooks", self.register_webhook)
+        app.router.add_get("/v1/accounts/{account}/webhooks", self.list_webhooks)
+        app.router.add_delete("/v1/webhooks/{wid}", self.remove_webhook)
         app.router.add_post("/v1/replay", self.replay)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/openapi.json", self.openapi)
@@ -502,6 +514,34 @@ class Api:
         if seq is not None:
             await self._caught_up(seq.last_seq)
         return json_response(self._checkpoint_out(self._checkpoint_view(view.id)))
+
+    # ---- webhooks -------------------------------------------------------------------
+
+    def _hooks(self) -> Webhooks:
+        if self.webhooks is None:
+            raise ApiError(503, "unavailable", "webhooks are not running")
+        return self.webhooks
+
+    async def register_webhook(self, request: web.Request) -> web.Response:
+        account = self._account(request)
+        body = await self._body(request, _webhook_decoder)
+        try:
+            out = await self._hooks().register(
+                account, body.url, body.event_types, self._meta(request)
+            )
+        except WebhookError as exc:
+            raise ApiError(400, "invalid_body", str(exc), exc.field) from exc
+        return json_response(out, 201)
+
+    async def list_webhooks(self, request: web.Request) -> web.Response:
+        account = self._account(request)
+        return json_response({"webhooks": self._hooks().list(account)})
+
+    async def remove_webhook(self, request: web.Request) -> web.Response:
+        webhook_id = request.match_info["wid"]
+        if not await self._hooks().remove(webhook_id, self._meta(request)):
+            raise ApiError(404, "not_found", f"no webhook {webhook_id[:80]!r}", "wid")
+        return web.Response(status=204)
 
     async def list_accounts(self, request: web.Request) -> web.Response:
         views = sorted(self.runner.ledger.accounts.values(), key=lambda v: v.account)
@@ -852,6 +892,8 @@ def openapi_document() -> dict[str, Any]:
         LedgerPage,
         AuditReport,
         RestoreBody,
+        WebhookBody,
+        WebhookOut,
         CheckpointOut,
         CheckpointList,
     ]
@@ -1054,6 +1096,39 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Delete a checkpoint's artifact",
                     "parameters": [cid_param],
                     "responses": {**ok("CheckpointOut"), **errors(404, 409)},
+                },
+            },
+            "/v1/accounts/{account}/webhooks": {
+                "post": {
+                    "summary": "Register a webhook (signed, retried deliveries)",
+                    "parameters": [account_param],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": ref("WebhookBody")}},
+                    },
+                    "responses": {
+                        **ok("WebhookOut", "201", "Registered; the secret is shown once"),
+                        **errors(400, 404, 413),
+                    },
+                },
+                "get": {
+                    "summary": "The account's webhooks",
+                    "parameters": [account_param],
+                    "responses": {"200": {"description": "OK"}, **errors(404)},
+                },
+            },
+            "/v1/webhooks/{wid}": {
+                "delete": {
+                    "summary": "Remove a webhook",
+                    "parameters": [
+                        {
+                            "name": "wid",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {"204": {"description": "Removed"}, **errors(404)},
                 },
             },
             "/v1/ledger/audit": {

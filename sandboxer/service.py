@@ -20,6 +20,7 @@ from sandboxer.nats_server import EmbeddedNats
 from sandboxer.profiles import ProfileCatalog
 from sandboxer.read_model import ProjectionRunner
 from sandboxer.snapshots import FileSnapshotStore, ObjectStoreSnapshots, SnapshotStore
+from sandboxer.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Service:
         self.runner: ProjectionRunner | None = None
         self.manager: SandboxManager | None = None
         self.api: Api | None = None
+        self.webhooks: Webhooks | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -77,9 +79,15 @@ class Service:
             starter_credits=settings.starter_credits,
         )
         await self.manager.start()
-        self.api = Api(self.manager, self.runner, self.store, profiles)
+        self.webhooks = Webhooks(
+            self.nc, self.store, self.runner, settings.data_dir, settings.environ
+        )
+        await self.webhooks.start()
+        self.api = Api(self.manager, self.runner, self.store, profiles, self.webhooks)
 
     async def stop(self) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         if self.manager is not None:
             await self.manager.close()
             await self.manager.extensions.close()

@@ -1,0 +1,119 @@
+"""Webhooks: a real aiohttp receiver that verifies signatures and is down at first."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+from nats.aio.client import Client as NatsClient
+
+from sandboxer.webhooks import SIGNATURE_HEADER, sign, verify
+from tests.conftest import StartService
+from tests.helpers import create, wait_state
+from tests.infra import free_port
+
+
+class Receiver:
+    """Answers 503 to the first `down_for` requests; dedupes on Sandboxer-Event-Id."""
+
+    def __init__(self, secret_box: dict[str, str], down_for: int) -> None:
+        self.secret_box = secret_box
+        self.down_for = down_for
+        self.requests = 0
+        self.bad_signatures = 0
+        self.effects: Counter[str] = Counter()  # event id -> times acted on
+        self.events: dict[str, dict[str, Any]] = {}
+        self.changed = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests += 1
+        if not verify(self.secret_box["secret"], request.headers[SIGNATURE_HEADER], body):
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        if self.requests <= self.down_for:
+            return web.Response(status=503)
+        event_id = request.headers["Sandboxer-Event-Id"]
+        if event_id not in self.events:  # exactly once in effect
+            self.events[event_id] = json.loads(body)
+            self.effects[event_id] += 1
+        self.changed.set()
+        return web.Response(status=204)
+
+
+async def test_signed_retried_and_exactly_once_in_effect(
+    start_service: StartService, nc: NatsClient
+) -> None:
+    svc = await start_service(SANDBOXER_WEBHOOK_BACKOFF="0.1,0.2")
+    box: dict[str, str] = {}
+    receiver = Receiver(box, down_for=3)
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with svc.http.post(
+            f"{svc.url}/v1/accounts/default/webhooks",
+            json={
+                "url": f"http://127.0.0.1:{port}/hook",
+                "event_types": ["SandboxRequested", "BecameReady"],
+            },
+        ) as resp:
+            registered = await resp.json()
+            assert resp.status == 201, registered
+        box["secret"] = registered["secret"]
+        made = await create(svc.http, svc.url)
+        # The receiver is down, yet the lifecycle goes on.
+        await wait_state(svc.http, svc.url, made["id"], {"ready"})
+        async with asyncio.timeout(30):
+            while len(receiver.events) < 2:
+                receiver.changed.clear()
+                await receiver.changed.wait()
+        assert receiver.bad_signatures == 0
+        types = sorted(e["event"]["type"] for e in receiver.events.values())
+        assert types == ["BecameReady", "SandboxRequested"]
+        assert set(receiver.effects.values()) == {1}
+        assert receiver.requests >= 5, "the first attempts failed and were retried"
+        async with svc.http.get(f"{svc.url}/v1/accounts/default/webhooks") as resp:
+            listed = (await resp.json())["webhooks"]
+        assert [w["id"] for w in listed] == [registered["id"]]
+        assert listed[0]["secret"] is None, "the secret is shown once only"
+    finally:
+        await runner.cleanup()
+    info = await nc.jetstream().stream_info(
+        "SANDBOXER", subjects_filter=f"sandboxer.webhook.{registered['id']}.>"
+    )
+    attempts = (info.state.subjects or {}).get(
+        f"sandboxer.webhook.{registered['id']}.WebhookDeliveryAttempted", 0
+    )
+    assert attempts == receiver.requests, "every delivery attempt is recorded"
+    async with svc.http.delete(f"{svc.url}/v1/webhooks/{registered['id']}") as resp:
+        assert resp.status == 204
+
+
+async def test_bad_registrations(start_service: StartService) -> None:
+    svc = await start_service()
+    for body, field in [
+        ({"url": "ftp://x", "event_types": ["BecameReady"]}, "url"),
+        ({"url": "http://127.0.0.1:1/", "event_types": ["Nope"]}, "event_types"),
+        ({"url": "http://127.0.0.1:1/", "event_types": []}, "event_types"),
+        ({"url": "http://127.0.0.1:1/"}, "event_types"),
+    ]:
+        async with svc.http.post(f"{svc.url}/v1/accounts/default/webhooks", json=body) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["field"] == field
+
+
+def test_signature_rules() -> None:
+    body = b'{"a": 1}'
+    header = sign("s3cret", body, timestamp=1_700_000_000)
+    assert verify("s3cret", header, body, now=1_700_000_100)
+    assert not verify("s3cret", header, body + b" ", now=1_700_000_100)
+    assert not verify("other", header, body, now=1_700_000_100)
+    assert not verify("s3cret", header, body, now=1_700_000_000 + 3600), "replayed too late"
+    assert not verify("s3cret", "garbage", body)
