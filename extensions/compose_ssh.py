@@ -27,6 +27,7 @@ from extensions.hosts import (
     parse_pool,
     place_least_loaded,
     pool_host,
+    workspace_path,
 )
 from extensions.sdk import ExtensionError, Handle, Placement, RuntimeInfo, StepContext
 from extensions.ssh import SSHPool, rsync
@@ -127,6 +128,19 @@ def parse_ps(output: str) -> dict[str, str]:
     return states
 
 
+def _handle(
+    host: PoolHost, directory: str, project: str, compose_file: str, services: str
+) -> Handle:
+    return {
+        "host": host.name,
+        "address": host.target.host,
+        "directory": directory,
+        "project": project,
+        "compose_file": compose_file,
+        "services": services,
+    }
+
+
 def checkpoint_tag(project: str, service: str, checkpoint: str) -> str:
     return f"sandboxer-ckpt/{project}-{service}:{checkpoint}"
 
@@ -149,7 +163,7 @@ class ComposeSSH:
 
     @staticmethod
     def _directory(host: PoolHost, sandbox_id: str) -> str:
-        return f"{host.root}/{check_sandbox_id(sandbox_id)}"
+        return workspace_path(host, sandbox_id)
 
     @staticmethod
     def _repo(ctx: StepContext) -> Path:
@@ -211,14 +225,7 @@ class ComposeSSH:
             cwd=directory,
             timeout=float(ctx.config.get("up_timeout", 600)),
         )
-        return {
-            "host": host.name,
-            "address": host.target.host,
-            "directory": directory,
-            "project": project,
-            "compose_file": compose_file,
-            "services": ",".join(services),
-        }
+        return _handle(host, directory, project, compose_file, ",".join(services))
 
     async def wait_ready(self, ctx: StepContext, handle: Handle) -> list[str]:
         host = self._host(ctx)
@@ -230,28 +237,10 @@ class ComposeSSH:
         # once (a crashing entrypoint) is caught instead of reported ready.
         settle = max(int(ctx.config.get("settle_polls", 2)), 1)
         streak = 0
-        compose = [
-            *compose_cmd(host, ctx.config),
-            "-p",
-            project,
-            "-f",
-            handle.get("compose_file") or COMPOSE_FILES[0],
-        ]
         while True:
-            # docker compose needs -a to show exited containers; podman-compose always
-            # shows them and refuses -a.
-            result = await self.pool.run(
-                host.target,
-                [*compose, "ps", "-a", "--format", "json"],
-                cwd=directory,
-                timeout=60,
-                check=False,
+            states = parse_ps(
+                await self._ps(host, ctx, directory, project, handle.get("compose_file"))
             )
-            if result.exit_status != 0:
-                result = await self.pool.run(
-                    host.target, [*compose, "ps", "--format", "json"], cwd=directory, timeout=60
-                )
-            states = parse_ps(result.stdout)
             for service in expected:
                 if states.get(service) in DEAD:
                     raise ExtensionError(f"service {service!r} is {states[service]}")
@@ -287,27 +276,33 @@ class ComposeSSH:
 
     # ---- checkpoints -----------------------------------------------------------------
 
-    async def _ps(self, host: PoolHost, ctx: StepContext, handle: Handle) -> str:
+    async def _ps(
+        self,
+        host: PoolHost,
+        ctx: StepContext,
+        directory: str,
+        project: str,
+        compose_file: str | None,
+    ) -> str:
+        """`compose ps` as JSON. docker compose needs -a to show exited containers;
+        podman-compose always shows them and refuses -a."""
         compose = [
             *compose_cmd(host, ctx.config),
             "-p",
-            handle["project"],
+            project,
             "-f",
-            handle.get("compose_file") or COMPOSE_FILES[0],
+            compose_file or COMPOSE_FILES[0],
         ]
         result = await self.pool.run(
             host.target,
             [*compose, "ps", "-a", "--format", "json"],
-            cwd=handle["directory"],
+            cwd=directory,
             timeout=60,
             check=False,
         )
         if result.exit_status != 0:
             result = await self.pool.run(
-                host.target,
-                [*compose, "ps", "--format", "json"],
-                cwd=handle["directory"],
-                timeout=60,
+                host.target, [*compose, "ps", "--format", "json"], cwd=directory, timeout=60
             )
         return result.stdout
 
@@ -329,7 +324,9 @@ class ComposeSSH:
         ]
         engine = engine_cmd(host, ctx.config)
         scratch = f"{host.root}/.ckpt-{checkpoint}"
-        names = container_names(await self._ps(host, ctx, handle))
+        names = container_names(
+            await self._ps(host, ctx, directory, project, handle.get("compose_file"))
+        )
         tags = {service: checkpoint_tag(project, service, checkpoint) for service in names}
         timeout = float(ctx.config.get("checkpoint_timeout", 1800))
         ctx.progress("pausing services")
@@ -433,14 +430,7 @@ class ComposeSSH:
             cwd=directory,
             timeout=float(ctx.config.get("up_timeout", 600)),
         )
-        return {
-            "host": host.name,
-            "address": host.target.host,
-            "directory": directory,
-            "project": project,
-            "compose_file": compose_file,
-            "services": metadata.get("services", ""),
-        }
+        return _handle(host, directory, project, compose_file, metadata.get("services", ""))
 
     async def close(self) -> None:
         await self.pool.close()

@@ -64,6 +64,11 @@ def check_sandbox_id(sandbox_id: str) -> str:
     return sandbox_id
 
 
+def workspace_path(host: PoolHost, sandbox_id: str) -> str:
+    """`<root>/<sandbox id>`: the id is checked first, so it cannot leave the root."""
+    return f"{host.root}/{check_sandbox_id(sandbox_id)}"
+
+
 def parse_pool(
     entries: Any, *, what: str, default_root: str, default_capacity: int = 4
 ) -> dict[str, PoolHost]:

@@ -17,11 +17,11 @@ from extensions.hosts import (
     PREPARE_WORKSPACE,
     REMOVE_WORKSPACE,
     PoolHost,
-    check_sandbox_id,
     local_repo,
     parse_pool,
     place_least_loaded,
     pool_host,
+    workspace_path,
 )
 from extensions.sdk import ExtensionError, Handle, Placement, RuntimeInfo, StepContext
 from extensions.ssh import SSHPool, rsync
@@ -53,7 +53,7 @@ class VmPacker:
 
     @staticmethod
     def workspace(vm: PoolHost, sandbox_id: str) -> str:
-        return f"{vm.root}/{check_sandbox_id(sandbox_id)}"
+        return workspace_path(vm, sandbox_id)
 
     def place(self, ctx: StepContext, load: Mapping[str, int]) -> Placement:
         return place_least_loaded(parse_vms(ctx.config), load, "VM", only=ctx.inputs.get("vm"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -117,34 +118,38 @@ class ProjectionRunner:
         """Wait until anything past `after_seq` is applied, or the timeout passes."""
         await self.wait_for(after_seq + 1, timeout)
 
-    async def wait_sandbox(self, sandbox_id: str, after_seq: int, timeout: float) -> None:
-        """Wait until the sandbox's row moves past `after_seq` (long-poll)."""
+    async def _wait_until(self, done: Callable[[], bool], timeout: float) -> None:
+        """Long-poll helper: return once `done()` holds after an applied event, or when
+        the timeout passes (the caller answers with what it has)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while True:
-                    view = self.projection.get(sandbox_id)
-                    if view is not None and view.last_seq > after_seq:
-                        return
+                while not done():
                     await self._changed.wait()
+
+    async def wait_sandbox(self, sandbox_id: str, after_seq: int, timeout: float) -> None:
+        """Wait until the sandbox's row moves past `after_seq`."""
+
+        def moved() -> bool:
+            view = self.projection.get(sandbox_id)
+            return view is not None and view.last_seq > after_seq
+
+        await self._wait_until(moved, timeout)
 
     async def wait_account(self, account: str, after_seq: int, timeout: float) -> None:
-        """Wait until the account's ledger row moves past `after_seq` (long-poll)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while True:
-                    view = self.ledger.accounts.get(account)
-                    if view is not None and view.last_seq > after_seq:
-                        return
-                    await self._changed.wait()
+        """Wait until the account's ledger row moves past `after_seq`."""
+
+        def moved() -> bool:
+            view = self.ledger.accounts.get(account)
+            return view is not None and view.last_seq > after_seq
+
+        await self._wait_until(moved, timeout)
 
     async def wait_checkpoint(self, checkpoint_id: str, after_seq: int, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while True:
-                    view = self.checkpoints.get(checkpoint_id)
-                    if view is not None and view.last_seq > after_seq:
-                        return
-                    await self._changed.wait()
+        def moved() -> bool:
+            view = self.checkpoints.get(checkpoint_id)
+            return view is not None and view.last_seq > after_seq
+
+        await self._wait_until(moved, timeout)
 
     async def verify(self) -> VerifyReport:
         """Replay the stream from sequence 1 into a fresh projection and compare."""
