@@ -17,6 +17,7 @@ from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
 from projections.sandboxes import SandboxView
 from sandboxer.audit import AuditReport, audit
+from sandboxer.auth import Principal, TokenBook
 from sandboxer.checkpointing import NotCapable, UnknownCheckpoint
 from sandboxer.event_store import EventRecorder, RecordedEvent
 from sandboxer.ids import InvalidId, check_account, check_sandbox_id, new_correlation_id
@@ -27,6 +28,16 @@ from sandboxer.read_model import ProjectionRunner, VerifyReport
 from sandboxer.webhooks import WebhookError, WebhookOut, Webhooks
 
 MAX_BODY_BYTES = 64 * 1024
+PRINCIPAL = web.RequestKey("principal", Principal)
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+ADMIN_ONLY = frozenset(
+    {
+        ("POST", "/v1/accounts/{account}/credits"),
+        ("POST", "/v1/ledger/audit"),
+        ("POST", "/v1/replay"),
+        ("GET", "/v1/accounts"),
+    }
+)
 SSE_KEEPALIVE = 15.0
 MAX_INPUTS = 64
 MAX_WAIT_SECONDS = 60.0
@@ -248,8 +259,10 @@ class Api:
         store: EventRecorder,
         profiles: ProfileCatalog,
         webhooks: Webhooks | None = None,
+        tokens: TokenBook | None = None,
     ) -> None:
         self.webhooks = webhooks
+        self.tokens = tokens or TokenBook([])
         self.manager = manager
         self.runner = runner
         self.store = store
@@ -257,7 +270,9 @@ class Api:
         self._streams: set[asyncio.Task[Any]] = set()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(
+            middlewares=[error_middleware, self.auth_middleware], client_max_size=MAX_BODY_BYTES
+        )
         app.router.add_post("/v1/sandboxes", self.create)
         app.router.add_get("/v1/sandboxes", self.list_sandboxes)
         app.router.add_get("/v1/sandboxes/{id}", self.get)
@@ -291,6 +306,68 @@ class Api:
         for task in list(self._streams):
             task.cancel()
 
+    # ---- auth ---------------------------------------------------------------------
+
+    @web.middleware
+    async def auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """With tokens configured, every route but health and the OpenAPI document needs
+        a bearer token; members reach their own account's resources only."""
+        if not self.tokens.enabled or request.path in PUBLIC_PATHS:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        principal = self.tokens.lookup(token.strip()) if scheme.lower() == "bearer" else None
+        if principal is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "a valid bearer token is required"
+                if header
+                else "missing Authorization: Bearer <token>",
+            )
+        request[PRINCIPAL] = principal
+        if not principal.admin:
+            self._authorize_member(request, principal)
+        return await handler(request)
+
+    def _authorize_member(self, request: web.Request, principal: Principal) -> None:
+        route = request.match_info.route.resource
+        template = route.canonical if route is not None else request.path
+        info = request.match_info
+        if (request.method, template) in ADMIN_ONLY:
+            raise ApiError(403, "forbidden", f"{template} needs an admin token")
+        owner: str | None = None
+        if "account" in info:
+            owner = info["account"]
+        elif "id" in info:
+            view = self.runner.projection.get(info["id"])
+            owner = view.account if view else principal.account  # 404 follows
+        elif "cid" in info:
+            checkpoint = self.runner.checkpoints.get(info["cid"])
+            view = self.runner.projection.get(checkpoint.sandbox_id) if checkpoint else None
+            owner = view.account if view else principal.account
+        elif "wid" in info and self.webhooks is not None:
+            registration = self.webhooks.registrations.get(info["wid"])
+            owner = registration.account if registration else principal.account
+        elif template == "/v1/events":
+            sandbox = request.query.get("sandbox")
+            view = self.runner.projection.get(sandbox) if sandbox else None
+            if view is None:
+                raise ApiError(
+                    403,
+                    "forbidden",
+                    "members read events of their own sandboxes (?sandbox=<id>) or the stream",
+                )
+            owner = view.account
+        if owner is not None and not principal.may_see(owner):
+            raise ApiError(
+                403, "forbidden", f"this token acts for account {principal.account} only"
+            )
+
+    @staticmethod
+    def _principal(request: web.Request) -> Principal | None:
+        return request.get(PRINCIPAL)
+
     # ---- helpers -----------------------------------------------------------------
 
     def _meta(self, request: web.Request) -> EventMeta:
@@ -302,7 +379,9 @@ class Api:
                 "X-Request-Id must match [A-Za-z0-9._:-]{1,64}",
                 "X-Request-Id",
             )
-        return EventMeta(actor="api:anonymous", correlation_id=request_id or new_correlation_id())
+        principal = self._principal(request)
+        actor = f"api:{principal.name}" if principal else "api:anonymous"
+        return EventMeta(actor=actor, correlation_id=request_id or new_correlation_id())
 
     def _sandbox_id(self, request: web.Request) -> str:
         raw = request.match_info["id"]
@@ -634,13 +713,25 @@ class Api:
                 profile = source.profile if source else ""
         if not profile:
             raise ApiError(400, "invalid_body", "profile is required", "profile")
+        account = body.account
+        principal = self._principal(request)
+        if principal is not None and not principal.admin:
+            if account == "default":
+                account = principal.account
+            elif account != principal.account:
+                raise ApiError(
+                    403,
+                    "forbidden",
+                    f"this token acts for account {principal.account} only",
+                    "account",
+                )
         try:
             sandbox, seq = await self.manager.create(
                 CreateRequest(
                     profile=profile,
                     inputs=body.inputs,
                     ttl_seconds=body.ttl_seconds,
-                    account=body.account,
+                    account=account,
                     from_checkpoint=body.from_checkpoint,
                 ),
                 meta,
@@ -656,9 +747,13 @@ class Api:
         state = request.query.get("state")
         if state is not None and state not in {s.value for s in State if s != State.NEW}:
             raise ApiError(400, "invalid_query", f"unknown state {state!r}", "state")
+        account = request.query.get("account")
+        principal = self._principal(request)
+        if principal is not None and not principal.admin:
+            account = principal.account
         rows = self.runner.projection.list(
             state=state,
-            account=request.query.get("account"),
+            account=account,
             live_only=request.query.get("live") in ("1", "true"),
         )
         out = [self._out(v) for v in rows]
@@ -747,6 +842,9 @@ class Api:
             except InvalidId as exc:
                 raise ApiError(400, "invalid_query", str(exc), "sandbox") from exc
         account = request.query.get("account")
+        principal = self._principal(request)
+        if principal is not None and not principal.admin:
+            account = principal.account  # members follow their own account only
         types = {t for t in request.query.get("type", "").split(",") if t}
         known = {t.type_name() for t in _event_schema_types()}
         if types - known:

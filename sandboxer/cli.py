@@ -30,8 +30,9 @@ class CliError(Exception):
 
 
 class Client:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.token = token
 
     def request(
         self,
@@ -47,6 +48,8 @@ class Client:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(url, data=data, method=method)  # noqa: S310
         req.add_header("Accept", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
@@ -389,7 +392,10 @@ def _follow_stream(args: argparse.Namespace, client: Client) -> int:
         url = client.base_url + "/v1/events/stream"
         if query:
             url += "?" + urllib.parse.urlencode(query)
-        req = urllib.request.Request(url, headers={"Last-Event-ID": last})  # noqa: S310
+        headers = {"Last-Event-ID": last}
+        if client.token:
+            headers["Authorization"] = f"Bearer {client.token}"
+        req = urllib.request.Request(url, headers=headers)  # noqa: S310
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
                 data = b""
@@ -795,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "validate":
             return cmd_validate(args)
-        return COMMANDS[args.command](args, Client(args.url))
+        return COMMANDS[args.command](args, Client(args.url, os.environ.get("SANDBOXER_TOKEN")))
     except CliError as exc:
         print(f"sandboxer: {exc}", file=sys.stderr)
         return exc.code

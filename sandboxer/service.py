@@ -13,6 +13,7 @@ from nats.aio.client import Client as NatsClient
 
 from extensions import ExtensionRegistry, RuntimeInfo
 from sandboxer.api import Api
+from sandboxer.auth import TokenBook, is_loopback
 from sandboxer.config import Settings
 from sandboxer.event_store import JetStreamEventStore
 from sandboxer.manager import SandboxManager
@@ -83,7 +84,14 @@ class Service:
             self.nc, self.store, self.runner, settings.data_dir, settings.environ
         )
         await self.webhooks.start()
-        self.api = Api(self.manager, self.runner, self.store, profiles, self.webhooks)
+        self.api = Api(
+            self.manager,
+            self.runner,
+            self.store,
+            profiles,
+            self.webhooks,
+            TokenBook.from_env(settings.environ),
+        )
 
     async def stop(self) -> None:
         if self.webhooks is not None:
@@ -107,6 +115,12 @@ class Service:
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Run until SIGINT or SIGTERM; always stop the embedded NATS server on the way out."""
+    tokens = TokenBook.from_env(settings.environ)  # a bad tokens file fails here, early
+    if not is_loopback(settings.host) and not tokens.enabled:
+        raise SystemExit(
+            f"sandboxer serve: refusing to listen on {settings.host} without tokens: "
+            "set SANDBOXER_TOKENS_FILE (or SANDBOXER_TOKENS), or listen on 127.0.0.1"
+        )
     service = Service(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -85,12 +85,17 @@ async def test_signed_retried_and_exactly_once_in_effect(
         assert listed[0]["secret"] is None, "the secret is shown once only"
     finally:
         await runner.cleanup()
-    info = await nc.jetstream().stream_info(
-        "SANDBOXER", subjects_filter=f"sandboxer.webhook.{registered['id']}.>"
-    )
-    attempts = (info.state.subjects or {}).get(
-        f"sandboxer.webhook.{registered['id']}.WebhookDeliveryAttempted", 0
-    )
+    # Each attempt is recorded right after its answer: wait for the last record.
+    subject = f"sandboxer.webhook.{registered['id']}.WebhookDeliveryAttempted"
+    attempts = 0
+    async with asyncio.timeout(10):
+        while attempts < receiver.requests:
+            info = await nc.jetstream().stream_info(
+                "SANDBOXER", subjects_filter=f"sandboxer.webhook.{registered['id']}.>"
+            )
+            attempts = (info.state.subjects or {}).get(subject, 0)
+            if attempts < receiver.requests:
+                await asyncio.sleep(0.05)  # polling a condition, under a deadline
     assert attempts == receiver.requests, "every delivery attempt is recorded"
     async with svc.http.delete(f"{svc.url}/v1/webhooks/{registered['id']}") as resp:
         assert resp.status == 204
