@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from events import Event, EventMeta, SandboxRequested
+from events import Event, EventMeta
 from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
 from projections.sandboxes import SandboxView
@@ -881,7 +881,10 @@ class Api:
                     continue
                 if sandbox is not None and event.aggregate_id != sandbox:
                     continue
-                if account is not None and self._account_of(recorded) != account:
+                if (
+                    account is not None
+                    and self.runner.account_of(recorded.subject, event) != account
+                ):
                     continue
                 payload = _encoder.encode(_event_out(recorded))
                 await response.write(
@@ -899,15 +902,6 @@ class Api:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pumping
         return response
-
-    def _account_of(self, recorded: RecordedEvent) -> str | None:
-        event = recorded.event
-        if recorded.subject.startswith("sandboxer.ledger."):
-            return event.aggregate_id
-        if isinstance(event, SandboxRequested):
-            return event.account
-        view = self.runner.projection.get(event.aggregate_id)
-        return view.account if view else None
 
     async def list_profiles(self, request: web.Request) -> web.Response:
         out = []

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import msgspec
 
+from events import Event, SandboxRequested
 from projections.checkpoints import CheckpointsProjection
 from projections.ledger import LedgerProjection, from_cache, to_cache
 from projections.sandboxes import SandboxesProjection, SandboxView
@@ -79,6 +80,15 @@ class ProjectionRunner:
             self._failed = exc
             self._changed.set()
             raise
+
+    def account_of(self, subject: str, event: Event) -> str | None:
+        """The account an event belongs to: a ledger event's own, else its sandbox's."""
+        if subject.startswith("sandboxer.ledger."):
+            return event.aggregate_id
+        if isinstance(event, SandboxRequested):
+            return event.account
+        view = self.projection.get(event.aggregate_id)
+        return view.account if view else None
 
     def _cache_file(self) -> Path | None:
         return self.cache_dir / "ledger.json" if self.cache_dir is not None else None

@@ -30,7 +30,6 @@ from nats.aio.client import Client as NatsClient
 from events import (
     ALL_EVENTS,
     EventMeta,
-    SandboxRequested,
     WebhookDeliveryAttempted,
     WebhookRegistered,
     WebhookRemoved,
@@ -185,17 +184,8 @@ class Webhooks:
         )
         self._tasks[webhook_id] = (task, stop)
 
-    def _account_of(self, delivery: Delivery) -> str | None:
-        event = delivery.event
-        if delivery.subject.startswith("sandboxer.ledger."):
-            return event.aggregate_id
-        if isinstance(event, SandboxRequested):
-            return event.account
-        view = self.runner.projection.get(event.aggregate_id)
-        return view.account if view else None
-
     async def _deliver(self, registration: WebhookRegistered, delivery: Delivery) -> None:
-        if self._account_of(delivery) != registration.account:
+        if self.runner.account_of(delivery.subject, delivery.event) != registration.account:
             return  # another account's sandbox: not for this webhook
         webhook_id = registration.aggregate_id
         body = msgspec.json.encode(
