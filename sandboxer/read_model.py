@@ -18,7 +18,7 @@ from events import Event, SandboxRequested
 from projections.checkpoints import CheckpointsProjection
 from projections.ledger import LedgerProjection, from_cache, to_cache
 from projections.sandboxes import SandboxesProjection, SandboxView
-from sandboxer.event_store import EventRecorder
+from sandboxer.event_store import EventRecorder, RecordedEvent
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class ProjectionRunner:
         self.cache_dir = cache_dir
         self.projection = SandboxesProjection()
         self.checkpoints = CheckpointsProjection()
+        # Called right after each event is applied (in-process observers, tests).
+        self.listeners: list[Callable[[RecordedEvent], None]] = []
         self.ledger = self._load_cache()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -71,6 +73,8 @@ class ProjectionRunner:
                 self.checkpoints.apply(recorded.seq, recorded.subject, recorded.event)
                 if recorded.seq > self.ledger.last_seq:
                     self.ledger.apply(recorded.seq, recorded.subject, recorded.event)
+                for listener in self.listeners:
+                    listener(recorded)
                 changed, self._changed = self._changed, asyncio.Event()
                 changed.set()
         except asyncio.CancelledError:

@@ -7,6 +7,7 @@ import itertools
 
 from nats.aio.client import Client as NatsClient
 
+from sandboxer.event_store import RecordedEvent
 from tests.conftest import RunningService, StartService
 from tests.helpers import create, destroy, event_types, get, grant, wait_state
 
@@ -30,13 +31,20 @@ async def test_full_lifecycle_subjects_and_projection(api: RunningService, nc: N
     async def on_msg(msg) -> None:  # type: ignore[no-untyped-def]
         sandbox_id = msg.subject.split(".")[2]
         seen.append((msg.subject, sandbox_id))
-        # Projection state as each event lands: read-your-writes through the API.
-        await api.service.runner.wait_for(msg.metadata.sequence.stream, 5)  # type: ignore[union-attr]
-        view = api.service.runner.projection.get(sandbox_id)  # type: ignore[union-attr]
-        assert view is not None
-        states.append(view.state)
         if msg.subject.endswith(".TornDown"):
             done.set()
+
+    runner = api.service.runner
+    assert runner is not None
+
+    def on_applied(recorded: RecordedEvent) -> None:
+        # The projection's state right after each sandbox event is applied.
+        if recorded.subject.startswith("sandboxer.sandbox."):
+            view = runner.projection.get(recorded.event.aggregate_id)
+            assert view is not None and view.last_seq == recorded.seq
+            states.append(view.state)
+
+    runner.listeners.append(on_applied)
 
     sub = await nc.jetstream().subscribe("sandboxer.sandbox.>", cb=on_msg, ordered_consumer=True)
     created = await create(http, url, inputs={"size": "medium", "api_key": "hunter2-secret"})
