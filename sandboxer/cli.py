@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import http.client
 import json
 import logging
 import os
@@ -24,12 +25,16 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_API, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 
 
 
 class CliError(Exception):
+    """A failure the user should read, carrying the exit code scripts branch on."""
+
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
 
 
 class Client:
+    """JSON over urllib: the API's answers as plain dicts, its failures as CliErrors."""
+
     def __init__(self, base_url: str, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
@@ -42,6 +47,8 @@ class Client:
         query: dict[str, str] | None = None,
         timeout: float = 30.0,
     ) -> Any:
+        """One call. HTTP errors become exit 3 with the API's message; a server that
+        cannot be reached becomes exit 4 with a hint, never a traceback."""
         url = self.base_url + path
         if query:
             url += "?" + urllib.parse.urlencode(query)
@@ -54,19 +61,49 @@ class Client:
             req.add_header("Content-Type", "application/json")
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-                return json.loads(resp.read() or b"null")
+                raw = resp.read()
         except urllib.error.HTTPError as exc:
             raise CliError(_api_error(exc), EXIT_API) from exc
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        except (
+            urllib.error.URLError,
+            ConnectionError,
+            TimeoutError,
+            http.client.HTTPException,
+        ) as exc:
             reason = getattr(exc, "reason", exc)
             raise CliError(
                 f"cannot reach the sandboxer API at {self.base_url}: {reason}\n"
                 "hint: start it with `sandboxer serve`, or set SANDBOXER_URL / --url",
                 EXIT_UNREACHABLE,
             ) from exc
+        try:
+            return json.loads(raw or b"null")
+        except ValueError as exc:
+            raise CliError(
+                f"{self.base_url} answered {method} {path} with something that is not JSON; "
+                "is it a sandboxer API?",
+                EXIT_API,
+            ) from exc
+
+
+def check_url(url: str) -> str:
+    """Fail fast on a mistyped --url/SANDBOXER_URL (exit 2) instead of a traceback, and
+    keep urllib to http(s): it would otherwise open file:// and friends."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        _ = parts.port  # raises on a port that is not a number or out of range
+    except ValueError as exc:
+        raise CliError(f"invalid API URL {url!r}: {exc}", EXIT_USAGE) from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CliError(
+            f"invalid API URL {url!r}: expected http(s)://host[:port] (--url or SANDBOXER_URL)",
+            EXIT_USAGE,
+        )
+    return url
 
 
 def _api_error(exc: urllib.error.HTTPError) -> str:
+    """The API's `error.message` and `error.field`: the field tells the user what to fix."""
     try:
         error = json.loads(exc.read())["error"]
     except (ValueError, KeyError, TypeError):
@@ -79,12 +116,15 @@ def _api_error(exc: urllib.error.HTTPError) -> str:
 
 
 def _print_json(value: Any) -> None:
+    """Exactly the API's JSON, for scripts (jq) rather than eyes."""
     print(json.dumps(value, indent=2, sort_keys=False))
 
 
 def _age(iso: str) -> str:
+    """Coarse age for the table: a human wants "3m", not a timestamp."""
     then = dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    seconds = int((dt.datetime.now(dt.UTC) - then).total_seconds())
+    # Clamped: a server clock slightly ahead of ours must not print "-1s".
+    seconds = max(0, int((dt.datetime.now(dt.UTC) - then).total_seconds()))
     if seconds < 120:
         return f"{seconds}s"
     if seconds < 7200:
@@ -93,6 +133,7 @@ def _age(iso: str) -> str:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
+    """Columns padded to their widest cell, so the list reads (and `awk`s) as a table."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
@@ -102,6 +143,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _print_sandboxes(rows: list[dict[str, Any]]) -> None:
+    """One row per sandbox; long reasons are cut so a row stays one line."""
     if not rows:
         print("no sandboxes")
         return
@@ -121,6 +163,7 @@ def _print_sandboxes(rows: list[dict[str, Any]]) -> None:
 
 
 def _print_sandbox(s: dict[str, Any]) -> None:
+    """`key: value` lines for one sandbox, empty fields left out."""
     fields = [
         "id",
         "state",
@@ -149,6 +192,7 @@ def _print_sandbox(s: dict[str, Any]) -> None:
 
 
 def _print_event(e: dict[str, Any]) -> None:
+    """seq, time, type, aggregate, actor: enough to follow a lifecycle by eye."""
     ev = e["event"]
     print(
         f"{e['seq']:>6}  {ev['occurred_at']}  {ev['type']:<18} {ev['aggregate_id']:<18} "
@@ -160,6 +204,7 @@ class Progress:
     """One rewritten line on a terminal, one line per change otherwise."""
 
     def __init__(self) -> None:
+        # Escape codes only on a terminal: logs of CI jobs stay plain text.
         self.tty = sys.stderr.isatty()
         self.last = ""
         self.started = time.monotonic()
@@ -186,6 +231,8 @@ class Progress:
 def _wait(
     client: Client, sandbox: dict[str, Any], until: set[str], timeout: float
 ) -> dict[str, Any]:
+    """Long-poll the sandbox until a state in `until` or a terminal one, showing progress;
+    exit 5 when `timeout` seconds pass first."""
     progress = Progress()
     deadline = time.monotonic() + timeout
     try:
@@ -200,7 +247,8 @@ def _wait(
                     EXIT_TIMEOUT,
                 )
             # Long-polls return at once on a new event; the 1 s cap refreshes the
-            # step's progress message and elapsed time in between.
+            # step's progress message (it changes without an event: "compose up",
+            # "pulling 3/5") and the elapsed time in between.
             wait = min(1.0, left)
             sandbox = client.request(
                 "GET",
@@ -216,6 +264,7 @@ def _wait(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Imports the service lazily: every other command stays a fast, light client."""
     from sandboxer.config import Settings
     from sandboxer.service import serve
 
@@ -316,6 +365,7 @@ def _parse_inputs(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_create(args: argparse.Namespace, client: Client) -> int:
+    """Exit 1 under --wait when it ends failed/rejected, so `create --wait && test` works."""
     body: dict[str, Any] = {"inputs": _parse_inputs(args.input)}
     if args.profile:
         body["profile"] = args.profile
@@ -354,6 +404,7 @@ def _wait_settled(client: Client, sandbox: dict[str, Any], timeout: float) -> No
 
 
 def cmd_destroy(args: argparse.Namespace, client: Client) -> int:
+    """With --wait, returns once it is gone (and billed), or exit 1 if teardown failed."""
     sandbox = client.request("DELETE", f"/v1/sandboxes/{args.id}")
     if args.wait:
         sandbox = _wait(client, sandbox, TERMINAL, args.timeout)
@@ -375,6 +426,7 @@ def cmd_get(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_list(args: argparse.Namespace, client: Client) -> int:
+    """--json prints a bare array, so scripts can `jq '.[].id'`."""
     query = {k: v for k, v in (("state", args.state), ("account", args.account)) if v}
     rows = client.request("GET", "/v1/sandboxes", query=query)["sandboxes"]
     if args.json:
@@ -424,6 +476,8 @@ def _follow_stream(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_events(args: argparse.Namespace, client: Client) -> int:
+    """Page through what is recorded; --follow then stays on the live stream until Ctrl-C,
+    which is how one stops following, so it exits 0."""
     if args.follow:
         try:
             return _follow_stream(args, client)
@@ -435,8 +489,6 @@ def cmd_events(args: argparse.Namespace, client: Client) -> int:
             query = {"after_seq": str(after), "limit": "500"}
             if args.sandbox:
                 query["sandbox"] = args.sandbox
-            if args.follow:
-                query["wait"] = "25"
             page = client.request("GET", "/v1/events", query=query, timeout=60)
             for e in page["events"]:
                 if args.json:
@@ -448,13 +500,14 @@ def cmd_events(args: argparse.Namespace, client: Client) -> int:
                 after = page["events"][-1]["seq"]
             elif page["last_seq"] > after:
                 after = page["last_seq"]  # filtered: nothing of ours up to here
-            if not args.follow and len(page["events"]) < 500:
+            if len(page["events"]) < 500:
                 return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_OK
 
 
 def cmd_replay(args: argparse.Namespace, client: Client) -> int:
+    """Exit 1 when the rebuilt projection differs: a check CI can run."""
     report = client.request("POST", "/v1/replay", timeout=600)
     if args.json:
         _print_json(report)
@@ -470,6 +523,7 @@ def cmd_replay(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace, client: Client) -> int:
+    """Profiles with their inputs, written the way `create --input` takes them."""
     profiles = client.request("GET", "/v1/profiles")["profiles"]
     if args.json:
         _print_json(profiles)
@@ -671,9 +725,12 @@ LEDGER_COMMANDS = {
 
 
 class _Parser(argparse.ArgumentParser):
+    """Usage errors go through CliError (exit 2) like every other failure."""
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        raise CliError(f"{self.prog}: {message}", EXIT_USAGE)
+        where = self.prog.removeprefix("sandboxer").strip()
+        raise CliError(f"{where}: {message}" if where else message, EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -795,15 +852,27 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `sandboxer` and `python -m sandboxer`: returns the exit code."""
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help: an int, not an exception, for callers of main
+            if exc.code is None:
+                return EXIT_OK
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         if args.command == "serve":
             return cmd_serve(args)
         if args.command == "validate":
             return cmd_validate(args)
-        return COMMANDS[args.command](args, Client(args.url, os.environ.get("SANDBOXER_TOKEN")))
+        client = Client(check_url(args.url), os.environ.get("SANDBOXER_TOKEN"))
+        return COMMANDS[args.command](args, client)
     except CliError as exc:
         print(f"sandboxer: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `sandboxer events | head`: the reader left, which is not an error. Point stdout
+        # at /dev/null so the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
