@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -20,10 +21,23 @@ from sandboxer.audit import AuditReport, audit
 from sandboxer.auth import Principal, TokenBook
 from sandboxer.checkpointing import NotCapable, UnknownCheckpoint
 from sandboxer.event_store import EventRecorder, RecordedEvent
-from sandboxer.ids import InvalidId, check_account, check_sandbox_id, new_correlation_id
+from sandboxer.ids import (
+    ACCOUNT_RE,
+    SANDBOX_ID_RE,
+    InvalidId,
+    check_account,
+    check_sandbox_id,
+    new_correlation_id,
+)
 from sandboxer.lifecycle import TERMINAL, InvalidTransition, State
 from sandboxer.manager import STEP_LABELS, CreateRequest, NotFound, SandboxManager
-from sandboxer.profiles import ProfileCatalog, ProfileError
+from sandboxer.profiles import (
+    INPUT_NAME_RE,
+    MAX_INPUT_LENGTH,
+    PROFILE_NAME_RE,
+    ProfileCatalog,
+    ProfileError,
+)
 from sandboxer.read_model import ProjectionRunner, VerifyReport
 from sandboxer.webhooks import WebhookError, WebhookOut, Webhooks
 
@@ -43,26 +57,56 @@ MAX_INPUTS = 64
 MAX_WAIT_SECONDS = 60.0
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 PROJECTION_WAIT = 10.0
+# Limits of what a request may carry (the OpenAPI document states each one).
+MAX_SEQ = 2**63 - 1  # stream sequences are compared as signed 64-bit numbers
+MAX_GRANT = 10**12
+MAX_REASON = 500
+MAX_URL = 2000
+MAX_HEADER_BYTES = 8190  # one request line or header line (aiohttp's parser: 400 above)
+MAX_HEADERS = 64
+CHECKPOINT_ID_RE = re.compile(r"^ckpt-[a-f0-9]{12}$")
+WEBHOOK_ID_RE = re.compile(r"^wh-[a-f0-9]{12}$")
+# Text fields and input values: no NUL and no control characters but tab and newline.
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+PLAIN_TEXT = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]*$"
+URL_PATTERN = r"^https?://[^\s/?#\x00-\x1f\x7f]+([/?#][^\s\x00-\x1f\x7f]*)?$"
+LIVE_VALUES = ("0", "1", "true", "false")
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+ProfileName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=f"^({PROFILE_NAME_RE.pattern[1:-1]})?$",
+        description="a profile (GET /v1/profiles); empty or omitted with from_checkpoint: "
+        "the checkpoint's profile",
+    ),
+]
+AccountName = Annotated[str, msgspec.Meta(pattern=ACCOUNT_RE.pattern)]
+CheckpointId = Annotated[str, msgspec.Meta(pattern=CHECKPOINT_ID_RE.pattern)]
+
 
 class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
-    profile: str = ""  # may be omitted with from_checkpoint: the checkpoint's profile
+    profile: ProfileName = ""  # may be omitted with from_checkpoint: the checkpoint's profile
     inputs: dict[str, Any] = {}  # checked per key below, so errors can name the input
-    ttl_seconds: int | None = None
-    account: str = "default"
-    from_checkpoint: str | None = None
+    ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    account: AccountName = "default"
+    from_checkpoint: CheckpointId | None = None
 
 
 class WebhookBody(msgspec.Struct, forbid_unknown_fields=True):
-    url: str
-    event_types: list[str]
+    url: Annotated[str, msgspec.Meta(max_length=MAX_URL, pattern=URL_PATTERN)]
+    event_types: Annotated[list[str], msgspec.Meta(min_length=1, max_length=64)]
 
 
 class RestoreBody(msgspec.Struct, forbid_unknown_fields=True):
-    checkpoint: str
+    checkpoint: CheckpointId
+
+
+class WebhookList(msgspec.Struct):
+    webhooks: list[WebhookOut]
 
 
 class CheckpointOut(msgspec.Struct):
@@ -159,8 +203,8 @@ class ProfileList(msgspec.Struct):
 
 
 class GrantBody(msgspec.Struct, forbid_unknown_fields=True):
-    amount: int
-    reason: str = ""
+    amount: Annotated[int, msgspec.Meta(ge=1, le=MAX_GRANT)]
+    reason: Annotated[str, msgspec.Meta(max_length=MAX_REASON, pattern=PLAIN_TEXT)] = ""
 
 
 class AccountOut(msgspec.Struct):
@@ -208,8 +252,6 @@ _create_decoder = msgspec.json.Decoder(CreateBody)
 _grant_decoder = msgspec.json.Decoder(GrantBody)
 _restore_decoder = msgspec.json.Decoder(RestoreBody)
 _webhook_decoder = msgspec.json.Decoder(WebhookBody)
-CHECKPOINT_ID_RE = re.compile(r"^ckpt-[a-f0-9]{12}$")
-MAX_GRANT = 10**12
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN_RE = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 
@@ -247,8 +289,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        detail = ErrorDetail(exc.status, code, f"{exc.reason}: {request.method} {request.path}")
-        return json_response(ErrorBody(detail), exc.status)
+        path = request.path if len(request.path) <= 200 else request.path[:200] + "..."
+        detail = ErrorDetail(exc.status, code, f"{exc.reason}: {request.method} {path}")
+        response = json_response(ErrorBody(detail), exc.status)
+        if "Allow" in exc.headers:  # a 405 says which methods the resource has
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        # A bug, never the caller's fault: logged with its traceback, answered in the
+        # same JSON shape as every other error (and without internals).
+        log.exception("unhandled error in %s %s", request.method, request.path[:200])
+        detail = ErrorDetail(500, "internal_error", "internal error; the server log has details")
+        return json_response(ErrorBody(detail), 500)
 
 
 class Api:
@@ -271,7 +323,15 @@ class Api:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[error_middleware, self.auth_middleware], client_max_size=MAX_BODY_BYTES
+            middlewares=[error_middleware, self.auth_middleware],
+            client_max_size=MAX_BODY_BYTES,
+            # Oversized request lines or headers are refused by the HTTP parser (400)
+            # before any handler runs.
+            handler_args={
+                "max_line_size": MAX_HEADER_BYTES,
+                "max_field_size": MAX_HEADER_BYTES,
+                "max_headers": MAX_HEADERS,
+            },
         )
         app.router.add_post("/v1/sandboxes", self.create)
         app.router.add_get("/v1/sandboxes", self.list_sandboxes)
@@ -476,6 +536,10 @@ class Api:
             raise ApiError(400, "invalid_body", str(exc), _validation_field(str(exc))) from exc
         except msgspec.DecodeError as exc:
             raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings this way
+            raise ApiError(
+                400, "malformed_json", f"body is not valid UTF-8 (byte {exc.start})"
+            ) from exc
 
     def _account(self, request: web.Request) -> str:
         raw = request.match_info["account"]
@@ -518,13 +582,16 @@ class Api:
         )
 
     def _checkpoint_view(self, checkpoint_id: str, field: str = "cid") -> CheckpointView:
-        view = (
-            self.runner.checkpoints.get(checkpoint_id)
-            if CHECKPOINT_ID_RE.match(checkpoint_id)
-            else None
-        )
+        if not CHECKPOINT_ID_RE.match(checkpoint_id):
+            raise ApiError(
+                404,
+                "not_found",
+                f"no checkpoint {checkpoint_id[:80]!r}: ids match {CHECKPOINT_ID_RE.pattern}",
+                field,
+            )
+        view = self.runner.checkpoints.get(checkpoint_id)
         if view is None:
-            raise ApiError(404, "not_found", f"no checkpoint {checkpoint_id[:80]!r}", field)
+            raise ApiError(404, "not_found", f"no checkpoint {checkpoint_id!r}", field)
         return view
 
     async def create_checkpoint(self, request: web.Request) -> web.Response:
@@ -552,7 +619,7 @@ class Api:
     async def get_checkpoint(self, request: web.Request) -> web.Response:
         checkpoint_id = request.match_info["cid"]
         wait = self._float_query(request, "wait", 0.0, MAX_WAIT_SECONDS)
-        after = self._int_query(request, "after_seq", 0, 2**63)
+        after = self._int_query(request, "after_seq", 0, MAX_SEQ)
         view = self._checkpoint_view(checkpoint_id)
         if wait > 0 and view.last_seq <= after:
             await self.runner.wait_checkpoint(checkpoint_id, after, wait)
@@ -614,12 +681,19 @@ class Api:
 
     async def list_webhooks(self, request: web.Request) -> web.Response:
         account = self._account(request)
-        return json_response({"webhooks": self._hooks().list(account)})
+        return json_response(WebhookList(self._hooks().list(account)))
 
     async def remove_webhook(self, request: web.Request) -> web.Response:
         webhook_id = request.match_info["wid"]
+        if not WEBHOOK_ID_RE.match(webhook_id):
+            raise ApiError(
+                404,
+                "not_found",
+                f"no webhook {webhook_id[:80]!r}: ids match {WEBHOOK_ID_RE.pattern}",
+                "wid",
+            )
         if not await self._hooks().remove(webhook_id, self._meta(request)):
-            raise ApiError(404, "not_found", f"no webhook {webhook_id[:80]!r}", "wid")
+            raise ApiError(404, "not_found", f"no webhook {webhook_id!r}", "wid")
         return web.Response(status=204)
 
     async def list_accounts(self, request: web.Request) -> web.Response:
@@ -629,7 +703,7 @@ class Api:
     async def get_account(self, request: web.Request) -> web.Response:
         account = self._account(request)
         wait = self._float_query(request, "wait", 0.0, MAX_WAIT_SECONDS)
-        after = self._int_query(request, "after_seq", 0, 2**63)
+        after = self._int_query(request, "after_seq", 0, MAX_SEQ)
         view = self.runner.ledger.accounts.get(account)
         if wait > 0 and (view is None or view.last_seq <= after):
             await self.runner.wait_account(account, after, wait)
@@ -642,16 +716,7 @@ class Api:
 
     async def grant(self, request: web.Request) -> web.Response:
         account = self._account(request)
-        body = await self._body(request, _grant_decoder)
-        if not 0 < body.amount <= MAX_GRANT:
-            raise ApiError(
-                400,
-                "invalid_body",
-                f"amount must be a whole number between 1 and {MAX_GRANT}",
-                "amount",
-            )
-        if len(body.reason) > 500:
-            raise ApiError(400, "invalid_body", "reason is longer than 500 characters", "reason")
+        body = await self._body(request, _grant_decoder)  # amount and reason: see GrantBody
         await self.manager.ledger.grant(
             account, body.amount, self._meta(request), reason=body.reason
         )
@@ -660,7 +725,7 @@ class Api:
 
     async def account_ledger(self, request: web.Request) -> web.Response:
         account = self._account(request)
-        after = self._int_query(request, "after_seq", 0, 2**63)
+        after = self._int_query(request, "after_seq", 0, MAX_SEQ)
         limit = self._int_query(request, "limit", 100, 1000)
         entries: list[EventOut] = []
         more = False
@@ -694,16 +759,7 @@ class Api:
 
     async def create(self, request: web.Request) -> web.Response:
         body = await self._body(request, _create_decoder)
-        if len(body.inputs) > MAX_INPUTS:
-            raise ApiError(400, "invalid_body", f"at most {MAX_INPUTS} inputs", "inputs")
-        for key, value in body.inputs.items():
-            if not isinstance(value, str):
-                raise ApiError(
-                    400,
-                    "invalid_body",
-                    f"input {key!r} must be a string, got {type(value).__name__}",
-                    f"inputs.{key}",
-                )
+        _check_inputs(body.inputs)
         meta = self._meta(request)
         profile = body.profile
         if body.from_checkpoint is not None:
@@ -746,15 +802,25 @@ class Api:
     async def list_sandboxes(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
         if state is not None and state not in {s.value for s in State if s != State.NEW}:
-            raise ApiError(400, "invalid_query", f"unknown state {state!r}", "state")
+            raise ApiError(400, "invalid_query", f"unknown state {state[:80]!r}", "state")
         account = request.query.get("account")
+        if account is not None:
+            try:
+                check_account(account)
+            except InvalidId as exc:
+                raise ApiError(400, "invalid_query", str(exc), "account") from exc
+        live = request.query.get("live")
+        if live is not None and live not in LIVE_VALUES:
+            raise ApiError(
+                400, "invalid_query", f"live must be one of {', '.join(LIVE_VALUES)}", "live"
+            )
         principal = self._principal(request)
         if principal is not None and not principal.admin:
             account = principal.account
         rows = self.runner.projection.list(
             state=state,
             account=account,
-            live_only=request.query.get("live") in ("1", "true"),
+            live_only=live in ("1", "true"),
         )
         out = [self._out(v) for v in rows]
         return json_response(SandboxList(sandboxes=out, count=len(out)))
@@ -762,7 +828,11 @@ class Api:
     async def get(self, request: web.Request) -> web.Response:
         sandbox_id = self._sandbox_id(request)
         wait = self._float_query(request, "wait", 0.0, MAX_WAIT_SECONDS)
-        after = self._int_query(request, "after_seq", 0, 2**63)
+        after = self._int_query(request, "after_seq", 0, MAX_SEQ)
+        if wait > 0 and after > self.runner.last_seq:
+            # Read-your-writes across API nodes: this one may not have seen the event
+            # that another node answered with yet.
+            await self.runner.wait_for(after, wait)
         view = self._view(sandbox_id)
         if wait > 0 and view.last_seq <= after and view.state not in TERMINAL:
             await self.runner.wait_sandbox(sandbox_id, after, wait)
@@ -796,7 +866,7 @@ class Api:
 
     async def events(self, request: web.Request) -> web.Response:
         """Events after `after_seq` (long-polls up to `wait` seconds when there are none)."""
-        after = self._int_query(request, "after_seq", 0, 2**63)
+        after = self._int_query(request, "after_seq", 0, MAX_SEQ)
         limit = self._int_query(request, "limit", 500, 5000)
         wait = self._float_query(request, "wait", 0.0, MAX_WAIT_SECONDS)
         sandbox = request.query.get("sandbox")
@@ -823,17 +893,19 @@ class Api:
         """Server-Sent Events: every event after `Last-Event-ID` (the stream sequence),
         filtered by sandbox, type and account; a comment line every 15 s keeps proxies
         from closing an idle stream."""
-        raw_last = request.headers.get("Last-Event-ID") or request.query.get("after_seq", "0")
+        header = request.headers.get("Last-Event-ID")
+        source = "Last-Event-ID" if header else "after_seq"
+        raw_last = header or request.query.get("after_seq", "0")
         try:
-            after = int(raw_last)
-            if after < 0:
+            after = int(raw_last) if len(raw_last) <= 20 else -1
+            if not 0 <= after <= MAX_SEQ:
                 raise ValueError(raw_last)
         except ValueError:
             raise ApiError(
                 400,
-                "invalid_header",
-                "Last-Event-ID must be a stream sequence (a whole number)",
-                "Last-Event-ID",
+                "invalid_header" if header else "invalid_query",
+                f"{source} must be a stream sequence, 0 to {MAX_SEQ}",
+                source,
             ) from None
         sandbox = request.query.get("sandbox")
         if sandbox is not None:
@@ -849,7 +921,10 @@ class Api:
         known = {t.type_name() for t in _event_schema_types()}
         if types - known:
             raise ApiError(
-                400, "invalid_query", f"unknown event type {sorted(types - known)[0]!r}", "type"
+                400,
+                "invalid_query",
+                f"unknown event type {sorted(types - known)[0][:80]!r}",
+                "type",
             )
         response = web.StreamResponse(
             headers={
@@ -933,7 +1008,47 @@ class Api:
         )
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return json_response(openapi_document())
+        return json_response(openapi_document(auth=self.tokens.enabled, profiles=self.profiles))
+
+
+def _check_inputs(inputs: dict[str, Any]) -> None:
+    """Input names and values, before the profile sees them: names are identifiers,
+    values are strings of at most MAX_INPUT_LENGTH characters with no control
+    characters but tab and newline. Every error names the input."""
+    if len(inputs) > MAX_INPUTS:
+        raise ApiError(400, "invalid_body", f"at most {MAX_INPUTS} inputs", "inputs")
+    for key, value in inputs.items():
+        if not INPUT_NAME_RE.match(key):
+            raise ApiError(
+                400,
+                "invalid_body",
+                f"input name {key[:80]!r} must match {INPUT_NAME_RE.pattern}",
+                "inputs",
+            )
+        field = f"inputs.{key}"
+        if not isinstance(value, str):
+            raise ApiError(
+                400,
+                "invalid_body",
+                f"input {key!r} must be a string, got {type(value).__name__}",
+                field,
+            )
+        if len(value) > MAX_INPUT_LENGTH:
+            raise ApiError(
+                400,
+                "invalid_body",
+                f"input {key!r} is longer than {MAX_INPUT_LENGTH} characters",
+                field,
+            )
+        bad = CONTROL_RE.search(value)
+        if bad:
+            raise ApiError(
+                400,
+                "invalid_body",
+                f"input {key!r} contains the control character U+{ord(bad.group()):04X} "
+                "(only tab and newline are allowed)",
+                field,
+            )
 
 
 def _event_out(recorded: RecordedEvent) -> EventOut:
@@ -967,8 +1082,16 @@ def event_schema() -> dict[str, Any]:
     }
 
 
-def openapi_document() -> dict[str, Any]:
-    """OpenAPI 3.1, with component schemas generated from the msgspec types."""
+def openapi_document(
+    *, auth: bool = True, profiles: ProfileCatalog | None = None
+) -> dict[str, Any]:
+    """OpenAPI 3.1, with component schemas generated from the msgspec types.
+
+    Every route, parameter (with its bounds), request body and answer is here, each
+    error with the ErrorBody schema; `auth` adds the bearer scheme with its 401/403
+    answers (as `serve` runs with tokens), `profiles` names the profiles and their
+    largest TTL. tests/test_fuzz_api.py holds the server to this document.
+    """
     types: list[Any] = [
         CreateBody,
         SandboxOut,
@@ -986,11 +1109,51 @@ def openapi_document() -> dict[str, Any]:
         RestoreBody,
         WebhookBody,
         WebhookOut,
+        WebhookList,
         CheckpointOut,
         CheckpointList,
     ]
     (_, components) = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
+    )
+    # What msgspec cannot say: inputs are checked key by key (_check_inputs) so that
+    # errors name the input; the profile list and webhook event types are known here.
+    # A create names its profile, or a checkpoint whose profile it takes.
+    components["CreateBody"]["anyOf"] = [
+        {"required": ["profile"], "properties": {"profile": {"minLength": 1}}},
+        {"required": ["from_checkpoint"], "properties": {"from_checkpoint": {"type": "string"}}},
+    ]
+    create = components["CreateBody"]["properties"]
+    create["inputs"] = {
+        "type": "object",
+        "description": "the profile's inputs (GET /v1/profiles); values are strings",
+        "maxProperties": MAX_INPUTS,
+        "propertyNames": {"pattern": INPUT_NAME_RE.pattern},
+        "additionalProperties": {
+            "type": "string",
+            "maxLength": MAX_INPUT_LENGTH,
+            "pattern": PLAIN_TEXT,
+        },
+        "default": {},
+    }
+    create["ttl_seconds"] = {
+        "anyOf": [
+            {"type": "integer", "minimum": 1, "description": "at most the profile's max"},
+            {"type": "null"},
+        ],
+        "default": None,
+    }
+    if profiles is not None:
+        create["profile"]["enum"] = ["", *profiles.names()]
+        tops = [profiles.get(name).max_ttl_seconds for name in profiles.names()]
+        if tops:
+            create["ttl_seconds"]["anyOf"][0]["maximum"] = max(tops)
+    delivered = sorted(t.type_name() for t in _event_schema_types() if t.KIND != "webhook")
+    webhook = components["WebhookBody"]["properties"]
+    webhook["event_types"]["items"] = {"type": "string", "enum": delivered}
+    webhook["event_types"]["maxItems"] = len(delivered)
+    components["WebhookOut"]["properties"]["secret"]["description"] = (
+        "the signing secret: only in the answer to the registration"
     )
 
     def ref(name: str) -> dict[str, Any]:
@@ -1004,32 +1167,46 @@ def openapi_document() -> dict[str, Any]:
             }
         }
 
+    what = {
+        400: "bad input: the error names the field (parameter, body field or header)",
+        401: "no bearer token, or an unknown one",
+        403: "the token may not act on this account, or needs the admin role",
+        404: "no such resource (also: an id that does not have the id format)",
+        409: "the resource is not in a state that allows this",
+        413: f"the body is larger than {MAX_BODY_BYTES} bytes",
+        503: "not ready: the projection lags, the sandbox's worker does not answer, or "
+        "webhooks are not running; retry",
+    }
+
     def errors(*statuses: int) -> dict[str, Any]:
+        wanted = [s for s in statuses if auth or s != 403]
         return {
             str(s): {
-                "description": "error",
+                "description": what[s],
                 "content": {"application/json": {"schema": ref("ErrorBody")}},
             }
-            for s in statuses
+            for s in sorted(wanted)
         }
 
-    account_param = {
-        "name": "account",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
-    }
-    cid_param = {
-        "name": "cid",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "pattern": "^ckpt-[a-f0-9]{12}$"},
-    }
-    id_param = {
-        "name": "id",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{2,62}$"},
+    def path_param(name: str, pattern: str, description: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "description": description,
+            "schema": {"type": "string", "pattern": pattern},
+        }
+
+    account_param = path_param("account", ACCOUNT_RE.pattern, "account name")
+    cid_param = path_param("cid", CHECKPOINT_ID_RE.pattern, "checkpoint id")
+    id_param = path_param("id", SANDBOX_ID_RE.pattern, "sandbox id")
+    wid_param = path_param("wid", WEBHOOK_ID_RE.pattern, "webhook id")
+    request_id = {
+        "name": "X-Request-Id",
+        "in": "header",
+        "required": False,
+        "description": "correlation id recorded on the events this request causes",
+        "schema": {"type": "string", "pattern": REQUEST_ID_RE.pattern},
     }
 
     def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -1048,199 +1225,356 @@ def openapi_document() -> dict[str, Any]:
     )
     after = query(
         "after_seq",
-        {"type": "integer", "minimum": 0},
+        {"type": "integer", "minimum": 0, "maximum": MAX_SEQ},
         "stream sequence the caller has already seen",
     )
+
+    def body(name: str) -> dict[str, Any]:
+        return {"required": True, "content": {"application/json": {"schema": ref(name)}}}
+
     states = [s.value for s in State if s != State.NEW]
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "sand-boxer", "version": "1"},
-        "paths": {
-            "/v1/sandboxes": {
-                "post": {
-                    "summary": "Create a sandbox from a profile",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": ref("CreateBody")}},
-                    },
-                    "responses": {**ok("SandboxOut", "202", "Accepted"), **errors(400, 413, 503)},
-                },
-                "get": {
-                    "summary": "List sandboxes",
-                    "parameters": [
-                        query("state", {"type": "string", "enum": states}, "filter by state"),
-                        query("account", {"type": "string"}, "filter by account"),
-                        query(
-                            "live",
-                            {"type": "string", "enum": ["0", "1", "true", "false"]},
-                            "only sandboxes that are not terminal",
-                        ),
-                    ],
-                    "responses": {**ok("SandboxList"), **errors(400)},
+    paths: dict[str, Any] = {
+        "/v1/sandboxes": {
+            "post": {
+                "summary": "Create a sandbox from a profile",
+                "parameters": [request_id],
+                "requestBody": body("CreateBody"),
+                "responses": {
+                    **ok("SandboxOut", "202", "Accepted"),
+                    **errors(400, 403, 404, 413, 503),
                 },
             },
-            "/v1/sandboxes/{id}": {
-                "get": {
-                    "summary": "One sandbox",
-                    "parameters": [id_param, wait, after],
-                    "responses": {**ok("SandboxOut"), **errors(400, 404)},
-                },
-                "delete": {
-                    "summary": "Destroy a sandbox",
-                    "parameters": [id_param],
-                    "responses": {**ok("SandboxOut", "202", "Accepted"), **errors(404, 409, 503)},
-                },
-            },
-            "/v1/sandboxes/{id}/events": {
-                "get": {
-                    "summary": "A sandbox's events, in order",
-                    "parameters": [id_param],
-                    "responses": {**ok("EventList"), **errors(404)},
-                },
-            },
-            "/v1/events": {
-                "get": {
-                    "summary": "Events after a stream sequence (long-poll)",
-                    "parameters": [
-                        after,
-                        wait,
-                        query(
-                            "limit",
-                            {"type": "integer", "minimum": 0, "maximum": 5000},
-                            "at most this many",
-                        ),
-                        query("sandbox", {"type": "string"}, "only this sandbox's events"),
-                    ],
-                    "responses": {**ok("EventList"), **errors(400)},
-                },
-            },
-            "/v1/profiles": {"get": {"summary": "Profiles", "responses": ok("ProfileList")}},
-            "/v1/accounts": {
-                "get": {"summary": "Accounts and balances", "responses": ok("AccountList")}
-            },
-            "/v1/accounts/{account}": {
-                "get": {
-                    "summary": "One account's balance",
-                    "parameters": [account_param, wait, after],
-                    "responses": {**ok("AccountOut"), **errors(404)},
-                },
-            },
-            "/v1/accounts/{account}/credits": {
-                "post": {
-                    "summary": "Grant credits (admin)",
-                    "parameters": [account_param],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": ref("GrantBody")}},
-                    },
-                    "responses": {**ok("AccountOut", "201", "Granted"), **errors(400, 404, 413)},
-                },
-            },
-            "/v1/accounts/{account}/ledger": {
-                "get": {
-                    "summary": "The account's ledger entries, oldest first",
-                    "parameters": [
-                        account_param,
-                        after,
-                        query(
-                            "limit", {"type": "integer", "minimum": 0, "maximum": 1000}, "page size"
-                        ),
-                    ],
-                    "responses": {**ok("LedgerPage"), **errors(400, 404)},
-                },
-            },
-            "/v1/sandboxes/{id}/checkpoints": {
-                "post": {
-                    "summary": "Checkpoint a ready sandbox",
-                    "parameters": [id_param],
-                    "responses": {
-                        **ok("CheckpointOut", "202", "Accepted"),
-                        **errors(404, 409, 503),
-                    },
-                },
-                "get": {
-                    "summary": "A sandbox's checkpoints",
-                    "parameters": [id_param],
-                    "responses": {**ok("CheckpointList"), **errors(404)},
-                },
-            },
-            "/v1/sandboxes/{id}/restore": {
-                "post": {
-                    "summary": "Restore a sandbox to one of its checkpoints",
-                    "parameters": [id_param],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": ref("RestoreBody")}},
-                    },
-                    "responses": {
-                        **ok("SandboxOut", "202", "Accepted"),
-                        **errors(400, 404, 409, 503),
-                    },
-                },
-            },
-            "/v1/checkpoints/{cid}": {
-                "get": {
-                    "summary": "One checkpoint",
-                    "parameters": [cid_param, wait, after],
-                    "responses": {**ok("CheckpointOut"), **errors(400, 404)},
-                },
-                "delete": {
-                    "summary": "Delete a checkpoint's artifact",
-                    "parameters": [cid_param],
-                    "responses": {**ok("CheckpointOut"), **errors(404, 409)},
-                },
-            },
-            "/v1/accounts/{account}/webhooks": {
-                "post": {
-                    "summary": "Register a webhook (signed, retried deliveries)",
-                    "parameters": [account_param],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": ref("WebhookBody")}},
-                    },
-                    "responses": {
-                        **ok("WebhookOut", "201", "Registered; the secret is shown once"),
-                        **errors(400, 404, 413),
-                    },
-                },
-                "get": {
-                    "summary": "The account's webhooks",
-                    "parameters": [account_param],
-                    "responses": {"200": {"description": "OK"}, **errors(404)},
-                },
-            },
-            "/v1/webhooks/{wid}": {
-                "delete": {
-                    "summary": "Remove a webhook",
-                    "parameters": [
-                        {
-                            "name": "wid",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
-                    "responses": {"204": {"description": "Removed"}, **errors(404)},
-                },
-            },
-            "/v1/ledger/audit": {
-                "post": {
-                    "summary": "Replay the ledger from sequence 1 and check its rules",
-                    "parameters": [query("account", {"type": "string"}, "only this account")],
-                    "responses": {**ok("AuditReport"), **errors(400)},
-                },
-            },
-            "/v1/replay": {
-                "post": {
-                    "summary": "Rebuild the projection from sequence 1 and "
-                    "compare it with the live one",
-                    "responses": ok("VerifyReport"),
-                }
-            },
-            "/healthz": {"get": {"summary": "Health", "responses": ok("Health")}},
-            "/openapi.json": {
-                "get": {"summary": "This document", "responses": {"200": {"description": "OK"}}}
+            "get": {
+                "summary": "List sandboxes (a member: its own account's)",
+                "parameters": [
+                    query("state", {"type": "string", "enum": states}, "filter by state"),
+                    query(
+                        "account",
+                        {"type": "string", "pattern": ACCOUNT_RE.pattern},
+                        "filter by account",
+                    ),
+                    query(
+                        "live",
+                        {"type": "string", "enum": list(LIVE_VALUES)},
+                        "1 or true: only sandboxes that are not terminal",
+                    ),
+                ],
+                "responses": {**ok("SandboxList"), **errors(400)},
             },
         },
+        "/v1/sandboxes/{id}": {
+            "get": {
+                "summary": "One sandbox",
+                "parameters": [id_param, wait, after],
+                "responses": {**ok("SandboxOut"), **errors(400, 403, 404)},
+            },
+            "delete": {
+                "summary": "Destroy a sandbox",
+                "parameters": [id_param, request_id],
+                "responses": {
+                    **ok("SandboxOut", "202", "Accepted"),
+                    **errors(400, 403, 404, 409, 503),
+                },
+            },
+        },
+        "/v1/sandboxes/{id}/events": {
+            "get": {
+                "summary": "A sandbox's events, in order",
+                "parameters": [id_param],
+                "responses": {**ok("EventList"), **errors(403, 404)},
+            },
+        },
+        "/v1/events": {
+            "get": {
+                "summary": "Events after a stream sequence (long-poll); members name a sandbox",
+                "parameters": [
+                    after,
+                    wait,
+                    query(
+                        "limit",
+                        {"type": "integer", "minimum": 0, "maximum": 5000},
+                        "at most this many",
+                    ),
+                    query(
+                        "sandbox",
+                        {"type": "string", "pattern": SANDBOX_ID_RE.pattern},
+                        "only this sandbox's events",
+                    ),
+                ],
+                "responses": {**ok("EventList"), **errors(400, 403)},
+            },
+        },
+        "/v1/events/stream": {
+            "get": {
+                "summary": "Server-Sent Events: every event after Last-Event-ID, live",
+                "parameters": [
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "description": "the last stream sequence seen (wins over after_seq)",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                    },
+                    after,
+                    query(
+                        "sandbox",
+                        {"type": "string", "pattern": SANDBOX_ID_RE.pattern},
+                        "only this sandbox's events",
+                    ),
+                    query(
+                        "type",
+                        {"type": "string", "maxLength": 4096},
+                        "comma-separated event types (GET /v1/events/schema)",
+                    ),
+                    query(
+                        "account",
+                        {"type": "string", "pattern": ACCOUNT_RE.pattern},
+                        "only this account's events (a member: always its own)",
+                    ),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "an endless stream: `id: <seq>`, `event: <type>`, "
+                        '`data: {"seq", "subject", "event"}`; a comment every 15 s',
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **errors(400),
+                },
+            },
+        },
+        "/v1/events/schema": {
+            "get": {
+                "summary": "JSON Schema of every event type",
+                "responses": {
+                    "200": {
+                        "description": "a JSON Schema (draft 2020-12)",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            },
+        },
+        "/v1/profiles": {"get": {"summary": "Profiles", "responses": ok("ProfileList")}},
+        "/v1/accounts": {
+            "get": {
+                "summary": "Accounts and balances (admin)",
+                "responses": {**ok("AccountList"), **errors(403)},
+            }
+        },
+        "/v1/accounts/{account}": {
+            "get": {
+                "summary": "One account's balance",
+                "parameters": [account_param, wait, after],
+                "responses": {**ok("AccountOut"), **errors(400, 403, 404)},
+            },
+        },
+        "/v1/accounts/{account}/credits": {
+            "post": {
+                "summary": "Grant credits (admin)",
+                "parameters": [account_param, request_id],
+                "requestBody": body("GrantBody"),
+                "responses": {
+                    **ok("AccountOut", "201", "Granted"),
+                    **errors(400, 403, 404, 413, 503),
+                },
+            },
+        },
+        "/v1/accounts/{account}/ledger": {
+            "get": {
+                "summary": "The account's ledger entries, oldest first",
+                "parameters": [
+                    account_param,
+                    after,
+                    query("limit", {"type": "integer", "minimum": 0, "maximum": 1000}, "page size"),
+                ],
+                "responses": {**ok("LedgerPage"), **errors(400, 403, 404)},
+            },
+        },
+        "/v1/sandboxes/{id}/checkpoints": {
+            "post": {
+                "summary": "Checkpoint a ready sandbox",
+                "parameters": [id_param, request_id],
+                "responses": {
+                    **ok("CheckpointOut", "202", "Accepted"),
+                    **errors(400, 403, 404, 409, 503),
+                },
+            },
+            "get": {
+                "summary": "A sandbox's checkpoints",
+                "parameters": [id_param],
+                "responses": {**ok("CheckpointList"), **errors(403, 404)},
+            },
+        },
+        "/v1/sandboxes/{id}/restore": {
+            "post": {
+                "summary": "Restore a sandbox to one of its checkpoints",
+                "parameters": [id_param, request_id],
+                "requestBody": body("RestoreBody"),
+                "responses": {
+                    **ok("SandboxOut", "202", "Accepted"),
+                    **errors(400, 403, 404, 409, 413, 503),
+                },
+            },
+        },
+        "/v1/checkpoints/{cid}": {
+            "get": {
+                "summary": "One checkpoint",
+                "parameters": [cid_param, wait, after],
+                "responses": {**ok("CheckpointOut"), **errors(400, 403, 404)},
+            },
+            "delete": {
+                "summary": "Delete a checkpoint's artifact",
+                "parameters": [cid_param, request_id],
+                "responses": {**ok("CheckpointOut"), **errors(400, 403, 404, 409, 503)},
+            },
+        },
+        "/v1/accounts/{account}/webhooks": {
+            "post": {
+                "summary": "Register a webhook (signed, retried deliveries)",
+                "parameters": [account_param, request_id],
+                "requestBody": body("WebhookBody"),
+                "responses": {
+                    **ok("WebhookOut", "201", "Registered; the secret is shown once"),
+                    **errors(400, 403, 404, 413, 503),
+                },
+            },
+            "get": {
+                "summary": "The account's webhooks",
+                "parameters": [account_param],
+                "responses": {**ok("WebhookList"), **errors(403, 404, 503)},
+            },
+        },
+        "/v1/webhooks/{wid}": {
+            "delete": {
+                "summary": "Remove a webhook",
+                "parameters": [wid_param, request_id],
+                "responses": {"204": {"description": "Removed"}, **errors(400, 403, 404, 503)},
+            },
+        },
+        "/v1/ledger/audit": {
+            "post": {
+                "summary": "Replay the ledger from sequence 1 and check its rules (admin)",
+                "parameters": [
+                    query(
+                        "account",
+                        {"type": "string", "pattern": ACCOUNT_RE.pattern},
+                        "only this account",
+                    )
+                ],
+                "responses": {**ok("AuditReport"), **errors(400, 403)},
+            },
+        },
+        "/v1/replay": {
+            "post": {
+                "summary": "Rebuild the projection from sequence 1 and "
+                "compare it with the live one (admin)",
+                "responses": {**ok("VerifyReport"), **errors(403)},
+            }
+        },
+        "/healthz": {"get": {"summary": "Health", "responses": ok("Health")}},
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+    }
+    operation_ids = {
+        ("post", "/v1/sandboxes"): "createSandbox",
+        ("get", "/v1/sandboxes"): "listSandboxes",
+        ("get", "/v1/sandboxes/{id}"): "getSandbox",
+        ("delete", "/v1/sandboxes/{id}"): "destroySandbox",
+        ("get", "/v1/sandboxes/{id}/events"): "sandboxEvents",
+        ("get", "/v1/events"): "events",
+        ("get", "/v1/events/stream"): "eventStream",
+        ("get", "/v1/events/schema"): "eventSchema",
+        ("get", "/v1/profiles"): "listProfiles",
+        ("get", "/v1/accounts"): "listAccounts",
+        ("get", "/v1/accounts/{account}"): "getAccount",
+        ("post", "/v1/accounts/{account}/credits"): "grantCredits",
+        ("get", "/v1/accounts/{account}/ledger"): "accountLedger",
+        ("post", "/v1/sandboxes/{id}/checkpoints"): "checkpointSandbox",
+        ("get", "/v1/sandboxes/{id}/checkpoints"): "listCheckpoints",
+        ("post", "/v1/sandboxes/{id}/restore"): "restoreSandbox",
+        ("get", "/v1/checkpoints/{cid}"): "getCheckpoint",
+        ("delete", "/v1/checkpoints/{cid}"): "deleteCheckpoint",
+        ("post", "/v1/accounts/{account}/webhooks"): "registerWebhook",
+        ("get", "/v1/accounts/{account}/webhooks"): "listWebhooks",
+        ("delete", "/v1/webhooks/{wid}"): "removeWebhook",
+        ("post", "/v1/ledger/audit"): "auditLedger",
+        ("post", "/v1/replay"): "replay",
+        ("get", "/healthz"): "health",
+        ("get", "/openapi.json"): "openapi",
+    }
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            operation["operationId"] = operation_ids[(method, path)]
+
+    def links(method: str, path: str, status: str, **targets: dict[str, Any]) -> None:
+        paths[path][method]["responses"][status]["links"] = {
+            name: {"operationId": name, **target} for name, target in targets.items()
+        }
+
+    sandbox = {"parameters": {"id": "$response.body#/id"}}
+    links(
+        "post",
+        "/v1/sandboxes",
+        "202",
+        getSandbox=sandbox,
+        destroySandbox=sandbox,
+        sandboxEvents=sandbox,
+        checkpointSandbox=sandbox,
+        listCheckpoints=sandbox,
+    )
+    checkpoint = {"parameters": {"cid": "$response.body#/id"}}
+    links(
+        "post",
+        "/v1/sandboxes/{id}/checkpoints",
+        "202",
+        getCheckpoint=checkpoint,
+        deleteCheckpoint=checkpoint,
+        restoreSandbox={
+            "parameters": {"id": "$response.body#/sandbox_id"},
+            "requestBody": {"checkpoint": "$response.body#/id"},
+        },
+    )
+    account = {"parameters": {"account": "$response.body#/account"}}
+    links(
+        "post", "/v1/accounts/{account}/credits", "201", getAccount=account, accountLedger=account
+    )
+    links(
+        "post",
+        "/v1/accounts/{account}/webhooks",
+        "201",
+        removeWebhook={"parameters": {"wid": "$response.body#/id"}},
+        listWebhooks=account,
+    )
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "sand-boxer",
+            "version": "1",
+            "description": "Errors are JSON: ErrorBody, naming the field at fault. Limits: "
+            f"bodies {MAX_BODY_BYTES} bytes; request line and each header "
+            f"{MAX_HEADER_BYTES} bytes, {MAX_HEADERS} headers (the HTTP parser answers "
+            "400 above those, before routing); input values "
+            f"{MAX_INPUT_LENGTH} characters without control characters but tab and "
+            "newline.",
+        },
+        "paths": paths,
         "components": {"schemas": components},
     }
+    if auth:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+        for path, operations in paths.items():
+            for operation in operations.values():
+                if path in PUBLIC_PATHS:
+                    operation["security"] = []
+                else:
+                    operation["responses"].update(errors(401))
+    return document

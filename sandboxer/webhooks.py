@@ -126,7 +126,11 @@ class Webhooks:
     async def register(
         self, account: str, url: str, event_types: list[str], meta: EventMeta
     ) -> WebhookOut:
-        parsed = urlparse(url)
+        try:
+            parsed = urlparse(url)
+            parsed.port  # noqa: B018 - parses the port: ValueError when it is not a number
+        except ValueError as exc:  # e.g. "http://[" or a port that is not a number
+            raise WebhookError(f"url is not a valid URL: {exc}", "url") from None
         if parsed.scheme not in ("http", "https") or not parsed.netloc or len(url) > 2000:
             raise WebhookError("url must be an http(s) URL", "url")
         unknown = [t for t in event_types if t not in _KINDS]

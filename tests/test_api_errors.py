@@ -41,13 +41,13 @@ async def post_raw(api: RunningService, body: bytes | str) -> tuple[int, dict[st
             "invalid_request",
             "inputs.colour",
         ),
-        ('{"profile": "profile.saas-stub", "ttl_seconds": 0}', "invalid_request", "ttl_seconds"),
+        ('{"profile": "profile.saas-stub", "ttl_seconds": 0}', "invalid_body", "ttl_seconds"),
         (
             '{"profile": "profile.saas-stub", "ttl_seconds": 99999999}',
             "invalid_request",
             "ttl_seconds",
         ),
-        ('{"profile": "profile.saas-stub", "account": "../etc"}', "invalid_request", "account"),
+        ('{"profile": "profile.saas-stub", "account": "../etc"}', "invalid_body", "account"),
     ],
 )
 async def test_bad_create_bodies(
