@@ -70,7 +70,10 @@ class CheckpointsProjection:
         checkpoint_id = getattr(event, "checkpoint_id", None)
         if checkpoint_id is None or not subject.startswith("sandboxer.sandbox."):
             return
-        view = evolve(self.checkpoints.get(checkpoint_id), seq, event)
+        current = self.checkpoints.get(checkpoint_id)
+        if current is not None and seq <= current.last_seq:
+            return  # folded already (an event can reach a worker twice)
+        view = evolve(current, seq, event)
         if view is None:
             return
         if checkpoint_id not in self.checkpoints:

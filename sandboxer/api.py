@@ -20,17 +20,26 @@ from projections.sandboxes import SandboxView
 from sandboxer.audit import AuditReport, audit
 from sandboxer.auth import Principal, TokenBook
 from sandboxer.checkpointing import NotCapable, UnknownCheckpoint
-from sandboxer.event_store import EventRecorder, RecordedEvent
+from sandboxer.event_store import EventRecorder, RecordedEvent, is_transient
 from sandboxer.ids import (
     ACCOUNT_RE,
+    IDEMPOTENCY_KEY_RE,
     SANDBOX_ID_RE,
     InvalidId,
     check_account,
     check_sandbox_id,
+    idempotent_sandbox_id,
     new_correlation_id,
 )
+from sandboxer.leases import OwnerUnavailable
 from sandboxer.lifecycle import TERMINAL, InvalidTransition, State
-from sandboxer.manager import STEP_LABELS, CreateRequest, NotFound, SandboxManager
+from sandboxer.manager import (
+    STEP_LABELS,
+    AlreadyCreated,
+    CreateRequest,
+    NotFound,
+    SandboxManager,
+)
 from sandboxer.profiles import (
     INPUT_NAME_RE,
     MAX_INPUT_LENGTH,
@@ -285,6 +294,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPRequestEntityTooLarge:
         detail = ErrorDetail(413, "body_too_large", f"body exceeds {MAX_BODY_BYTES} bytes")
         return json_response(ErrorBody(detail), 413)
+    except OwnerUnavailable as exc:  # another worker drives it and does not answer yet
+        return _unavailable(ErrorDetail(503, "owner_unavailable", str(exc), "id"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -295,12 +306,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if "Allow" in exc.headers:  # a 405 says which methods the resource has
             response.headers["Allow"] = exc.headers["Allow"]
         return response
-    except Exception:
+    except Exception as exc:
+        if is_transient(exc):
+            # NATS is failing over (a node lost, a leader being elected): say so, not 500.
+            message = f"the event store is unavailable for the moment ({type(exc).__name__})"
+            return _unavailable(ErrorDetail(503, "store_unavailable", message))
         # A bug, never the caller's fault: logged with its traceback, answered in the
         # same JSON shape as every other error (and without internals).
         log.exception("unhandled error in %s %s", request.method, request.path[:200])
         detail = ErrorDetail(500, "internal_error", "internal error; the server log has details")
         return json_response(ErrorBody(detail), 500)
+
+
+def _unavailable(detail: ErrorDetail) -> web.Response:
+    response = json_response(ErrorBody(detail), 503)
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 class Api:
@@ -781,6 +802,15 @@ class Api:
                     f"this token acts for account {principal.account} only",
                     "account",
                 )
+        sandbox_id = None
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            try:
+                sandbox_id = idempotent_sandbox_id(account, key)
+            except InvalidId as exc:
+                raise ApiError(400, "invalid_header", str(exc), "Idempotency-Key") from exc
+            if self.runner.projection.get(sandbox_id) is not None:
+                return self._created(sandbox_id, 200)  # a retry: the same sandbox
         try:
             sandbox, seq = await self.manager.create(
                 CreateRequest(
@@ -789,14 +819,28 @@ class Api:
                     ttl_seconds=body.ttl_seconds,
                     account=account,
                     from_checkpoint=body.from_checkpoint,
+                    sandbox_id=sandbox_id,
                 ),
                 meta,
             )
         except ProfileError as exc:
             raise ApiError(400, "invalid_request", str(exc), exc.field) from exc
+        except AlreadyCreated as exc:
+            await self.runner.wait_sandbox(exc.sandbox_id, 0, 10.0)
+            if self.runner.projection.get(exc.sandbox_id) is None:
+                raise ApiError(
+                    409,
+                    "conflict",
+                    "a create with this Idempotency-Key is in progress; retry",
+                    "Idempotency-Key",
+                ) from exc
+            return self._created(exc.sandbox_id, 200)
         await self._caught_up(seq)
-        response = json_response(self._out(self._view(sandbox.sandbox_id)), 202)
-        response.headers["Location"] = f"/v1/sandboxes/{sandbox.sandbox_id}"
+        return self._created(sandbox.sandbox_id, 202)
+
+    def _created(self, sandbox_id: str, status: int) -> web.Response:
+        response = json_response(self._out(self._view(sandbox_id)), status)
+        response.headers["Location"] = f"/v1/sandboxes/{sandbox_id}"
         return response
 
     async def list_sandboxes(self, request: web.Request) -> web.Response:
@@ -1208,6 +1252,14 @@ def openapi_document(
         "description": "correlation id recorded on the events this request causes",
         "schema": {"type": "string", "pattern": REQUEST_ID_RE.pattern},
     }
+    idempotency_key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "retry-safe create: the same key (per account) names the same "
+        "sandbox; a retry answers 200 with it instead of creating another",
+        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_RE.pattern},
+    }
 
     def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
         return {
@@ -1237,11 +1289,12 @@ def openapi_document(
         "/v1/sandboxes": {
             "post": {
                 "summary": "Create a sandbox from a profile",
-                "parameters": [request_id],
+                "parameters": [request_id, idempotency_key],
                 "requestBody": body("CreateBody"),
                 "responses": {
                     **ok("SandboxOut", "202", "Accepted"),
-                    **errors(400, 403, 404, 413, 503),
+                    **ok("SandboxOut", "200", "Created before with this Idempotency-Key"),
+                    **errors(400, 403, 404, 409, 413, 503),
                 },
             },
             "get": {

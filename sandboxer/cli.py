@@ -274,7 +274,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    asyncio.run(serve(Settings.from_env(host=args.host, port=args.port)))
+    settings = Settings.from_env(host=args.host, port=args.port, worker_name=args.worker_name)
+    asyncio.run(serve(settings, http=not args.worker))
     return EXIT_OK
 
 
@@ -745,6 +746,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the service (embedded NATS unless SANDBOXER_NATS_URL)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--worker",
+        action="store_true",
+        help="drive sandboxes only, no HTTP API (several share one NATS cluster)",
+    )
+    p.add_argument(
+        "--worker-name",
+        help="this worker's name in the lease bucket (env SANDBOXER_WORKER_NAME; "
+        "default: host and data directory)",
+    )
 
     p = sub.add_parser("create", help="create a sandbox from a profile")
     p.add_argument("--profile")

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandboxer.leases import check_worker_name
 from sandboxer.nats_server import sync_interval_from_env
 
 DEFAULT_HOST = "127.0.0.1"
@@ -33,6 +34,8 @@ class Settings:
     checkpoint_bucket: str = "sandboxer-checkpoints"
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    worker_name: str | None = None  # None: derived from the host and the data directory
+    lease_ttl: float = 10.0
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -62,7 +65,24 @@ class Settings:
             raise SettingsError(
                 f"SANDBOXER_CHECKPOINT_STORE must be 'jetstream' or 'fs', got {checkpoint_store!r}"
             )
+        ttl_raw = env.get("SANDBOXER_LEASE_TTL", "10")
+        try:
+            lease_ttl = float(ttl_raw)
+        except ValueError:
+            lease_ttl = 0.0
+        if not 1.0 <= lease_ttl <= 600.0:
+            raise SettingsError(
+                f"SANDBOXER_LEASE_TTL must be seconds between 1 and 600, got {ttl_raw!r}"
+            )
+        worker_name = overrides.get("worker_name") or env.get("SANDBOXER_WORKER_NAME") or None
+        if worker_name is not None:
+            try:
+                check_worker_name(str(worker_name))
+            except ValueError as exc:
+                raise SettingsError(f"SANDBOXER_WORKER_NAME / --worker-name: {exc}") from None
         values: dict[str, object] = {
+            "lease_ttl": lease_ttl,
+            "worker_name": worker_name,
             "checkpoint_store": checkpoint_store,
             "checkpoint_bucket": env.get("SANDBOXER_CHECKPOINT_BUCKET") or "sandboxer-checkpoints",
             "starter_credits": starter,

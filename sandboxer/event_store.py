@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -25,7 +28,33 @@ from events.codec import EventCodec, default_codec
 from events.subjects import STREAM_SUBJECTS, filter_for, subject_for
 
 STREAM_NAME = "SANDBOXER"
-WRONG_LAST_SEQUENCE = 10071
+TRANSIENT_RETRY_SECONDS = 20.0
+STALL_CHECK_SECONDS = 5.0
+
+log = logging.getLogger(__name__)
+
+
+class FollowStalled(Exception):
+    pass
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors that a healthy cluster stops giving within seconds (failover, reconnect)."""
+    if isinstance(exc, nats.js.errors.APIError):
+        return exc.code == 503  # JetStream temporarily unavailable: no leader yet
+    return isinstance(
+        exc,
+        (
+            TimeoutError,
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.errors.ConnectionReconnectingError,
+            nats.js.errors.NoStreamResponseError,
+        ),
+    )
+
+
+WRONG_LAST_SEQUENCE = (10071, 10164)  # with and without the sequence in the message
 ALL_SUBJECTS = "sandboxer.>"
 
 
@@ -120,16 +149,9 @@ class JetStreamEventStore:
                 headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
                 headers["Nats-Expected-Last-Subject-Sequence-Subject"] = scope
             try:
-                ack = await self.js.publish(
-                    subject_for(event),
-                    self.codec.encode(event),
-                    timeout=self.timeout,
-                    stream=self.stream,
-                    headers=headers,
-                )
-                seq = ack.seq
+                seq = await self._publish(event, headers)
             except nats.js.errors.APIError as exc:
-                if exc.err_code != WRONG_LAST_SEQUENCE:
+                if exc.err_code not in WRONG_LAST_SEQUENCE:
                     raise
                 # The server checks the expected version before de-duplication, so a
                 # retry of an append that did land arrives here: find it, don't fork.
@@ -141,6 +163,37 @@ class JetStreamEventStore:
             if expected is not None:
                 expected = seq
         return seqs
+
+    async def _publish(self, event: Event, headers: dict[str, str]) -> int:
+        """Publish, retrying what a cluster says while a node restarts or a leader is
+        elected. Safe: the Msg-Id makes a retry of a landed publish a no-op."""
+        deadline = time.monotonic() + TRANSIENT_RETRY_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                ack = await self.js.publish(
+                    subject_for(event),
+                    self.codec.encode(event),
+                    timeout=self.timeout,
+                    stream=self.stream,
+                    headers=headers,
+                )
+                return int(ack.seq)
+            except Exception as exc:
+                if not is_transient(exc) or time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _check_alive(self, sub: Any) -> None:
+        """Quiet is fine; quiet while the consumer has events pending, or a consumer
+        that is gone, is not."""
+        try:
+            info = await sub.consumer_info()
+        except Exception as exc:
+            raise FollowStalled(f"consumer lost ({type(exc).__name__}: {exc})") from exc
+        if info.num_pending:
+            raise FollowStalled(f"{info.num_pending} events pending but none delivered")
 
     async def _find_landed(self, scope: str, event_id: str, after: int) -> int | None:
         async for recorded in self.read(after + 1, scope):
@@ -175,8 +228,28 @@ class JetStreamEventStore:
     async def follow(
         self, from_seq: int = 1, filter_subject: str = ALL_SUBJECTS
     ) -> AsyncIterator[RecordedEvent]:
-        async for msg in self._ordered(from_seq, filter_subject, stop_at=None):
-            yield self._record(msg)
+        """Every event from `from_seq` on, forever. Heals itself: when the consumer dies
+        with its NATS node (or stops delivering while events wait), a new one resumes
+        after the last event yielded."""
+        next_seq = max(from_seq, 1)
+        delay = 0.1
+        while True:
+            try:
+                async for msg in self._ordered(next_seq, filter_subject, stop_at=None):
+                    recorded = self._record(msg)
+                    if recorded.seq < next_seq:
+                        continue  # redelivered by a consumer reset
+                    next_seq = recorded.seq + 1
+                    delay = 0.1
+                    yield recorded
+            except FollowStalled as exc:
+                log.warning("follow %s: %s; resubscribing at %d", filter_subject, exc, next_seq)
+            except Exception as exc:
+                if not is_transient(exc) and not isinstance(exc, nats.js.errors.NotFoundError):
+                    raise
+                log.warning("follow %s: %s; retrying at %d", filter_subject, exc, next_seq)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _ordered(
         self, from_seq: int, filter_subject: str, stop_at: int | None
@@ -207,7 +280,14 @@ class JetStreamEventStore:
                 if info.num_pending == 0 and delivered == 0:
                     return
             while True:
-                msg = await queue.get()
+                if stop_at is not None:
+                    msg = await queue.get()
+                else:
+                    try:
+                        msg = await asyncio.wait_for(queue.get(), STALL_CHECK_SECONDS)
+                    except TimeoutError:
+                        await self._check_alive(sub)
+                        continue
                 yield msg
                 if stop_at is not None:
                     meta = msg.metadata

@@ -56,7 +56,8 @@ class LedgerBook:
     def charge(self, sandbox_id: str) -> Charge | None:
         return self.projection.charges.get(sandbox_id)
 
-    async def _refresh(self, account: str) -> None:
+    async def refresh(self, account: str) -> None:
+        """Read what other processes appended to the account since we last looked."""
         after = self.versions.get(account, 0)
         async for recorded in self.store.read(after + 1, ledger_filter(account)):
             self.apply(recorded.seq, recorded.subject, recorded.event)
@@ -75,7 +76,7 @@ class LedgerBook:
                 try:
                     seqs = await self.store.append(events, self.versions.get(account, 0))
                 except ConcurrencyConflict:
-                    await self._refresh(account)
+                    await self.refresh(account)
                     continue
                 for seq, event in zip(seqs, events, strict=True):
                     self.apply(seq, f"sandboxer.ledger.{account}.{event.type_name()}", event)
@@ -106,7 +107,7 @@ class LedgerBook:
         """A fresh data directory's default account gets `amount` credits, once."""
         if amount <= 0 or self.account("default").entries > 0:
             return
-        await self._refresh("default")
+        await self.refresh("default")
         if self.account("default").entries > 0:
             return
         await self._append(

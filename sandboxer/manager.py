@@ -8,6 +8,11 @@ On start the manager replays the stream and resumes what is not finished:
   wait_ready only looks, teardown is idempotent);
 - provisioning: we cannot know what a half-finished provision made, so recovery
   records `StepFailed` and tears down: the sandbox ends `failed`, nothing is left.
+
+Several workers share one stream: each drives only the sandboxes it holds a lease on
+(sandboxer/leases.py), follows the stream for the rest, and adopts a sandbox whose
+worker has gone (the same recovery as a restart). Commands for a sandbox another
+worker drives are forwarded to it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import msgspec
 import nats.errors
 
 from events import (
@@ -60,6 +66,7 @@ from sandboxer.checkpointing import Checkpoints, NotCapable, UnknownCheckpoint
 from sandboxer.event_store import ConcurrencyConflict, EventRecorder
 from sandboxer.failpoints import failpoint
 from sandboxer.ids import check_account, new_sandbox_id
+from sandboxer.leases import OwnerUnavailable, WorkerLeases
 from sandboxer.ledger import LedgerBook
 from sandboxer.lifecycle import TERMINAL, InvalidTransition, LifecycleModel, SandboxMachine, State
 from sandboxer.profiles import ProfileCatalog, ProfileError
@@ -72,6 +79,7 @@ ACTOR_RECOVERY = "system:recovery"
 ACTOR_TTL = "system:ttl-reaper"
 ACTOR_CHECKPOINT_POLICY = "system:checkpoint-policy"
 APPEND_ATTEMPTS = 4
+STEP_CRASH_RETRIES = 5
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Event)
@@ -79,6 +87,14 @@ E = TypeVar("E", bound=Event)
 
 class NotFound(LookupError):
     pass
+
+
+class AlreadyCreated(Exception):
+    """A create with the same idempotency key got there first (the API answers with it)."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(f"sandbox {sandbox_id} exists already")
+        self.sandbox_id = sandbox_id
 
 
 class HookFailed(Exception):
@@ -96,6 +112,7 @@ class CreateRequest:
     ttl_seconds: int | None = None
     account: str = "default"
     from_checkpoint: str | None = None
+    sandbox_id: str | None = None  # from an idempotency key; None: a fresh random id
 
 
 class Sandbox(LifecycleModel):
@@ -134,9 +151,11 @@ class SandboxManager:
         *,
         snapshots: SnapshotStore,
         spool_dir: Path,
+        leases: WorkerLeases,
         starter_credits: int = 0,
     ) -> None:
         self.store = store
+        self.leases = leases
         self.checkpoints = Checkpoints(self, snapshots, spool_dir)
         self.ledger = LedgerBook(store)
         self.starter_credits = starter_credits
@@ -144,6 +163,11 @@ class SandboxManager:
         self.profiles = profiles
         self.machine = SandboxMachine()
         self.sandboxes: dict[str, Sandbox] = {}
+        # Unfinished sandboxes that other workers drive, folded from the stream:
+        self.foreign: dict[str, SandboxView] = {}
+        # Metered sandboxes another worker finished, until their reservation is settled:
+        self._ended_elsewhere: dict[str, float] = {}
+        self._background: list[asyncio.Task[None]] = []
         self._steps: dict[str, Callable[[Sandbox], Coroutine[Any, Any, None]]] = {
             State.REQUESTED: self._route,
             State.RESERVING: self._reserve,
@@ -184,7 +208,11 @@ class SandboxManager:
                 pending.pop(key, None)
             else:
                 pending.setdefault(key, []).append((recorded.seq, recorded.event))
+        alive: dict[str, str | None] = {}
         for key, history in pending.items():
+            if not await self.leases.take_over(key, alive):
+                self.foreign[key] = views[key]
+                continue
             sbx = self._attach(key, live=False)
             for seq, event in history:
                 self._apply(sbx, seq, event)
@@ -208,13 +236,20 @@ class SandboxManager:
             request = next(r.event for r in records if isinstance(r.event, SandboxRequested))
             assert isinstance(request, SandboxRequested)
             self._spawn(self._settle(request, view), f"settle-{sandbox_id}")
+        await self.leases.serve_control(self._on_control)
+        self._background = [
+            asyncio.create_task(self._follow(last), name="manager-follow"),
+            asyncio.create_task(self._sweep_forever(), name="manager-sweep"),
+        ]
         return last
 
     async def close(self) -> None:
         """Stop driving; what is unfinished resumes on the next start."""
         self._closing = True
         self.checkpoints.close()
-        tasks: list[asyncio.Task[Any]] = []
+        for background in self._background:
+            background.cancel()
+        tasks: list[asyncio.Task[Any]] = [*self._background]
         for sbx in self.sandboxes.values():
             if sbx.ttl_timer:
                 sbx.ttl_timer.cancel()
@@ -255,7 +290,18 @@ class SandboxManager:
             except (UnknownCheckpoint, NotCapable) as exc:
                 raise ProfileError(str(exc), "from_checkpoint") from exc
         secret_keys = profile.secret_inputs()
-        sbx = self._attach(new_sandbox_id(), live=True)
+        sandbox_id = request.sandbox_id or new_sandbox_id()
+        if sandbox_id in self.sandboxes or sandbox_id in self.foreign:
+            raise AlreadyCreated(sandbox_id)
+        if not await self.leases.claim_new(sandbox_id):
+            # The key's lease exists: a create in flight elsewhere, or one whose worker
+            # died (then the lease is ours to take, with what it recorded, if anything).
+            if not await self.leases.take_over(sandbox_id):
+                raise AlreadyCreated(sandbox_id)
+            if await self.store.read_aggregate(sandbox_filter(sandbox_id)):
+                await self._adopt(sandbox_id)
+                raise AlreadyCreated(sandbox_id)
+        sbx = self._attach(sandbox_id, live=True)
         sbx.secrets = {k: v for k, v in inputs.items() if k in secret_keys}
         recorded_inputs = {k: v for k, v in inputs.items() if k not in secret_keys}
         try:
@@ -263,6 +309,7 @@ class SandboxManager:
                 sbx,
                 SandboxRequested,
                 meta,
+                event_id=f"{sandbox_id}.requested" if request.sandbox_id else None,
                 profile=profile.name,
                 extension=candidates[0].extension,
                 inputs=recorded_inputs,
@@ -288,9 +335,10 @@ class SandboxManager:
 
         Destroying a sandbox that is already being torn down is a no-op (returns 0).
         """
-        sbx = self.sandboxes.get(sandbox_id)
+        sbx = await self.driven_here(sandbox_id)
         if sbx is None:
-            raise NotFound(sandbox_id)
+            answer = await self.forward(sandbox_id, "destroy", meta, reason=reason)
+            return int(answer["seq"])
         if sbx.state == State.TEARING_DOWN:
             return 0
         inflight = sbx.step  # captured first: recording starts the teardown step
@@ -401,11 +449,19 @@ class SandboxManager:
         if sbx.ttl_timer:
             sbx.ttl_timer.cancel()
         sbx.secrets.clear()
-        self.sandboxes.pop(sbx.sandbox_id, None)
+        if self.sandboxes.get(sbx.sandbox_id) is sbx:
+            del self.sandboxes[sbx.sandbox_id]
+            self._spawn(self.leases.release(sbx.sandbox_id), f"release-{sbx.sandbox_id}")
         self.machine.detach(sbx)
 
     async def _drive(self, sbx: Sandbox) -> None:
+        crashes = 0
         while sbx.state in self._steps and not self._closing:
+            if not self.leases.valid():
+                # Fenced: our session may have expired; another worker may drive it now.
+                self.abandon()
+                self.leases.reset()
+                return
             name = sbx.state
             sbx.step_name = _step_label(name)
             sbx.step_started = utc_now()
@@ -426,9 +482,26 @@ class SandboxManager:
                 log.warning("%s: step %s superseded: %s", sbx.sandbox_id, name, exc)
                 if sbx.state == name:
                     return
-            except Exception:
-                log.exception("%s: step %s crashed; left for recovery", sbx.sandbox_id, name)
-                return
+            except Exception as exc:
+                # An outage longer than the store's own retries (a NATS node lost, say).
+                crashes += 1
+                if crashes > STEP_CRASH_RETRIES:
+                    log.exception("%s: step %s crashed; left for recovery", sbx.sandbox_id, name)
+                    return
+                log.warning("%s: step %s crashed (%s); retrying", sbx.sandbox_id, name, exc)
+                await asyncio.sleep(min(2.0**crashes, 30.0))
+                if sbx.state == State.PROVISIONING == name:
+                    # What a half-finished provision made is unknown: fail it and tear
+                    # down (as recovery after a restart does), never provision twice.
+                    await self._record(
+                        sbx,
+                        StepFailed,
+                        sbx.meta(ACTOR_RECOVERY),
+                        step="provision",
+                        error=f"interrupted: {type(exc).__name__}: {exc}"[:500],
+                    )
+            else:
+                crashes = 0
             finally:
                 sbx.step = None
                 sbx.step_name = None
@@ -627,8 +700,8 @@ class SandboxManager:
     def _load(self, extension: str) -> dict[str, int]:
         """Sandboxes per host of one extension that still hold a place there."""
         load: dict[str, int] = {}
-        for other in self.sandboxes.values():
-            view = other.view
+        views = [other.view for other in self.sandboxes.values()]
+        for view in [*views, *self.foreign.values()]:  # other workers' sandboxes hold places too
             if view is not None and view.extension == extension and view.host is not None:
                 if view.state not in TERMINAL:
                     load[view.host] = load.get(view.host, 0) + 1
@@ -745,6 +818,178 @@ class SandboxManager:
 
     def live(self) -> list[Sandbox]:
         return list(self.sandboxes.values())
+
+    # ---- several workers ---------------------------------------------------------
+
+    async def driven_here(self, sandbox_id: str) -> Sandbox | None:
+        """The sandbox if this worker drives it (adopting it first if its worker has
+        gone); None if another live worker does. NotFound if nobody drives it."""
+        sbx = self.sandboxes.get(sandbox_id)
+        if sbx is not None:
+            return sbx
+        if await self.leases.owner(sandbox_id) is not None:
+            return None
+        if not await self.leases.take_over(sandbox_id):
+            return None  # another worker adopted it just now
+        await self._adopt(sandbox_id)
+        sbx = self.sandboxes.get(sandbox_id)
+        if sbx is None:
+            raise NotFound(sandbox_id)  # finished, or never existed
+        return sbx
+
+    async def forward(
+        self, sandbox_id: str, op: str, meta: EventMeta, **args: str
+    ) -> dict[str, Any]:
+        """Ask the worker driving the sandbox to run the command; its errors come back
+        as the same exceptions a local command raises."""
+        owner = await self.leases.owner(sandbox_id)
+        if owner is None:
+            raise OwnerUnavailable(f"sandbox {sandbox_id} is between workers; retry shortly")
+        body = {"op": op, "sandbox_id": sandbox_id, "meta": msgspec.to_builtins(meta), **args}
+        answer = await self.leases.forward(owner, body, timeout=30.0)
+        error = answer.get("error")
+        if error == "not_found":
+            raise NotFound(sandbox_id)
+        if error == "invalid_transition":
+            raise InvalidTransition(sandbox_id, answer["state"], answer["event"])
+        if error == "not_capable":
+            raise NotCapable(answer["message"])
+        if error == "unknown_checkpoint":
+            raise UnknownCheckpoint(answer["message"])
+        if error is not None:
+            raise RuntimeError(f"worker {owner}: {answer.get('message', error)}")
+        return answer
+
+    async def _on_control(self, body: dict[str, Any]) -> dict[str, Any]:
+        sandbox_id = str(body["sandbox_id"])
+        meta = msgspec.convert(body["meta"], EventMeta)
+        if sandbox_id not in self.sandboxes:
+            return {"error": "not_found"}
+        try:
+            op = body["op"]
+            if op == "destroy":
+                return {"seq": await self.destroy(sandbox_id, meta, str(body["reason"]))}
+            if op == "checkpoint":
+                checkpoint_id, seq = await self.checkpoints.request(sandbox_id, meta)
+                return {"seq": seq, "checkpoint_id": checkpoint_id}
+            if op == "restore":
+                cid = str(body["checkpoint_id"])
+                return {"seq": await self.checkpoints.request_restore(sandbox_id, cid, meta)}
+            if op == "delete_checkpoint":
+                cid = str(body["checkpoint_id"])
+                await self.checkpoints.delete(cid, meta, str(body["reason"]))
+                return {"seq": 0}
+            return {"error": "internal", "message": f"unknown op {op!r}"}
+        except InvalidTransition as exc:
+            return {"error": "invalid_transition", "state": exc.state, "event": exc.event_type}
+        except NotCapable as exc:
+            return {"error": "not_capable", "message": str(exc)}
+        except UnknownCheckpoint as exc:
+            return {"error": "unknown_checkpoint", "message": str(exc)}
+        except NotFound:
+            return {"error": "not_found"}
+
+    async def _follow(self, after: int) -> None:
+        """Keep what other workers do in view: their sandboxes, accounts, checkpoints."""
+        async for recorded in self.store.follow(after + 1):
+            self.observe(recorded.seq, recorded.subject, recorded.event)
+
+    def observe(self, seq: int, subject: str, event: Event) -> None:
+        if subject.startswith("sandboxer.ledger."):
+            self.ledger.apply(seq, subject, event)
+            return
+        if not subject.startswith("sandboxer.sandbox."):
+            return
+        key = event.aggregate_id
+        if key in self.sandboxes:
+            return  # ours: applied when we appended it
+        self.checkpoints.projection.apply(seq, subject, event)
+        view = self.foreign.get(key)
+        if view is not None and seq <= view.last_seq:
+            return
+        view = evolve(view, seq, event)
+        if view is None:
+            return
+        if view.state in TERMINAL:
+            self.foreign.pop(key, None)
+            if view.metered:
+                self._ended_elsewhere[key] = asyncio.get_running_loop().time()
+        else:
+            self.foreign[key] = view
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.leases.ttl / 2)
+            try:
+                await self.sweep()
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("lease sweep: %s", exc)
+
+    async def sweep(self) -> list[str]:
+        """Adopt the sandboxes whose worker has gone; settle what a gone worker finished
+        but did not settle. Returns the adopted ids."""
+        adopted: list[str] = []
+        alive: dict[str, str | None] = {}
+        for key in list(self.foreign):
+            if self._closing:
+                break
+            if key in self.sandboxes:
+                self.foreign.pop(key, None)
+            elif await self.leases.take_over(key, alive):
+                await self._adopt(key)
+                adopted.append(key)
+        now = asyncio.get_running_loop().time()
+        for key, ended in list(self._ended_elsewhere.items()):
+            charge = self.ledger.charge(key)
+            if charge is not None and (charge.settled or charge.rejected):
+                del self._ended_elsewhere[key]
+            elif now - ended > self.leases.ttl:
+                del self._ended_elsewhere[key]
+                await self._settle_finished(key)
+        return adopted
+
+    async def _adopt(self, sandbox_id: str) -> None:
+        """Continue a sandbox from its last event, as a restart would."""
+        self.foreign.pop(sandbox_id, None)
+        sbx = self._attach(sandbox_id, live=False)
+        records = await self.store.read_aggregate(sandbox_filter(sandbox_id))
+        for recorded in records:
+            if recorded.seq > sbx.version:
+                self._apply(sbx, recorded.seq, recorded.event)
+        if sbx.request is not None:
+            await self.ledger.refresh(sbx.request.account)
+        if sbx.view is None or sbx.state in TERMINAL:
+            self._finish(sbx)
+            if sbx.view is not None and sbx.view.metered:
+                await self._settle_finished(sandbox_id)
+            return
+        await self._recover(sbx)
+
+    async def _settle_finished(self, sandbox_id: str) -> None:
+        records = await self.store.read_aggregate(sandbox_filter(sandbox_id))
+        view: SandboxView | None = None
+        request: SandboxRequested | None = None
+        for recorded in records:
+            if isinstance(recorded.event, SandboxRequested):
+                request = recorded.event
+            view = evolve(view, recorded.seq, recorded.event)
+        if request is None or view is None or view.state not in TERMINAL:
+            return
+        await self.ledger.refresh(request.account)
+        self._spawn(self._settle(request, view), f"settle-{sandbox_id}")
+
+    def abandon(self) -> None:
+        """Stop driving everything (our session lapsed); the sweep takes back what no
+        other worker took meanwhile."""
+        for sbx in list(self.sandboxes.values()):
+            if sbx.ttl_timer:
+                sbx.ttl_timer.cancel()
+            if sbx.driver is not None and not sbx.driver.done():
+                sbx.driver.cancel()
+            if sbx.view is not None:
+                self.foreign[sbx.sandbox_id] = sbx.view
+            del self.sandboxes[sbx.sandbox_id]
+            self.machine.detach(sbx)
 
 
 STEP_LABELS: dict[str, str] = {

@@ -16,6 +16,7 @@ from sandboxer.api import Api
 from sandboxer.auth import TokenBook, is_loopback
 from sandboxer.config import Settings
 from sandboxer.event_store import JetStreamEventStore
+from sandboxer.leases import WorkerLeases, default_worker_name
 from sandboxer.manager import SandboxManager
 from sandboxer.nats_server import EmbeddedNats
 from sandboxer.profiles import ProfileCatalog
@@ -36,6 +37,7 @@ class Service:
         self.manager: SandboxManager | None = None
         self.api: Api | None = None
         self.webhooks: Webhooks | None = None
+        self.leases: WorkerLeases | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -71,14 +73,23 @@ class Service:
                 settings.checkpoint_bucket,
                 replicas=settings.stream_replicas,
             )
+        self.leases = WorkerLeases(
+            self.nc,
+            settings.worker_name or default_worker_name(settings.data_dir),
+            ttl=settings.lease_ttl,
+            replicas=settings.stream_replicas,
+        )
+        await self.leases.start()
         self.manager = SandboxManager(
             self.store,
             extensions,
             profiles,
             snapshots=snapshots,
             spool_dir=settings.data_dir / "spool",
+            leases=self.leases,
             starter_credits=settings.starter_credits,
         )
+        self.leases.on_lost = self.manager.abandon
         await self.manager.start()
         self.webhooks = Webhooks(
             self.nc, self.store, self.runner, settings.data_dir, settings.environ
@@ -99,6 +110,8 @@ class Service:
         if self.manager is not None:
             await self.manager.close()
             await self.manager.extensions.close()
+        if self.leases is not None:
+            await self.leases.stop()
         if self.runner is not None:
             await self.runner.stop()
             self.runner.save_cache()
@@ -113,8 +126,13 @@ class Service:
         return self.api.app()
 
 
-async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
-    """Run until SIGINT or SIGTERM; always stop the embedded NATS server on the way out."""
+async def serve(
+    settings: Settings, ready: asyncio.Event | None = None, *, http: bool = True
+) -> None:
+    """Run until SIGINT or SIGTERM; always stop the embedded NATS server on the way out.
+
+    With `http=False` (`serve --worker`) the process only drives sandboxes: it shares
+    the work of the cluster with the API nodes and takes over from workers that die."""
     tokens = TokenBook.from_env(settings.environ)  # a bad tokens file fails here, early
     if not is_loopback(settings.host) and not tokens.enabled:
         raise SystemExit(
@@ -129,11 +147,15 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     runner: web.AppRunner | None = None
     try:
         await service.start()
-        runner = web.AppRunner(service.app(), access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        print(f"sandboxer listening on http://{settings.host}:{settings.port}", flush=True)
+        assert service.leases is not None
+        if http:
+            runner = web.AppRunner(service.app(), access_log=None, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, settings.host, settings.port)
+            await site.start()
+            print(f"sandboxer listening on http://{settings.host}:{settings.port}", flush=True)
+        else:
+            print(f"sandboxer worker {service.leases.holder} running", flush=True)
         if ready is not None:
             ready.set()
         await stop.wait()

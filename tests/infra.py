@@ -178,17 +178,109 @@ class SSHHost:
         }
 
 
+class NatsNode:
+    """One nats-server of a JetStream cluster on loopback, in its own folder."""
+
+    def __init__(self, name: str, folder: Path, routes: list[int], cluster_port: int) -> None:
+        self.name = name
+        self.folder = folder
+        self.port = free_port()
+        self.monitor_port = free_port()
+        self.cluster_port = cluster_port
+        self.routes = routes
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from sandboxer.nats_server import find_nats_server
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)
+        argv = [
+            find_nats_server(),
+            "--name", self.name,
+            "--addr", "127.0.0.1",
+            "--port", str(self.port),
+            "--http_port", str(self.monitor_port),
+            "--jetstream",
+            "--store_dir", str(self.folder),
+            "--cluster_name", "sbx-test",
+            "--cluster", f"nats://127.0.0.1:{self.cluster_port}",
+            "--routes", routes,
+        ]  # fmt: skip
+        log = (self.folder / "server.log").open("ab")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return (self.folder / "server.log").read_text(errors="replace")[-4000:]
+
+
+class NatsCluster:
+    """Three nats-server processes, routed to each other: a real JetStream cluster."""
+
+    def __init__(self, folder: Path, size: int = 3) -> None:
+        cluster_ports = [free_port() for _ in range(size)]
+        self.nodes = [
+            NatsNode(
+                f"n{i + 1}",
+                folder / f"n{i + 1}",
+                [p for j, p in enumerate(cluster_ports) if j != i],
+                cluster_ports[i],
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    async def start(self, http: aiohttp.ClientSession, timeout: float = 60) -> None:
+        for node in self.nodes:
+            node.start()
+        # Healthy means: JetStream on, the meta group has a leader and this node is current.
+        async with asyncio.timeout(timeout):
+            for node in self.nodes:
+                while True:
+                    assert node.proc is not None and node.proc.poll() is None, node.log()
+                    try:
+                        url = f"http://127.0.0.1:{node.monitor_port}/healthz"
+                        async with http.get(url) as resp:
+                            if resp.status == 200:
+                                break
+                    except aiohttp.ClientConnectionError:
+                        pass
+                    await asyncio.sleep(0.1)  # polling a condition, under a deadline
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
 class ServeProcess:
-    def __init__(self, data_dir: Path, port: int, **env: str) -> None:
+    def __init__(self, data_dir: Path, port: int, *args: str, **env: str) -> None:
         self.url = f"http://127.0.0.1:{port}"
         environ = {k: v for k, v in os.environ.items() if k != "SANDBOXER_NATS_URL"}
         environ.update(SANDBOXER_DATA_DIR=str(data_dir), **env)
+        self.data_dir = data_dir
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sandboxer", "serve", "--port", str(port)],
+            [sys.executable, "-m", "sandboxer", "serve", "--port", str(port), *args],
             env=environ,
-            stdout=subprocess.PIPE,
+            stdout=self._log_file(data_dir).open("ab"),  # a file: a pipe nobody reads fills up
             stderr=subprocess.STDOUT,
         )
+
+    @staticmethod
+    def _log_file(data_dir: Path) -> Path:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return data_dir / "serve.log"
 
     async def wait_healthy(self, http: aiohttp.ClientSession, timeout: float = 60) -> None:
         async with asyncio.timeout(timeout):
@@ -203,10 +295,7 @@ class ServeProcess:
                 await asyncio.sleep(0.05)  # polling a condition, under a deadline
 
     def output(self) -> str:
-        if self.proc.poll() is None:
-            return "(still running)"
-        assert self.proc.stdout is not None
-        return self.proc.stdout.read().decode(errors="replace")
+        return self._log_file(self.data_dir).read_text(errors="replace")[-8000:]
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
