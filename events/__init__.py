@@ -14,6 +14,12 @@ from events.ledger import (
     CreditsReserved,
     phase_event_id,
 )
+from events.reconcile import (
+    RECONCILE_EVENTS,
+    OrphanFound,
+    OrphanRemovalFailed,
+    OrphanRemoved,
+)
 from events.sandbox import (
     SANDBOX_EVENTS,
     BecameReady,
@@ -60,13 +66,14 @@ from events.webhooks import (
 )
 
 ALL_EVENTS: tuple[type[Event], ...] = (
-    SANDBOX_EVENTS + LEDGER_EVENTS + VALIDATION_EVENTS + WEBHOOK_EVENTS
+    SANDBOX_EVENTS + LEDGER_EVENTS + VALIDATION_EVENTS + WEBHOOK_EVENTS + RECONCILE_EVENTS
 )
 
 __all__ = [
     "ALL_EVENTS",
     "LEDGER_EVENTS",
     "LEDGER_PREFIX",
+    "RECONCILE_EVENTS",
     "SANDBOX_EVENTS",
     "SANDBOX_PREFIX",
     "STREAM_SUBJECTS",
@@ -89,6 +96,9 @@ __all__ = [
     "DestroyRequested",
     "Event",
     "EventMeta",
+    "OrphanFound",
+    "OrphanRemovalFailed",
+    "OrphanRemoved",
     "Provisioned",
     "RestoreFailed",
     "RestoreRequested",

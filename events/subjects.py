@@ -29,7 +29,9 @@ def ledger_filter(account: str) -> str:
 
 
 WEBHOOK_PREFIX = "sandboxer.webhook"
+RECONCILE_PREFIX = "sandboxer.reconcile"
 _PREFIXES = {
+    "reconcile": RECONCILE_PREFIX,
     "sandbox": SANDBOX_PREFIX,
     "ledger": LEDGER_PREFIX,
     "validation": VALIDATION_PREFIX,

@@ -27,9 +27,18 @@ from extensions.hosts import (
     parse_pool,
     place_least_loaded,
     pool_host,
+    remove_workspace,
+    workspace_ids,
     workspace_path,
 )
-from extensions.sdk import ExtensionError, Handle, Placement, RuntimeInfo, StepContext
+from extensions.sdk import (
+    ExtensionError,
+    Handle,
+    Placement,
+    Resource,
+    RuntimeInfo,
+    StepContext,
+)
 from extensions.ssh import SSHPool, rsync
 
 COMPOSE_FILES = ("compose.yml", "compose.yaml", "docker-compose.yml", "docker-compose.yaml")
@@ -46,6 +55,19 @@ new=$1; dir=$2
 if [ -L "$dir" ]; then rm -f -- "$dir"; fi
 rm -rf -- "$dir"
 mv -- "$new" "$dir"
+"""
+
+# Removes every container, network and volume of one compose project, whatever made
+# it (used for orphans, whose directory and compose file may be gone). Idempotent.
+REMOVE_PROJECT = r"""
+set -u
+project=$1; shift
+label="label=com.docker.compose.project=$project"
+ids=$("$@" ps -aq --filter "$label") || exit 1
+if [ -n "$ids" ]; then "$@" rm -f $ids >/dev/null || exit 1; fi
+for n in $("$@" network ls -q --filter "$label"); do "$@" network rm "$n" >/dev/null; done
+for v in $("$@" volume ls -q --filter "$label"); do "$@" volume rm "$v" >/dev/null; done
+exit 0
 """
 
 # compose down (when a compose file is there), then remove the directory. Idempotent.
@@ -80,8 +102,18 @@ def compose_cmd(host: PoolHost, config: Mapping[str, Any]) -> list[str]:
     )
 
 
+PROJECT_PREFIX = "sandboxer-"
+
+
 def project_name(sandbox_id: str) -> str:
-    return f"sandboxer-{sandbox_id}"
+    return f"{PROJECT_PREFIX}{sandbox_id}"
+
+
+def container_labels(item: Mapping[str, Any]) -> dict[str, str]:
+    labels = item.get("Labels") or {}
+    if isinstance(labels, str):  # docker: "k=v,k=v"
+        labels = dict(p.split("=", 1) for p in labels.split(",") if "=" in p)
+    return {str(k): str(v) for k, v in labels.items()}
 
 
 def ps_items(output: str) -> list[dict[str, Any]]:
@@ -96,10 +128,7 @@ def ps_items(output: str) -> list[dict[str, Any]]:
 
 
 def service_of(item: Mapping[str, Any]) -> str | None:
-    labels = item.get("Labels") or {}
-    if isinstance(labels, str):  # docker: "k=v,k=v"
-        labels = dict(p.split("=", 1) for p in labels.split(",") if "=" in p)
-    service = item.get("Service") or labels.get("com.docker.compose.service")
+    service = item.get("Service") or container_labels(item).get("com.docker.compose.service")
     return str(service) if service else None
 
 
@@ -431,6 +460,64 @@ class ComposeSSH:
             timeout=float(ctx.config.get("up_timeout", 600)),
         )
         return _handle(host, directory, project, compose_file, metadata.get("services", ""))
+
+    # ---- reconciliation --------------------------------------------------------------
+
+    async def inventory(self, config: Mapping[str, Any]) -> list[Resource]:
+        """Per host: workspaces under the root, and compose projects named like ours
+        (`sandboxer-<id>`) that have containers, with or without their workspace."""
+        found: list[Resource] = []
+        for host in parse_hosts(config).values():
+            for sandbox_id in await workspace_ids(self.pool, host):
+                found.append(
+                    Resource(sandbox_id, host.name, "workspace", workspace_path(host, sandbox_id))
+                )
+            result = await self.pool.run(
+                host.target,
+                [
+                    *engine_cmd(host, config),
+                    "ps",
+                    "-a",
+                    "--filter",
+                    "label=com.docker.compose.project",
+                    "--format",
+                    "json",
+                ],
+                timeout=60,
+            )
+            projects = {
+                container_labels(item).get("com.docker.compose.project", "")
+                for item in ps_items(result.stdout)
+            }
+            for project in sorted(projects):
+                sandbox_id = project.removeprefix(PROJECT_PREFIX)
+                if project.startswith(PROJECT_PREFIX) and ID_RE.match(sandbox_id):
+                    found.append(Resource(sandbox_id, host.name, "compose_project", project))
+        return found
+
+    async def remove_orphan(self, config: Mapping[str, Any], resource: Resource) -> None:
+        host = pool_host(parse_hosts(config), resource.host, "compose-ssh host")
+        sandbox_id = check_sandbox_id(resource.sandbox_id)
+        if resource.kind == "workspace":
+            await self.teardown(
+                StepContext(sandbox_id, "", {}, config, host=resource.host), None
+            )  # compose down from the workspace's own file, then the directory
+            await remove_workspace(self.pool, host, sandbox_id)
+        elif resource.kind == "compose_project":
+            await self.pool.run(
+                host.target,
+                [
+                    "sh",
+                    "-c",
+                    REMOVE_PROJECT,
+                    "sh",
+                    project_name(sandbox_id),
+                    *engine_cmd(host, config),
+                ],
+                timeout=float(config.get("down_timeout", 300)),
+            )
+        else:
+            raise ExtensionError(f"compose-ssh: no such resource kind {resource.kind!r}")
 
     async def close(self) -> None:
         await self.pool.close()

@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pytest
 
 from extensions.registry import LoadedExtension
-from extensions.sdk import OPTIONAL_HOOKS, REQUIRED_HOOKS, Extension, StepContext
+from extensions.sdk import OPTIONAL_HOOKS, REQUIRED_HOOKS, Extension, Reconciling, StepContext
 
 MakeContext = Callable[[str, dict[str, Any]], StepContext]
 Leftovers = Callable[[str], Awaitable[list[str]]]
@@ -111,6 +111,27 @@ class ExtensionConformance:
         assert await leftovers(second), "tearing one down leaves the other alone"
         await self._run(extension.adapter.teardown(ctx2, h2))
         assert await leftovers(second) == []
+
+    async def test_inventory_finds_and_removes_what_it_made(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        """With `inventory`: a provisioned sandbox is listed under its id, and removing
+        every listed resource of that id leaves nothing behind (an orphan's cleanup)."""
+        if not extension.manifest.has("inventory"):
+            pytest.skip("no inventory capability")
+        adapter = cast(Reconciling, extension.adapter)
+        sandbox_id = _new_id()
+        ctx = make_context(sandbox_id, {})
+        await self._run(extension.adapter.provision(ctx))
+        found = await self._run(adapter.inventory(ctx.config))
+        mine = [r for r in found if r.sandbox_id == sandbox_id]
+        assert mine, "inventory lists what provision made"
+        for resource in mine:
+            await self._run(adapter.remove_orphan(ctx.config, resource))
+            await self._run(adapter.remove_orphan(ctx.config, resource))  # idempotent
+        assert await leftovers(sandbox_id) == []
+        after = await self._run(adapter.inventory(ctx.config))
+        assert [r for r in after if r.sandbox_id == sandbox_id] == []
 
     def test_capabilities_honoured(self, extension: LoadedExtension) -> None:
         adapter = extension.adapter

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from extensions.sdk import ExtensionError, NoCapacity, Placement
-from extensions.ssh import SSHTarget
+from extensions.ssh import SSHPool, SSHTarget
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -39,6 +39,17 @@ set -eu
 dir=$1
 if [ -L "$dir" ]; then rm -f -- "$dir"; exit 0; fi
 if [ -d "$dir" ]; then cd / && rm -rf -- "$dir"; fi
+"""
+
+
+# Lists `<root>/<name>` directories (not symlinks), one name per line.
+LIST_WORKSPACES = r"""
+set -eu
+root=$1
+[ -d "$root" ] || exit 0
+for d in "$root"/*; do
+  if [ -d "$d" ] && [ ! -L "$d" ]; then printf '%s\n' "${d##*/}"; fi
+done
 """
 
 
@@ -134,3 +145,14 @@ def pool_host(pool: Mapping[str, PoolHost], name: str | None, what: str) -> Pool
     if name is None or name not in pool:
         raise ExtensionError(f"{what} {name!r} is not configured")
     return pool[name]
+
+
+async def workspace_ids(ssh: SSHPool, host: PoolHost) -> list[str]:
+    """Sandbox ids that have a workspace directory under the host's root."""
+    result = await ssh.run(host.target, ["sh", "-c", LIST_WORKSPACES, "sh", host.root], timeout=60)
+    return [name for name in result.stdout.split() if ID_RE.match(name)]
+
+
+async def remove_workspace(ssh: SSHPool, host: PoolHost, sandbox_id: str) -> None:
+    directory = workspace_path(host, sandbox_id)
+    await ssh.run(host.target, ["sh", "-c", REMOVE_WORKSPACE, "sh", directory], timeout=300)

@@ -153,6 +153,8 @@ def manifest_from_dict(raw: Any, source: str) -> Manifest:
         raise ConfigError(f"{source}: estimate_cost and meter_actual go together")
     if manifest.has("snapshot") != manifest.has("restore"):
         raise ConfigError(f"{source}: snapshot and restore go together")
+    if manifest.has("inventory") != manifest.has("remove_orphan"):
+        raise ConfigError(f"{source}: inventory and remove_orphan go together")
     for hook in manifest.hooks:
         if hook not in known:
             raise ConfigError(f"{source}: hooks: unknown hook {hook!r}")

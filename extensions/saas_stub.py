@@ -11,10 +11,11 @@ import json
 import math
 import random
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from extensions.sdk import Cost, ExtensionError, Handle, RuntimeInfo, StepContext
+from extensions.sdk import Cost, ExtensionError, Handle, Resource, RuntimeInfo, StepContext
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -136,3 +137,18 @@ class SaasStub:
         """What the vendor still runs for us: the conformance suite's leftovers check."""
         folder = self.state_dir(config or self.base_config)
         return sorted(p.stem for p in folder.glob("*.json"))
+
+    # ---- reconciliation --------------------------------------------------------------
+
+    async def inventory(self, config: Mapping[str, Any]) -> list[Resource]:
+        folder = self.state_dir(config)
+        return [
+            Resource(sandbox_id=path.stem, host="saas-stub", kind="instance", detail=path.name)
+            for path in sorted(folder.glob("*.json"))
+            if _ID_RE.match(path.stem)
+        ]
+
+    async def remove_orphan(self, config: Mapping[str, Any], resource: Resource) -> None:
+        if not _ID_RE.match(resource.sandbox_id):
+            raise ExtensionError(f"invalid sandbox id {resource.sandbox_id!r}")
+        (self.state_dir(config) / f"{resource.sandbox_id}.json").unlink(missing_ok=True)

@@ -17,7 +17,15 @@ Handle = dict[str, str]
 ProgressFn = Callable[[str], None]
 
 REQUIRED_HOOKS = ("provision", "wait_ready", "teardown")
-OPTIONAL_HOOKS = ("place", "snapshot", "restore", "estimate_cost", "meter_actual")
+OPTIONAL_HOOKS = (
+    "place",
+    "snapshot",
+    "restore",
+    "estimate_cost",
+    "meter_actual",
+    "inventory",
+    "remove_orphan",
+)
 
 
 def _no_progress(_message: str) -> None:
@@ -112,3 +120,27 @@ class Placing(Protocol):
     """
 
     def place(self, ctx: StepContext, load: Mapping[str, int]) -> Placement: ...
+
+
+@dataclass(frozen=True)
+class Resource:
+    """Something an extension made for a sandbox, as `inventory` finds it on a host."""
+
+    sandbox_id: str
+    host: str
+    kind: str  # workspace, compose_project, checkpoint_image, instance, ...
+    detail: str  # what it is there: a path, a project or image name
+
+
+class Reconciling(Protocol):
+    """Optional capabilities `inventory` + `remove_orphan` (they go together).
+
+    `inventory` lists what exists on every host of the config that carries a sandbox
+    id in our naming (and only that: never someone else's files); `remove_orphan`
+    removes one such thing, idempotently. The reconciliation sweep decides which are
+    orphans from the events, never the adapter.
+    """
+
+    async def inventory(self, config: Mapping[str, Any]) -> list[Resource]: ...
+
+    async def remove_orphan(self, config: Mapping[str, Any], resource: Resource) -> None: ...

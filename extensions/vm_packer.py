@@ -21,9 +21,18 @@ from extensions.hosts import (
     parse_pool,
     place_least_loaded,
     pool_host,
+    remove_workspace,
+    workspace_ids,
     workspace_path,
 )
-from extensions.sdk import ExtensionError, Handle, Placement, RuntimeInfo, StepContext
+from extensions.sdk import (
+    ExtensionError,
+    Handle,
+    Placement,
+    Resource,
+    RuntimeInfo,
+    StepContext,
+)
 from extensions.ssh import SSHPool, rsync
 
 
@@ -119,6 +128,22 @@ class VmPacker:
             ["sh", "-c", REMOVE_WORKSPACE, "sh", workspace],
             timeout=float(ctx.config.get("remove_timeout", 300)),
         )
+
+    # ---- reconciliation --------------------------------------------------------------
+
+    async def inventory(self, config: Mapping[str, Any]) -> list[Resource]:
+        """Workspaces under each VM's root (the VMs themselves persist by design)."""
+        return [
+            Resource(sandbox_id, vm.name, "workspace", self.workspace(vm, sandbox_id))
+            for vm in parse_vms(config).values()
+            for sandbox_id in await workspace_ids(self.pool, vm)
+        ]
+
+    async def remove_orphan(self, config: Mapping[str, Any], resource: Resource) -> None:
+        if resource.kind != "workspace":
+            raise ExtensionError(f"vm-packer: no such resource kind {resource.kind!r}")
+        vm = pool_host(parse_vms(config), resource.host, "vm-packer VM")
+        await remove_workspace(self.pool, vm, resource.sandbox_id)
 
     async def close(self) -> None:
         await self.pool.close()

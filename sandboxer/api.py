@@ -48,6 +48,7 @@ from sandboxer.profiles import (
     ProfileError,
 )
 from sandboxer.read_model import ProjectionRunner, VerifyReport
+from sandboxer.reconcile import Reconciler, SweepReport
 from sandboxer.webhooks import WebhookError, WebhookOut, Webhooks
 
 MAX_BODY_BYTES = 64 * 1024
@@ -57,6 +58,7 @@ ADMIN_ONLY = frozenset(
     {
         ("POST", "/v1/accounts/{account}/credits"),
         ("POST", "/v1/ledger/audit"),
+        ("POST", "/v1/reconcile"),
         ("POST", "/v1/replay"),
         ("GET", "/v1/accounts"),
     }
@@ -333,7 +335,9 @@ class Api:
         profiles: ProfileCatalog,
         webhooks: Webhooks | None = None,
         tokens: TokenBook | None = None,
+        reconciler: Reconciler | None = None,
     ) -> None:
+        self.reconciler = reconciler
         self.webhooks = webhooks
         self.tokens = tokens or TokenBook([])
         self.manager = manager
@@ -373,6 +377,7 @@ class Api:
         app.router.add_post("/v1/accounts/{account}/credits", self.grant)
         app.router.add_get("/v1/accounts/{account}/ledger", self.account_ledger)
         app.router.add_post("/v1/ledger/audit", self.ledger_audit)
+        app.router.add_post("/v1/reconcile", self.reconcile)
         app.router.add_post("/v1/accounts/{account}/webhooks", self.register_webhook)
         app.router.add_get("/v1/accounts/{account}/webhooks", self.list_webhooks)
         app.router.add_delete("/v1/webhooks/{wid}", self.remove_webhook)
@@ -1044,6 +1049,20 @@ class Api:
     async def replay(self, request: web.Request) -> web.Response:
         return json_response(await self.runner.verify())
 
+    async def reconcile(self, request: web.Request) -> web.Response:
+        """One reconciliation sweep now; `remove` overrides the configured mode."""
+        if self.reconciler is None:
+            raise ApiError(503, "unavailable", "reconciliation is not running")
+        raw = request.query.get("remove")
+        if raw is not None and raw not in LIVE_VALUES:
+            raise ApiError(
+                400, "invalid_query", f"remove must be one of {', '.join(LIVE_VALUES)}", "remove"
+            )
+        remove = None if raw is None else raw in ("1", "true")
+        principal = self._principal(request)
+        actor = f"user:{principal.name}" if principal is not None else "user:local"
+        return json_response(await self.reconciler.sweep(remove, actor=actor))
+
     async def health(self, request: web.Request) -> web.Response:
         return json_response(
             Health(
@@ -1156,6 +1175,7 @@ def openapi_document(
         WebhookList,
         CheckpointOut,
         CheckpointList,
+        SweepReport,
     ]
     (_, components) = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
@@ -1516,6 +1536,21 @@ def openapi_document(
                 "responses": {**ok("AuditReport"), **errors(400, 403)},
             },
         },
+        "/v1/reconcile": {
+            "post": {
+                "summary": "Sweep the hosts for what no live sandbox owns; report, or "
+                "remove with remove=true (admin)",
+                "parameters": [
+                    query(
+                        "remove",
+                        {"type": "string", "enum": list(LIVE_VALUES)},
+                        "1 or true: remove the orphans; 0 or false: only report; "
+                        "absent: the configured mode (SANDBOXER_RECONCILE)",
+                    )
+                ],
+                "responses": {**ok("SweepReport"), **errors(400, 403, 503)},
+            }
+        },
         "/v1/replay": {
             "post": {
                 "summary": "Rebuild the projection from sequence 1 and "
@@ -1559,6 +1594,7 @@ def openapi_document(
         ("get", "/v1/accounts/{account}/webhooks"): "listWebhooks",
         ("delete", "/v1/webhooks/{wid}"): "removeWebhook",
         ("post", "/v1/ledger/audit"): "auditLedger",
+        ("post", "/v1/reconcile"): "reconcile",
         ("post", "/v1/replay"): "replay",
         ("get", "/healthz"): "health",
         ("get", "/openapi.json"): "openapi",

@@ -523,6 +523,29 @@ def cmd_replay(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK if report["equal"] else EXIT_FAILED
 
 
+def cmd_reconcile(args: argparse.Namespace, client: Client) -> int:
+    """Exit 1 when orphans are left (found and not removed): a check cron can run."""
+    query = {"remove": "true" if args.remove else "false"}
+    report = client.request("POST", "/v1/reconcile", query=query, timeout=900)
+    if args.json:
+        _print_json(report)
+    else:
+        checked = ", ".join(f"{k} {v}" for k, v in sorted(report["checked"].items()))
+        print(f"sweep {report['sweep_id']}: checked {checked or 'nothing'}")
+        for o in report["orphans"]:
+            state = "removed" if o["removed"] else "left"
+            if o["error"]:
+                state = f"FAILED: {o['error']}"
+            print(
+                f"  {o['extension']} {o['host']} {o['kind']} {o['detail']} "
+                f"(sandbox {o['sandbox_id']} {o['why']}): {state}"
+            )
+        for extension, error in sorted(report["errors"].items()):
+            print(f"  {extension}: inventory failed: {error}")
+    left = [o for o in report["orphans"] if not o["removed"]]
+    return EXIT_FAILED if left or report["errors"] else EXIT_OK
+
+
 def cmd_profiles(args: argparse.Namespace, client: Client) -> int:
     """Profiles with their inputs, written the way `create --input` takes them."""
     profiles = client.request("GET", "/v1/profiles")["profiles"]
@@ -790,6 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="rebuild the projection from sequence 1 and compare")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser(
+        "reconcile", help="find what no live sandbox owns on the hosts (and remove it)"
+    )
+    p.add_argument("--remove", action="store_true", help="remove the orphans (else report)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("profiles", help="list profiles and their inputs")
     p.add_argument("--json", action="store_true")
 
@@ -855,6 +884,7 @@ COMMANDS = {
     "destroy": cmd_destroy,
     "events": cmd_events,
     "replay": cmd_replay,
+    "reconcile": cmd_reconcile,
     "profiles": cmd_profiles,
     "ledger": cmd_ledger,
     "checkpoint": cmd_checkpoint,

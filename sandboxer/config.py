@@ -36,6 +36,8 @@ class Settings:
     port: int = DEFAULT_PORT
     worker_name: str | None = None  # None: derived from the host and the data directory
     lease_ttl: float = 10.0
+    reconcile: str = "report"  # off | report | remove
+    reconcile_interval: float = 300.0
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -80,7 +82,24 @@ class Settings:
                 check_worker_name(str(worker_name))
             except ValueError as exc:
                 raise SettingsError(f"SANDBOXER_WORKER_NAME / --worker-name: {exc}") from None
+        reconcile = env.get("SANDBOXER_RECONCILE") or "report"
+        if reconcile not in ("off", "report", "remove"):
+            raise SettingsError(
+                f"SANDBOXER_RECONCILE must be 'off', 'report' or 'remove', got {reconcile!r}"
+            )
+        interval_raw = env.get("SANDBOXER_RECONCILE_INTERVAL", "300")
+        try:
+            interval = float(interval_raw)
+        except ValueError:
+            interval = -1.0
+        if interval < 0:
+            raise SettingsError(
+                f"SANDBOXER_RECONCILE_INTERVAL must be seconds >= 0 (0: no periodic sweep), "
+                f"got {interval_raw!r}"
+            )
         values: dict[str, object] = {
+            "reconcile": reconcile,
+            "reconcile_interval": interval,
             "lease_ttl": lease_ttl,
             "worker_name": worker_name,
             "checkpoint_store": checkpoint_store,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 import nats
 from aiohttp import web
@@ -21,10 +24,14 @@ from sandboxer.manager import SandboxManager
 from sandboxer.nats_server import EmbeddedNats
 from sandboxer.profiles import ProfileCatalog
 from sandboxer.read_model import ProjectionRunner
+from sandboxer.reconcile import Reconciler
 from sandboxer.snapshots import FileSnapshotStore, ObjectStoreSnapshots, SnapshotStore
 from sandboxer.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_SECONDS = 60.0
+STOP_PART_SECONDS = 12.0
 
 
 class Service:
@@ -38,6 +45,7 @@ class Service:
         self.api: Api | None = None
         self.webhooks: Webhooks | None = None
         self.leases: WorkerLeases | None = None
+        self.reconciler: Reconciler | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -95,6 +103,14 @@ class Service:
             self.nc, self.store, self.runner, settings.data_dir, settings.environ
         )
         await self.webhooks.start()
+        self.reconciler = Reconciler(
+            self.store,
+            self.runner,
+            extensions,
+            mode=settings.reconcile,
+            interval=settings.reconcile_interval,
+        )
+        self.reconciler.start()
         self.api = Api(
             self.manager,
             self.runner,
@@ -102,28 +118,41 @@ class Service:
             profiles,
             self.webhooks,
             TokenBook.from_env(settings.environ),
+            self.reconciler,
         )
 
     async def stop(self) -> None:
+        """Each part gets a bounded time: a part that hangs is named in the log and
+        the rest still stops (what is unfinished resumes on the next start)."""
+        if self.reconciler is not None:
+            await _bounded("reconciler", self.reconciler.stop())
         if self.webhooks is not None:
-            await self.webhooks.stop()
+            await _bounded("webhooks", self.webhooks.stop())
         if self.manager is not None:
-            await self.manager.close()
-            await self.manager.extensions.close()
+            await _bounded("manager", self.manager.close())
+            await _bounded("extensions", self.manager.extensions.close())
         if self.leases is not None:
-            await self.leases.stop()
+            await _bounded("leases", self.leases.stop())
         if self.runner is not None:
-            await self.runner.stop()
+            await _bounded("projections", self.runner.stop())
             self.runner.save_cache()
         if self.nc is not None:
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await _bounded("nats drain", self.nc.drain())
         if self.embedded is not None:
             self.embedded.stop()
 
     def app(self) -> web.Application:
         assert self.api is not None
         return self.api.app()
+
+
+async def _bounded(part: str, stopping: Coroutine[Any, Any, object]) -> None:
+    try:
+        async with asyncio.timeout(STOP_PART_SECONDS):
+            await stopping
+    except TimeoutError:
+        log.error("stopping %s took longer than %ss; going on", part, STOP_PART_SECONDS)
 
 
 async def serve(
@@ -160,8 +189,17 @@ async def serve(
             ready.set()
         await stop.wait()
     finally:
-        if runner is not None:
-            await runner.cleanup()
-        await service.stop()
+        try:
+            async with asyncio.timeout(SHUTDOWN_SECONDS):
+                if runner is not None:
+                    await runner.cleanup()
+                await service.stop()
+        except TimeoutError:
+            # A stop must end: what is unfinished resumes on the next start anyway.
+            log.error("shutdown took longer than %ss; exiting now", SHUTDOWN_SECONDS)
+            if service.embedded is not None:
+                service.embedded.stop()
+            logging.shutdown()
+            os._exit(1)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
