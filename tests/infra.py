@@ -248,8 +248,16 @@ class NatsCluster:
         # Healthy means: JetStream on, the meta group has a leader and this node is current.
         async with asyncio.timeout(timeout):
             for node in self.nodes:
+                restarts = 0
                 while True:
-                    assert node.proc is not None and node.proc.poll() is None, node.log()
+                    assert node.proc is not None
+                    if node.proc.poll() is not None and restarts < 3 and "in use" in node.log():
+                        # free_port() races with other processes: take new ports, retry.
+                        restarts += 1
+                        node.port, node.monitor_port = free_port(), free_port()
+                        node.start()
+                        continue
+                    assert node.proc.poll() is None, node.log()
                     try:
                         url = f"http://127.0.0.1:{node.monitor_port}/healthz"
                         async with http.get(url) as resp:

@@ -174,8 +174,11 @@ async def test_workers_survive_a_killed_worker_and_a_killed_node(tmp_path: Path)
                 assert types[0] == "SandboxRequested", (sandbox_id, types)
                 assert types[-1] in ("TornDown", "SandboxRejected"), (sandbox_id, types)
             assert max(debits.values(), default=0) <= 1
-            # Nothing left billing at the vendor: every instance file was torn down.
+            # Nothing left billing at the vendor: every instance file was torn down, and
+            # the reconciliation sweep agrees.
             assert sorted(p.name for p in vendor.glob("*.json")) == []
+            _, sweep = await client.call("POST", "/v1/reconcile", ok={200})
+            assert sweep["orphans"] == [] and sweep["errors"] == {}, sweep
 
             figures = {
                 "sandboxes": SANDBOXES,
@@ -184,6 +187,7 @@ async def test_workers_survive_a_killed_worker_and_a_killed_node(tmp_path: Path)
                 "duplicated_events": 0,
                 "duplicated_debits": 0,
                 "client_retries": client.retries,
+                "orphans_left": len(sweep["orphans"]),
                 "faults": ["SIGKILL worker wb", "SIGKILL nats node n2"],
             }
             print("cluster figures:", json.dumps(figures, sort_keys=True))
