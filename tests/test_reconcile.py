@@ -3,6 +3,7 @@ compose projects and workspaces on a real sshd + podman host."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from collections.abc import Callable
@@ -11,6 +12,8 @@ from typing import Any
 
 from extensions import ExtensionRegistry, RuntimeInfo, StepContext
 from extensions.compose_ssh import project_name
+from sandboxer.cli import EXIT_FAILED
+from sandboxer.cli import main as cli_main
 from tests.conftest import RunningService, StartService
 from tests.helpers import create, destroy, wait_state
 from tests.infra import Podman
@@ -58,10 +61,16 @@ async def test_saas_stub_orphans_are_reported_then_removed(
     assert sorted(p.stem for p in vendor.glob("*.json")) == [live["id"]]
     assert (await sweep(svc, remove=False))["orphans"] == []
 
+    # The CLI: exit 1 while an orphan is left, 0 once `--remove` took it.
+    (vendor / f"{UNKNOWN}.json").write_text("{}")
+    assert await asyncio.to_thread(cli_main, ["--url", svc.url, "reconcile"]) == EXIT_FAILED
+    assert await asyncio.to_thread(cli_main, ["--url", svc.url, "reconcile", "--remove"]) == 0
+    assert not (vendor / f"{UNKNOWN}.json").exists()
+
     events = await reconcile_events(svc)
     types = [(e["type"], e["sandbox_id"]) for e in events]
-    assert types.count(("OrphanFound", UNKNOWN)) == 2
-    assert types.count(("OrphanRemoved", UNKNOWN)) == 1
+    assert types.count(("OrphanFound", UNKNOWN)) == 4
+    assert types.count(("OrphanRemoved", UNKNOWN)) == 2
     assert all(e["aggregate_id"] == "saas-stub" for e in events)
     assert {e["action"] for e in events if e["type"] == "OrphanFound"} == {"report", "remove"}
 
