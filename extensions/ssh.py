@@ -91,6 +91,10 @@ class SSHTarget:
             argv += ["-p", str(self.port)]
         argv += ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
         argv += ["-o", f"ConnectTimeout={int(self.connect_timeout)}"]
+        # The same dead-link detection as the asyncssh pool: a cut link fails the
+        # transfer within ~3 keepalives instead of hanging until the hook's timeout.
+        argv += ["-o", f"ServerAliveInterval={max(int(self.keepalive_interval), 1)}"]
+        argv += ["-o", "ServerAliveCountMax=3"]
         if self.known_hosts:
             argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
         if self.identity_file:

@@ -10,6 +10,7 @@ import asyncio
 import getpass
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -109,6 +110,8 @@ class SSHHost:
     folder: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    address: str = "127.0.0.1"
+    netns: str | None = None  # run sshd inside this network namespace
 
     @property
     def client_key(self) -> Path:
@@ -130,25 +133,30 @@ class SSHHost:
                 run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
         (self.folder / "authorized_keys").write_text((self.folder / "id_ed25519.pub").read_text())
         host_pub = (self.folder / "ssh_host_ed25519_key.pub").read_text().split()
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        self.known_hosts.write_text(
+            f"[{self.address}]:{self.port} {host_pub[0]} {host_pub[1]}\n"
+        )
         config = self.folder / "sshd_config"
         config.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\n"
+            f"Port {self.port}\nListenAddress {self.address}\n"
             f"HostKey {self.host_key}\nPidFile {self.folder / 'sshd.pid'}\n"
             f"AuthorizedKeysFile {self.folder / 'authorized_keys'}\n"
             "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PermitRootLogin prohibit-password\nUsePAM no\nMaxSessions 100\n"
             "MaxStartups 100:30:200\nLogLevel ERROR\n"
         )
+        # nsenter switches the network namespace only: `ip netns exec` would also remount
+        # /sys, and the containers the sshd starts need the host's cgroup mounts.
+        inside = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
         self.proc = subprocess.Popen(
-            ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+            [*inside, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
             stderr=(self.folder / "sshd.log").open("ab"),
         )
         deadline = time.monotonic() + 15
         while True:
             assert self.proc.poll() is None, (self.folder / "sshd.log").read_text()
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                with socket.create_connection((self.address, self.port), timeout=1) as s:
                     if s.recv(4) == b"SSH-":
                         return self
             except OSError:
@@ -166,7 +174,7 @@ class SSHHost:
     ) -> dict[str, Any]:
         return {
             "name": name,
-            "host": "127.0.0.1",
+            "host": self.address,
             "port": self.port,
             "user": getpass.getuser(),
             "identity_file": str(self.client_key),
@@ -176,6 +184,46 @@ class SSHHost:
             "compose_cmd": compose_cmd,
             **extra,
         }
+
+
+class NetnsSSHHost(SSHHost):
+    """An sshd alone in a network namespace, reachable only through a veth pair, so a
+    test can cut the link (`cut`) and bring it back (`heal`)."""
+
+    def __init__(self, folder: Path) -> None:
+        tag = secrets.token_hex(3)
+        subnet = secrets.randbelow(250) + 1
+        super().__init__(folder, address=f"10.{200 + subnet % 50}.{subnet}.2")
+        self.netns = f"sbx-{tag}"
+        self.veth = f"sbxv{tag}"
+        self.gateway = self.address.rsplit(".", 1)[0] + ".1"
+
+    def start(self) -> NetnsSSHHost:
+        ns, outer, inner = self.netns, self.veth, f"{self.veth}p"
+        assert ns is not None
+        run(["ip", "netns", "add", ns])
+        run(["ip", "link", "add", outer, "type", "veth", "peer", "name", inner])
+        run(["ip", "link", "set", inner, "netns", ns])
+        run(["ip", "addr", "add", f"{self.gateway}/30", "dev", outer])
+        run(["ip", "link", "set", outer, "up"])
+        inside = ["ip", "netns", "exec", ns]
+        run([*inside, "ip", "addr", "add", f"{self.address}/30", "dev", inner])
+        run([*inside, "ip", "link", "set", inner, "up"])
+        run([*inside, "ip", "link", "set", "lo", "up"])
+        super().start()
+        return self
+
+    def cut(self) -> None:
+        run(["ip", "link", "set", self.veth, "down"])
+
+    def heal(self) -> None:
+        run(["ip", "link", "set", self.veth, "up"])
+
+    def stop(self) -> None:
+        super().stop()
+        subprocess.run(["ip", "link", "del", self.veth], capture_output=True, check=False)
+        if self.netns:
+            subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
 
 
 class NatsNode:
