@@ -58,6 +58,22 @@ WRONG_LAST_SEQUENCE = (10071, 10164)  # with and without the sequence in the mes
 ALL_SUBJECTS = "sandboxer.>"
 
 
+def stream_position(reply: str) -> tuple[int, int]:
+    """(stream sequence, messages pending) from a JetStream delivery's reply subject.
+
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>` (v1) or
+    `$JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.
+    <pending>[.<token>]` (v2). nats-py's `msg.metadata` builds a dataclass and a
+    datetime for each message; replaying the stream needs these two numbers only.
+    """
+    tokens = reply.split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[5]), int(tokens[8])
+    if len(tokens) >= 11 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[7]), int(tokens[10])
+    raise ValueError(f"not a JetStream delivery: reply subject {reply!r}")
+
+
 class RecordedEvent(msgspec.Struct, frozen=True):
     """An event as the stream holds it: with its stream sequence and subject."""
 
@@ -211,7 +227,7 @@ class JetStreamEventStore:
 
     def _record(self, msg: Msg) -> RecordedEvent:
         return RecordedEvent(
-            seq=msg.metadata.sequence.stream,
+            seq=stream_position(msg.reply)[0],
             subject=msg.subject,
             event=self.codec.decode(msg.data),
         )
@@ -280,7 +296,11 @@ class JetStreamEventStore:
                 if info.num_pending == 0 and delivered == 0:
                     return
             while True:
-                if stop_at is not None:
+                if not queue.empty():
+                    # Most messages are already waiting: take them without a timer (a
+                    # timeout per message made a task and a timer handle per event).
+                    msg = queue.get_nowait()
+                elif stop_at is not None:
                     msg = await queue.get()
                 else:
                     try:
@@ -290,8 +310,8 @@ class JetStreamEventStore:
                         continue
                 yield msg
                 if stop_at is not None:
-                    meta = msg.metadata
-                    if meta.num_pending == 0 or meta.sequence.stream >= stop_at:
+                    seq, pending = stream_position(msg.reply)
+                    if pending == 0 or seq >= stop_at:
                         return
         finally:
             with contextlib.suppress(Exception):

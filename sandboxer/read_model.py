@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +48,13 @@ class ProjectionRunner:
         # Called right after each event is applied (in-process observers, tests).
         self.listeners: list[Callable[[RecordedEvent], None]] = []
         self.ledger = self._load_cache()
+        # Long-polls wait on `_changed`, which is replaced and set after an event only
+        # while someone waits on it (`_waiting`); `wait_for` waiters wait for their own
+        # sequence (a heap of futures), so a replay does not wake them at every event.
         self._changed = asyncio.Event()
+        self._waiting = 0
+        self._targets: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._tiebreak = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
 
@@ -75,15 +83,28 @@ class ProjectionRunner:
                     self.ledger.apply(recorded.seq, recorded.subject, recorded.event)
                 for listener in self.listeners:
                     listener(recorded)
-                changed, self._changed = self._changed, asyncio.Event()
-                changed.set()
+                if self._targets and self._targets[0][0] <= recorded.seq:
+                    self._reached(recorded.seq)
+                if self._waiting:
+                    changed, self._changed = self._changed, asyncio.Event()
+                    changed.set()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             log.exception("projection stopped following the stream")
             self._failed = exc
+            for _, _, future in self._targets:
+                if not future.done():
+                    future.set_exception(RuntimeError("projection is not following the stream"))
+            self._targets.clear()
             self._changed.set()
             raise
+
+    def _reached(self, seq: int) -> None:
+        while self._targets and self._targets[0][0] <= seq:
+            _, _, future = heapq.heappop(self._targets)
+            if not future.done():
+                future.set_result(None)
 
     def account_of(self, subject: str, event: Event) -> str | None:
         """The account an event belongs to: a ledger event's own, else its sandbox's."""
@@ -118,15 +139,31 @@ class ProjectionRunner:
 
     async def wait_for(self, seq: int, timeout: float) -> bool:
         """Wait until the projection has applied `seq`. False on timeout."""
+        if self.projection.last_seq >= seq:
+            return True
+        if self._failed is not None:
+            raise RuntimeError("projection is not following the stream")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (seq, next(self._tiebreak), future)
+        heapq.heappush(self._targets, entry)
         try:
             async with asyncio.timeout(timeout):
-                while self.projection.last_seq < seq:
-                    if self._failed is not None:
-                        raise RuntimeError("projection is not following the stream")
-                    await self._changed.wait()
+                await future
         except TimeoutError:
             return False
+        finally:
+            if not future.done() or future.cancelled():
+                with contextlib.suppress(ValueError):
+                    self._targets.remove(entry)
+                    heapq.heapify(self._targets)
         return True
+
+    async def _changed_wait(self) -> None:
+        self._waiting += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._waiting -= 1
 
     async def wait_change(self, after_seq: int, timeout: float) -> None:
         """Wait until anything past `after_seq` is applied, or the timeout passes."""
@@ -138,7 +175,7 @@ class ProjectionRunner:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 while not done():
-                    await self._changed.wait()
+                    await self._changed_wait()
 
     async def wait_sandbox(self, sandbox_id: str, after_seq: int, timeout: float) -> None:
         """Wait until the sandbox's row moves past `after_seq`."""

@@ -1,0 +1,65 @@
+"""The projection runner against a real nats-server: catching up, waiting, replaying."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from events import EventMeta, SandboxRequested
+from sandboxer.event_store import JetStreamEventStore, stream_position
+from sandboxer.read_model import ProjectionRunner
+
+META = EventMeta(actor="test", correlation_id="c")
+
+
+def requested(sandbox_id: str) -> SandboxRequested:
+    return SandboxRequested.create(
+        sandbox_id, META, profile="p", extension="saas-stub", inputs={}, ttl_seconds=60
+    )
+
+
+def test_stream_position_reads_both_reply_formats() -> None:
+    assert stream_position("$JS.ACK.SANDBOXER.c1.1.42.7.1700000000000000000.3") == (42, 3)
+    v2 = "$JS.ACK.dom.ACCHASH.SANDBOXER.c1.1.42.7.1700000000000000000.0.tok"
+    assert stream_position(v2) == (42, 0)
+    with pytest.raises(ValueError, match="not a JetStream delivery"):
+        stream_position("_INBOX.abc")
+
+
+async def test_start_catches_up_and_wait_for_wakes_at_its_sequence(
+    store: JetStreamEventStore,
+) -> None:
+    for i in range(20):
+        await store.append([requested(f"sbx-r{i:04d}")], 0)
+    runner = ProjectionRunner(store)
+    await runner.start(timeout=30)
+    try:
+        assert runner.last_seq == 20 and len(runner.projection.sandboxes) == 20
+        assert await runner.wait_for(5, 0.01) is True  # reached already
+
+        waiter = asyncio.create_task(runner.wait_for(22, 30))
+        await store.append([requested("sbx-r0100")], 0)
+        await store.append([requested("sbx-r0101")], 0)
+        assert await waiter is True
+        assert runner.last_seq >= 22
+        assert runner._targets == []
+    finally:
+        await runner.stop()
+
+
+async def test_a_wait_that_times_out_leaves_nothing_behind(store: JetStreamEventStore) -> None:
+    await store.append([requested("sbx-t0001")], 0)
+    runner = ProjectionRunner(store)
+    await runner.start(timeout=30)
+    try:
+        results = await asyncio.gather(*(runner.wait_for(10**9, 0.05) for _ in range(5)))
+        assert results == [False] * 5
+        assert runner._targets == []
+        # a long-poll on a sandbox still wakes on its change
+        poll = asyncio.create_task(runner.wait_sandbox("sbx-t0002", 0, 30))
+        await store.append([requested("sbx-t0002")], 0)
+        await asyncio.wait_for(poll, 30)
+        assert runner.projection.get("sbx-t0002") is not None
+    finally:
+        await runner.stop()
