@@ -133,9 +133,7 @@ class SSHHost:
                 run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
         (self.folder / "authorized_keys").write_text((self.folder / "id_ed25519.pub").read_text())
         host_pub = (self.folder / "ssh_host_ed25519_key.pub").read_text().split()
-        self.known_hosts.write_text(
-            f"[{self.address}]:{self.port} {host_pub[0]} {host_pub[1]}\n"
-        )
+        self.known_hosts.write_text(f"[{self.address}]:{self.port} {host_pub[0]} {host_pub[1]}\n")
         config = self.folder / "sshd_config"
         config.write_text(
             f"Port {self.port}\nListenAddress {self.address}\n"
