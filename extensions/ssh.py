@@ -198,6 +198,11 @@ class SSHPool:
                 self._connections.pop(target, None)
                 if attempt == 2:
                     raise SSHError(f"cannot open a channel to {target.host}: {exc}") from exc
+        if result.exit_status is None and check:
+            # Neither an exit status nor a signal came back: the channel closed under
+            # the command (the connection was lost while it ran, e.g. a dead link
+            # caught by the keepalive). Say so; its outcome on the host is unknown.
+            raise SSHError(f"connection to {target.label} lost while running: {_brief(command)}")
         out = CommandResult(
             exit_status=result.exit_status if result.exit_status is not None else -1,
             stdout=_text(result.stdout),
@@ -272,6 +277,11 @@ class SSHPool:
         for conn in self._connections.values():
             await conn.wait_closed()
         self._connections.clear()
+
+
+def _brief(command: str, keep: int = 120) -> str:
+    """A long command line shortened in the middle: its start and what it runs."""
+    return command if len(command) <= 2 * keep else f"{command[:keep]} ... {command[-keep:]}"
 
 
 def _text(value: Any) -> str:

@@ -7,7 +7,9 @@ the client through a known_hosts file; compose projects run as real containers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
+import ipaddress
 import json
 import os
 import secrets
@@ -185,30 +187,54 @@ class SSHHost:
 
 
 class NetnsSSHHost(SSHHost):
-    """An sshd alone in a network namespace, reachable only through a veth pair, so a
-    test can cut the link (`cut`) and bring it back (`heal`)."""
+    """An sshd alone in a fresh network namespace, reachable only through a veth pair
+    (a random /30 of 10.200.0.0/13: `.1` outside, `.2` inside), so a test can cut the
+    link (`cut`) and bring it back (`heal`). `stop` also ends what the sshd started
+    there, deletes the veth and the namespace; a failed `start` cleans up the same way."""
+
+    SUPERNET = ipaddress.ip_network("10.200.0.0/13")
 
     def __init__(self, folder: Path) -> None:
+        network = self._free_subnet()
+        super().__init__(folder, address=str(network[2]))
         tag = secrets.token_hex(3)
-        subnet = secrets.randbelow(250) + 1
-        super().__init__(folder, address=f"10.{200 + subnet % 50}.{subnet}.2")
         self.netns = f"sbx-{tag}"
-        self.veth = f"sbxv{tag}"
-        self.gateway = self.address.rsplit(".", 1)[0] + ".1"
+        self.veth = f"sbxv{tag}"  # the host's end; the peer inside is f"{veth}p"
+        self.gateway = str(network[1])
+
+    @classmethod
+    def _free_subnet(cls) -> ipaddress.IPv4Network:
+        """A random /30 that no interface of this namespace is on yet."""
+        used = [
+            ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}").network
+            for link in json.loads(run(["ip", "-j", "-4", "addr", "show"]).stdout or "[]")
+            for a in link.get("addr_info", [])
+        ]
+        blocks = cls.SUPERNET.num_addresses // 4
+        for _ in range(100):
+            base = int(cls.SUPERNET.network_address) + 4 * secrets.randbelow(blocks)
+            network = ipaddress.IPv4Network((base, 30))
+            if not any(network.overlaps(u) for u in used):
+                return network
+        raise AssertionError(f"no free /30 in {cls.SUPERNET}")
 
     def start(self) -> NetnsSSHHost:
         ns, outer, inner = self.netns, self.veth, f"{self.veth}p"
         assert ns is not None
-        run(["ip", "netns", "add", ns])
-        run(["ip", "link", "add", outer, "type", "veth", "peer", "name", inner])
-        run(["ip", "link", "set", inner, "netns", ns])
-        run(["ip", "addr", "add", f"{self.gateway}/30", "dev", outer])
-        run(["ip", "link", "set", outer, "up"])
         inside = ["ip", "netns", "exec", ns]
-        run([*inside, "ip", "addr", "add", f"{self.address}/30", "dev", inner])
-        run([*inside, "ip", "link", "set", inner, "up"])
-        run([*inside, "ip", "link", "set", "lo", "up"])
-        super().start()
+        try:
+            run(["ip", "netns", "add", ns])
+            run(["ip", "link", "add", outer, "type", "veth", "peer", "name", inner])
+            run(["ip", "link", "set", inner, "netns", ns])
+            run(["ip", "addr", "add", f"{self.gateway}/30", "dev", outer])
+            run(["ip", "link", "set", outer, "up"])
+            run([*inside, "ip", "addr", "add", f"{self.address}/30", "dev", inner])
+            run([*inside, "ip", "link", "set", inner, "up"])
+            run([*inside, "ip", "link", "set", "lo", "up"])
+            super().start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def cut(self) -> None:
@@ -217,11 +243,51 @@ class NetnsSSHHost(SSHHost):
     def heal(self) -> None:
         run(["ip", "link", "set", self.veth, "up"])
 
+    def pids(self) -> list[int]:
+        """Processes in the namespace: the sshd, its sessions and what they run (not
+        the containers, which live in namespaces of their own)."""
+        if not self.netns or not Path(f"/run/netns/{self.netns}").exists():
+            return []
+        out = subprocess.run(
+            ["ip", "netns", "pids", self.netns], capture_output=True, text=True, check=False
+        )
+        return [int(p) for p in out.stdout.split()]
+
+    def commands(self) -> list[str]:
+        """The command lines of the processes in the namespace."""
+        found = []
+        for pid in self.pids():
+            try:
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "))
+            except OSError:
+                continue  # ended meanwhile
+        return [c.decode(errors="replace").strip() for c in found]
+
     def stop(self) -> None:
         super().stop()
+        # A session whose client vanished with the link outlives the listener (no
+        # ClientAlive): end the sshd processes started in this namespace, by pid.
+        deadline = time.monotonic() + 10
+        while sessions := [p for p in self.pids() if _comm(p) == "sshd"]:
+            for pid in sessions:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)  # polling for the processes to go, under a deadline
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True, check=False)
         if self.netns:
             subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
+
+
+def _comm(pid: int) -> str:
+    """The process's name, "" once it has ended (also as a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    name, _, rest = stat.partition(" (")[2].rpartition(") ")
+    return "" if rest.startswith(("Z", "X")) else name
 
 
 class NatsNode:
