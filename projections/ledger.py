@@ -83,7 +83,8 @@ def evolve_account(view: AccountView | None, seq: int, event: Event) -> AccountV
 
 def _less(open_: dict[str, int], sandbox_id: str, amount: int) -> dict[str, int]:
     left = open_.get(sandbox_id, 0) - amount
-    rest = {k: v for k, v in open_.items() if k != sandbox_id}
+    rest = dict(open_)  # a C-level copy: an account may hold thousands of reservations
+    rest.pop(sandbox_id, None)
     if left != 0:
         rest[sandbox_id] = left
     return rest

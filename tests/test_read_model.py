@@ -63,3 +63,25 @@ async def test_a_wait_that_times_out_leaves_nothing_behind(store: JetStreamEvent
         assert runner.projection.get("sbx-t0002") is not None
     finally:
         await runner.stop()
+
+
+def test_ledger_fold_keeps_the_open_reservations_exact() -> None:
+    from events import CreditsDebited, CreditsGranted, CreditsReleased, CreditsReserved
+    from projections.ledger import LedgerProjection
+
+    ledger = LedgerProjection()
+    events = [CreditsGranted.create("acme", META, amount=1000)]
+    events += [
+        CreditsReserved.create("acme", META, sandbox_id=f"sbx-{i}", amount=30) for i in range(3)
+    ]
+    events += [
+        CreditsDebited.create("acme", META, sandbox_id="sbx-1", amount=10),
+        CreditsReleased.create("acme", META, sandbox_id="sbx-1", amount=20),
+        CreditsDebited.create("acme", META, sandbox_id="sbx-0", amount=5),
+    ]
+    for seq, event in enumerate(events, start=1):
+        ledger.apply(seq, f"sandboxer.ledger.acme.{event.type_name()}", event)
+    account = ledger.account("acme")
+    assert account.open == {"sbx-2": 30, "sbx-0": 25}
+    assert list(account.open) == ["sbx-2", "sbx-0"]  # a changed reservation moves last
+    assert (account.reserved, account.debited, account.available) == (55, 15, 930)
