@@ -67,6 +67,7 @@ ids=$("$@" ps -aq --filter "$label") || exit 1
 if [ -n "$ids" ]; then "$@" rm -f $ids >/dev/null || exit 1; fi
 for n in $("$@" network ls -q --filter "$label"); do "$@" network rm "$n" >/dev/null; done
 for v in $("$@" volume ls -q --filter "$label"); do "$@" volume rm "$v" >/dev/null; done
+"$@" pod rm -f "pod_$project" >/dev/null 2>&1 || true  # podman-compose's pod; docker has none
 exit 0
 """
 

@@ -134,8 +134,10 @@ async def test_compose_orphans_are_removed_from_the_host(
     assert (headless, "compose_project") in found
     assert all(o["sandbox_id"] != live["id"] for o in report["orphans"])
     assert all(o["removed"] for o in report["orphans"] if o["sandbox_id"] in (whole, headless))
+    pods = podman("pod", "ps", "--format", "{{.Name}}").stdout.split()
     for sandbox_id in (whole, headless):
         assert podman.containers(project_name(sandbox_id)) == []
+        assert f"pod_{project_name(sandbox_id)}" not in pods
         assert not (tmp_path / "remote0" / sandbox_id).exists()
     assert podman.containers(project_name(live["id"]))  # the live sandbox is untouched
     await destroy(svc.http, svc.url, live["id"])
