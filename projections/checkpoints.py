@@ -15,7 +15,7 @@ from events import (
 )
 
 
-class CheckpointView(msgspec.Struct, frozen=True, kw_only=True):
+class CheckpointView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     id: str
     sandbox_id: str
     status: str  # requested, created, failed, deleted

@@ -19,7 +19,7 @@ from events import (
 )
 
 
-class AccountView(msgspec.Struct, frozen=True, kw_only=True):
+class AccountView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     account: str
     granted: int = 0
     reserved: int = 0
@@ -35,7 +35,7 @@ class AccountView(msgspec.Struct, frozen=True, kw_only=True):
         return self.granted - self.reserved - self.debited
 
 
-class Charge(msgspec.Struct, frozen=True, kw_only=True):
+class Charge(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What one sandbox cost: its reservation, debit and release."""
 
     sandbox_id: str

@@ -24,7 +24,7 @@ from events import (
 from sandboxer.lifecycle import TERMINAL, failing_after, next_state
 
 
-class SandboxView(msgspec.Struct, frozen=True, kw_only=True):
+class SandboxView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     id: str
     state: str
     profile: str

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import heapq
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -23,6 +24,18 @@ from projections.sandboxes import SandboxesProjection, SandboxView
 from sandboxer.event_store import EventRecorder, RecordedEvent
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector (if it runs) for the block; resume after."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class VerifyReport(msgspec.Struct, frozen=True):
@@ -63,10 +76,17 @@ class ProjectionRunner:
         return self.projection.last_seq
 
     async def start(self, timeout: float = 300.0) -> None:
-        """Follow the stream from sequence 1; return once caught up with its end."""
+        """Follow the stream from sequence 1; return once caught up with its end.
+
+        The catch-up runs with the cyclic garbage collector paused: it allocates
+        millions of short-lived objects and keeps a growing projection, so collections
+        would run again and again over the same live rows (a third of a replay's time).
+        Nothing of a fold forms reference cycles; what others leave behind meanwhile is
+        collected once the collector runs again."""
         target = await self.store.last_seq()
         self._task = asyncio.create_task(self._follow(), name="projection")
-        await self.wait_for(target, timeout)
+        with gc_paused():
+            await self.wait_for(target, timeout)
 
     async def stop(self) -> None:
         if self._task is not None:

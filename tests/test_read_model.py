@@ -85,3 +85,27 @@ def test_ledger_fold_keeps_the_open_reservations_exact() -> None:
     assert account.open == {"sbx-2": 30, "sbx-0": 25}
     assert list(account.open) == ["sbx-2", "sbx-0"]  # a changed reservation moves last
     assert (account.reserved, account.debited, account.available) == (55, 15, 930)
+
+
+async def test_catch_up_pauses_the_collector_and_gives_it_back(
+    store: JetStreamEventStore,
+) -> None:
+    import gc
+
+    await store.append([requested("sbx-g0001")], 0)
+    assert gc.isenabled()
+    runner = ProjectionRunner(store)
+    await runner.start(timeout=30)
+    await runner.stop()
+    assert gc.isenabled()
+    # Rows cannot form reference cycles: the collector never has to walk them.
+    view = runner.projection.get("sbx-g0001")
+    assert view is not None and not gc.is_tracked(view)
+    gc.disable()
+    try:
+        again = ProjectionRunner(store)
+        await again.start(timeout=30)
+        await again.stop()
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
