@@ -91,7 +91,7 @@ async def run(options: Options) -> Section:
     sequential = options.size(2000, 40)
     aggregates = options.size(1000, 20)
     per_aggregate = options.size(5, 2)
-    steps = options.size(500, 10)
+    steps = options.size(250, 10)
     section = Section(
         "append",
         "append throughput through the event store vs raw publish",
@@ -128,7 +128,7 @@ async def _measure(
     sequential = options.size(2000, 40)
     aggregates = options.size(1000, 20)
     per_aggregate = options.size(5, 2)
-    steps = options.size(500, 10)
+    steps = options.size(250, 10)
     counter = iter(range(10**9))
 
     async def raw_sequential(_run: int) -> float:

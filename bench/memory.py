@@ -109,7 +109,9 @@ async def run(options: Options) -> Section:
             section.add(figure)
 
         rig = ComposeRig(folder / "compose", capacity=2)
-        (rig.repo / "blob.bin").write_bytes(os.urandom(megabytes * MIB))
+        with (rig.repo / "blob.bin").open("wb") as blob:  # never the whole of it in memory
+            for _ in range(megabytes):
+                blob.write(os.urandom(MIB))
         service = await rig.start()
         try:
             assert service.manager is not None and service.runner is not None
