@@ -6,11 +6,11 @@
   Python process; the nats-server child is not counted) is read after start and
   again after one `GET /v1/sandboxes` of all of them. Baseline: the same on an empty
   stream.
-- Checkpoint: a compose-ssh sandbox whose repo holds a file of M MB of random bytes
-  is checkpointed (workspace tar streamed over ssh into the spool file, then into the
-  JetStream Object Store). The service runs in this process; its peak RSS is reset
-  (`/proc/self/clear_refs`) before the checkpoint and read when it is created.
-  Baseline: the RSS just before.
+- Checkpoint: `sandboxer serve` (its own process) with one compose-ssh sandbox whose
+  repo holds a file of M MB of random bytes; the sandbox is checkpointed through the
+  API (workspace tar streamed over ssh into the spool file, then into the JetStream
+  Object Store). serve's peak RSS is reset (`/proc/<pid>/clear_refs`) before each
+  checkpoint and read when it is created. Baseline: its RSS just before.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import aiohttp
 
 from bench import replay
 from bench.common import Figure, Options, Section, alternate, nats_server, scratch
-from bench.compose import META, ComposeRig
+from bench.compose import ComposeRig
+from tests.helpers import create, wait_state
 from tests.infra import ServeProcess, free_port
 
 MIB = 1024 * 1024
@@ -57,6 +58,46 @@ async def serve_peaks(data_dir: Path) -> tuple[float, float]:
     finally:
         serve.terminate()
     return started, listed
+
+
+async def checkpoint_peaks(
+    serve: ServeProcess, repo: Path, runs: int
+) -> tuple[list[float], list[float]]:
+    """A compose-ssh sandbox on `repo`, checkpointed `runs` times through the API; for
+    each: serve's RSS just before, and its peak RSS until the checkpoint is created."""
+    async with aiohttp.ClientSession() as http:
+        await serve.wait_healthy(http, timeout=120)
+        made = await create(
+            http, serve.url, profile="profile.compose-e2e", inputs={"repo": str(repo)}
+        )
+        await wait_state(http, serve.url, made["id"], {"ready"}, timeout=600)
+        pid = serve.proc.pid
+        before: list[float] = []
+
+        async def idle(_run: int) -> float:
+            reset_peak(pid)
+            before.append(status_kib(pid, "VmHWM") / 1024)
+            return before[-1]
+
+        async def checkpoint(_run: int) -> float:
+            reset_peak(pid)
+            url = f"{serve.url}/v1/sandboxes/{made['id']}/checkpoints"
+            async with http.post(url) as resp:
+                answer = await resp.json()
+                assert resp.status == 202, answer
+            seq = 0
+            async with asyncio.timeout(600):
+                while answer["status"] == "requested":
+                    poll = f"{serve.url}/v1/checkpoints/{answer['id']}"
+                    params = {"wait": "10", "after_seq": str(seq)}
+                    async with http.get(poll, params=params) as resp:
+                        answer = await resp.json()
+                    seq = answer["last_seq"]
+            if answer["status"] != "created":
+                raise RuntimeError(f"checkpoint {answer['id']}: {answer}")
+            return status_kib(pid, "VmHWM") / 1024
+
+        return await alternate(runs, idle, checkpoint)
 
 
 async def run(options: Options) -> Section:
@@ -112,48 +153,21 @@ async def run(options: Options) -> Section:
         with (rig.repo / "blob.bin").open("wb") as blob:  # never the whole of it in memory
             for _ in range(megabytes):
                 blob.write(os.urandom(MIB))
-        service = await rig.start()
+        rig.host.start()
+        serve = ServeProcess(folder / "compose" / "data", free_port(), **rig.env())
         try:
-            assert service.manager is not None and service.runner is not None
-            manager, runner = service.manager, service.runner
-            sandbox_id = rig.next_id()
-            await rig.create(sandbox_id)
-            _, ready = rig.waiting[sandbox_id]
-            if await ready != "ready":
-                raise RuntimeError(f"{sandbox_id} did not become ready")
-            before: list[float] = []
-
-            async def idle(_run: int) -> float:
-                reset_peak("self")
-                before.append(status_kib("self", "VmHWM") / 1024)
-                return before[-1]
-
-            async def checkpoint(_run: int) -> float:
-                reset_peak("self")
-                checkpoint_id, _ = await manager.checkpoints.request(sandbox_id, META)
-                async with asyncio.timeout(600):
-                    view = runner.checkpoints.get(checkpoint_id)
-                    while view is None or view.status == "requested":
-                        after = view.last_seq if view is not None else 0
-                        await runner.wait_checkpoint(checkpoint_id, after, 10)
-                        view = runner.checkpoints.get(checkpoint_id)
-                if view.status != "created":
-                    raise RuntimeError(f"checkpoint {checkpoint_id}: {view.status} {view.error}")
-                return status_kib("self", "VmHWM") / 1024
-
-            ours_peaks, idle_peaks = await alternate(options.runs, idle, checkpoint)
-            section.add(
-                Figure(
-                    f"peak while checkpointing {megabytes} MB",
-                    "MiB",
-                    ours_peaks,
-                    idle_peaks,
-                    "RSS before",
-                    higher_is_better=False,
-                    note="the service in the benchmark's own process",
-                )
-            )
-            await rig.destroy([sandbox_id])
+            ours_peaks, idle_peaks = await checkpoint_peaks(serve, rig.repo, options.runs)
         finally:
-            await rig.stop()
+            serve.terminate()
+            rig.host.stop()
+        section.add(
+            Figure(
+                f"serve's peak while checkpointing {megabytes} MB",
+                "MiB",
+                ours_peaks,
+                idle_peaks,
+                "serve's RSS before",
+                higher_is_better=False,
+            )
+        )
     return section
