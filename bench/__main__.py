@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from bench import replay
 from bench.common import RESULTS_MD, Options, Section, save_sections
 
 # name -> (module, what it measures); `all` runs them in this order.
@@ -68,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         options.workdir = args.workdir
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
     started = time.monotonic()
+    try:
+        run_all(names, options, results)
+    finally:
+        replay.forget_all()  # the stream that replay and peer share
+    print(f"wrote {results} ({time.monotonic() - started:.0f} s)")
+    return 0
+
+
+def run_all(names: list[str], options: Options, results: Path) -> None:
     for name in names:
         print(f"== {name}: {BENCHMARKS[name]}", flush=True)
         module = importlib.import_module(f"bench.{name}")
@@ -79,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         section.runs = options.runs
         save_sections(results, [section], list(BENCHMARKS))
         print(f"   ({section.seconds:.0f} s)", flush=True)
-    print(f"wrote {results} ({time.monotonic() - started:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

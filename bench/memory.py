@@ -24,7 +24,7 @@ import aiohttp
 from bench import replay
 from bench.common import Figure, Options, Section, alternate, nats_server, scratch
 from bench.compose import ComposeRig
-from tests.helpers import create, wait_state
+from tests.helpers import create, destroy, wait_state
 from tests.infra import ServeProcess, free_port
 
 MIB = 1024 * 1024
@@ -97,7 +97,11 @@ async def checkpoint_peaks(
                 raise RuntimeError(f"checkpoint {answer['id']}: {answer}")
             return status_kib(pid, "VmHWM") / 1024
 
-        return await alternate(runs, idle, checkpoint)
+        try:
+            return await alternate(runs, idle, checkpoint)
+        finally:  # containers and workspace must not outlive the benchmark
+            await destroy(http, serve.url, made["id"])
+            await wait_state(http, serve.url, made["id"], {"destroyed"}, timeout=300)
 
 
 async def run(options: Options) -> Section:

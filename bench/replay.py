@@ -111,10 +111,10 @@ async def populated(options: Options, total: int) -> Populated:
     return _populated[total]
 
 
-def forget(total: int) -> None:
-    entry = _populated.pop(total, None)
-    if entry is not None:
-        shutil.rmtree(entry.folder, ignore_errors=True)
+def forget_all() -> None:
+    """Remove the populated data directories this process made."""
+    for total in list(_populated):
+        shutil.rmtree(_populated.pop(total).folder, ignore_errors=True)
 
 
 async def replay_ours(store: JetStreamEventStore, total: int) -> float:

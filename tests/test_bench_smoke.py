@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import BENCHMARKS
+from tests.infra import Podman
 
 ROOT = Path(__file__).resolve().parent.parent
+WORKING_DIR = "com.docker.compose.project.working_dir"
 
 
 @pytest.mark.parametrize("name", list(BENCHMARKS))
@@ -38,3 +40,11 @@ def test_benchmark_runs_quick(name: str, tmp_path: Path) -> None:
         assert all(v > 0 for v in figure["ours"] + figure["baseline"]), figure
     text = results.read_text()
     assert f"## {name}:" in text and "quick run" in text
+    if name in ("compose", "memory"):  # nothing of the run may stay up
+        listed = Podman.prepare(tmp_path / "podman")("ps", "-a", "--format", "json")
+        left = [
+            c["Names"]
+            for c in json.loads(listed.stdout or "[]")
+            if str(tmp_path) in (c.get("Labels") or {}).get(WORKING_DIR, "")
+        ]
+        assert not left, f"{name} left containers running: {left}"
