@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from sandboxer.leases import check_worker_name
 from sandboxer.nats_server import sync_interval_from_env
@@ -21,6 +22,36 @@ def default_data_dir(environ: Mapping[str, str]) -> Path:
 
 class SettingsError(ValueError):
     pass
+
+
+N = TypeVar("N", int, float)
+
+
+def _number(
+    env: Mapping[str, str],
+    name: str,
+    default: str,
+    parse: Callable[[str], N],
+    valid: Callable[[N], bool],
+    expected: str,
+) -> N:
+    raw = env.get(name, default)
+    try:
+        value = parse(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be {expected}, got {raw!r}") from None
+    if not valid(value):
+        raise SettingsError(f"{name} must be {expected}, got {raw!r}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """The variable's value, one of `choices`; unset or empty: the first."""
+    value = env.get(name) or choices[0]
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise SettingsError(f"{name} must be {listed}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -44,59 +75,36 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = dict(os.environ if environ is None else environ)
         data_dir = Path(env.get("SANDBOXER_DATA_DIR") or default_data_dir(env)).expanduser()
-        replicas_raw = env.get("SANDBOXER_STREAM_REPLICAS", "1")
-        try:
-            replicas = int(replicas_raw)
-        except ValueError:
-            raise SettingsError(
-                f"SANDBOXER_STREAM_REPLICAS must be an integer, got {replicas_raw!r}"
-            ) from None
-        if replicas not in (1, 3, 5):
-            raise SettingsError(f"SANDBOXER_STREAM_REPLICAS must be 1, 3 or 5, got {replicas}")
-        starter_raw = env.get("SANDBOXER_STARTER_CREDITS", "1000")
-        try:
-            starter = int(starter_raw)
-        except ValueError:
-            starter = -1
-        if starter < 0:
-            raise SettingsError(
-                f"SANDBOXER_STARTER_CREDITS must be a whole number >= 0, got {starter_raw!r}"
-            )
-        checkpoint_store = env.get("SANDBOXER_CHECKPOINT_STORE") or "jetstream"
-        if checkpoint_store not in ("jetstream", "fs"):
-            raise SettingsError(
-                f"SANDBOXER_CHECKPOINT_STORE must be 'jetstream' or 'fs', got {checkpoint_store!r}"
-            )
-        ttl_raw = env.get("SANDBOXER_LEASE_TTL", "10")
-        try:
-            lease_ttl = float(ttl_raw)
-        except ValueError:
-            lease_ttl = 0.0
-        if not 1.0 <= lease_ttl <= 600.0:
-            raise SettingsError(
-                f"SANDBOXER_LEASE_TTL must be seconds between 1 and 600, got {ttl_raw!r}"
-            )
+        replicas = _number(
+            env, "SANDBOXER_STREAM_REPLICAS", "1", int, lambda n: n in (1, 3, 5), "1, 3 or 5"
+        )
+        starter = _number(
+            env, "SANDBOXER_STARTER_CREDITS", "1000", int, lambda n: n >= 0, "a whole number >= 0"
+        )
+        checkpoint_store = _choice(env, "SANDBOXER_CHECKPOINT_STORE", ("jetstream", "fs"))
+        lease_ttl = _number(
+            env,
+            "SANDBOXER_LEASE_TTL",
+            "10",
+            float,
+            lambda t: 1.0 <= t <= 600.0,
+            "seconds between 1 and 600",
+        )
         worker_name = overrides.get("worker_name") or env.get("SANDBOXER_WORKER_NAME") or None
         if worker_name is not None:
             try:
                 check_worker_name(str(worker_name))
             except ValueError as exc:
                 raise SettingsError(f"SANDBOXER_WORKER_NAME / --worker-name: {exc}") from None
-        reconcile = env.get("SANDBOXER_RECONCILE") or "report"
-        if reconcile not in ("off", "report", "remove"):
-            raise SettingsError(
-                f"SANDBOXER_RECONCILE must be 'off', 'report' or 'remove', got {reconcile!r}"
-            )
-        interval_raw = env.get("SANDBOXER_RECONCILE_INTERVAL", "300")
-        try:
-            interval = float(interval_raw)
-        except ValueError:
-            interval = -1.0
-        if interval < 0:
-            raise SettingsError(
-                f"SANDBOXER_RECONCILE_INTERVAL must be seconds >= 0 (0: no periodic sweep), "
-                f"got {interval_raw!r}"
-            )
+        reconcile = _choice(env, "SANDBOXER_RECONCILE", ("report", "off", "remove"))
+        interval = _number(
+            env,
+            "SANDBOXER_RECONCILE_INTERVAL",
+            "300",
+            float,
+            lambda t: t >= 0,
+            "seconds >= 0 (0: no periodic sweep)",
+        )
         values: dict[str, object] = {
             "reconcile": reconcile,
             "reconcile_interval": interval,

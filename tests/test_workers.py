@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import nats
+import pytest
 from nats.js.errors import KeyNotFoundError
 
+from sandboxer.config import Settings, SettingsError
 from sandboxer.leases import LEASES_BUCKET
 from sandboxer.nats_server import EmbeddedNats
 from tests.conftest import RunningService, StartService
@@ -104,3 +106,33 @@ async def test_an_idempotency_key_names_one_sandbox(api: RunningService) -> None
         error = await r.json()
         assert r.status == 400, error
     assert error["error"]["field"] == "Idempotency-Key"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("SANDBOXER_STREAM_REPLICAS", "two", "must be 1, 3 or 5, got 'two'"),
+        ("SANDBOXER_STREAM_REPLICAS", "2", "must be 1, 3 or 5, got '2'"),
+        ("SANDBOXER_STARTER_CREDITS", "-5", "must be a whole number >= 0"),
+        ("SANDBOXER_CHECKPOINT_STORE", "s3", "must be 'jetstream' or 'fs', got 's3'"),
+        ("SANDBOXER_LEASE_TTL", "0.5", "must be seconds between 1 and 600, got '0.5'"),
+        ("SANDBOXER_LEASE_TTL", "soon", "must be seconds between 1 and 600"),
+        ("SANDBOXER_WORKER_NAME", "a b", "use 1-64 letters, digits"),
+        ("SANDBOXER_RECONCILE", "delete", "must be 'report', 'off' or 'remove'"),
+        ("SANDBOXER_RECONCILE_INTERVAL", "-1", "must be seconds >= 0"),
+    ],
+)
+def test_bad_settings_name_the_variable_and_the_problem(name: str, value: str, says: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({name: value})
+    assert name in str(raised.value) and says in str(raised.value)
+
+
+def test_settings_defaults_for_workers_and_reconciliation() -> None:
+    settings = Settings.from_env({})
+    assert (settings.lease_ttl, settings.reconcile, settings.reconcile_interval) == (
+        10.0,
+        "report",
+        300.0,
+    )
+    assert Settings.from_env({}, worker_name="w-1").worker_name == "w-1"
