@@ -71,21 +71,10 @@ async def lifecycle(client: Client, index: int, created: asyncio.Queue[str]) -> 
     sandbox_id = str(sbx["id"])
     created.put_nowait(sandbox_id)
     seq = int(sbx["last_seq"])  # another node answers once it has seen the create
-    async with asyncio.timeout(120):
-        while True:  # long-poll until ready or finished
-            _, view = await client.call(
-                "GET",
-                f"/v1/sandboxes/{sandbox_id}",
-                prefer=index,
-                ok={200},
-                params={"wait": "5", "after_seq": str(seq)},
-            )
-            if view["state"] in TERMINAL:
-                return str(view["state"])
-            if view["state"] == "ready":
-                break
-            seq = view["last_seq"]
-        await client.call("DELETE", f"/v1/sandboxes/{sandbox_id}", prefer=index, ok={202})
+
+    async def until(states: set[str]) -> str:
+        """Long-poll the sandbox until it is in one of `states` or finished."""
+        nonlocal seq
         while True:
             _, view = await client.call(
                 "GET",
@@ -94,9 +83,16 @@ async def lifecycle(client: Client, index: int, created: asyncio.Queue[str]) -> 
                 ok={200},
                 params={"wait": "5", "after_seq": str(seq)},
             )
-            if view["state"] in TERMINAL:
-                return str(view["state"])
             seq = view["last_seq"]
+            if view["state"] in states | TERMINAL:
+                return str(view["state"])
+
+    async with asyncio.timeout(120):
+        state = await until({"ready"})
+        if state in TERMINAL:
+            return state
+        await client.call("DELETE", f"/v1/sandboxes/{sandbox_id}", prefer=index, ok={202})
+        return await until(TERMINAL)
 
 
 @pytest.mark.timeout(600)

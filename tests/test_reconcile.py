@@ -17,6 +17,7 @@ from sandboxer.cli import main as cli_main
 from tests.conftest import RunningService, StartService
 from tests.helpers import create, destroy, wait_state
 from tests.infra import Podman
+from tests.test_compose_ssh import assert_nothing_left
 
 UNKNOWN = "sbx-0000deadbeef"
 
@@ -136,9 +137,8 @@ async def test_compose_orphans_are_removed_from_the_host(
     assert all(o["removed"] for o in report["orphans"] if o["sandbox_id"] in (whole, headless))
     pods = podman("pod", "ps", "--format", "{{.Name}}").stdout.split()
     for sandbox_id in (whole, headless):
-        assert podman.containers(project_name(sandbox_id)) == []
+        assert_nothing_left(podman, tmp_path, sandbox_id)
         assert f"pod_{project_name(sandbox_id)}" not in pods
-        assert not (tmp_path / "remote0" / sandbox_id).exists()
     assert podman.containers(project_name(live["id"]))  # the live sandbox is untouched
     await destroy(svc.http, svc.url, live["id"])
     await wait_state(svc.http, svc.url, live["id"], {"destroyed"}, timeout=120)
