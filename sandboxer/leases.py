@@ -54,6 +54,11 @@ _NAME_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ControlHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+def _session(incarnation: str) -> bytes:
+    """A worker's session value: `incarnation` is what its leases must name."""
+    return json.dumps({"incarnation": incarnation, "host": socket.gethostname()}).encode()
+
+
 class OwnerUnavailable(Exception):
     """The sandbox's worker does not answer; its lease expires within the TTL."""
 
@@ -152,9 +157,8 @@ class WorkerLeases:
         assert self._workers is not None
         incarnation = secrets.token_hex(4)
         started = time.monotonic()
-        value = json.dumps({"incarnation": incarnation, "host": socket.gethostname()})
         self._revision = 0  # until the new session is written, we hold nothing
-        self._revision = await self._workers.put(self.name, value.encode())
+        self._revision = await self._workers.put(self.name, _session(incarnation))
         self.incarnation = incarnation
         self._renewed_at = started
         log.info("worker %s registered (lease TTL %gs)", self.holder, self.ttl)
@@ -168,11 +172,10 @@ class WorkerLeases:
                     await self._register()
                 continue
             started = time.monotonic()
-            value = json.dumps({"incarnation": self.incarnation, "host": socket.gethostname()})
             try:
                 async with asyncio.timeout(self.ttl / 3):
                     self._revision = await self._workers.update(
-                        self.name, value.encode(), last=self._revision
+                        self.name, _session(self.incarnation), last=self._revision
                     )
                 self._renewed_at = started
                 continue

@@ -232,10 +232,7 @@ class SandboxManager:
             view = views.get(sandbox_id)
             if view is None or view.state not in TERMINAL or charge.settled or charge.rejected:
                 continue
-            records = await self.store.read_aggregate(sandbox_filter(sandbox_id))
-            request = next(r.event for r in records if isinstance(r.event, SandboxRequested))
-            assert isinstance(request, SandboxRequested)
-            self._spawn(self._settle(request, view), f"settle-{sandbox_id}")
+            await self._settle_finished(sandbox_id)
         await self.leases.serve_control(self._on_control)
         self._background = [
             asyncio.create_task(self._follow(last), name="manager-follow"),
@@ -966,6 +963,8 @@ class SandboxManager:
         await self._recover(sbx)
 
     async def _settle_finished(self, sandbox_id: str) -> None:
+        """Settle a finished sandbox from its recorded events (after a crash, or one
+        another worker finished); `_settle` itself does nothing twice."""
         records = await self.store.read_aggregate(sandbox_filter(sandbox_id))
         view: SandboxView | None = None
         request: SandboxRequested | None = None

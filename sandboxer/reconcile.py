@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 
@@ -110,24 +110,23 @@ class Reconciler:
     async def _sweep(self, removing: bool, actor: str) -> SweepReport:
         sweep_id = f"sweep-{secrets.token_hex(6)}"
         meta = EventMeta(actor=actor, correlation_id=sweep_id)
-        found: dict[str, list[Resource]] = {}
+        found: dict[str, tuple[Reconciling, dict[str, Any], list[Resource]]] = {}
         errors: dict[str, str] = {}
         for name in self.extensions.names():
             loaded = self.extensions.get(name)
             if not loaded.manifest.has("inventory"):
                 continue
             adapter = cast(Reconciling, loaded.adapter)
+            config = loaded.config_for({})
             try:
                 async with asyncio.timeout(INVENTORY_TIMEOUT):
-                    found[name] = await adapter.inventory(loaded.config_for({}))
+                    found[name] = (adapter, config, await adapter.inventory(config))
             except Exception as exc:
                 errors[name] = f"{type(exc).__name__}: {exc}"[:500]
         # Now the events: everything appended until now, so every owner is in view.
         await self.runner.wait_for(await self.store.last_seq(), 30.0)
         orphans: list[OrphanOut] = []
-        for name, resources in found.items():
-            adapter = cast(Reconciling, self.extensions.get(name).adapter)
-            config = self.extensions.get(name).config_for({})
+        for name, (adapter, config, resources) in found.items():
             for resource in resources:
                 view = self.runner.projection.get(resource.sandbox_id)
                 if view is not None and view.state not in TERMINAL:
@@ -154,7 +153,7 @@ class Reconciler:
         return SweepReport(
             sweep_id=sweep_id,
             removing=removing,
-            checked={name: len(resources) for name, resources in found.items()},
+            checked={name: len(resources) for name, (_, _, resources) in found.items()},
             orphans=orphans,
             errors=errors,
         )
@@ -162,7 +161,7 @@ class Reconciler:
     async def _remove(
         self,
         adapter: Reconciling,
-        config: dict[str, object],
+        config: dict[str, Any],
         resource: Resource,
         orphan: OrphanOut,
         meta: EventMeta,
