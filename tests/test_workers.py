@@ -10,7 +10,7 @@ from sandboxer.config import Settings, SettingsError
 from sandboxer.leases import LEASES_BUCKET
 from sandboxer.nats_server import EmbeddedNats
 from tests.conftest import RunningService, StartService
-from tests.helpers import event_types, wait_state
+from tests.helpers import create, event_types, wait_state
 
 
 async def lease_holder(server: EmbeddedNats, sandbox_id: str) -> str | None:
@@ -42,10 +42,7 @@ async def test_a_command_sent_to_another_node_runs_on_the_owner(
     start_service: StartService, nats_server: EmbeddedNats, tmp_path: object
 ) -> None:
     a, b = await two_workers(start_service, tmp_path)
-    async with a.http.post(f"{a.url}/v1/sandboxes", json={"profile": "profile.saas-stub"}) as r:
-        created = await r.json()
-        assert r.status == 202, created
-    sandbox_id = created["id"]
+    sandbox_id = (await create(a.http, a.url))["id"]
     holder = await lease_holder(nats_server, sandbox_id)
     assert holder is not None and holder.startswith("wa/")
     await wait_state(a.http, b.url, sandbox_id, {"ready"})
@@ -74,8 +71,7 @@ async def test_a_stopped_workers_sandbox_is_adopted_by_the_next_command(
     start_service: StartService, nats_server: EmbeddedNats, tmp_path: object
 ) -> None:
     a, b = await two_workers(start_service, tmp_path)
-    async with a.http.post(f"{a.url}/v1/sandboxes", json={"profile": "profile.saas-stub"}) as r:
-        sandbox_id = (await r.json())["id"]
+    sandbox_id = (await create(a.http, a.url))["id"]
     await wait_state(a.http, b.url, sandbox_id, {"ready"})
     await a.stop()  # leaves the cluster: its session key is deleted, its leases are free
 
