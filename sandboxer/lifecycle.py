@@ -13,7 +13,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
-from transitions import Machine
+from transitions import Machine, MachineError
 
 from events import Event, RouteChosen, TeardownFailed
 
@@ -203,10 +203,15 @@ class SandboxMachine:
         self.machine.remove_model(model)
 
     def allows(self, model: LifecycleModel, event: Event) -> bool:
-        return bool(model.may_trigger(type(event).__name__, event=event))  # type: ignore[attr-defined]
+        """From the table the machine was built from: the machine's own `may_trigger`
+        walks every trigger and ran three times per event (~9 % of a lifecycle)."""
+        return next_state(model.state, model.failing, event) is not None
 
     def fire(self, model: LifecycleModel, event: Event) -> None:
         name = type(event).__name__
-        if not self.allows(model, event):
+        try:
+            fired = getattr(model, name)(event=event)
+        except MachineError:  # no transition from this state: same refusal as a guard's
+            fired = False
+        if not fired:
             raise InvalidTransition(model.sandbox_id, model.state, name)
-        getattr(model, name)(event=event)
