@@ -97,6 +97,8 @@ class WorkerLeases:
         self._renewed_at = 0.0
         self._workers: KeyValue | None = None
         self._leases: KeyValue | None = None
+        # lease revisions this process wrote, so a release is one conditional delete
+        self._held: dict[str, int] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._control: Any = None
 
@@ -130,6 +132,7 @@ class WorkerLeases:
         """Give up the current session: the heartbeat registers a new incarnation, so
         every lease of the old one is free (for us too, through the sweep)."""
         self._revision = 0
+        self._held.clear()
 
     def valid(self) -> bool:
         """Whether we may still act on our leases: renewed within 2/3 of the TTL."""
@@ -210,7 +213,7 @@ class WorkerLeases:
         """Take the lease of a sandbox we are about to create; False if it is taken."""
         assert self._leases is not None
         try:
-            await self._leases.create(sandbox_id, self.holder.encode())
+            self._held[sandbox_id] = await self._leases.create(sandbox_id, self.holder.encode())
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
         return True
@@ -227,14 +230,18 @@ class WorkerLeases:
             entry = None
         try:
             if entry is None:
-                await self._leases.create(sandbox_id, self.holder.encode())
+                self._held[sandbox_id] = await self._leases.create(sandbox_id, self.holder.encode())
                 return True
             holder = (entry.value or b"").decode()
             if holder == self.holder:
+                if entry.revision is not None:
+                    self._held[sandbox_id] = entry.revision
                 return True
             if await self._holder_alive(holder, cache):
                 return False
-            await self._leases.update(sandbox_id, self.holder.encode(), last=entry.revision)
+            self._held[sandbox_id] = await self._leases.update(
+                sandbox_id, self.holder.encode(), last=entry.revision
+            )
             log.info("worker %s took over %s from %s", self.holder, sandbox_id, holder)
             return True
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -253,7 +260,14 @@ class WorkerLeases:
         return None
 
     async def release(self, sandbox_id: str) -> None:
+        """Delete our lease only: by the revision we wrote (one round trip), or, for
+        a lease this process did not write, after reading whose it is."""
         assert self._leases is not None
+        revision = self._held.pop(sandbox_id, None)
+        if revision is not None:
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                await self._leases.delete(sandbox_id, last=revision)
+            return
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
             entry = await self._leases.get(sandbox_id)
             if (entry.value or b"").decode() == self.holder:
