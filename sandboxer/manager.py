@@ -63,7 +63,7 @@ from extensions import (
 from extensions.manifest import ConfigError, HookPolicy
 from projections.sandboxes import SandboxView, evolve
 from sandboxer.checkpointing import Checkpoints, NotCapable, UnknownCheckpoint
-from sandboxer.event_store import ConcurrencyConflict, EventRecorder
+from sandboxer.event_store import ConcurrencyConflict, EventRecorder, RecordedEvent
 from sandboxer.failpoints import failpoint
 from sandboxer.ids import check_account, new_sandbox_id
 from sandboxer.leases import OwnerUnavailable, WorkerLeases
@@ -152,9 +152,14 @@ class SandboxManager:
         snapshots: SnapshotStore,
         spool_dir: Path,
         leases: WorkerLeases,
+        observed: list[Callable[[RecordedEvent], None]],
         starter_credits: int = 0,
     ) -> None:
         self.store = store
+        # The projection runner's listeners: the manager sees what other workers append
+        # through the runner's follow instead of decoding the whole stream a second time.
+        self.observed = observed
+        self._early: list[RecordedEvent] | None = None  # seen while start() replays
         self.leases = leases
         self.checkpoints = Checkpoints(self, snapshots, spool_dir)
         self.ledger = LedgerBook(store)
@@ -189,6 +194,10 @@ class SandboxManager:
         policies: dict[str, CheckpointPolicy] = {}
         pending: dict[str, list[tuple[int, Event]]] = {}
         last = 0
+        # Listen before reading: what the runner applies from now on is either in the
+        # read below (skipped by sequence) or observed after it; nothing falls between.
+        self._early = []
+        self.observed.append(self._on_recorded)
         async for recorded in self.store.read(1):
             last = recorded.seq
             if recorded.subject.startswith("sandboxer.ledger."):
@@ -234,8 +243,11 @@ class SandboxManager:
                 continue
             await self._settle_finished(sandbox_id)
         await self.leases.serve_control(self._on_control)
+        early, self._early = self._early, None
+        for recorded in early:
+            if recorded.seq > last:
+                self.observe(recorded.seq, recorded.subject, recorded.event)
         self._background = [
-            asyncio.create_task(self._follow(last), name="manager-follow"),
             asyncio.create_task(self._sweep_forever(), name="manager-sweep"),
         ]
         return last
@@ -243,6 +255,8 @@ class SandboxManager:
     async def close(self) -> None:
         """Stop driving; what is unfinished resumes on the next start."""
         self._closing = True
+        with contextlib.suppress(ValueError):
+            self.observed.remove(self._on_recorded)
         self.checkpoints.close()
         for background in self._background:
             background.cancel()
@@ -886,10 +900,15 @@ class SandboxManager:
         except NotFound:
             return {"error": "not_found"}
 
-    async def _follow(self, after: int) -> None:
+    def _on_recorded(self, recorded: RecordedEvent) -> None:
         """Keep what other workers do in view: their sandboxes, accounts, checkpoints."""
-        async for recorded in self.store.follow(after + 1):
+        if self._early is not None:
+            self._early.append(recorded)
+            return
+        try:
             self.observe(recorded.seq, recorded.subject, recorded.event)
+        except Exception:  # called inside the runner's follow, which must go on
+            log.exception("observing event %d failed", recorded.seq)
 
     def observe(self, seq: int, subject: str, event: Event) -> None:
         if subject.startswith("sandboxer.ledger."):

@@ -95,6 +95,7 @@ class Service:
             snapshots=snapshots,
             spool_dir=settings.data_dir / "spool",
             leases=self.leases,
+            observed=self.runner.listeners,
             starter_credits=settings.starter_credits,
         )
         self.leases.on_lost = self.manager.abandon
