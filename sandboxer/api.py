@@ -345,6 +345,8 @@ class Api:
         self.store = store
         self.profiles = profiles
         self._streams: set[asyncio.Task[Any]] = set()
+        # sandbox id -> (the view, its encoded row): see `_row`
+        self._rows: dict[str, tuple[SandboxView, bytes]] = {}
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -481,6 +483,18 @@ class Api:
         if view is None:
             raise ApiError(404, "not_found", f"no sandbox {sandbox_id!r}", "id")
         return view
+
+    def _row(self, view: SandboxView) -> bytes:
+        """A sandbox's encoded list row. Views are immutable and a state without a step
+        shows no progress, so such a row is encoded once per view, not per request
+        (building and encoding rows was 95 % of listing 1,000 sandboxes)."""
+        cached = self._rows.get(view.id)
+        if cached is not None and cached[0] is view:
+            return cached[1]
+        row = _encoder.encode(self._out(view))
+        if view.state not in STEP_LABELS:
+            self._rows[view.id] = (view, row)
+        return row
 
     def _out(self, view: SandboxView) -> SandboxOut:
         progress = None
@@ -871,8 +885,10 @@ class Api:
             account=account,
             live_only=live in ("1", "true"),
         )
-        out = [self._out(v) for v in rows]
-        return json_response(SandboxList(sandboxes=out, count=len(out)))
+        body = b"".join(
+            (b'{"sandboxes":[', b",".join(map(self._row, rows)), b'],"count":%d}' % len(rows))
+        )
+        return web.Response(body=body, content_type="application/json")
 
     async def get(self, request: web.Request) -> web.Response:
         sandbox_id = self._sandbox_id(request)

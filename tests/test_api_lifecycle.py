@@ -161,3 +161,25 @@ async def test_restart_on_same_stream_keeps_everything(
     assert (await get(second.http, second.url, made["id"]))["state"] == "ready"
     await destroy(second.http, second.url, made["id"])
     await wait_state(second.http, second.url, made["id"], {"destroyed"})
+
+
+async def test_list_rows_follow_every_change(api: RunningService) -> None:
+    """Rows are encoded once per state without a step and reused: every list must still
+    show each sandbox exactly as GET shows it, before and after it changes."""
+
+    async def listed() -> dict[str, dict[str, object]]:
+        async with api.http.get(f"{api.url}/v1/sandboxes") as resp:
+            assert resp.status == 200 and resp.content_type == "application/json"
+            body = await resp.json()
+        assert body["count"] == len(body["sandboxes"])
+        return {row["id"]: row for row in body["sandboxes"]}
+
+    made = await create(api.http, api.url)
+    await wait_state(api.http, api.url, made["id"], {"ready"})
+    for _ in range(2):  # the second list answers from the encoded rows
+        assert (await listed())[made["id"]] == await get(api.http, api.url, made["id"])
+    await destroy(api.http, api.url, made["id"])
+    await wait_state(api.http, api.url, made["id"], {"destroyed"})
+    rows = await listed()
+    assert rows[made["id"]]["state"] == "destroyed"
+    assert rows[made["id"]] == await get(api.http, api.url, made["id"])
