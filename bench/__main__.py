@@ -20,7 +20,7 @@ from bench.common import RESULTS_MD, Options, Section, save_sections
 BENCHMARKS: dict[str, str] = {
     "append": "append throughput: event store vs raw publish (and atomic batches)",
     "lifecycle": "1,000 saas-stub lifecycles at once vs raw publish of their events",
-    "replay": "projection rebuild from 300,000 events vs a raw ordered consumer",
+    "replay": "projection rebuild from 1,000,000 events vs a raw ordered consumer",
     "peer": "the same append and replay with the eventsourcing library (SQLite)",
     "api": "GET /v1/sandboxes[/{id}] under wrk vs a bare aiohttp handler",
     "compose": "compose-ssh provision (1 and 10 at once) vs ssh + rsync + compose up",

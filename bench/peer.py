@@ -193,8 +193,6 @@ async def run(options: Options) -> Section:
         "in one SQLite transaction (WAL, as the library sets it up). Each is timed in "
         f"{replay.SEGMENTS} equal segments of one pass: the figure is their median."
     )
-    if not options.quick:
-        section.notes.append(f"{lifecycles * 10:,} events, not 1,000,000: see the replay section.")
     section.notes.append(
         "replay: ours folds every event into all our projections; theirs decodes every "
         "event into its domain event and folds it into a dict of states and balances."
