@@ -15,8 +15,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
+
+from sandboxer.term import Progress, Table, paint, styled, tone
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TERMINAL = {"destroyed", "failed", "rejected"}
@@ -132,38 +134,38 @@ def _age(iso: str) -> str:
     return f"{seconds // 3600}h"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    """Columns padded to their widest cell, so the list reads (and `awk`s) as a table."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-    return "\n".join(lines)
-
-
 def _print_sandboxes(rows: list[dict[str, Any]]) -> None:
     """One row per sandbox; long reasons are cut so a row stays one line."""
     if not rows:
         print("no sandboxes")
         return
-    body = [
+    table = Table(
+        ["ID", "STATE", "PROFILE", "EXTENSION", "ACCOUNT", "AGE", "REASON"], tone_column=1
+    )
+    table.write(
         [
-            r["id"],
-            r["state"],
-            r["profile"],
-            r["extension"],
-            r["account"],
-            _age(r["created_at"]),
-            (r.get("reason") or "")[:50],
+            [
+                r["id"],
+                r["state"],
+                r["profile"],
+                r["extension"],
+                r["account"],
+                _age(r["created_at"]),
+                _cut(r.get("reason") or "", 50),
+            ]
+            for r in rows
         ]
-        for r in rows
-    ]
-    print(_table(body, ["ID", "STATE", "PROFILE", "EXTENSION", "ACCOUNT", "AGE", "REASON"]))
+    )
+
+
+def _cut(text: str, width: int) -> str:
+    """Long free text is cut so a table row stays one line; --json has all of it."""
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _print_sandbox(s: dict[str, Any]) -> None:
     """`key: value` lines for one sandbox, empty fields left out."""
+    colour = styled(sys.stdout)
     fields = [
         "id",
         "state",
@@ -185,79 +187,74 @@ def _print_sandbox(s: dict[str, Any]) -> None:
             continue
         if isinstance(value, (dict, list)):
             value = json.dumps(value)
+        elif key == "state":
+            value = paint(value, tone(value), colour)
         print(f"{key + ':':<14}{value}")
     if s.get("progress"):
-        p = s["progress"]
-        print(f"{'step:':<14}{p['step']} {p.get('message') or ''}".rstrip())
+        print(f"{'step:':<14}{_step(s).strip('[]')}")
 
 
-def _print_event(e: dict[str, Any]) -> None:
-    """seq, time, type, aggregate, actor: enough to follow a lifecycle by eye."""
-    ev = e["event"]
-    print(
-        f"{e['seq']:>6}  {ev['occurred_at']}  {ev['type']:<18} {ev['aggregate_id']:<18} "
-        f"{ev['actor']}"
+def _events_table() -> Table:
+    """Widths that fit the usual ids and types, so a followed stream rarely shifts."""
+    return Table(
+        ["SEQ", "TIME", "TYPE", "AGGREGATE", "ACTOR"],
+        right={0},
+        tone_column=2,
+        min_widths=[6, 27, 19, 17],
     )
 
 
-class Progress:
-    """One rewritten line on a terminal, one line per change otherwise."""
+def _event_row(e: dict[str, Any]) -> list[object]:
+    """seq, time, type, aggregate, actor: enough to follow a lifecycle by eye."""
+    ev = e["event"]
+    return [e["seq"], ev["occurred_at"], ev["type"], ev["aggregate_id"], ev["actor"]]
 
-    def __init__(self) -> None:
-        # Escape codes only on a terminal: logs of CI jobs stay plain text.
-        self.tty = sys.stderr.isatty()
-        self.last = ""
-        self.started = time.monotonic()
 
-    def show(self, sandbox: dict[str, Any]) -> None:
-        step = ""
-        if sandbox.get("progress"):
-            p = sandbox["progress"]
-            step = f" [{p['step']}{': ' + p['message'] if p.get('message') else ''}]"
-        text = f"{sandbox['id']}: {sandbox['state']}{step}"
-        elapsed = time.monotonic() - self.started
-        if self.tty:
-            sys.stderr.write(f"\r\033[K{text} ({elapsed:.0f}s)")
-            sys.stderr.flush()
-        elif text != self.last:
-            sys.stderr.write(f"{text} ({elapsed:.1f}s)\n")
-        self.last = text
+def _step(sandbox: dict[str, Any]) -> str:
+    """The running hook and its latest message, e.g. `[provision: creating instance]`."""
+    p = sandbox.get("progress")
+    if not p:
+        return ""
+    return f"[{p['step']}{': ' + p['message'] if p.get('message') else ''}]"
 
-    def done(self) -> None:
-        if self.tty and self.last:
-            sys.stderr.write("\n")
+
+def _poll(
+    client: Client,
+    sandbox: dict[str, Any],
+    done: Callable[[dict[str, Any]], bool],
+    timeout: float,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Long-poll the sandbox until `done` or a terminal state, showing its state and step;
+    exit 5 when `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        progress.show(sandbox["id"], sandbox["state"], _step(sandbox))
+        if done(sandbox) or sandbox["state"] in TERMINAL:
+            return sandbox
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CliError(
+                f"timed out after {timeout:g}s: {sandbox['id']} is {sandbox['state']}",
+                EXIT_TIMEOUT,
+            )
+        # Long-polls return at once on a new event; the 1 s cap refreshes the step's
+        # progress message (it changes without an event: "compose up", "pulling 3/5").
+        wait = min(1.0, left)
+        sandbox = client.request(
+            "GET",
+            f"/v1/sandboxes/{sandbox['id']}",
+            query={"wait": f"{wait:.1f}", "after_seq": str(sandbox["last_seq"])},
+            timeout=wait + 30,
+        )
 
 
 def _wait(
     client: Client, sandbox: dict[str, Any], until: set[str], timeout: float
 ) -> dict[str, Any]:
-    """Long-poll the sandbox until a state in `until` or a terminal one, showing progress;
-    exit 5 when `timeout` seconds pass first."""
-    progress = Progress()
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            progress.show(sandbox)
-            if sandbox["state"] in until or sandbox["state"] in TERMINAL:
-                return sandbox
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise CliError(
-                    f"timed out after {timeout:g}s: {sandbox['id']} is {sandbox['state']}",
-                    EXIT_TIMEOUT,
-                )
-            # Long-polls return at once on a new event; the 1 s cap refreshes the
-            # step's progress message (it changes without an event: "compose up",
-            # "pulling 3/5") and the elapsed time in between.
-            wait = min(1.0, left)
-            sandbox = client.request(
-                "GET",
-                f"/v1/sandboxes/{sandbox['id']}",
-                query={"wait": f"{wait:.1f}", "after_seq": str(sandbox["last_seq"])},
-                timeout=wait + 30,
-            )
-    finally:
-        progress.done()
+    """Wait for a state in `until` (or a terminal one) behind a progress line on stderr."""
+    with Progress() as progress:
+        return _poll(client, sandbox, lambda s: s["state"] in until, timeout, progress)
 
 
 # ---- commands -----------------------------------------------------------------------
@@ -441,6 +438,7 @@ def _follow_stream(args: argparse.Namespace, client: Client) -> int:
     """Follow the Server-Sent Events stream, resuming with Last-Event-ID on a drop."""
     last = "0"
     query = {"sandbox": args.sandbox} if args.sandbox else {}
+    table = _events_table()
     while True:
         url = client.base_url + "/v1/events/stream"
         if query:
@@ -463,8 +461,7 @@ def _follow_stream(args: argparse.Namespace, client: Client) -> int:
                         if args.json:
                             print(json.dumps(entry), flush=True)
                         else:
-                            _print_event(entry)
-                            sys.stdout.flush()
+                            table.write([_event_row(entry)])
                         data = b""
         except urllib.error.HTTPError as exc:
             raise CliError(_api_error(exc), EXIT_API) from exc
@@ -485,18 +482,18 @@ def cmd_events(args: argparse.Namespace, client: Client) -> int:
         except KeyboardInterrupt:
             return EXIT_OK
     after = 0
+    table = _events_table()
     try:
         while True:
             query = {"after_seq": str(after), "limit": "500"}
             if args.sandbox:
                 query["sandbox"] = args.sandbox
             page = client.request("GET", "/v1/events", query=query, timeout=60)
-            for e in page["events"]:
-                if args.json:
+            if args.json:
+                for e in page["events"]:
                     print(json.dumps(e), flush=True)
-                else:
-                    _print_event(e)
-                    sys.stdout.flush()
+            else:
+                table.write([_event_row(e) for e in page["events"]])
             if page["events"]:
                 after = page["events"][-1]["seq"]
             elif page["last_seq"] > after:
@@ -552,15 +549,24 @@ def cmd_profiles(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         _print_json(profiles)
         return EXIT_OK
+    rows: list[list[object]] = []
     for p in profiles:
-        print(f"{p['name']}  ({p['extension']}, ttl {p['ttl_seconds']}s)  {p['description']}")
-        for i in p["inputs"]:
-            flags = ", ".join(
-                f for f, on in (("required", i["required"]), ("secret", i["secret"])) if on
+        # One row per input; the profile's own cells only on its first row.
+        first = [p["name"], p["extension"] or "(routed)", f"{p['ttl_seconds']}s"]
+        summary = _cut(p["description"].split(". ")[0].strip().rstrip("."), 60)
+        for n, i in enumerate(p["inputs"] or [None]):
+            head = first if n == 0 else ["", "", ""]
+            if i is None:
+                rows.append([*head, "-", "", summary])
+                continue
+            default = i["default"] if i.get("default") is not None else "..."
+            notes = [f for f, on in (("required", i["required"]), ("secret", i["secret"])) if on]
+            if i.get("choices"):
+                notes.append(f"one of {','.join(i['choices'])}")
+            rows.append(
+                [*head, f"{i['name']}={default}", ", ".join(notes), summary if n == 0 else ""]
             )
-            extra = f" default={i['default']}" if i.get("default") is not None else ""
-            choices = f" one of {','.join(i['choices'])}" if i.get("choices") else ""
-            print(f"    --input {i['name']}=...  {flags}{extra}{choices}".rstrip())
+    Table(["PROFILE", "EXTENSION", "TTL", "INPUT", "NOTES", "DESCRIPTION"], right={2}).write(rows)
     return EXIT_OK
 
 
@@ -596,34 +602,47 @@ def cmd_ledger_balance(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         _print_json(accounts[0] if args.account else accounts)
         return EXIT_OK
-    if not accounts:
+    if args.account:
+        _print_account(accounts[0])
+    elif not accounts:
         print("no accounts")
-    for account in accounts:
-        _print_account(account)
+    else:
+        columns = ["available", "granted", "reserved", "debited", "released"]
+        Table(["ACCOUNT", *(c.upper() for c in columns)], right=range(1, 6)).write(
+            [[a["account"], *(a[c] for c in columns)] for a in accounts]
+        )
     return EXIT_OK
 
 
 def cmd_ledger_history(args: argparse.Namespace, client: Client) -> int:
     after = 0
+    table = Table(
+        ["SEQ", "TIME", "TYPE", "AMOUNT", "SANDBOX/REASON"],
+        right={0, 3},
+        tone_column=2,
+        min_widths=[6, 27, 16, 6],
+    )
     while True:
         page = client.request(
             "GET",
             f"/v1/accounts/{args.account}/ledger",
             query={"after_seq": str(after), "limit": "500"},
         )
-        for entry in page["entries"]:
-            if args.json:
+        if args.json:
+            for entry in page["entries"]:
                 print(json.dumps(entry))
-                continue
-            ev = entry["event"]
-            amount = ev.get("amount", ev.get("requested", ""))
-            print(
-                f"{entry['seq']:>6}  {ev['occurred_at']}  {ev['type']:<16} "
-                f"{amount:>8}  {ev.get('sandbox_id', ev.get('reason', ''))}"
-            )
+        else:
+            table.write([_ledger_row(entry) for entry in page["entries"]])
         if page["next_after_seq"] is None:
             return EXIT_OK
         after = page["next_after_seq"]
+
+
+def _ledger_row(entry: dict[str, Any]) -> list[object]:
+    ev = entry["event"]
+    amount = ev.get("amount", ev.get("requested", ""))
+    detail = ev.get("sandbox_id", ev.get("reason", ""))
+    return [entry["seq"], ev["occurred_at"], ev["type"], amount, detail]
 
 
 def cmd_ledger_audit(args: argparse.Namespace, client: Client) -> int:
@@ -657,25 +676,39 @@ def cmd_checkpoint(args: argparse.Namespace, client: Client) -> int:
     return int(CHECKPOINT_COMMANDS[args.checkpoint_command](args, client))
 
 
+def _size(c: dict[str, Any]) -> str:
+    return f"{c['size']} bytes" if c.get("size") is not None else ""
+
+
+def _checkpoint_detail(c: dict[str, Any]) -> str:
+    return str(c.get("error") or c.get("deleted_reason") or c.get("digest") or "")
+
+
 def _print_checkpoint(c: dict[str, Any]) -> None:
-    size = f"{c['size']} bytes" if c.get("size") is not None else ""
-    extra = c.get("error") or c.get("deleted_reason") or c.get("digest") or ""
-    print(f"{c['id']}  {c['status']:<9} {c['sandbox_id']}  {size}  {extra}".rstrip())
+    status = paint(f"{c['status']:<9}", tone(c["status"]), styled(sys.stdout))
+    print(f"{c['id']}  {status} {c['sandbox_id']}  {_size(c)}  {_checkpoint_detail(c)}".rstrip())
 
 
 def _wait_checkpoint(client: Client, checkpoint: dict[str, Any], timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while checkpoint["status"] == "requested":
-        if time.monotonic() > deadline:
-            raise CliError(
-                f"timed out: checkpoint {checkpoint['id']} is still being made", EXIT_TIMEOUT
+    """Follows the sandbox while it checkpoints, so the progress line shows the running
+    step, then the checkpoint itself until it is created or failed."""
+    with Progress() as progress:
+        sandbox = client.request("GET", f"/v1/sandboxes/{checkpoint['sandbox_id']}")
+        _poll(client, sandbox, lambda s: s["state"] != "checkpointing", timeout, progress)
+        deadline = time.monotonic() + timeout
+        while checkpoint["status"] == "requested":
+            if time.monotonic() > deadline:
+                raise CliError(
+                    f"timed out: checkpoint {checkpoint['id']} is still being made", EXIT_TIMEOUT
+                )
+            checkpoint = client.request(
+                "GET",
+                f"/v1/checkpoints/{checkpoint['id']}",
+                query={"wait": "10", "after_seq": str(checkpoint["last_seq"])},
+                timeout=40,
             )
-        checkpoint = client.request(
-            "GET",
-            f"/v1/checkpoints/{checkpoint['id']}",
-            query={"wait": "10", "after_seq": str(checkpoint["last_seq"])},
-            timeout=40,
-        )
+            progress.show(checkpoint["id"], checkpoint["status"])
+        progress.show(checkpoint["id"], checkpoint["status"])
     return checkpoint
 
 
@@ -694,11 +727,13 @@ def cmd_checkpoint_list(args: argparse.Namespace, client: Client) -> int:
     rows = client.request("GET", f"/v1/sandboxes/{args.id}/checkpoints")["checkpoints"]
     if args.json:
         _print_json(rows)
+    elif not rows:
+        print("no checkpoints")
     else:
-        for row in rows:
-            _print_checkpoint(row)
-        if not rows:
-            print("no checkpoints")
+        table = Table(["ID", "STATUS", "SANDBOX", "SIZE", "DETAIL"], right={3}, tone_column=1)
+        table.write(
+            [[c["id"], c["status"], c["sandbox_id"], _size(c), _checkpoint_detail(c)] for c in rows]
+        )
     return EXIT_OK
 
 

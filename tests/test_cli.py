@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
+import termios
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,11 +20,27 @@ from typing import Any
 
 import pytest
 
+from sandboxer.cli import build_parser
 from tests.infra import free_port
 
 # How the failing server stretches each saas-stub hook: long enough that a --wait
 # sees the provision step running, short enough to keep the file quick.
 STEP_LATENCY_MS = 2000
+
+# A saas-stub profile whose hooks each take 0.3 s: every state lasts long enough for a
+# long-poll (woken by each event) to see it, so a --wait shows each step.
+SLOW_PROFILE = """\
+name: profile.saas-slow
+description: saas-stub with slow hooks, so a --wait sees every step
+extension: saas-stub
+ttl_seconds: 600
+inputs:
+  size: {default: small}
+config: {latency_ms: 300}
+"""
+
+ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
 
 class Server:
@@ -99,7 +119,10 @@ def cli(server_url: str, *args: str, **kwargs: Any) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = Server(tmp_path_factory.mktemp("cli"))
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "profiles").mkdir()
+    (folder / "profiles" / "profile.saas-slow.yaml").write_text(SLOW_PROFILE)
+    running = Server(folder, SANDBOXER_PROFILES_PATH=str(folder / "profiles"))
     yield running
     assert running.stop() == 0, f"serve stops cleanly on SIGTERM:\n{running.log()}"
 
@@ -171,7 +194,8 @@ def test_create_wait_list_get_destroy_events(server: Server) -> None:
         "DestroyRequested",
         "TornDown",
     ]
-    human = cli(server.url, "events", "--sandbox", sid).stdout.splitlines()
+    header, *human = cli(server.url, "events", "--sandbox", sid).stdout.splitlines()
+    assert header.split() == ["SEQ", "TIME", "TYPE", "AGGREGATE", "ACTOR"]
     assert len(human) == len(types)
     assert human[0].split()[2:4] == ["SandboxRequested", sid]
 
@@ -187,7 +211,16 @@ def test_replay_and_profiles(server: Server) -> None:
     profiles = cli(server.url, "profiles", "--json")
     assert "profile.saas-stub" in [p["name"] for p in json.loads(profiles.stdout)]
     human = cli(server.url, "profiles")
-    assert "--input size=" in human.stdout
+    assert human.stdout.split("\n")[0].split() == [
+        "PROFILE",
+        "EXTENSION",
+        "TTL",
+        "INPUT",
+        "NOTES",
+        "DESCRIPTION",
+    ]
+    saas = next(line for line in human.stdout.splitlines() if "profile.saas-stub" in line)
+    assert saas.split()[:5] == ["profile.saas-stub", "saas-stub", "600s", "size=small", "one"]
 
 
 def test_errors_and_exit_codes(server: Server) -> None:
@@ -228,49 +261,206 @@ def test_wait_times_out_with_exit_5(failing: Server) -> None:
 
 
 def test_failed_sandbox_exits_1_with_progress_on_a_tty(failing: Server) -> None:
+    code, stdout, terminal = on_terminal(
+        failing.url, "create", "--profile", "profile.saas-stub", "--wait", "--json"
+    )
+    assert code == 1, terminal
+    sid = json.loads(stdout)["id"]
+    assert json.loads(stdout)["state"] == "failed"
+    assert "\r\x1b[K" in terminal, "one line, rewritten in place"
+    # The running step and its message, while the hook runs.
+    assert f"{sid}: provisioning [provision: creating instance]" in plain(terminal)
+    assert re.fullmatch(rf"{sid}: failed \(\d+\.\ds\)", last_line(terminal))
+
+
+def test_wait_on_a_terminal_shows_steps_and_elapsed_time(server: Server) -> None:
+    code, stdout, terminal = on_terminal(
+        server.url, "create", "--profile", "profile.saas-slow", "--wait", "--json"
+    )
+    assert code == 0, terminal
+    sid = json.loads(stdout)["id"]
+    assert "\x1b" not in stdout, "data on stdout stays plain"
+    assert "\r\x1b[K" in terminal and any(frame in terminal for frame in SPINNER)
+    assert "\x1b[32mready\x1b[0m" in terminal, "the final state in colour"
+    shown = plain(terminal)
+    for state in ("provisioning", "starting"):
+        assert re.search(rf"{sid}: {state}\b.* \(\d+\.\ds\)", shown), shown
+    assert re.fullmatch(rf"{sid}: ready \(\d+\.\ds\)", last_line(terminal))
+
+    code, _, terminal = on_terminal(server.url, "destroy", sid, "--wait", "--json")
+    assert code == 0, terminal
+    assert f"{sid}: tearing_down" in plain(terminal)
+    assert re.fullmatch(rf"{sid}: destroyed \(\d+\.\ds\)", last_line(terminal))
+
+
+def test_no_color_turns_colours_and_the_spinner_off(server: Server) -> None:
+    code, _, terminal = on_terminal(
+        server.url, "create", "--profile", "profile.saas-slow", "--wait", NO_COLOR="1"
+    )
+    assert code == 0, terminal
+    assert "\x1b" not in terminal and "\r" not in terminal
+    assert not any(frame in terminal for frame in SPINNER)
+    sid = terminal.split(":", 1)[0]
+    # One plain line per change, as in a log; then the sandbox on the same terminal.
+    assert re.search(rf"^{sid}: provisioning.* \(\d+\.\ds\)$", terminal, re.M), terminal
+    assert "state:        ready" in terminal
+
+    _, _, coloured = on_terminal(server.url, "list", "--state", "ready")
+    assert "\x1b[1mID" in coloured and "\x1b[32mready" in coloured
+    assert_aligned(plain(coloured))
+    _, _, uncoloured = on_terminal(server.url, "list", "--state", "ready", NO_COLOR="1")
+    assert "\x1b" not in uncoloured and sid in uncoloured
+    assert cli(server.url, "destroy", sid, "--wait").returncode == 0
+
+
+def test_every_data_command_has_json(server: Server) -> None:
+    """Walks the parser, so a new command without --json (or not tried here) fails."""
+    made = run_json(server, "create", "--profile", "profile.saas-stub", "--wait", "--json")
+    sid = made["id"]
+    ckpt = run_json(server, "checkpoint", "create", sid, "--wait", "--json")
+    commands = {
+        "create": made,
+        "checkpoint create": ckpt,
+        "list": run_json(server, "list", "--json"),
+        "get": run_json(server, "get", sid, "--json"),
+        "checkpoint list": run_json(server, "checkpoint", "list", sid, "--json"),
+        "checkpoint restore": run_json(
+            server, "checkpoint", "restore", sid, ckpt["id"], "--wait", "--json"
+        ),
+        "checkpoint delete": run_json(server, "checkpoint", "delete", ckpt["id"], "--json"),
+        "events": run_json(server, "events", "--sandbox", sid, "--json"),
+        "replay": run_json(server, "replay", "--json"),
+        "reconcile": run_json(server, "reconcile", "--json", codes=(0, 1)),
+        "profiles": run_json(server, "profiles", "--json"),
+        "ledger grant": run_json(server, "ledger", "grant", "json-team", "5", "--json"),
+        "ledger balance": run_json(server, "ledger", "balance", "--json"),
+        "ledger history": run_json(server, "ledger", "history", "json-team", "--json"),
+        "ledger audit": run_json(server, "ledger", "audit", "--json"),
+        "destroy": run_json(server, "destroy", sid, "--wait", "--json"),
+    }
+    with_json, without = leaf_commands(build_parser())
+    assert with_json == set(commands)
+    # e2e prints the test's own output, as `make e2e` did; the rest print no data.
+    assert without == {"serve", "validate serve", "e2e"}
+    assert commands["checkpoint restore"]["state"] == "ready"
+    assert commands["destroy"]["state"] == "destroyed"
+    assert [e["event"]["type"] for e in commands["events"]][:2] == [
+        "SandboxRequested",
+        "RouteChosen",
+    ]
+
+
+def test_tables_align(server: Server) -> None:
+    made = run_json(server, "create", "--profile", "profile.saas-stub", "--wait", "--json")
+    sid = made["id"]
+    for _ in range(2):
+        ckpt = run_json(server, "checkpoint", "create", sid, "--wait", "--json")
+    run_json(server, "checkpoint", "delete", ckpt["id"], "--json")  # a wider status
+    run_json(server, "ledger", "grant", "a-team-with-a-rather-long-name", "12345", "--json")
+    for args, right in [
+        (["list"], ()),
+        (["events", "--sandbox", sid], ("SEQ",)),
+        (["checkpoint", "list", sid], ("SIZE",)),
+        (["ledger", "history", "default"], ("SEQ", "AMOUNT")),
+        (["ledger", "balance"], ("AVAILABLE", "GRANTED", "RESERVED", "DEBITED", "RELEASED")),
+        (["profiles"], ("TTL",)),
+    ]:
+        out = cli(server.url, *args)
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout.splitlines()) > 2, out.stdout
+        assert_aligned(out.stdout, right)
+    assert cli(server.url, "destroy", sid, "--wait").returncode == 0
+
+
+def assert_aligned(text: str, right: tuple[str, ...] = ()) -> None:
+    """Every cell starts under its column's header (ends under it when right-aligned);
+    cells are told apart by the two spaces between columns."""
+    header, *rows = text.splitlines()
+    starts, ends = set(), set()
+    for name in re.finditer(r"\S+", header):
+        (ends if name.group() in right else starts).add(
+            name.end() if name.group() in right else name.start()
+        )
+    for row in rows:
+        for cell in re.finditer(r"\S+(?: \S+)*", row):
+            assert cell.start() in starts or cell.end() in ends, f"{cell.group()!r}:\n{text}"
+
+
+def run_json(server: Server, *args: str, codes: tuple[int, ...] = (0,)) -> Any:
+    """The command's stdout parsed: one JSON document, or a list of JSON Lines."""
+    out = cli(server.url, *args)
+    assert out.returncode in codes, out.stderr
+    try:
+        return json.loads(out.stdout)
+    except ValueError:
+        return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def leaf_commands(parser: argparse.ArgumentParser, prefix: str = "") -> tuple[set[str], set[str]]:
+    """(commands with --json, commands without), sub-commands named like `ledger grant`."""
+    with_json, without = set(), set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                more, less = leaf_commands(sub, f"{prefix}{name} ")
+                with_json |= more
+                without |= less
+            return with_json, without
+    name = prefix.strip()
+    options = {o for a in parser._actions for o in a.option_strings}
+    return ({name}, set()) if "--json" in options else (set(), {name})
+
+
+def on_terminal(url: str, *args: str, **env: str) -> tuple[int, str, str]:
+    """Runs the CLI with stderr on a pseudo-terminal and stdout on a pipe, except for
+    commands without `--json`, whose stdout goes to the terminal too. Returns the exit
+    code, the pipe's text and the terminal's (newlines not turned into \\r\\n, so every
+    \\r is the CLI's own)."""
     leader, follower = pty.openpty()
+    attrs = termios.tcgetattr(follower)
+    attrs[1] &= ~termios.ONLCR
+    termios.tcsetattr(follower, termios.TCSANOW, attrs)
+    environ = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
+    chunks: list[bytes] = []
+    # Read while it runs: a terminal nobody reads fills up and blocks the writer.
+    reader = threading.Thread(target=lambda: chunks.extend(_drain(leader)))
+    reader.start()
     try:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sandboxer",
-                "--url",
-                failing.url,
-                "create",
-                "--profile",
-                "profile.saas-stub",
-                "--wait",
-                "--json",
-            ],
-            stdout=subprocess.PIPE,
+            [sys.executable, "-m", "sandboxer", "--url", url, *args],
+            stdout=subprocess.PIPE if "--json" in args else follower,
             stderr=follower,
+            env={**environ, "TERM": "xterm", **env},
         )
         os.close(follower)
         follower = -1
         stdout, _ = proc.communicate(timeout=120)
-        terminal = _drain(leader)
+        reader.join(timeout=30)
     finally:
-        os.close(leader)
         if follower != -1:
             os.close(follower)
-    assert proc.returncode == 1, terminal
-    assert json.loads(stdout)["state"] == "failed"
-    # One line rewritten in place, showing the running step and its message.
-    assert "\r" in terminal
-    assert "provisioning [provision: creating instance]" in terminal
-    assert "failed" in terminal
+        reader.join(timeout=30)
+        os.close(leader)
+    return proc.returncode, (stdout or b"").decode(), b"".join(chunks).decode()
 
 
-def _drain(leader: int) -> str:
+def plain(terminal: str) -> str:
+    """What the terminal shows line by line: escapes gone, each rewrite on its own line."""
+    return ESCAPE.sub("", terminal).replace("\r", "\n")
+
+
+def last_line(terminal: str) -> str:
+    lines = [line.strip() for line in plain(terminal).splitlines() if line.strip()]
+    return lines[-1]
+
+
+def _drain(leader: int) -> Iterator[bytes]:
     """What the child wrote to its terminal; Linux reports EIO once it is all read."""
-    chunks = []
     while True:
         try:
             chunk = os.read(leader, 4096)
         except OSError:
-            break
+            return
         if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
+            return
+        yield chunk
