@@ -259,6 +259,7 @@ class ErrorBody(msgspec.Struct):
 
 
 _encoder = msgspec.json.Encoder()
+MAX_CACHED_LISTS = 64  # list bodies kept per projection position (filters differ)
 _create_decoder = msgspec.json.Decoder(CreateBody)
 _grant_decoder = msgspec.json.Decoder(GrantBody)
 _restore_decoder = msgspec.json.Decoder(RestoreBody)
@@ -347,6 +348,9 @@ class Api:
         self._streams: set[asyncio.Task[Any]] = set()
         # sandbox id -> (the view, its encoded row): see `_row`
         self._rows: dict[str, tuple[SandboxView, bytes]] = {}
+        # whole list bodies by filter, while the projection stays at `_lists_seq`
+        self._lists: dict[tuple[str | None, str | None, bool], bytes] = {}
+        self._lists_seq = -1
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -880,14 +884,20 @@ class Api:
         principal = self._principal(request)
         if principal is not None and not principal.admin:
             account = principal.account
-        rows = self.runner.projection.list(
-            state=state,
-            account=account,
-            live_only=live in ("1", "true"),
-        )
-        body = b"".join(
-            (b'{"sandboxes":[', b",".join(map(self._row, rows)), b'],"count":%d}' % len(rows))
-        )
+        key = (state, account, live in ("1", "true"))
+        if self._lists_seq != self.runner.last_seq or len(self._lists) >= MAX_CACHED_LISTS:
+            self._lists.clear()
+            self._lists_seq = self.runner.last_seq
+        body = self._lists.get(key)
+        if body is None:
+            rows = self.runner.projection.list(state=key[0], account=key[1], live_only=key[2])
+            body = b"".join(
+                (b'{"sandboxes":[', b",".join(map(self._row, rows)), b'],"count":%d}' % len(rows))
+            )
+            # Until the next event the same filter lists the same bytes, unless a row
+            # shows a running step, whose progress moves without events.
+            if not any(v.state in STEP_LABELS for v in rows):
+                self._lists[key] = body
         return web.Response(body=body, content_type="application/json")
 
     async def get(self, request: web.Request) -> web.Response:
