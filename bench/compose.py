@@ -6,7 +6,7 @@ compose file are the tests' two-service project (tests/data/compose-app).
 
 Ours: the in-process service creates `profile.compose-e2e` sandboxes; timed from
 `create` until the sandbox is `ready` (compose-ssh: prepare the directory, rsync,
-`compose up -d`, then `compose ps` until every service runs, all recorded as events).
+`compose up -d`, then the engine's `ps` until every service runs, all recorded as events).
 Baseline: a shell script doing what `make e2e` did to provision: `ssh mkdir`, `rsync`,
 `ssh compose up -d`, each a fresh ssh connection. One sandbox vs one script run, and
 ten sandboxes at once on one host vs ten script runs one after another. Teardown
@@ -224,7 +224,7 @@ async def run(options: Options) -> Section:
     )
     section.notes.append(
         "seconds, lower is better: ours from `create` until `ready` (includes compose-ssh's "
-        "`compose ps` readiness polls, 0.5 s apart, two in a row), the script until its "
+        "readiness polls of the engine's `ps`, 0.5 s apart, two in a row), the script until its "
         "`compose up -d` returns (it does not wait for the services)."
     )
     with scratch(options, "compose") as folder:
