@@ -17,8 +17,9 @@ from events import Event, EventMeta
 from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
 from projections.sandboxes import SandboxView
+from sandboxer import dashboard
 from sandboxer.audit import AuditReport, audit
-from sandboxer.auth import Principal, TokenBook
+from sandboxer.auth import Principal, Role, TokenBook
 from sandboxer.checkpointing import NotCapable, UnknownCheckpoint
 from sandboxer.event_store import EventRecorder, RecordedEvent, is_transient
 from sandboxer.ids import (
@@ -247,6 +248,16 @@ class Health(msgspec.Struct):
     live_sandboxes: int
 
 
+class Identity(msgspec.Struct):
+    """Who the caller is, so a client (the dashboard) can offer only what it may do.
+    Without tokens the API is open: anyone may do everything."""
+
+    auth: bool
+    name: str
+    account: str | None
+    role: Role
+
+
 class ErrorDetail(msgspec.Struct):
     status: int
     code: str
@@ -390,6 +401,8 @@ class Api:
         app.router.add_post("/v1/replay", self.replay)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/openapi.json", self.openapi)
+        app.router.add_get("/v1/whoami", self.whoami)
+        dashboard.add_routes(app)
         app.on_shutdown.append(self._close_streams)
         return app
 
@@ -404,7 +417,11 @@ class Api:
     async def auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """With tokens configured, every route but health and the OpenAPI document needs
         a bearer token; members reach their own account's resources only."""
-        if not self.tokens.enabled or request.path in PUBLIC_PATHS:
+        if (
+            not self.tokens.enabled
+            or request.path in PUBLIC_PATHS
+            or dashboard.is_public(request.path)
+        ):
             return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
@@ -1096,6 +1113,14 @@ class Api:
             )
         )
 
+    async def whoami(self, request: web.Request) -> web.Response:
+        principal = self._principal(request)
+        if principal is None:
+            return json_response(Identity(auth=False, name="anonymous", account=None, role="admin"))
+        return json_response(
+            Identity(auth=True, name=principal.name, account=principal.account, role=principal.role)
+        )
+
     async def openapi(self, request: web.Request) -> web.Response:
         return json_response(openapi_document(auth=self.tokens.enabled, profiles=self.profiles))
 
@@ -1202,6 +1227,7 @@ def openapi_document(
         CheckpointOut,
         CheckpointList,
         SweepReport,
+        Identity,
     ]
     (_, components) = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
@@ -1584,6 +1610,12 @@ def openapi_document(
                 "responses": {**ok("VerifyReport"), **errors(403)},
             }
         },
+        "/v1/whoami": {
+            "get": {
+                "summary": "The caller's token: name, account and role (open API: admin)",
+                "responses": ok("Identity"),
+            }
+        },
         "/healthz": {"get": {"summary": "Health", "responses": ok("Health")}},
         "/openapi.json": {
             "get": {
@@ -1622,6 +1654,7 @@ def openapi_document(
         ("post", "/v1/ledger/audit"): "auditLedger",
         ("post", "/v1/reconcile"): "reconcile",
         ("post", "/v1/replay"): "replay",
+        ("get", "/v1/whoami"): "whoami",
         ("get", "/healthz"): "health",
         ("get", "/openapi.json"): "openapi",
     }
