@@ -183,7 +183,8 @@ async def serve(
             await runner.setup()
             site = web.TCPSite(runner, settings.host, settings.port)
             await site.start()
-            print(f"sandboxer listening on http://{settings.host}:{settings.port}", flush=True)
+            url = f"http://{settings.host}:{settings.port}"
+            print(f"sandboxer listening on {url} (dashboard: {url}/)", flush=True)
         else:
             print(f"sandboxer worker {service.leases.holder} running", flush=True)
         if ready is not None:
