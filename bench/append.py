@@ -30,6 +30,7 @@ from bench.common import (
     Stopwatch,
     alternate,
     nats_server,
+    publish_raw,
     rate,
     scratch,
 )
@@ -133,11 +134,7 @@ async def _measure(
 
     async def raw_sequential(_run: int) -> float:
         events = make_events(f"sbx-raw{next(counter):09x}", sequential)
-        payloads = [(subject_for(e), store.codec.encode(e)) for e in events]
-        watch = Stopwatch()
-        for subject, payload in payloads:
-            await js.publish(subject, payload)
-        return rate(sequential, watch.seconds())
+        return await publish_raw(js, [[(subject_for(e), store.codec.encode(e)) for e in events]])
 
     async def our_sequential(_run: int) -> float:
         events = make_events(f"sbx-our{next(counter):09x}", sequential)
@@ -168,14 +165,7 @@ async def _measure(
             ]
             for _ in range(aggregates)
         ]
-
-        async def one(payloads: list[tuple[str, bytes]]) -> None:
-            for subject, payload in payloads:
-                await js.publish(subject, payload)
-
-        watch = Stopwatch()
-        await asyncio.gather(*(one(b) for b in batches))
-        return rate(aggregates * per_aggregate, watch.seconds())
+        return await publish_raw(js, batches)
 
     async def our_concurrent(_run: int) -> float:
         batches = [

@@ -9,6 +9,7 @@ RESULTS.md and leaves the others as they were measured.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -28,7 +29,7 @@ from typing import Any
 import nats
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
-from nats.js import api
+from nats.js import JetStreamContext, api
 
 from events import (
     BecameReady,
@@ -181,6 +182,19 @@ class Stopwatch:
 
 def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("nan")
+
+
+async def publish_raw(js: JetStreamContext, batches: list[list[tuple[str, bytes]]]) -> float:
+    """The raw baseline: one task per batch publishing its messages in order with
+    `js.publish`, all batches at once. Returns events/s."""
+
+    async def one(batch: list[tuple[str, bytes]]) -> None:
+        for subject, payload in batch:
+            await js.publish(subject, payload)
+
+    watch = Stopwatch()
+    await asyncio.gather(*(one(b) for b in batches))
+    return rate(sum(map(len, batches)), watch.seconds())
 
 
 # ---- infrastructure -------------------------------------------------------------------

@@ -25,6 +25,7 @@ from bench.common import (
     Stopwatch,
     alternate,
     lifecycle_events,
+    publish_raw,
     rate,
     raw_stream,
     scratch,
@@ -144,14 +145,7 @@ async def _measure(options: Options, section: Section, sync: str, service: Servi
             ]
             for i in range(n)
         ]
-
-        async def one(items: list[tuple[str, bytes]]) -> None:
-            for subject, payload in items:
-                await raw_js.publish(subject, payload)
-
-        watch = Stopwatch()
-        await asyncio.gather(*(one(p) for p in payloads))
-        return rate(n * EVENTS_PER_LIFECYCLE, watch.seconds())
+        return await publish_raw(raw_js, payloads)
 
     async def ours(_run: int) -> float:
         before = await store.last_seq()
