@@ -9,6 +9,17 @@ from typing import Any
 import aiohttp
 
 TERMINAL = {"destroyed", "failed", "rejected"}
+# A metered (saas-stub) sandbox's whole life: the credit hold sits between the route
+# and provisioning.
+METERED_LIFECYCLE = [
+    "SandboxRequested",
+    "RouteChosen",
+    "CreditsHeld",
+    "Provisioned",
+    "BecameReady",
+    "DestroyRequested",
+    "TornDown",
+]
 
 
 async def create(http: aiohttp.ClientSession, url: str, **body: Any) -> dict[str, Any]:

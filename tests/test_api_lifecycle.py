@@ -9,17 +9,7 @@ from nats.aio.client import Client as NatsClient
 
 from sandboxer.event_store import RecordedEvent
 from tests.conftest import RunningService, StartService
-from tests.helpers import create, destroy, event_types, get, grant, wait_state
-
-LIFECYCLE = [
-    "SandboxRequested",
-    "RouteChosen",
-    "CreditsHeld",
-    "Provisioned",
-    "BecameReady",
-    "DestroyRequested",
-    "TornDown",
-]
+from tests.helpers import METERED_LIFECYCLE, create, destroy, event_types, get, grant, wait_state
 
 
 async def test_full_lifecycle_subjects_and_projection(api: RunningService, nc: NatsClient) -> None:
@@ -63,7 +53,8 @@ async def test_full_lifecycle_subjects_and_projection(api: RunningService, nc: N
         await done.wait()
     await sub.unsubscribe()
 
-    assert [s for s, _ in seen] == [f"sandboxer.sandbox.{sandbox_id}.{t}" for t in LIFECYCLE]
+    expected = [f"sandboxer.sandbox.{sandbox_id}.{t}" for t in METERED_LIFECYCLE]
+    assert [s for s, _ in seen] == expected
     assert states == [
         "requested",
         "reserving",
@@ -73,7 +64,7 @@ async def test_full_lifecycle_subjects_and_projection(api: RunningService, nc: N
         "tearing_down",
         "destroyed",
     ]
-    assert await event_types(http, url, sandbox_id) == LIFECYCLE
+    assert await event_types(http, url, sandbox_id) == METERED_LIFECYCLE
 
     async with http.get(f"{url}/v1/sandboxes/{sandbox_id}/events") as resp:
         body = await resp.text()

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from sandboxer.cli import build_parser
+from tests.helpers import METERED_LIFECYCLE
 from tests.infra import free_port
 
 # How the failing server stretches each saas-stub hook: long enough that a --wait
@@ -184,16 +185,7 @@ def test_create_wait_list_get_destroy_events(server: Server) -> None:
     events = cli(server.url, "events", "--sandbox", sid, "--json")
     assert events.returncode == 0, events.stderr
     types = [json.loads(line)["event"]["type"] for line in events.stdout.splitlines()]
-    # The saas-stub is metered: the credit hold sits between the route and provisioning.
-    assert types == [
-        "SandboxRequested",
-        "RouteChosen",
-        "CreditsHeld",
-        "Provisioned",
-        "BecameReady",
-        "DestroyRequested",
-        "TornDown",
-    ]
+    assert types == METERED_LIFECYCLE
     header, *human = cli(server.url, "events", "--sandbox", sid).stdout.splitlines()
     assert header.split() == ["SEQ", "TIME", "TYPE", "AGGREGATE", "ACTOR"]
     assert len(human) == len(types)

@@ -7,10 +7,10 @@ import asyncio
 from nats.aio.client import Client as NatsClient
 
 from tests.conftest import RunningService
-from tests.helpers import create, destroy, wait_settled, wait_state
+from tests.helpers import METERED_LIFECYCLE, create, destroy, wait_settled, wait_state
 
 N = 200
-PER_LIFECYCLE = 7
+PER_LIFECYCLE = len(METERED_LIFECYCLE)
 ESTIMATE = 30  # saas-stub small: 0.05 credits/s for the 600 s default TTL
 
 
@@ -33,15 +33,7 @@ async def test_200_concurrent_lifecycles(api: RunningService, nc: NatsClient) ->
     assert len(subjects) == N * PER_LIFECYCLE
     assert set(subjects.values()) == {1}, "every lifecycle event exactly once"
     for sandbox_id in ids:
-        for event_type in (
-            "SandboxRequested",
-            "RouteChosen",
-            "CreditsHeld",
-            "Provisioned",
-            "BecameReady",
-            "DestroyRequested",
-            "TornDown",
-        ):
+        for event_type in METERED_LIFECYCLE:
             assert f"sandboxer.sandbox.{sandbox_id}.{event_type}" in subjects
     async with http.post(f"{url}/v1/replay") as resp:
         report = await resp.json()

@@ -13,7 +13,7 @@ import aiohttp
 
 from sandboxer.api import event_schema
 from tests.conftest import RunningService
-from tests.helpers import create, destroy, wait_state
+from tests.helpers import METERED_LIFECYCLE, create, destroy, wait_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,15 +113,7 @@ async def test_cli_follow_uses_the_stream(api: RunningService) -> None:
     finally:
         proc.terminate()
         await proc.wait()
-    assert [x["event"]["type"] for x in lines] == [
-        "SandboxRequested",
-        "RouteChosen",
-        "CreditsHeld",
-        "Provisioned",
-        "BecameReady",
-        "DestroyRequested",
-        "TornDown",
-    ]
+    assert [x["event"]["type"] for x in lines] == METERED_LIFECYCLE
 
 
 async def test_schema_endpoint_equals_the_checked_in_file(api: RunningService) -> None:

@@ -10,7 +10,7 @@ from sandboxer.config import Settings, SettingsError
 from sandboxer.leases import LEASES_BUCKET
 from sandboxer.nats_server import EmbeddedNats
 from tests.conftest import RunningService, StartService
-from tests.helpers import create, event_types, wait_state
+from tests.helpers import METERED_LIFECYCLE, create, event_types, wait_state
 
 
 async def lease_holder(server: EmbeddedNats, sandbox_id: str) -> str | None:
@@ -53,15 +53,7 @@ async def test_a_command_sent_to_another_node_runs_on_the_owner(
     done = await wait_state(a.http, b.url, sandbox_id, {"destroyed"})
     assert done["state"] == "destroyed"
     # The owner drove the teardown; B never took the sandbox.
-    assert await event_types(a.http, a.url, sandbox_id) == [
-        "SandboxRequested",
-        "RouteChosen",
-        "CreditsHeld",
-        "Provisioned",
-        "BecameReady",
-        "DestroyRequested",
-        "TornDown",
-    ]
+    assert await event_types(a.http, a.url, sandbox_id) == METERED_LIFECYCLE
     assert b.service.manager is not None and sandbox_id not in b.service.manager.sandboxes
     # A finished sandbox holds no lease.
     assert await lease_holder(nats_server, sandbox_id) is None
