@@ -18,7 +18,7 @@ from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
 from projections.sandboxes import SandboxView
 from sandboxer import dashboard
-from sandboxer.audit import AuditReport, audit
+from sandboxer.audit import DEFAULT_TTL_GRACE, AuditReport, audit
 from sandboxer.auth import Principal, Role, TokenBook
 from sandboxer.checkpointing import NotCapable, UnknownCheckpoint
 from sandboxer.event_store import EventRecorder, RecordedEvent, is_transient
@@ -38,6 +38,7 @@ from sandboxer.manager import (
     STEP_LABELS,
     AlreadyCreated,
     CreateRequest,
+    IdempotencyMismatch,
     NotFound,
     SandboxManager,
 )
@@ -72,6 +73,7 @@ PROJECTION_WAIT = 10.0
 # Limits of what a request may carry (the OpenAPI document states each one).
 MAX_SEQ = 2**63 - 1  # stream sequences are compared as signed 64-bit numbers
 MAX_GRANT = 10**12
+MAX_TTL_GRACE = 30 * 24 * 3600.0
 MAX_REASON = 500
 MAX_URL = 2000
 MAX_HEADER_BYTES = 8190  # one request line or header line (aiohttp's parser: 400 above)
@@ -808,6 +810,7 @@ class Api:
                 check_account(account)
             except InvalidId as exc:
                 raise ApiError(400, "invalid_query", str(exc), "account") from exc
+        grace = self._float_query(request, "ttl_grace", DEFAULT_TTL_GRACE, MAX_TTL_GRACE)
         live = self.runner.ledger.snapshot()  # the follower moves on while we replay
         target = live.last_seq
         recorded: list[tuple[int, str, Event]] = []
@@ -816,7 +819,7 @@ class Api:
                 if r.seq > target:
                     break
                 recorded.append((r.seq, r.subject, r.event))
-        return json_response(audit(recorded, live, account))
+        return json_response(audit(recorded, live, account, ttl_grace=grace))
 
     async def create(self, request: web.Request) -> web.Response:
         body = await self._body(request, _create_decoder)
@@ -849,34 +852,43 @@ class Api:
                 sandbox_id = idempotent_sandbox_id(account, key)
             except InvalidId as exc:
                 raise ApiError(400, "invalid_header", str(exc), "Idempotency-Key") from exc
-            if self.runner.projection.get(sandbox_id) is not None:
-                return self._created(sandbox_id, 200)  # a retry: the same sandbox
+        create = CreateRequest(
+            profile=profile,
+            inputs=body.inputs,
+            ttl_seconds=body.ttl_seconds,
+            account=account,
+            from_checkpoint=body.from_checkpoint,
+            sandbox_id=sandbox_id,
+        )
         try:
-            sandbox, seq = await self.manager.create(
-                CreateRequest(
-                    profile=profile,
-                    inputs=body.inputs,
-                    ttl_seconds=body.ttl_seconds,
-                    account=account,
-                    from_checkpoint=body.from_checkpoint,
-                    sandbox_id=sandbox_id,
-                ),
-                meta,
-            )
+            if sandbox_id is not None and self.runner.projection.get(sandbox_id) is not None:
+                return await self._retried(create, sandbox_id)
+            try:
+                sandbox, seq = await self.manager.create(create, meta)
+            except AlreadyCreated as exc:
+                # The same key raced us (here or on another node): once its create is
+                # recorded, this request is a retry of it.
+                await self.runner.wait_sandbox(exc.sandbox_id, 0, PROJECTION_WAIT)
+                if self.runner.projection.get(exc.sandbox_id) is None:
+                    raise ApiError(
+                        409,
+                        "conflict",
+                        "a create with this Idempotency-Key is in progress; retry",
+                        "Idempotency-Key",
+                    ) from exc
+                return await self._retried(create, exc.sandbox_id)
         except ProfileError as exc:
             raise ApiError(400, "invalid_request", str(exc), exc.field) from exc
-        except AlreadyCreated as exc:
-            await self.runner.wait_sandbox(exc.sandbox_id, 0, 10.0)
-            if self.runner.projection.get(exc.sandbox_id) is None:
-                raise ApiError(
-                    409,
-                    "conflict",
-                    "a create with this Idempotency-Key is in progress; retry",
-                    "Idempotency-Key",
-                ) from exc
-            return self._created(exc.sandbox_id, 200)
+        except IdempotencyMismatch as exc:
+            raise ApiError(422, "idempotency_mismatch", str(exc), exc.field) from exc
         await self._caught_up(seq)
         return self._created(sandbox.sandbox_id, 202)
+
+    async def _retried(self, create: CreateRequest, sandbox_id: str) -> web.Response:
+        """A create repeated with its Idempotency-Key: the sandbox it made, if the
+        request is the same one (422 naming the first difference otherwise)."""
+        await self.manager.check_retry(sandbox_id, create)
+        return self._created(sandbox_id, 200)
 
     def _created(self, sandbox_id: str, status: int) -> web.Response:
         response = json_response(self._out(self._view(sandbox_id)), status)
@@ -941,12 +953,32 @@ class Api:
         try:
             seq = await self.manager.destroy(sandbox_id, self._meta(request), reason="user")
         except NotFound as exc:
-            raise ApiError(409, "conflict", f"sandbox {sandbox_id} is not live here") from exc
+            # Nobody drives it: it finished meanwhile (a concurrent destroy, perhaps
+            # on another node). Say so once this node has seen the end.
+            now = await self._settled_view(sandbox_id, PROJECTION_WAIT)
+            if now.state in TERMINAL:
+                raise ApiError(
+                    409, "conflict", f"sandbox {sandbox_id} is already {now.state}", "state"
+                ) from exc
+            raise ApiError(
+                503, "owner_unavailable", f"sandbox {sandbox_id} is between workers", "id"
+            ) from exc
         except InvalidTransition as exc:
             raise ApiError(409, "conflict", str(exc), "state") from exc
         if seq:
             await self._caught_up(seq)
         return json_response(self._out(self._view(sandbox_id)), 202)
+
+    async def _settled_view(self, sandbox_id: str, timeout: float) -> SandboxView:
+        """The sandbox once this node's projection shows it terminal (or at the
+        deadline, as it is then)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        view = self._view(sandbox_id)
+        while view.state not in TERMINAL and (left := deadline - loop.time()) > 0:
+            await self.runner.wait_sandbox(sandbox_id, view.last_seq, left)
+            view = self._view(sandbox_id)
+        return view
 
     async def sandbox_events(self, request: web.Request) -> web.Response:
         sandbox_id = self._sandbox_id(request)
@@ -1290,6 +1322,8 @@ def openapi_document(
         404: "no such resource (also: an id that does not have the id format)",
         409: "the resource is not in a state that allows this",
         413: f"the body is larger than {MAX_BODY_BYTES} bytes",
+        422: "the Idempotency-Key was used before with another request (the field "
+        "names the first difference)",
         503: "not ready: the projection lags, the sandbox's worker does not answer, or "
         "webhooks are not running; retry",
     }
@@ -1329,7 +1363,9 @@ def openapi_document(
         "in": "header",
         "required": False,
         "description": "retry-safe create: the same key (per account) names the same "
-        "sandbox; a retry answers 200 with it instead of creating another",
+        "sandbox; a retry with the same request answers 200 with it instead of creating "
+        "another, also while the first is in flight on any node; another request with "
+        "the key answers 422",
         "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_RE.pattern},
     }
 
@@ -1366,7 +1402,7 @@ def openapi_document(
                 "responses": {
                     **ok("SandboxOut", "202", "Accepted"),
                     **ok("SandboxOut", "200", "Created before with this Idempotency-Key"),
-                    **errors(400, 403, 404, 409, 413, 503),
+                    **errors(400, 403, 404, 409, 413, 422, 503),
                 },
             },
             "get": {
@@ -1583,7 +1619,13 @@ def openapi_document(
                         "account",
                         {"type": "string", "pattern": ACCOUNT_RE.pattern},
                         "only this account",
-                    )
+                    ),
+                    query(
+                        "ttl_grace",
+                        {"type": "number", "minimum": 0, "maximum": MAX_TTL_GRACE},
+                        "seconds a reservation may stay open after its sandbox's TTL "
+                        f"ended before it is a violation (default {DEFAULT_TTL_GRACE:g})",
+                    ),
                 ],
                 "responses": {**ok("AuditReport"), **errors(400, 403)},
             },

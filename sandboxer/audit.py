@@ -4,16 +4,20 @@ Pure: it gets the events and the live (possibly cached) projection and returns a
 report. The rules (docs/payments.md): an account's available balance is never below
 zero after any event; a sandbox is debited at most once; every destroyed metered
 sandbox that became ready is debited; reserved equals the sum of open reservations;
-and the live projection equals the fresh replay.
+no reservation stays open longer than `ttl_grace` after its sandbox's TTL ended (the
+sandbox should have been destroyed and settled by then); and the live projection
+equals the fresh replay.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
 
 import msgspec
 
 from events import CreditsDebited, Event
+from events.base import utc_now
 from projections.ledger import AccountView, LedgerProjection
 from projections.sandboxes import SandboxesProjection
 
@@ -34,10 +38,16 @@ class AuditReport(msgspec.Struct, frozen=True):
     violations: list[str]
 
 
+DEFAULT_TTL_GRACE = 300.0  # seconds: a teardown retried with back-off may take minutes
+
+
 def audit(
     recorded: Iterable[tuple[int, str, Event]],
     live: LedgerProjection,
     account: str | None = None,
+    *,
+    now: dt.datetime | None = None,
+    ttl_grace: float = DEFAULT_TTL_GRACE,
 ) -> AuditReport:
     fresh = LedgerProjection()
     sandboxes = SandboxesProjection()
@@ -82,6 +92,13 @@ def audit(
             violations.append(
                 f"sandbox {sandbox.id} is {sandbox.state} but its reservation is open"
             )
+        elif sandbox.id in fresh.account(sandbox.account).open:
+            overdue = ((now or utc_now()) - sandbox.expires_at).total_seconds()
+            if overdue > ttl_grace:
+                violations.append(
+                    f"sandbox {sandbox.id} is {sandbox.state} with its reservation open "
+                    f"{overdue:.0f}s after its TTL ended (more than {ttl_grace:g}s)"
+                )
     names = sorted(set(fresh.accounts) | set(live.accounts))
     for name in names:
         if account is not None and name != account:

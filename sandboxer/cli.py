@@ -646,8 +646,10 @@ def _ledger_row(entry: dict[str, Any]) -> list[object]:
 
 
 def cmd_ledger_audit(args: argparse.Namespace, client: Client) -> int:
-    query = {"account": args.account} if args.account else None
-    report = client.request("POST", "/v1/ledger/audit", query=query, timeout=600)
+    query = {"account": args.account} if args.account else {}
+    if args.ttl_grace is not None:
+        query["ttl_grace"] = str(args.ttl_grace)
+    report = client.request("POST", "/v1/ledger/audit", query=query or None, timeout=600)
     if args.json:
         _print_json(report)
     else:
@@ -908,6 +910,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON Lines")
     p = lsub.add_parser("audit", help="replay the ledger from sequence 1 and check its rules")
     p.add_argument("--account")
+    p.add_argument(
+        "--ttl-grace",
+        type=float,
+        metavar="S",
+        help="seconds a reservation may stay open after its sandbox's TTL (default 300)",
+    )
     p.add_argument("--json", action="store_true")
     return parser
 

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -57,8 +57,10 @@ from extensions import (
     ExtensionRegistry,
     LoadedExtension,
     Metered,
+    PathRefused,
     Placing,
     StepContext,
+    confine_path,
 )
 from extensions.manifest import ConfigError, HookPolicy
 from projections.sandboxes import SandboxView, evolve
@@ -80,6 +82,7 @@ ACTOR_TTL = "system:ttl-reaper"
 ACTOR_CHECKPOINT_POLICY = "system:checkpoint-policy"
 APPEND_ATTEMPTS = 4
 STEP_CRASH_RETRIES = 5
+TTL_RETRY_SECONDS = 5.0
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Event)
@@ -95,6 +98,18 @@ class AlreadyCreated(Exception):
     def __init__(self, sandbox_id: str) -> None:
         super().__init__(f"sandbox {sandbox_id} exists already")
         self.sandbox_id = sandbox_id
+
+
+class IdempotencyMismatch(Exception):
+    """A create reused an Idempotency-Key with another request than the recorded one."""
+
+    def __init__(self, sandbox_id: str, field: str, recorded: object, given: object) -> None:
+        super().__init__(
+            f"this Idempotency-Key created {sandbox_id} with {field}={_short(recorded)}; "
+            f"this request has {field}={_short(given)}: use a new key for another sandbox"
+        )
+        self.sandbox_id = sandbox_id
+        self.field = field
 
 
 class HookFailed(Exception):
@@ -184,6 +199,9 @@ class SandboxManager:
         }
         self._inflight: set[asyncio.Task[Any]] = set()
         self._placement_locks: dict[str, asyncio.Lock] = {}
+        # Sandbox ids being created or adopted right now: one at a time per id, so two
+        # racing requests never attach two aggregates for one sandbox.
+        self._claims: dict[str, asyncio.Future[None]] = {}
         self._closing = False
 
     # ---- start, stop -------------------------------------------------------------
@@ -281,6 +299,9 @@ class SandboxManager:
         except ValueError as exc:
             raise ProfileError(str(exc), "account") from exc
         inputs = profile.resolve_inputs(request.inputs)
+        for name in profile.path_inputs():
+            if name in inputs:
+                self._confine(name, inputs[name])
         ttl = profile.resolve_ttl(request.ttl_seconds)
         candidates = profile.candidates()
         try:
@@ -302,64 +323,148 @@ class SandboxManager:
                 raise ProfileError(str(exc), "from_checkpoint") from exc
         secret_keys = profile.secret_inputs()
         sandbox_id = request.sandbox_id or new_sandbox_id()
-        if sandbox_id in self.sandboxes or sandbox_id in self.foreign:
-            raise AlreadyCreated(sandbox_id)
-        if not await self.leases.claim_new(sandbox_id):
-            # The key's lease exists: a create in flight elsewhere, or one whose worker
-            # died (then the lease is ours to take, with what it recorded, if anything).
-            if not await self.leases.take_over(sandbox_id):
+        async with self._exclusive(sandbox_id):
+            if sandbox_id in self.sandboxes or sandbox_id in self.foreign:
                 raise AlreadyCreated(sandbox_id)
-            if await self.store.read_aggregate(sandbox_filter(sandbox_id)):
-                await self._adopt(sandbox_id)
-                raise AlreadyCreated(sandbox_id)
-        sbx = self._attach(sandbox_id, live=True)
-        sbx.secrets = {k: v for k, v in inputs.items() if k in secret_keys}
-        recorded_inputs = {k: v for k, v in inputs.items() if k not in secret_keys}
+            if not await self.leases.claim_new(sandbox_id):
+                # The key's lease exists: a create in flight elsewhere, or one whose worker
+                # died (then the lease is ours to take, with what it recorded, if anything).
+                if not await self.leases.take_over(sandbox_id):
+                    raise AlreadyCreated(sandbox_id)
+                if await self.store.read_aggregate(sandbox_filter(sandbox_id)):
+                    await self._adopt(sandbox_id)
+                    raise AlreadyCreated(sandbox_id)
+            sbx = self._attach(sandbox_id, live=True)
+            sbx.secrets = {k: v for k, v in inputs.items() if k in secret_keys}
+            recorded_inputs = {k: v for k, v in inputs.items() if k not in secret_keys}
+            try:
+                seq = await self._record(
+                    sbx,
+                    SandboxRequested,
+                    meta,
+                    event_id=f"{sandbox_id}.requested" if request.sandbox_id else None,
+                    profile=profile.name,
+                    extension=candidates[0].extension,
+                    inputs=recorded_inputs,
+                    secret_inputs=sorted(sbx.secrets),
+                    account=request.account,
+                    ttl_seconds=ttl,
+                    config=dict(candidates[0].config),
+                    route=[
+                        RouteCandidate(extension=c.extension, config=dict(c.config), when=c.when)
+                        for c in profile.route
+                    ],
+                    checkpoint_policy=profile.checkpoint,
+                    from_checkpoint=source,
+                )
+            except BaseException:
+                self._finish(sbx)
+                raise
+            self._schedule_ttl(sbx)
+            return sbx, seq
+
+    def _confine(self, name: str, value: str) -> None:
+        """A path input must name a directory under the operator's repo roots: refused
+        here, before any extension reads it."""
         try:
-            seq = await self._record(
-                sbx,
-                SandboxRequested,
-                meta,
-                event_id=f"{sandbox_id}.requested" if request.sandbox_id else None,
-                profile=profile.name,
-                extension=candidates[0].extension,
-                inputs=recorded_inputs,
-                secret_inputs=sorted(sbx.secrets),
-                account=request.account,
-                ttl_seconds=ttl,
-                config=dict(candidates[0].config),
-                route=[
-                    RouteCandidate(extension=c.extension, config=dict(c.config), when=c.when)
-                    for c in profile.route
-                ],
-                checkpoint_policy=profile.checkpoint,
-                from_checkpoint=source,
-            )
-        except BaseException:
-            self._finish(sbx)
-            raise
-        self._schedule_ttl(sbx)
-        return sbx, seq
+            confine_path(value, self.extensions.runtime.repo_roots)
+        except PathRefused as exc:
+            raise ProfileError(f"input {name!r}: {value[:200]!r} {exc}", f"inputs.{name}") from None
 
     async def destroy(self, sandbox_id: str, meta: EventMeta, reason: str = "user") -> int:
         """Record `DestroyRequested` and cancel the step in flight; teardown follows.
 
-        Destroying a sandbox that is already being torn down is a no-op (returns 0).
+        Destroying a sandbox that is already being torn down is a no-op: it returns
+        the sequence of the sandbox's last event, so the caller can show that state.
         """
         sbx = await self.driven_here(sandbox_id)
         if sbx is None:
-            answer = await self.forward(sandbox_id, "destroy", meta, reason=reason)
-            return int(answer["seq"])
+            try:
+                answer = await self.forward(sandbox_id, "destroy", meta, reason=reason)
+            except OwnerUnavailable:
+                # Its worker let go between our two looks (it finished the sandbox,
+                # or stopped): look once more, adopting it if nobody holds it now.
+                sbx = await self.driven_here(sandbox_id)
+                if sbx is None:
+                    raise
+            else:
+                return int(answer["seq"])
         if sbx.state == State.TEARING_DOWN:
-            return 0
+            return sbx.version
         inflight = sbx.step  # captured first: recording starts the teardown step
-        seq = await self._record(sbx, DestroyRequested, meta, reason=reason)
+        try:
+            seq = await self._record(sbx, DestroyRequested, meta, reason=reason)
+        except InvalidTransition:
+            # A concurrent destroy recorded first while we waited for the aggregate:
+            # the teardown this request asks for is under way (or done: NotFound).
+            if sbx.state == State.TEARING_DOWN:
+                return sbx.version
+            if sbx.state in TERMINAL:
+                raise NotFound(sandbox_id) from None
+            raise
         if inflight is not None and not inflight.done():
             inflight.cancel()
         return seq
 
+    async def check_retry(self, sandbox_id: str, request: CreateRequest) -> None:
+        """Raise IdempotencyMismatch if `request` is not the create recorded as
+        `sandbox_id` (a client retrying must send the same request). Secret input
+        values are never recorded, so only their names are compared."""
+        live = self.sandboxes.get(sandbox_id)
+        recorded = live.request if live is not None else None
+        if recorded is None:
+            for event in await self.store.read_aggregate(sandbox_filter(sandbox_id)):
+                if isinstance(event.event, SandboxRequested):
+                    recorded = event.event
+                    break
+        if recorded is None:
+            return  # not recorded yet: nothing to compare with
+        profile = self.profiles.get(request.profile)
+        secret_keys = set(profile.secret_inputs())
+        inputs = profile.resolve_inputs(request.inputs)
+        given: dict[str, object] = {
+            "profile": profile.name,
+            "account": request.account,
+            "ttl_seconds": profile.resolve_ttl(request.ttl_seconds),
+            "from_checkpoint": request.from_checkpoint,
+        }
+        was: dict[str, object] = {
+            "profile": recorded.profile,
+            "account": recorded.account,
+            "ttl_seconds": recorded.ttl_seconds,
+            "from_checkpoint": recorded.from_checkpoint.checkpoint_id
+            if recorded.from_checkpoint
+            else None,
+        }
+        for name in sorted(set(inputs) | set(recorded.inputs) | set(recorded.secret_inputs)):
+            secret = name in secret_keys or name in recorded.secret_inputs
+            given[f"inputs.{name}"] = (
+                ("(secret)" if secret else inputs[name]) if name in inputs else None
+            )
+            if name in recorded.secret_inputs:
+                was[f"inputs.{name}"] = "(secret)"
+            else:
+                was[f"inputs.{name}"] = recorded.inputs.get(name)
+        for field, value in given.items():
+            if was.get(field) != value:
+                raise IdempotencyMismatch(sandbox_id, field, was.get(field), value)
+
     def get(self, sandbox_id: str) -> Sandbox | None:
         return self.sandboxes.get(sandbox_id)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, sandbox_id: str) -> AsyncIterator[None]:
+        """Creating or adopting a sandbox, one request at a time per id: the others
+        wait, then find the aggregate the first one attached."""
+        while (pending := self._claims.get(sandbox_id)) is not None:
+            await asyncio.shield(pending)
+        claim = asyncio.get_running_loop().create_future()
+        self._claims[sandbox_id] = claim
+        try:
+            yield
+        finally:
+            del self._claims[sandbox_id]
+            claim.set_result(None)
 
     # ---- recording ---------------------------------------------------------------
 
@@ -801,8 +906,16 @@ class SandboxManager:
         task.add_done_callback(self._inflight.discard)
 
     async def _expire_now(self, sbx: Sandbox) -> None:
-        with contextlib.suppress(InvalidTransition, NotFound):
+        try:
             await self.destroy(sbx.sandbox_id, sbx.meta(ACTOR_TTL), reason="ttl")
+        except (InvalidTransition, NotFound):
+            pass  # destroyed meanwhile, or driven by another worker now
+        except Exception as exc:
+            # Never leave an expired sandbox running: try again shortly.
+            log.warning("%s: TTL destroy failed (%s); retrying", sbx.sandbox_id, exc)
+            if not self._closing:
+                loop = asyncio.get_running_loop()
+                sbx.ttl_timer = loop.call_later(TTL_RETRY_SECONDS, self._expire, sbx.sandbox_id)
 
     async def _recover(self, sbx: Sandbox) -> None:
         sbx.on_enter = lambda state: self._entered(sbx, state)
@@ -838,11 +951,15 @@ class SandboxManager:
         sbx = self.sandboxes.get(sandbox_id)
         if sbx is not None:
             return sbx
-        if await self.leases.owner(sandbox_id) is not None:
-            return None
-        if not await self.leases.take_over(sandbox_id):
-            return None  # another worker adopted it just now
-        await self._adopt(sandbox_id)
+        async with self._exclusive(sandbox_id):
+            sbx = self.sandboxes.get(sandbox_id)
+            if sbx is not None:
+                return sbx  # a concurrent request adopted it while we waited
+            if await self.leases.owner(sandbox_id) is not None:
+                return None
+            if not await self.leases.take_over(sandbox_id):
+                return None  # another worker adopted it just now
+            await self._adopt(sandbox_id)
         sbx = self.sandboxes.get(sandbox_id)
         if sbx is None:
             raise NotFound(sandbox_id)  # finished, or never existed
@@ -949,11 +1066,12 @@ class SandboxManager:
         for key in list(self.foreign):
             if self._closing:
                 break
-            if key in self.sandboxes:
-                self.foreign.pop(key, None)
-            elif await self.leases.take_over(key, alive):
-                await self._adopt(key)
-                adopted.append(key)
+            async with self._exclusive(key):
+                if key in self.sandboxes:
+                    self.foreign.pop(key, None)
+                elif key in self.foreign and await self.leases.take_over(key, alive):
+                    await self._adopt(key)
+                    adopted.append(key)
         now = asyncio.get_running_loop().time()
         for key, ended in list(self._ended_elsewhere.items()):
             charge = self.ledger.charge(key)
@@ -965,10 +1083,14 @@ class SandboxManager:
         return adopted
 
     async def _adopt(self, sandbox_id: str) -> None:
-        """Continue a sandbox from its last event, as a restart would."""
+        """Continue a sandbox from its last event, as a restart would. Callers hold
+        `_exclusive(sandbox_id)`; the aggregate is attached only once its history is
+        read, so no request ever acts on a half-loaded sandbox."""
+        if sandbox_id in self.sandboxes:
+            return
+        records = await self.store.read_aggregate(sandbox_filter(sandbox_id))
         self.foreign.pop(sandbox_id, None)
         sbx = self._attach(sandbox_id, live=False)
-        records = await self.store.read_aggregate(sandbox_filter(sandbox_id))
         for recorded in records:
             if recorded.seq > sbx.version:
                 self._apply(sbx, recorded.seq, recorded.event)
@@ -1032,6 +1154,11 @@ def _log_failure(task: asyncio.Task[None]) -> None:
             task.get_name(),
             task.exception(),
         )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _redact(text: str, secrets: Mapping[str, str]) -> str:
