@@ -82,6 +82,7 @@ class ComposeRig:
             "SANDBOXER_COMPOSE_ENGINE_CMD": self.podman.engine_cmd,
             "SANDBOXER_COMPOSE_STOP_TIMEOUT": "1",
             "SANDBOXER_RECONCILE": "off",
+            "SANDBOXER_REPO_ROOTS": str(self.folder.resolve()),
         }
 
     async def start(self, **extra: str) -> Service:

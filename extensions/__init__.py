@@ -9,6 +9,7 @@ from extensions.sdk import (
     Handle,
     Metered,
     NoCapacity,
+    PathRefused,
     Placement,
     Placing,
     ProgressFn,
@@ -17,6 +18,7 @@ from extensions.sdk import (
     RuntimeInfo,
     Snapshotting,
     StepContext,
+    confine_path,
 )
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "Manifest",
     "Metered",
     "NoCapacity",
+    "PathRefused",
     "Placement",
     "Placing",
     "ProgressFn",
@@ -40,5 +43,6 @@ __all__ = [
     "RuntimeInfo",
     "Snapshotting",
     "StepContext",
+    "confine_path",
     "load_manifest",
 ]

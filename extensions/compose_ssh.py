@@ -195,12 +195,11 @@ class ComposeSSH:
     def _directory(host: PoolHost, sandbox_id: str) -> str:
         return workspace_path(host, sandbox_id)
 
-    @staticmethod
-    def _repo(ctx: StepContext) -> Path:
+    def _repo(self, ctx: StepContext) -> Path:
         raw = ctx.inputs.get("repo")
         if not raw:
             raise ExtensionError("compose-ssh: input 'repo' is required")
-        return local_repo(raw, "compose-ssh")
+        return local_repo(raw, "compose-ssh", self.runtime.repo_roots)
 
     @staticmethod
     def _compose_file(ctx: StepContext, repo: Path) -> tuple[str, list[str]]:
@@ -211,6 +210,9 @@ class ComposeSSH:
                 raise ExtensionError(f"compose_file must be a file name, got {name!r}")
             path = repo / name
             if path.is_file():
+                if not path.resolve().is_relative_to(repo):
+                    # rsync would not copy such a link (--safe-links); never read it here
+                    raise ExtensionError(f"{name} is a link out of the repo")
                 try:
                     doc = yaml.safe_load(path.read_text())
                     services = sorted((doc or {}).get("services") or {})

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from extensions.sdk import ExtensionError, NoCapacity, Placement
+from extensions.sdk import ExtensionError, NoCapacity, PathRefused, Placement, confine_path
 from extensions.ssh import SSHPool, SSHTarget
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
@@ -133,12 +133,13 @@ def place_least_loaded(
     return Placement(best.name, f"{best.name} {why} ({used}/{best.capacity} in use)")
 
 
-def local_repo(raw: str, what: str) -> Path:
-    """The `repo` input: a directory on the machine sandboxer runs on."""
-    repo = Path(raw).expanduser().resolve()
-    if not repo.is_dir():
-        raise ExtensionError(f"{what}: repo {raw!r} is not a directory")
-    return repo
+def local_repo(raw: str, what: str, roots: Sequence[Path]) -> Path:
+    """The `repo` input: a directory on the machine sandboxer runs on, under one of
+    the operator's repo roots (checked at create too; again here, where it is read)."""
+    try:
+        return confine_path(raw, roots)
+    except PathRefused as exc:
+        raise ExtensionError(f"{what}: repo {raw[:200]!r} {exc}") from None
 
 
 def pool_host(pool: Mapping[str, PoolHost], name: str | None, what: str) -> PoolHost:

@@ -8,7 +8,8 @@ must work from the sandbox id alone, because a crash can lose the handle.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -34,9 +35,38 @@ def _no_progress(_message: str) -> None:
 
 @dataclass(frozen=True)
 class RuntimeInfo:
-    """Where the service keeps its files; adapters put local state under data_dir."""
+    """Where the service keeps its files; adapters put local state under data_dir.
+    `repo_roots`: the only directories a path input (`repo`) may lie under."""
 
     data_dir: Path
+    repo_roots: tuple[Path, ...] = ()
+
+
+class PathRefused(ValueError):
+    """A path input outside the operator's repo roots, or not a directory."""
+
+
+def confine_path(raw: str, roots: Sequence[Path]) -> Path:
+    """The directory a path input names, symlinks resolved, if it lies under one of
+    `roots` (themselves resolved). The lexical path is checked before anything on
+    disk is looked at, so a refused path is not probed; the resolved one again, so
+    no link leads out. Relative paths are relative to the service's directory."""
+    if not roots:
+        raise PathRefused("no repo roots are configured (SANDBOXER_REPO_ROOTS)")
+    if "\x00" in raw:
+        raise PathRefused("contains a NUL byte")
+    lexical = Path(os.path.abspath(raw))
+    if not any(lexical.is_relative_to(root) for root in roots):
+        raise PathRefused("is not under a repo root (SANDBOXER_REPO_ROOTS)")
+    try:
+        resolved = lexical.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise PathRefused("does not exist") from None
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise PathRefused("leads out of the repo roots through a link")
+    if not resolved.is_dir():
+        raise PathRefused("is not a directory")
+    return resolved
 
 
 @dataclass(frozen=True)

@@ -303,7 +303,10 @@ async def rsync(
     progress: Callable[[str], None] | None = None,
 ) -> None:
     """Mirror `source/` into `remote_dir/` with rsync over OpenSSH (same key rules)."""
-    argv = ["rsync", "-a", "--delete", "--protect-args", "--info=progress2", "--no-inc-recursive"]
+    # --safe-links: a link in the repo that points out of it is not copied (-a copies
+    # links as links, never what they point to).
+    argv = ["rsync", "-a", "--safe-links", "--delete", "--protect-args"]
+    argv += ["--info=progress2", "--no-inc-recursive"]
     for rule in filters:
         argv += ["--filter", rule]
     for pattern in excludes:

@@ -71,7 +71,7 @@ class VmPacker:
         vm = self._vm(ctx)
         workspace = self.workspace(vm, ctx.sandbox_id)
         raw_repo = ctx.inputs.get("repo")
-        repo = local_repo(raw_repo, "vm-packer") if raw_repo else None
+        repo = local_repo(raw_repo, "vm-packer", self.runtime.repo_roots) if raw_repo else None
         ctx.progress(f"creating {workspace} on {vm.name}")
         await self.pool.run(
             vm.target, ["sh", "-c", PREPARE_WORKSPACE, "sh", vm.root, workspace], timeout=60

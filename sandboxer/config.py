@@ -45,6 +45,28 @@ def _number(
     return value
 
 
+def repo_roots_from_env(env: Mapping[str, str]) -> tuple[Path, ...]:
+    """Where a `repo` input may point (`SANDBOXER_REPO_ROOTS`, `:`-separated folders,
+    symlinks resolved). Unset: the folder the service runs in when the API has no
+    tokens (one user on a laptop), nothing at all when it has them (callers are
+    other people: the operator lists what they may copy)."""
+    raw = env.get("SANDBOXER_REPO_ROOTS")
+    if raw is None or not raw.strip():
+        tokens = env.get("SANDBOXER_TOKENS", "").strip() or env.get("SANDBOXER_TOKENS_FILE")
+        return () if tokens else (Path.cwd().resolve(),)
+    roots: list[Path] = []
+    for entry in raw.split(os.pathsep):
+        if not entry:
+            continue
+        path = Path(entry).expanduser()
+        if not path.is_absolute():
+            raise SettingsError(f"SANDBOXER_REPO_ROOTS: {entry!r} is not an absolute path")
+        if not path.is_dir():
+            raise SettingsError(f"SANDBOXER_REPO_ROOTS: {entry!r} is not a directory")
+        roots.append(path.resolve())
+    return tuple(roots)
+
+
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     """The variable's value, one of `choices`; unset or empty: the first."""
     value = env.get(name) or choices[0]
@@ -69,6 +91,7 @@ class Settings:
     lease_ttl: float = 10.0
     reconcile: str = "report"  # off | report | remove
     reconcile_interval: float = 300.0
+    repo_roots: tuple[Path, ...] = ()
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -106,6 +129,7 @@ class Settings:
             "seconds >= 0 (0: no periodic sweep)",
         )
         values: dict[str, object] = {
+            "repo_roots": repo_roots_from_env(env),
             "reconcile": reconcile,
             "reconcile_interval": interval,
             "lease_ttl": lease_ttl,

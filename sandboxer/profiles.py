@@ -33,6 +33,7 @@ class InputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     default: str | None = None
     secret: bool = False
     choices: list[str] | None = None
+    path: bool = False  # a local directory the extension reads (`repo` always is one)
 
 
 ADMISSION_RULES = ("always", "credits_cover_estimate")
@@ -79,6 +80,10 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.route:
             return list(self.route)
         return [RouteSpec(extension=self.extension, config=dict(self.config))]
+
+    def path_inputs(self) -> list[str]:
+        """Inputs naming a directory on this machine: confined to the repo roots."""
+        return sorted(k for k, spec in self.inputs.items() if spec.path or k == "repo")
 
     def secret_inputs(self) -> list[str]:
         return sorted(k for k, spec in self.inputs.items() if spec.secret)

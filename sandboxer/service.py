@@ -51,7 +51,9 @@ class Service:
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # Read every manifest and profile first: a bad file fails start-up, not a request.
-        extensions = ExtensionRegistry.from_env(RuntimeInfo(settings.data_dir), settings.environ)
+        extensions = ExtensionRegistry.from_env(
+            RuntimeInfo(settings.data_dir, settings.repo_roots), settings.environ
+        )
         profiles = ProfileCatalog.from_env(settings.environ)
         url = settings.nats_url
         if url is None:

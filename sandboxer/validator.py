@@ -255,7 +255,9 @@ async def serve_validator(
     try:
         store = JetStreamEventStore(nc, replicas=settings.stream_replicas)
         await store.ensure_stream()
-        extensions = ExtensionRegistry.from_env(RuntimeInfo(settings.data_dir), settings.environ)
+        extensions = ExtensionRegistry.from_env(
+            RuntimeInfo(settings.data_dir, settings.repo_roots), settings.environ
+        )
         profiles = ProfileCatalog.from_env(settings.environ)
         validator = Validator(nc, store, extensions, profiles, ack_wait=ack_wait)
         print("sandboxer validator subscribed to sandboxer.sandbox.*.BecameReady", flush=True)

@@ -147,6 +147,7 @@ def compose_env(
             "SANDBOXER_COMPOSE_CMD": podman.compose_cmd,
             "SANDBOXER_COMPOSE_ENGINE_CMD": podman.engine_cmd,
             "SANDBOXER_COMPOSE_STOP_TIMEOUT": "1",
+            "SANDBOXER_REPO_ROOTS": str(tmp_path),  # the test's repos live there
         }
 
     return env

@@ -194,16 +194,14 @@ async def test_injection_through_inputs_is_inert(
     tmp_path: Path,
     repo_input: str,
 ) -> None:
+    """Refused at create (not a directory under the repo roots), before anything runs."""
     marker = tmp_path / "pwned"
     svc = await start_service(**compose_env())
-    made = await create(
-        svc.http,
-        svc.url,
-        profile="profile.compose-e2e",
-        inputs={"repo": repo_input.format(marker=marker)},
-    )
-    final = await wait_state(svc.http, svc.url, made["id"], {"failed"}, timeout=60)
-    assert "is not a directory" in final["reason"]
+    body = {"profile": "profile.compose-e2e", "inputs": {"repo": repo_input.format(marker=marker)}}
+    async with svc.http.post(f"{svc.url}/v1/sandboxes", json=body) as resp:
+        error = await resp.json()
+        assert resp.status == 400, error
+    assert error["error"]["field"] == "inputs.repo"
     assert not marker.exists()
     assert remote_dirs(tmp_path) == []
 
@@ -239,7 +237,7 @@ class TestComposeSSHConformance(ExtensionConformance):
         self, tmp_path: Path, compose_env: Callable[..., dict[str, str]]
     ) -> LoadedExtension:
         registry = ExtensionRegistry.discover(
-            RuntimeInfo(tmp_path), entry_points=False, environ=compose_env()
+            RuntimeInfo(tmp_path, (tmp_path.resolve(),)), entry_points=False, environ=compose_env()
         )
         return registry.get("compose-ssh")
 

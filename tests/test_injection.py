@@ -318,7 +318,7 @@ def vm_setup(ssh_hosts: list[SSHHost], tmp_path: Path) -> tuple[Path, dict[str, 
             "capacity": 64,
         }
     ]
-    return vm, {"SANDBOXER_VM_PACKER_VMS": json.dumps(vms)}
+    return vm, {"SANDBOXER_VM_PACKER_VMS": json.dumps(vms), "SANDBOXER_REPO_ROOTS": str(tmp_path)}
 
 
 async def test_vm_haskell_build_corpus_is_refused_or_inert(

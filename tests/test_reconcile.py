@@ -105,7 +105,9 @@ async def test_compose_orphans_are_removed_from_the_host(
     tmp_path: Path,
 ) -> None:
     env = compose_env()
-    registry = ExtensionRegistry.discover(RuntimeInfo(tmp_path), entry_points=False, environ=env)
+    registry = ExtensionRegistry.discover(
+        RuntimeInfo(tmp_path, (tmp_path.resolve(),)), entry_points=False, environ=env
+    )
     adapter = registry.get("compose-ssh")
     # Two orphans a crash can leave: a whole sandbox nobody recorded (workspace and
     # project), and a project whose workspace is already gone.

@@ -82,6 +82,7 @@ def vm_env(
             "SANDBOXER_VM_PACKER_VMS": json.dumps(vms),
             "SANDBOXER_VM_PACKER_SSH_CONFIG": str(ssh_config),
             "SANDBOXER_PROFILES_PATH": str(profiles),
+            "SANDBOXER_REPO_ROOTS": str(tmp_path),
         }
 
     return env
@@ -206,7 +207,9 @@ class TestVmPackerConformance(ExtensionConformance):
     @pytest.fixture
     def extension(self, tmp_path: Path, vm_env: Callable[..., dict[str, str]]) -> LoadedExtension:
         registry = ExtensionRegistry.discover(
-            RuntimeInfo(tmp_path), entry_points=False, environ=vm_env(capacity=8)
+            RuntimeInfo(tmp_path, (tmp_path.resolve(),)),
+            entry_points=False,
+            environ=vm_env(capacity=8),
         )
         return registry.get("vm-packer")
 
