@@ -61,6 +61,7 @@ from events.validation import (
 from events.webhooks import (
     WEBHOOK_EVENTS,
     WebhookDeliveryAttempted,
+    WebhookDisabled,
     WebhookRegistered,
     WebhookRemoved,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "ValidationPassed",
     "ValidationStarted",
     "WebhookDeliveryAttempted",
+    "WebhookDisabled",
     "WebhookRegistered",
     "WebhookRemoved",
     "decode_event",

@@ -16,9 +16,13 @@ class WebhookEvent(Event, frozen=True, kw_only=True):
 
 
 class WebhookRegistered(WebhookEvent, frozen=True, kw_only=True):
+    """`start_seq`: the first stream sequence the webhook's consumer delivers; 0 (what
+    registrations recorded before the field existed meant) is the whole history."""
+
     account: str
     url: str
     event_types: list[str]
+    start_seq: int = 0
 
 
 class WebhookRemoved(WebhookEvent, frozen=True, kw_only=True):
@@ -26,7 +30,12 @@ class WebhookRemoved(WebhookEvent, frozen=True, kw_only=True):
 
 
 class WebhookDeliveryAttempted(WebhookEvent, frozen=True, kw_only=True):
-    """One attempt to deliver one event; `ok` false attempts are retried with back-off."""
+    """Attempt number `attempt` to deliver one event, and its answer.
+
+    Recorded for the attempt that succeeded (`ok`) or the last one allowed (`final`):
+    one event per delivery outcome, `attempt` being the attempts it took. (Older
+    records also include retried attempts: `ok` and `final` both false.)
+    """
 
     delivered_event_id: str
     delivered_seq: int
@@ -37,8 +46,17 @@ class WebhookDeliveryAttempted(WebhookEvent, frozen=True, kw_only=True):
     final: bool = False
 
 
+class WebhookDisabled(WebhookEvent, frozen=True, kw_only=True):
+    """The webhook stopped delivering after `failures` deliveries in a row finally
+    failed; it stays registered (and listed, disabled) until removed."""
+
+    reason: str
+    failures: int
+
+
 WEBHOOK_EVENTS: tuple[type[Event], ...] = (
     WebhookRegistered,
     WebhookRemoved,
     WebhookDeliveryAttempted,
+    WebhookDisabled,
 )

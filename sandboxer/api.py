@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -113,6 +113,8 @@ class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
 class WebhookBody(msgspec.Struct, forbid_unknown_fields=True):
     url: Annotated[str, msgspec.Meta(max_length=MAX_URL, pattern=URL_PATTERN)]
     event_types: Annotated[list[str], msgspec.Meta(min_length=1, max_length=64)]
+    # "new": only events after the registration; "beginning": the account's history too.
+    from_: Literal["new", "beginning"] = msgspec.field(default="new", name="from")
 
 
 class RestoreBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -736,10 +738,11 @@ class Api:
         body = await self._body(request, _webhook_decoder)
         try:
             out = await self._hooks().register(
-                account, body.url, body.event_types, self._meta(request)
+                account, body.url, body.event_types, self._meta(request), body.from_
             )
         except WebhookError as exc:
-            raise ApiError(400, "invalid_body", str(exc), exc.field) from exc
+            code = "invalid_body" if exc.status == 400 else "limit_reached"
+            raise ApiError(exc.status, code, str(exc), exc.field) from exc
         return json_response(out, 201)
 
     async def list_webhooks(self, request: web.Request) -> web.Response:
@@ -1300,8 +1303,22 @@ def openapi_document(
     webhook = components["WebhookBody"]["properties"]
     webhook["event_types"]["items"] = {"type": "string", "enum": delivered}
     webhook["event_types"]["maxItems"] = len(delivered)
-    components["WebhookOut"]["properties"]["secret"]["description"] = (
+    webhook["url"]["description"] = (
+        "http(s) URL of a public address: loopback, private, link-local, multicast "
+        "and reserved targets are refused unless an operator allows them "
+        "(SANDBOXER_WEBHOOK_ALLOW_NETS)"
+    )
+    webhook["from"]["description"] = (
+        "where deliveries start: `new` (default) the events after the registration, "
+        "`beginning` the account's whole history"
+    )
+    out_props = components["WebhookOut"]["properties"]
+    out_props["secret"]["description"] = (
         "the signing secret: only in the answer to the registration"
+    )
+    out_props["disabled"]["description"] = (
+        "deliveries stopped after SANDBOXER_WEBHOOK_DISABLE_AFTER deliveries in a row "
+        "failed; remove the webhook and register it again to resume"
     )
 
     def ref(name: str) -> dict[str, Any]:
@@ -1320,7 +1337,8 @@ def openapi_document(
         401: "no bearer token, or an unknown one",
         403: "the token may not act on this account, or needs the admin role",
         404: "no such resource (also: an id that does not have the id format)",
-        409: "the resource is not in a state that allows this",
+        409: "the resource is not in a state that allows this (or the account has as "
+        "many webhooks as allowed)",
         413: f"the body is larger than {MAX_BODY_BYTES} bytes",
         422: "the Idempotency-Key was used before with another request (the field "
         "names the first difference)",
@@ -1595,7 +1613,7 @@ def openapi_document(
                 "requestBody": body("WebhookBody"),
                 "responses": {
                     **ok("WebhookOut", "201", "Registered; the secret is shown once"),
-                    **errors(400, 403, 404, 413, 503),
+                    **errors(400, 403, 404, 409, 413, 503),
                 },
             },
             "get": {

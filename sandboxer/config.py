@@ -119,6 +119,9 @@ class Settings:
                 check_worker_name(str(worker_name))
             except ValueError as exc:
                 raise SettingsError(f"SANDBOXER_WORKER_NAME / --worker-name: {exc}") from None
+        from sandboxer.webhooks import check_env  # here: config must not import aiohttp
+
+        check_env(env)  # webhook limits and allowed networks: fail before starting
         reconcile = _choice(env, "SANDBOXER_RECONCILE", ("report", "off", "remove"))
         interval = _number(
             env,

@@ -62,8 +62,16 @@ async def subscribe(
     stop: asyncio.Event | None = None,
     codec: EventCodec | None = None,
     stream: str = STREAM_NAME,
+    start_seq: int = 0,
+    max_ack_pending: int | None = None,
 ) -> None:
-    """Consume until `stop` is set (or the task is cancelled)."""
+    """Consume until `stop` is set (or the task is cancelled).
+
+    A new consumer starts at stream sequence `start_seq` (0: the whole history);
+    `max_ack_pending` bounds the events in flight (1: one at a time, in order, so a
+    failing handler holds back the rest instead of failing them all). Both apply
+    when the durable is created; an existing one keeps its position and settings.
+    """
     codec = codec or default_codec()
     config = api.ConsumerConfig(
         durable_name=durable,
@@ -71,7 +79,11 @@ async def subscribe(
         ack_wait=ack_wait,
         max_deliver=-1,  # we count attempts and dead-letter ourselves
         filter_subjects=list(filter_subjects),
-        deliver_policy=api.DeliverPolicy.ALL,
+        deliver_policy=(
+            api.DeliverPolicy.BY_START_SEQUENCE if start_seq > 0 else api.DeliverPolicy.ALL
+        ),
+        opt_start_seq=start_seq if start_seq > 0 else None,
+        max_ack_pending=max_ack_pending,
     )
     try:
         await js.add_consumer(stream, config)
@@ -86,6 +98,8 @@ async def subscribe(
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             for msg in msgs:
+                if stop.is_set():
+                    break  # the rest are redelivered to whoever consumes next
                 await _handle(js, durable, msg, handler, codec, max_attempts, backoff, ack_wait)
     finally:
         with contextlib.suppress(Exception):

@@ -4,9 +4,16 @@ Registered per account with event-type filters. Each webhook has its own durable
 consumer (the subscription helper), so a slow or dead receiver only delays its own
 deliveries, never the lifecycle or another webhook. Deliveries are signed the way
 the major providers do it: header `Sandboxer-Signature: t=<unix time>,v1=<hex
-HMAC-SHA256(secret, "<t>.<body>")>`; retried with back-off; every attempt is
-recorded (`WebhookDeliveryAttempted`). At least once: receivers dedupe on the
+HMAC-SHA256(secret, "<t>.<body>")>`; retried with back-off, one event at a time;
+each delivery's outcome (success, or failure after the last attempt) is recorded
+once (`WebhookDeliveryAttempted`). At least once: receivers dedupe on the
 `Sandboxer-Event-Id` header to be exactly once in effect.
+
+What a member can make the service do is bounded: targets must be public addresses
+(webhook_targets), an account has at most SANDBOXER_WEBHOOK_MAX_PER_ACCOUNT webhooks,
+a new webhook gets new events only unless it asks for the history, and after
+SANDBOXER_WEBHOOK_DISABLE_AFTER deliveries in a row finally failed the webhook is
+disabled (`WebhookDisabled`) until it is removed and registered again.
 """
 
 from __future__ import annotations
@@ -25,18 +32,28 @@ from urllib.parse import urlparse
 
 import aiohttp
 import msgspec
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 
 from events import (
     ALL_EVENTS,
     EventMeta,
     WebhookDeliveryAttempted,
+    WebhookDisabled,
     WebhookRegistered,
     WebhookRemoved,
 )
-from sandboxer.event_store import JetStreamEventStore
+from sandboxer.config import SettingsError
+from sandboxer.event_store import STREAM_NAME, JetStreamEventStore
 from sandboxer.read_model import ProjectionRunner
 from sandboxer.subscriptions import Delivery, subscribe
+from sandboxer.webhook_targets import (
+    IPNetwork,
+    PolicyResolver,
+    TargetPolicy,
+    TargetRefused,
+    parse_allow_nets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +63,10 @@ _KINDS = {t.type_name(): t.KIND for t in ALL_EVENTS if t.KIND != "webhook"}
 
 
 class WebhookError(ValueError):
-    def __init__(self, message: str, field: str) -> None:
+    def __init__(self, message: str, field: str, status: int = 400) -> None:
         super().__init__(message)
         self.field = field
+        self.status = status
 
 
 def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
@@ -69,12 +87,39 @@ def verify(secret: str, header: str, body: bytes, now: float | None = None) -> b
     return hmac.compare_digest(sign(secret, body, ts), header)
 
 
+START_FROM = ("new", "beginning")
+
+
 class WebhookOut(msgspec.Struct):
     id: str
     account: str
     url: str
     event_types: list[str]
     secret: str | None = None  # shown once, at registration
+    from_: str = msgspec.field(default="new", name="from")
+    disabled: bool = False
+    disabled_reason: str | None = None
+
+
+def check_env(environ: Mapping[str, str]) -> tuple[int, int, tuple[IPNetwork, ...]]:
+    """The limits and allowed networks; SettingsError naming the variable if bad
+    (Settings.from_env calls it, so serve stops before it starts anything)."""
+    return (
+        _env_int(environ, "SANDBOXER_WEBHOOK_MAX_PER_ACCOUNT", 10),
+        _env_int(environ, "SANDBOXER_WEBHOOK_DISABLE_AFTER", 5),
+        parse_allow_nets(environ),
+    )
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name) or str(default)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SettingsError(f"{name} must be a whole number >= 1, got {raw!r}")
+    return value
 
 
 class Webhooks:
@@ -91,26 +136,49 @@ class Webhooks:
         self.runner = runner
         self.key = _master_key(data_dir / "webhook.key")
         self.registrations: dict[str, WebhookRegistered] = {}
+        self.disabled: dict[str, WebhookDisabled] = {}
+        self.failures: dict[str, int] = {}  # deliveries in a row that finally failed
         self._tasks: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
+        self._registering = asyncio.Lock()  # the per-account limit holds under races
         self.max_attempts = int(environ.get("SANDBOXER_WEBHOOK_MAX_ATTEMPTS", "8"))
         raw = environ.get("SANDBOXER_WEBHOOK_BACKOFF", "1,2,5,10,30,60")
         self.backoff = [float(x) for x in raw.split(",") if x]
         self.timeout = float(environ.get("SANDBOXER_WEBHOOK_TIMEOUT", "10"))
+        self.max_per_account, self.disable_after, allow = check_env(environ)
+        self.policy = TargetPolicy(allow, resolve_timeout=min(self.timeout, 5.0))
         self._http: aiohttp.ClientSession | None = None
 
     def secret(self, webhook_id: str) -> str:
         return hmac.new(self.key, webhook_id.encode(), hashlib.sha256).hexdigest()
 
     async def start(self) -> None:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        # Every connection resolves through the policy (no DNS cache: each delivery
+        # resolves anew) and goes to an address it checked.
+        connector = aiohttp.TCPConnector(resolver=PolicyResolver(self.policy), use_dns_cache=False)
+        self._http = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout)
+        )
         async for recorded in self.store.read(1, "sandboxer.webhook.>"):
-            event = recorded.event
-            if isinstance(event, WebhookRegistered):
-                self.registrations[event.aggregate_id] = event
-            elif isinstance(event, WebhookRemoved):
-                self.registrations.pop(event.aggregate_id, None)
-        for registration in self.registrations.values():
-            self._start(registration)
+            self._fold(recorded.event)
+        for webhook_id, registration in self.registrations.items():
+            if webhook_id not in self.disabled:
+                self._start(registration)
+
+    def _fold(self, event: object) -> None:
+        """The registrations, disabled ones and failure streaks, from the events."""
+        if isinstance(event, WebhookRegistered):
+            self.registrations[event.aggregate_id] = event
+        elif isinstance(event, WebhookRemoved):
+            self.registrations.pop(event.aggregate_id, None)
+            self.disabled.pop(event.aggregate_id, None)
+            self.failures.pop(event.aggregate_id, None)
+        elif isinstance(event, WebhookDisabled):
+            self.disabled[event.aggregate_id] = event
+        elif isinstance(event, WebhookDeliveryAttempted):
+            if event.ok:
+                self.failures[event.aggregate_id] = 0
+            elif event.final:
+                self.failures[event.aggregate_id] = self.failures.get(event.aggregate_id, 0) + 1
 
     async def stop(self) -> None:
         for task, stop in self._tasks.values():
@@ -124,7 +192,12 @@ class Webhooks:
             await self._http.close()
 
     async def register(
-        self, account: str, url: str, event_types: list[str], meta: EventMeta
+        self,
+        account: str,
+        url: str,
+        event_types: list[str],
+        meta: EventMeta,
+        start_from: str = "new",
     ) -> WebhookOut:
         try:
             parsed = urlparse(url)
@@ -138,32 +211,72 @@ class Webhooks:
             raise WebhookError(
                 f"event_types must name event types; unknown: {unknown}", "event_types"
             )
-        webhook_id = f"wh-{secrets.token_hex(6)}"
-        event = WebhookRegistered.create(
-            webhook_id, meta, account=account, url=url, event_types=sorted(set(event_types))
-        )
-        await self.store.append([event], 0)
-        self.registrations[webhook_id] = event
+        if start_from not in START_FROM:
+            raise WebhookError(f"from must be one of {list(START_FROM)}", "from")
+        try:
+            await self.policy.check_url(url)  # last: it may resolve a name
+        except TargetRefused as exc:
+            raise WebhookError(str(exc), "url") from None
+        async with self._registering:
+            owned = sum(1 for r in self.registrations.values() if r.account == account)
+            if owned >= self.max_per_account:
+                raise WebhookError(
+                    f"account {account!r} has {owned} webhooks, the most allowed "
+                    f"(SANDBOXER_WEBHOOK_MAX_PER_ACCOUNT={self.max_per_account}); "
+                    "remove one first",
+                    "account",
+                    status=409,
+                )
+            # "new": from the next event on; events appended meanwhile count as new.
+            start_seq = await self.store.last_seq() + 1 if start_from == "new" else 0
+            webhook_id = f"wh-{secrets.token_hex(6)}"
+            event = WebhookRegistered.create(
+                webhook_id,
+                meta,
+                account=account,
+                url=url,
+                event_types=sorted(set(event_types)),
+                start_seq=start_seq,
+            )
+            await self.store.append([event], 0)
+            self.registrations[webhook_id] = event
         self._start(event)
-        return WebhookOut(webhook_id, account, url, event.event_types, self.secret(webhook_id))
+        out = self._out(event)
+        out.secret = self.secret(webhook_id)
+        return out
+
+    def _out(self, registration: WebhookRegistered) -> WebhookOut:
+        disabled = self.disabled.get(registration.aggregate_id)
+        return WebhookOut(
+            registration.aggregate_id,
+            registration.account,
+            registration.url,
+            registration.event_types,
+            from_="new" if registration.start_seq > 0 else "beginning",
+            disabled=disabled is not None,
+            disabled_reason=disabled.reason if disabled else None,
+        )
 
     async def remove(self, webhook_id: str, meta: EventMeta) -> bool:
         if webhook_id not in self.registrations:
             return False
-        await self.store.append([WebhookRemoved.create(webhook_id, meta, reason="removed")], None)
-        self.registrations.pop(webhook_id, None)
+        removed = WebhookRemoved.create(webhook_id, meta, reason="removed")
+        await self.store.append([removed], None)
+        self._fold(removed)
         task, stop = self._tasks.pop(webhook_id, (None, None))
         if stop is not None and task is not None:
             stop.set()
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        # Its durable consumer goes too (a disabled webhook's as well): nothing
+        # would consume it again, and the server would keep its state forever.
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.nc.jetstream().delete_consumer(STREAM_NAME, _durable(webhook_id))
         return True
 
     def list(self, account: str) -> list[WebhookOut]:
-        return [
-            WebhookOut(r.aggregate_id, r.account, r.url, r.event_types)
-            for r in self.registrations.values()
-            if r.account == account
-        ]
+        return [self._out(r) for r in self.registrations.values() if r.account == account]
 
     def _start(self, registration: WebhookRegistered) -> None:
         webhook_id = registration.aggregate_id
@@ -176,22 +289,26 @@ class Webhooks:
         task = asyncio.create_task(
             subscribe(
                 self.nc.jetstream(),
-                f"webhook-{webhook_id}",
+                _durable(webhook_id),
                 subjects,
                 handler,
                 max_attempts=self.max_attempts,
                 backoff=self.backoff,
                 ack_wait=self.timeout * 3,
                 stop=stop,
+                start_seq=registration.start_seq,
+                max_ack_pending=1,  # a failing receiver holds back its own queue only
             ),
             name=f"webhook-{webhook_id}",
         )
         self._tasks[webhook_id] = (task, stop)
 
     async def _deliver(self, registration: WebhookRegistered, delivery: Delivery) -> None:
+        webhook_id = registration.aggregate_id
+        if webhook_id in self.disabled or webhook_id not in self.registrations:
+            raise RuntimeError(f"webhook {webhook_id} is disabled or removed: not sent")
         if self.runner.account_of(delivery.subject, delivery.event) != registration.account:
             return  # another account's sandbox: not for this webhook
-        webhook_id = registration.aggregate_id
         body = msgspec.json.encode(
             {"seq": delivery.seq, "subject": delivery.subject, "event": delivery.event}
         )
@@ -202,19 +319,12 @@ class Webhooks:
             "Sandboxer-Webhook-Id": webhook_id,
             "Sandboxer-Delivery-Attempt": str(delivery.attempt),
         }
-        status: int | None = None
-        error = ""
-        assert self._http is not None
-        try:
-            async with self._http.post(registration.url, data=body, headers=headers) as resp:
-                status = resp.status
-                ok = 200 <= resp.status < 300
-                if not ok:
-                    error = f"HTTP {resp.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            ok = False
-            error = f"{type(exc).__name__}: {exc}"[:500]
+        status, error = await self._post(registration.url, body, headers)
+        ok = not error
         final = not ok and delivery.attempt >= self.max_attempts
+        if not ok and not final:
+            # A retry is coming: not recorded, or a dead receiver floods the stream.
+            raise RuntimeError(f"webhook {webhook_id}: {error}")
         meta = EventMeta(
             actor="system:webhooks",
             correlation_id=delivery.event.correlation_id,
@@ -233,8 +343,51 @@ class Webhooks:
             final=final,
         )
         await self.store.append([attempt], None)
-        if not ok:
-            raise RuntimeError(f"webhook {webhook_id}: {error}")
+        self._fold(attempt)
+        if ok:
+            return
+        if self.failures.get(webhook_id, 0) >= self.disable_after:
+            await self._disable(webhook_id, error, meta)
+        raise RuntimeError(f"webhook {webhook_id}: {error}")
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, str]:
+        """POST once: (status, "") on a 2xx, else (status or None, why it failed).
+        The target is checked first: a refused one gets no request at all."""
+        try:
+            await self.policy.check_url(url)
+        except TargetRefused as exc:
+            return None, f"target refused, not sent: {exc}"[:500]
+        assert self._http is not None
+        try:
+            async with self._http.post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                if 200 <= resp.status < 300:
+                    return resp.status, ""
+                return resp.status, f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:500]
+
+    async def _disable(self, webhook_id: str, error: str, meta: EventMeta) -> None:
+        """Stop delivering for good: recorded, so a restart does not start it again."""
+        failures = self.failures.get(webhook_id, 0)
+        disabled = WebhookDisabled.create(
+            webhook_id,
+            meta,
+            event_id=f"{webhook_id}.disabled",
+            reason=f"{failures} deliveries in a row failed; last: {error}"[:500],
+            failures=failures,
+        )
+        await self.store.append([disabled], None)
+        self._fold(disabled)
+        log.warning("webhook %s disabled: %s", webhook_id, disabled.reason)
+        _, stop = self._tasks.get(webhook_id, (None, None))
+        if stop is not None:
+            stop.set()  # the consumer loop ends after this event; no cancel from inside
+
+
+def _durable(webhook_id: str) -> str:
+    return f"webhook-{webhook_id}"
 
 
 def _master_key(path: Path) -> bytes:

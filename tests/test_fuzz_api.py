@@ -95,6 +95,7 @@ def served(tmp_path: Path) -> Iterator[ServedApi]:
         SANDBOXER_TOKENS=yaml.safe_dump(TOKENS),
         SANDBOXER_NATS_SYNC="default",  # fsync per append buys nothing in a fuzz run
         SANDBOXER_WEBHOOK_MAX_ATTEMPTS="1",  # fuzzed webhooks point at a closed port
+        SANDBOXER_WEBHOOK_ALLOW_NETS="127.0.0.1/32",  # ...on loopback (tests.fuzz_hooks)
     )
     try:
         api.wait_healthy()
