@@ -61,17 +61,23 @@ class Node:
                 assert view["state"] not in TERMINAL, view
                 seq = view["last_seq"]
 
-    async def wait_settled(self, account: str = "acme") -> None:
-        """Until no reservation of the account is open (settlement follows the end)."""
-        seq = 0
+    async def wait_settled(self, sandbox_id: str, account: str = "acme") -> None:
+        """Until the sandbox's reservation is released (settlement follows the end:
+        a debit, then the release of the rest)."""
+        after = 0
         async with asyncio.timeout(30):
             while True:
-                params = {"wait": "10", "after_seq": str(seq)}
+                params = {"wait": "10", "after_seq": str(after)}
                 status, view = await self.call("GET", f"/v1/accounts/{account}", params=params)
                 assert status == 200, view
-                if not view["open_reservations"]:
+                status, page = await self.call("GET", f"/v1/accounts/{account}/ledger")
+                if any(
+                    e["event"]["type"] == "CreditsReleased"
+                    and e["event"]["sandbox_id"] == sandbox_id
+                    for e in page["entries"]
+                ):
                     return
-                seq = view["last_seq"]
+                after = view["last_seq"]
 
 
 @pytest.fixture
@@ -136,7 +142,7 @@ async def test_creates_with_one_key_at_once_make_one_sandbox_on_one_node(
         status, body = await node.call("DELETE", f"/v1/sandboxes/{sandbox_id}")
         assert status == 202, body
         await node.wait_state(sandbox_id, {"destroyed"})
-        await node.wait_settled()
+        await node.wait_settled(sandbox_id)
     status, report = await node.call("POST", "/v1/ledger/audit", ADMIN, params={"ttl_grace": "0"})
     assert status == 200 and report["ok"], report["violations"]
     assert "Task exception was never retrieved" not in node.proc.output()
@@ -165,7 +171,7 @@ async def test_creates_with_one_key_on_two_nodes_then_racing_deletes(nodes: list
     assert any(status == 202 for status, _ in deletes), deletes
     for node in nodes:
         await node.wait_state(sandbox_id, {"destroyed"})
-        await node.wait_settled()
+        await node.wait_settled(sandbox_id)
     status, events = await nodes[0].call("GET", f"/v1/sandboxes/{sandbox_id}/events")
     types = [e["event"]["type"] for e in events["events"]]
     assert types.count("DestroyRequested") == 1 and types.count("TornDown") == 1, types
@@ -232,7 +238,7 @@ async def test_audit_flags_a_reservation_open_past_its_ttl(nodes: list[Node]) ->
     finally:
         os.kill(driver.proc.proc.pid, signal.SIGCONT)
     await auditor.wait_state(sandbox_id, {"destroyed"})
-    await auditor.wait_settled()
+    await auditor.wait_settled(sandbox_id)
     status, report = await auditor.call(
         "POST", "/v1/ledger/audit", ADMIN, params={"ttl_grace": "1"}
     )
