@@ -146,6 +146,7 @@ async def test_cut_during_provision_ends_cleanly_and_leaves_nothing(
         SANDBOXER_COMPOSE_ENGINE_CMD=podman.engine_cmd,
         SANDBOXER_COMPOSE_STOP_TIMEOUT="1",
         SANDBOXER_RECONCILE="off",  # nothing but teardown may clean up the host
+        SANDBOXER_REPO_ROOTS=str(repo.parent),
     )
     started = time.monotonic()
     async with svc.http.post(
