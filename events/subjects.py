@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import re
+
 from events.base import Event
+
+# One subject token: NATS splits subjects at `.`, treats `*` and `>` as wildcards and
+# whitespace or control characters as the end of the subject.
+_TOKEN_RE = re.compile(r"[^\s.*>\x00-\x1f\x7f]+")
+
+
+class BadSubjectToken(ValueError):
+    pass
+
+
+def _token(value: str) -> str:
+    """The last guard before NATS: an id from outside that slipped past its own check
+    must not widen a filter (`*`, `>`) or split a subject (`.`, a newline)."""
+    if _TOKEN_RE.fullmatch(value) is None:
+        raise BadSubjectToken(f"not a subject token: {value[:80]!r}")
+    return value
+
 
 SANDBOX_PREFIX = "sandboxer.sandbox"
 LEDGER_PREFIX = "sandboxer.ledger"
@@ -12,20 +31,20 @@ STREAM_SUBJECTS = ["sandboxer.>"]
 
 
 def sandbox_subject(sandbox_id: str, event_type: str) -> str:
-    return f"{SANDBOX_PREFIX}.{sandbox_id}.{event_type}"
+    return f"{SANDBOX_PREFIX}.{_token(sandbox_id)}.{event_type}"
 
 
 def sandbox_filter(sandbox_id: str) -> str:
     """Every event of one sandbox: the optimistic-concurrency scope of its aggregate."""
-    return f"{SANDBOX_PREFIX}.{sandbox_id}.>"
+    return f"{SANDBOX_PREFIX}.{_token(sandbox_id)}.>"
 
 
 def ledger_subject(account: str, event_type: str) -> str:
-    return f"{LEDGER_PREFIX}.{account}.{event_type}"
+    return f"{LEDGER_PREFIX}.{_token(account)}.{event_type}"
 
 
 def ledger_filter(account: str) -> str:
-    return f"{LEDGER_PREFIX}.{account}.>"
+    return f"{LEDGER_PREFIX}.{_token(account)}.>"
 
 
 WEBHOOK_PREFIX = "sandboxer.webhook"
@@ -40,9 +59,9 @@ _PREFIXES = {
 
 
 def subject_for(event: Event) -> str:
-    return f"{_PREFIXES[event.KIND]}.{event.aggregate_id}.{event.type_name()}"
+    return f"{_PREFIXES[event.KIND]}.{_token(event.aggregate_id)}.{event.type_name()}"
 
 
 def filter_for(event: Event) -> str:
     """The optimistic-concurrency scope of the event's aggregate."""
-    return f"{_PREFIXES[event.KIND]}.{event.aggregate_id}.>"
+    return f"{_PREFIXES[event.KIND]}.{_token(event.aggregate_id)}.>"

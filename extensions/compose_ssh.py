@@ -331,7 +331,7 @@ class ComposeSSH:
         directory = self._directory(host, ctx.sandbox_id)
         project = handle.get("project") or project_name(ctx.sandbox_id)
         checkpoint = ctx.checkpoint_id or ""
-        if not ID_RE.match(checkpoint):
+        if not ID_RE.fullmatch(checkpoint):
             raise ExtensionError(f"invalid checkpoint id {checkpoint!r}")
         compose = [
             *compose_cmd(host, ctx.config),
@@ -478,7 +478,7 @@ class ComposeSSH:
             }
             for project in sorted(projects):
                 sandbox_id = project.removeprefix(PROJECT_PREFIX)
-                if project.startswith(PROJECT_PREFIX) and ID_RE.match(sandbox_id):
+                if project.startswith(PROJECT_PREFIX) and ID_RE.fullmatch(sandbox_id):
                     found.append(Resource(sandbox_id, host.name, "compose_project", project))
         return found
 

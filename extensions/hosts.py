@@ -70,7 +70,7 @@ def check_root(root: str, where: str) -> str:
 
 
 def check_sandbox_id(sandbox_id: str) -> str:
-    if not ID_RE.match(sandbox_id):
+    if not ID_RE.fullmatch(sandbox_id):
         raise ExtensionError(f"invalid sandbox id {sandbox_id!r}")
     return sandbox_id
 
@@ -89,7 +89,7 @@ def parse_pool(
         if not isinstance(raw, dict):
             raise ExtensionError(f"{where}: must be a mapping")
         name = str(raw.get("name") or raw.get("alias") or raw.get("host") or "")
-        if not HOST_NAME_RE.match(name):
+        if not HOST_NAME_RE.fullmatch(name):
             raise ExtensionError(f"{where}: name {name!r} must match {HOST_NAME_RE.pattern}")
         if name in pool:
             raise ExtensionError(f"{where}: name {name!r} is used twice")
@@ -151,7 +151,7 @@ def pool_host(pool: Mapping[str, PoolHost], name: str | None, what: str) -> Pool
 async def workspace_ids(ssh: SSHPool, host: PoolHost) -> list[str]:
     """Sandbox ids that have a workspace directory under the host's root."""
     result = await ssh.run(host.target, ["sh", "-c", LIST_WORKSPACES, "sh", host.root], timeout=60)
-    return [name for name in result.stdout.split() if ID_RE.match(name)]
+    return [name for name in result.stdout.split() if ID_RE.fullmatch(name)]
 
 
 async def remove_workspace(ssh: SSHPool, host: PoolHost, sandbox_id: str) -> None:

@@ -140,7 +140,7 @@ def manifest_from_dict(raw: Any, source: str) -> Manifest:
         manifest = msgspec.convert({**raw, "source": source}, Manifest)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
-    if not NAME_RE.match(manifest.name):
+    if not NAME_RE.fullmatch(manifest.name):
         raise ConfigError(f"{source}: name {manifest.name!r} must match {NAME_RE.pattern}")
     known = set(REQUIRED_HOOKS) | set(OPTIONAL_HOOKS)
     for capability in manifest.capabilities:

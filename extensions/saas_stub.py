@@ -33,7 +33,7 @@ class SaasStub:
         return folder
 
     def _instance_path(self, ctx: StepContext) -> Path:
-        if not _ID_RE.match(ctx.sandbox_id):
+        if not _ID_RE.fullmatch(ctx.sandbox_id):
             raise ExtensionError(f"invalid sandbox id {ctx.sandbox_id!r}")
         return self.state_dir(ctx.config) / f"{ctx.sandbox_id}.json"
 
@@ -145,10 +145,10 @@ class SaasStub:
         return [
             Resource(sandbox_id=path.stem, host="saas-stub", kind="instance", detail=path.name)
             for path in sorted(folder.glob("*.json"))
-            if _ID_RE.match(path.stem)
+            if _ID_RE.fullmatch(path.stem)
         ]
 
     async def remove_orphan(self, config: Mapping[str, Any], resource: Resource) -> None:
-        if not _ID_RE.match(resource.sandbox_id):
+        if not _ID_RE.fullmatch(resource.sandbox_id):
             raise ExtensionError(f"invalid sandbox id {resource.sandbox_id!r}")
         (self.state_dir(config) / f"{resource.sandbox_id}.json").unlink(missing_ok=True)

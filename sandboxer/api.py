@@ -11,9 +11,11 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+import msgspec.inspect
 from aiohttp import web
 
 from events import Event, EventMeta
+from events.subjects import ledger_filter, sandbox_filter
 from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
 from projections.sandboxes import SandboxView
@@ -76,7 +78,7 @@ MAX_GRANT = 10**12
 MAX_TTL_GRACE = 30 * 24 * 3600.0
 MAX_REASON = 500
 MAX_URL = 2000
-MAX_HEADER_BYTES = 8190  # one request line or header line (aiohttp's parser: 400 above)
+MAX_HEADER_BYTES = 8190  # one request line or header line (431 above: http_server.py)
 MAX_HEADERS = 64
 CHECKPOINT_ID_RE = re.compile(r"^ckpt-[a-f0-9]{12}$")
 WEBHOOK_ID_RE = re.compile(r"^wh-[a-f0-9]{12}$")
@@ -303,6 +305,98 @@ def _validation_field(message: str) -> str | None:
     return None
 
 
+# Nesting allowed in a body: msgspec decodes `inputs` (dict[str, Any]) recursively and
+# ends in RecursionError near 1,000 levels; no field of ours needs more than 3.
+MAX_JSON_DEPTH = 32
+_JSON_TOKEN_RE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}:]')
+
+
+def _too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> tuple[bool, str | None]:
+    """Whether `raw` nests arrays or objects deeper than `limit`, and the field where
+    (the first two object keys on the way: `inputs.<name>`, or a top-level field).
+    Counting brackets first keeps this free for every body a client really sends;
+    only a body with more than `limit` brackets is scanned, outside strings."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False, None
+    stack: list[str | None] = []  # per open container: its current key (objects only)
+    last: bytes = b""
+    for token in _JSON_TOKEN_RE.finditer(raw):
+        text = token.group()
+        if text in (b"{", b"["):
+            stack.append(None)
+            if len(stack) > limit:
+                keys = [k for k in stack if k is not None][:2]
+                return True, ".".join(keys) or None
+        elif text in (b"}", b"]"):
+            if stack:
+                stack.pop()
+        elif text == b":":
+            if stack:
+                try:
+                    stack[-1] = str(msgspec.json.decode(last))
+                except (msgspec.DecodeError, UnicodeDecodeError):
+                    stack[-1] = "?"
+        else:
+            last = text
+    return False, None
+
+
+class _FieldRules(msgspec.Struct, frozen=True):
+    """What msgspec does not check the way the published schema means it."""
+
+    integers: tuple[str, ...]  # integer fields: JSON Schema counts 1882.0 as an integer
+    patterns: tuple[tuple[str, re.Pattern[str]], ...]  # string fields, matched whole
+
+
+_RULES: dict[Any, _FieldRules] = {}
+
+
+def _field_rules(body_type: Any) -> _FieldRules:
+    rules = _RULES.get(body_type)
+    if rules is None:
+        integers: list[str] = []
+        patterns: list[tuple[str, re.Pattern[str]]] = []
+        info = msgspec.inspect.type_info(body_type)
+        assert isinstance(info, msgspec.inspect.StructType)
+        for field in info.fields:
+            kind = field.type
+            options = kind.types if isinstance(kind, msgspec.inspect.UnionType) else (kind,)
+            for option in options:
+                if isinstance(option, msgspec.inspect.Metadata):
+                    option = option.type
+                if isinstance(option, msgspec.inspect.IntType):
+                    integers.append(field.encode_name)
+                elif isinstance(option, msgspec.inspect.StrType) and option.pattern:
+                    patterns.append((field.encode_name, re.compile(option.pattern)))
+        rules = _RULES[body_type] = _FieldRules(tuple(integers), tuple(patterns))
+    return rules
+
+
+def _whole_match(body: Any, rules: _FieldRules) -> None:
+    """msgspec checks a `pattern` with `re.search`, where `$` also matches before a
+    final newline (`"acme\\n"` would pass as an account): each patterned field is
+    matched whole again, and the error names it."""
+    for name, pattern in rules.patterns:
+        value = getattr(body, name, None)
+        if isinstance(value, str) and pattern.fullmatch(value) is None:
+            raise ApiError(
+                400, "invalid_body", f"{name} {value[:80]!r} must match {pattern.pattern}", name
+            )
+
+
+def _integral(raw: bytes, body_type: Any, rules: _FieldRules) -> Any:
+    """The body again, with integer fields sent as integral floats (1882.0) made ints:
+    JSON Schema, and so the OpenAPI document, counts them as integers. 1882.5 stays a
+    float and fails as msgspec says, naming the field."""
+    obj = msgspec.json.decode(raw)
+    if isinstance(obj, dict):
+        for name in rules.integers:
+            value = obj.get(name)
+            if isinstance(value, float) and value.is_integer():
+                obj[name] = int(value)
+    return msgspec.convert(obj, body_type)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -371,8 +465,8 @@ class Api:
         app = web.Application(
             middlewares=[error_middleware, self.auth_middleware],
             client_max_size=MAX_BODY_BYTES,
-            # Oversized request lines or headers are refused by the HTTP parser (400)
-            # before any handler runs.
+            # Oversized request lines or headers are refused by the HTTP parser before
+            # any handler runs (sandboxer.http_server answers them in JSON: 431).
             handler_args={
                 "max_line_size": MAX_HEADER_BYTES,
                 "max_field_size": MAX_HEADER_BYTES,
@@ -451,7 +545,7 @@ class Api:
             raise ApiError(403, "forbidden", f"{template} needs an admin token")
         owner: str | None = None
         if "account" in info:
-            owner = info["account"]
+            owner = self._account(request)  # a malformed account: 404, as for an admin
         elif "id" in info:
             view = self.runner.projection.get(info["id"])
             owner = view.account if view else principal.account  # 404 follows
@@ -463,7 +557,7 @@ class Api:
             registration = self.webhooks.registrations.get(info["wid"])
             owner = registration.account if registration else principal.account
         elif template == "/v1/events":
-            sandbox = request.query.get("sandbox")
+            sandbox = self._sandbox_query(request)  # a malformed id: 400, as for an admin
             view = self.runner.projection.get(sandbox) if sandbox else None
             if view is None:
                 raise ApiError(
@@ -485,7 +579,7 @@ class Api:
 
     def _meta(self, request: web.Request) -> EventMeta:
         request_id = request.headers.get("X-Request-Id")
-        if request_id is not None and not REQUEST_ID_RE.match(request_id):
+        if request_id is not None and not REQUEST_ID_RE.fullmatch(request_id):
             raise ApiError(
                 400,
                 "invalid_header",
@@ -595,16 +689,55 @@ class Api:
         raw = await request.read()
         if not raw:
             raise ApiError(400, "invalid_body", "request body is empty; expected a JSON object")
+        deep, where = _too_deep(raw)
+        if deep:
+            raise ApiError(
+                400, "invalid_body", f"nested deeper than {MAX_JSON_DEPTH} levels", where
+            )
+        rules = _field_rules(decoder.type)
         try:
-            return decoder.decode(raw)
+            try:
+                body = decoder.decode(raw)
+            except msgspec.ValidationError as exc:
+                if "got `float`" not in str(exc) or not rules.integers:
+                    raise
+                body = _integral(raw, decoder.type, rules)
         except msgspec.ValidationError as exc:
             raise ApiError(400, "invalid_body", str(exc), _validation_field(str(exc))) from exc
+        except RecursionError:  # the scan above should make this unreachable
+            raise ApiError(
+                400, "invalid_body", f"nested deeper than {MAX_JSON_DEPTH} levels"
+            ) from None
         except msgspec.DecodeError as exc:
             raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from exc
         except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings this way
             raise ApiError(
                 400, "malformed_json", f"body is not valid UTF-8 (byte {exc.start})"
             ) from exc
+        _whole_match(body, rules)
+        return body
+
+    @staticmethod
+    def _account_query(request: web.Request) -> str | None:
+        """`?account=`, if given, as a whole account name (400 naming it otherwise)."""
+        account = request.query.get("account")
+        if account is not None:
+            try:
+                check_account(account)
+            except InvalidId as exc:
+                raise ApiError(400, "invalid_query", str(exc), "account") from exc
+        return account
+
+    @staticmethod
+    def _sandbox_query(request: web.Request) -> str | None:
+        """`?sandbox=`, if given, as a whole sandbox id (400 naming it otherwise)."""
+        sandbox = request.query.get("sandbox")
+        if sandbox is not None:
+            try:
+                check_sandbox_id(sandbox)
+            except InvalidId as exc:
+                raise ApiError(400, "invalid_query", str(exc), "sandbox") from exc
+        return sandbox
 
     def _account(self, request: web.Request) -> str:
         raw = request.match_info["account"]
@@ -647,7 +780,7 @@ class Api:
         )
 
     def _checkpoint_view(self, checkpoint_id: str, field: str = "cid") -> CheckpointView:
-        if not CHECKPOINT_ID_RE.match(checkpoint_id):
+        if not CHECKPOINT_ID_RE.fullmatch(checkpoint_id):
             raise ApiError(
                 404,
                 "not_found",
@@ -751,7 +884,7 @@ class Api:
 
     async def remove_webhook(self, request: web.Request) -> web.Response:
         webhook_id = request.match_info["wid"]
-        if not WEBHOOK_ID_RE.match(webhook_id):
+        if not WEBHOOK_ID_RE.fullmatch(webhook_id):
             raise ApiError(
                 404,
                 "not_found",
@@ -796,7 +929,7 @@ class Api:
         entries: list[EventOut] = []
         more = False
         if self.runner.last_seq > after:
-            async for recorded in self.store.read(after + 1, f"sandboxer.ledger.{account}.>"):
+            async for recorded in self.store.read(after + 1, ledger_filter(account)):
                 if len(entries) == limit:
                     more = True
                     break
@@ -807,12 +940,7 @@ class Api:
         )
 
     async def ledger_audit(self, request: web.Request) -> web.Response:
-        account = request.query.get("account")
-        if account is not None:
-            try:
-                check_account(account)
-            except InvalidId as exc:
-                raise ApiError(400, "invalid_query", str(exc), "account") from exc
+        account = self._account_query(request)
         grace = self._float_query(request, "ttl_grace", DEFAULT_TTL_GRACE, MAX_TTL_GRACE)
         live = self.runner.ledger.snapshot()  # the follower moves on while we replay
         target = live.last_seq
@@ -902,12 +1030,7 @@ class Api:
         state = request.query.get("state")
         if state is not None and state not in {s.value for s in State if s != State.NEW}:
             raise ApiError(400, "invalid_query", f"unknown state {state[:80]!r}", "state")
-        account = request.query.get("account")
-        if account is not None:
-            try:
-                check_account(account)
-            except InvalidId as exc:
-                raise ApiError(400, "invalid_query", str(exc), "account") from exc
+        account = self._account_query(request)
         live = request.query.get("live")
         if live is not None and live not in LIVE_VALUES:
             raise ApiError(
@@ -986,7 +1109,7 @@ class Api:
     async def sandbox_events(self, request: web.Request) -> web.Response:
         sandbox_id = self._sandbox_id(request)
         self._view(sandbox_id)
-        recorded = await self.store.read_aggregate(f"sandboxer.sandbox.{sandbox_id}.>")
+        recorded = await self.store.read_aggregate(sandbox_filter(sandbox_id))
         return json_response(
             EventList(events=[_event_out(r) for r in recorded], last_seq=self.runner.last_seq)
         )
@@ -996,13 +1119,8 @@ class Api:
         after = self._int_query(request, "after_seq", 0, MAX_SEQ)
         limit = self._int_query(request, "limit", 500, 5000)
         wait = self._float_query(request, "wait", 0.0, MAX_WAIT_SECONDS)
-        sandbox = request.query.get("sandbox")
-        subject = "sandboxer.>"
-        if sandbox is not None:
-            try:
-                subject = f"sandboxer.sandbox.{check_sandbox_id(sandbox)}.>"
-            except InvalidId as exc:
-                raise ApiError(400, "invalid_query", str(exc), "sandbox") from exc
+        sandbox = self._sandbox_query(request)
+        subject = "sandboxer.>" if sandbox is None else sandbox_filter(sandbox)
         if wait > 0 and self.runner.last_seq <= after:
             await self.runner.wait_change(after, wait)
         events: list[EventOut] = []
@@ -1034,13 +1152,8 @@ class Api:
                 f"{source} must be a stream sequence, 0 to {MAX_SEQ}",
                 source,
             ) from None
-        sandbox = request.query.get("sandbox")
-        if sandbox is not None:
-            try:
-                check_sandbox_id(sandbox)
-            except InvalidId as exc:
-                raise ApiError(400, "invalid_query", str(exc), "sandbox") from exc
-        account = request.query.get("account")
+        sandbox = self._sandbox_query(request)
+        account = self._account_query(request)
         principal = self._principal(request)
         if principal is not None and not principal.admin:
             account = principal.account  # members follow their own account only
@@ -1167,7 +1280,7 @@ def _check_inputs(inputs: dict[str, Any]) -> None:
     if len(inputs) > MAX_INPUTS:
         raise ApiError(400, "invalid_body", f"at most {MAX_INPUTS} inputs", "inputs")
     for key, value in inputs.items():
-        if not INPUT_NAME_RE.match(key):
+        if not INPUT_NAME_RE.fullmatch(key):
             raise ApiError(
                 400,
                 "invalid_body",
@@ -1767,11 +1880,12 @@ def openapi_document(
             "title": "sand-boxer",
             "version": "1",
             "description": "Errors are JSON: ErrorBody, naming the field at fault. Limits: "
-            f"bodies {MAX_BODY_BYTES} bytes; request line and each header "
-            f"{MAX_HEADER_BYTES} bytes, {MAX_HEADERS} headers (the HTTP parser answers "
-            "400 above those, before routing); input values "
+            f"bodies {MAX_BODY_BYTES} bytes, nested at most {MAX_JSON_DEPTH} levels; "
+            f"request line and each header {MAX_HEADER_BYTES} bytes, {MAX_HEADERS} "
+            "headers (431 header_too_large above those, before routing); input values "
             f"{MAX_INPUT_LENGTH} characters without control characters but tab and "
-            "newline.",
+            "newline. Patterns match the whole value; an integer field also takes an "
+            "integral number such as 1882.0.",
         },
         "paths": paths,
         "components": {"schemas": components},

@@ -53,13 +53,28 @@ def _digest(token: str) -> str:
 
 class TokenBook:
     def __init__(self, entries: list[_TokenEntry]) -> None:
+        """Refuses a book that is not what its author meant: with two entries of the
+        same token the later one would win silently (an admin read as a member), and
+        two of the same name could not be told apart in events and logs. Errors name
+        entries by `name`, never by token."""
         self._by_digest: dict[str, Principal] = {}
+        names: set[str] = set()
         for entry in entries:
             if len(entry.token) < 16:
                 raise AuthConfigError(f"token {entry.name!r}: at least 16 characters")
-            if not ACCOUNT_RE.match(entry.account):
+            if not ACCOUNT_RE.fullmatch(entry.account):
                 raise AuthConfigError(f"token {entry.name!r}: invalid account {entry.account!r}")
-            self._by_digest[_digest(entry.token)] = Principal(entry.name, entry.account, entry.role)
+            if entry.name in names:
+                raise AuthConfigError(f"tokens: two entries are named {entry.name!r}")
+            names.add(entry.name)
+            digest = _digest(entry.token)
+            earlier = self._by_digest.get(digest)
+            if earlier is not None:
+                raise AuthConfigError(
+                    f"tokens {earlier.name!r} and {entry.name!r} have the same token: "
+                    "give each its own"
+                )
+            self._by_digest[digest] = Principal(entry.name, entry.account, entry.role)
 
     @property
     def enabled(self) -> bool:

@@ -262,6 +262,7 @@ def _wait(
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Imports the service lazily: every other command stays a fast, light client."""
+    from sandboxer.auth import AuthConfigError
     from sandboxer.config import Settings
     from sandboxer.service import serve
 
@@ -272,7 +273,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     logging.getLogger("transitions").setLevel(logging.WARNING)
     settings = Settings.from_env(host=args.host, port=args.port, worker_name=args.worker_name)
-    asyncio.run(serve(settings, http=not args.worker))
+    try:
+        asyncio.run(serve(settings, http=not args.worker))
+    except AuthConfigError as exc:  # a bad tokens file: one line (never a token), no trace
+        raise CliError(f"serve: {exc}", EXIT_USAGE) from None
     return EXIT_OK
 
 

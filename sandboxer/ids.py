@@ -1,4 +1,10 @@
-"""Identifiers: sandbox ids end up in subjects, paths and compose project names."""
+r"""Identifiers: sandbox ids end up in subjects, paths and compose project names.
+
+Every pattern here is matched whole (`fullmatch`): with `match` or `search`, Python's
+`$` also matches before a final newline, so `acme\n` would pass as an account and
+reach a NATS subject. The `^...$` strings stay because the OpenAPI document publishes
+them as JSON Schema patterns (ECMA regex has no `\Z`; there `$` is the end of input).
+"""
 
 from __future__ import annotations
 
@@ -18,14 +24,20 @@ class InvalidId(ValueError):
         self.kind = kind
 
 
+def check(kind: str, pattern: re.Pattern[str], value: str) -> str:
+    """`value` if the whole of it matches `pattern`, else InvalidId naming `kind`."""
+    if pattern.fullmatch(value) is None:
+        raise InvalidId(kind, value, pattern.pattern)
+    return value
+
+
 def new_sandbox_id() -> str:
     return f"sbx-{secrets.token_hex(6)}"
 
 
 def idempotent_sandbox_id(account: str, key: str) -> str:
     """The same create retried with the same Idempotency-Key names the same sandbox."""
-    if not IDEMPOTENCY_KEY_RE.match(key):
-        raise InvalidId("Idempotency-Key", key, IDEMPOTENCY_KEY_RE.pattern)
+    check("Idempotency-Key", IDEMPOTENCY_KEY_RE, key)
     return f"sbx-{hashlib.sha256(f'{account}/{key}'.encode()).hexdigest()[:12]}"
 
 
@@ -34,12 +46,8 @@ def new_correlation_id() -> str:
 
 
 def check_sandbox_id(value: str) -> str:
-    if not SANDBOX_ID_RE.match(value):
-        raise InvalidId("sandbox id", value, SANDBOX_ID_RE.pattern)
-    return value
+    return check("sandbox id", SANDBOX_ID_RE, value)
 
 
 def check_account(value: str) -> str:
-    if not ACCOUNT_RE.match(value):
-        raise InvalidId("account", value, ACCOUNT_RE.pattern)
-    return value
+    return check("account", ACCOUNT_RE, value)

@@ -71,7 +71,7 @@ def default_worker_name(data_dir: Path) -> str:
 
 
 def check_worker_name(name: str) -> str:
-    if not _NAME_OK.match(name):
+    if not _NAME_OK.fullmatch(name):
         raise ValueError(f"worker name {name!r}: use 1-64 letters, digits, '-' or '_'")
     return name
 

@@ -39,7 +39,7 @@ def find_nats_server() -> str:
 
 
 def check_sync_interval(value: str) -> str:
-    if value in ("always", "default") or _DURATION_RE.match(value):
+    if value in ("always", "default") or _DURATION_RE.fullmatch(value):
         return value
     raise ValueError(
         f"SANDBOXER_NATS_SYNC must be 'always', 'default' or a duration like '2m', "

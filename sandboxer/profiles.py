@@ -139,7 +139,7 @@ def load_profile(path: Path) -> Profile:
     expected = path.name.removesuffix(".yaml")
     if profile.name != expected:
         raise ProfileError(f"{path.name}: name must be {expected!r}, is {profile.name!r}")
-    if not PROFILE_NAME_RE.match(profile.name):
+    if not PROFILE_NAME_RE.fullmatch(profile.name):
         raise ProfileError(f"{path.name}: name must match {PROFILE_NAME_RE.pattern}")
     if bool(profile.extension) == bool(profile.route):
         raise ProfileError(f"{path.name}: give either 'extension' or 'route', not both or none")
@@ -150,7 +150,7 @@ def load_profile(path: Path) -> Profile:
                 f"{', '.join(ADMISSION_RULES)}, got {spec.when!r}"
             )
     for key in profile.inputs:
-        if not INPUT_NAME_RE.match(key):
+        if not INPUT_NAME_RE.fullmatch(key):
             raise ProfileError(
                 f"{path.name}: input name {key!r} must match {INPUT_NAME_RE.pattern}"
             )

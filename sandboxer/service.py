@@ -19,6 +19,7 @@ from sandboxer.api import Api
 from sandboxer.auth import TokenBook, is_loopback
 from sandboxer.config import Settings
 from sandboxer.event_store import JetStreamEventStore
+from sandboxer.http_server import ApiRunner
 from sandboxer.leases import WorkerLeases, default_worker_name
 from sandboxer.manager import SandboxManager
 from sandboxer.nats_server import EmbeddedNats
@@ -181,7 +182,7 @@ async def serve(
         await service.start()
         assert service.leases is not None
         if http:
-            runner = web.AppRunner(service.app(), access_log=None, handle_signals=False)
+            runner = ApiRunner(service.app(), access_log=None, handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, settings.host, settings.port)
             await site.start()

@@ -18,6 +18,7 @@ from nats.aio.client import Client as NatsClient
 
 from sandboxer.config import Settings
 from sandboxer.event_store import JetStreamEventStore
+from sandboxer.http_server import ApiRunner
 from sandboxer.nats_server import EmbeddedNats
 from sandboxer.service import Service
 from tests.infra import Podman, SSHHost, free_port
@@ -89,7 +90,7 @@ async def start_service(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncItera
         settings = Settings.from_env(environ, port=free_port())
         service = Service(settings)
         await service.start()
-        runner = web.AppRunner(service.app(), access_log=None)
+        runner = ApiRunner(service.app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.port).start()
         running = RunningService(

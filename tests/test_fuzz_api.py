@@ -332,7 +332,8 @@ async def test_oversized_headers_are_refused_before_routing(api: RunningService)
     async with api.http.get(
         f"{api.url}/healthz", headers={"X-Big": "x" * (MAX_HEADER_BYTES + 10)}
     ) as resp:
-        assert resp.status == 400
+        assert resp.status == 431
+        assert (await resp.json())["error"]["code"] == "header_too_large"
     async with api.http.get(f"{api.url}/healthz") as resp:
         assert resp.status == 200, "the server is still there"
 
