@@ -48,7 +48,7 @@ def make_events(aggregate: str, count: int) -> list[Event]:
 
 
 async def append_atomic(
-    store: JetStreamEventStore, events: Sequence[Event], expected_version: int | None
+    store: JetStreamEventStore, events: Sequence[Event], expected_version: int
 ) -> list[int]:
     """One aggregate's events as one JetStream atomic batch: one commit, one sync.
 
@@ -66,7 +66,7 @@ async def append_atomic(
             "Nats-Batch-Id": batch,
             "Nats-Batch-Sequence": str(index),
         }
-        if index == 1 and expected_version is not None:
+        if index == 1:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_version)
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = scope
         payload = store.codec.encode(event)
@@ -82,7 +82,7 @@ async def append_atomic(
     if "error" in answer:
         error = nats.js.errors.APIError.from_error(answer["error"])
         if error.err_code in WRONG_LAST_SEQUENCE:
-            raise ConcurrencyConflict(scope, expected_version or 0, str(error.description))
+            raise ConcurrencyConflict(scope, expected_version, str(error.description))
         raise error
     seq = int(answer["seq"])
     return list(range(seq - last + 1, seq + 1))

@@ -23,14 +23,17 @@ from events import (
     CheckpointPolicy,
     CheckpointRequested,
     CheckpointSource,
+    Event,
     EventMeta,
     Restored,
     RestoreFailed,
     RestoreRequested,
 )
 from events.base import utc_now
+from events.subjects import filter_for, subject_for
 from extensions import Handle, Snapshotting, StepContext
 from projections.checkpoints import CheckpointsProjection, CheckpointView
+from sandboxer.event_store import append_decided
 from sandboxer.lifecycle import InvalidTransition
 from sandboxer.snapshots import SnapshotStore
 
@@ -162,7 +165,7 @@ class Checkpoints:
             await self.manager._record(
                 sbx, CheckpointDeleted, meta, checkpoint_id=checkpoint_id, reason=reason
             )
-        else:  # a finished sandbox: nobody else writes to it any more
+        else:  # a finished sandbox: appended at the version its stream shows
             event = CheckpointDeleted.create(
                 view.sandbox_id,
                 meta,
@@ -170,10 +173,15 @@ class Checkpoints:
                 checkpoint_id=checkpoint_id,
                 reason=reason,
             )
-            (seq,) = await self.manager.store.append([event], None)
-            self.projection.apply(
-                seq, f"sandboxer.sandbox.{view.sandbox_id}.CheckpointDeleted", event
-            )
+
+            def decide() -> list[Event]:
+                # Another node (its expiry) may have deleted it meanwhile.
+                now = self.projection.get(checkpoint_id)
+                return [] if now is not None and now.status == "deleted" else [event]
+
+            seqs = await append_decided(self.manager.store, filter_for(event), decide)
+            if seqs:
+                self.projection.apply(seqs[0], subject_for(event), event)
 
     # ---- steps (driven by the state machine) -----------------------------------------
 

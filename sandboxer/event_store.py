@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -54,6 +54,7 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+APPEND_ATTEMPTS = 5
 WRONG_LAST_SEQUENCE = (10071, 10164)  # with and without the sequence in the message
 ALL_SUBJECTS = "sandboxer.>"
 
@@ -94,11 +95,17 @@ class ConcurrencyConflict(Exception):
 class EventRecorder(Protocol):
     """What the core needs from a store backend; the conformance tests pin it down."""
 
-    async def append(self, events: Sequence[Event], expected_version: int | None) -> list[int]:
-        """Append events of one aggregate; returns their stream sequences."""
+    async def append(self, events: Sequence[Event], expected_version: int) -> list[int]:
+        """Append events of one aggregate at the version the writer read (0: a new
+        aggregate); returns their stream sequences. ConcurrencyConflict when the
+        aggregate has moved on: no append goes without that check."""
         ...
 
     async def read_aggregate(self, filter_subject: str) -> list[RecordedEvent]: ...
+
+    async def version(self, filter_subject: str) -> int:
+        """The aggregate's version: the stream sequence of its last event, 0 if none."""
+        ...
 
     def read(
         self, from_seq: int = 1, filter_subject: str = ALL_SUBJECTS
@@ -113,6 +120,29 @@ class EventRecorder(Protocol):
         ...
 
     async def last_seq(self) -> int: ...
+
+
+async def append_decided(
+    store: EventRecorder,
+    scope: str,
+    decide: Callable[[], Sequence[Event]],
+    attempts: int = APPEND_ATTEMPTS,
+) -> list[int]:
+    """Append what `decide` returns at the aggregate's current version, so the append
+    carries its expectation like every other; when another writer got there first,
+    read the version and decide again. Deterministic event ids make a retry of an
+    append that landed a no-op (see `append`). An empty decision appends nothing."""
+    for attempt in range(1, attempts + 1):
+        version = await store.version(scope)
+        events = decide()
+        if not events:
+            return []
+        try:
+            return await store.append(events, version)
+        except ConcurrencyConflict:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 class JetStreamEventStore:
@@ -151,7 +181,7 @@ class JetStreamEventStore:
             with contextlib.suppress(nats.js.errors.BadRequestError):
                 await self.js.add_stream(config)
 
-    async def append(self, events: Sequence[Event], expected_version: int | None) -> list[int]:
+    async def append(self, events: Sequence[Event], expected_version: int) -> list[int]:
         if not events:
             return []
         scope = filter_for(events[0])
@@ -160,10 +190,11 @@ class JetStreamEventStore:
         for event in events:
             if filter_for(event) != scope:
                 raise ValueError("one append holds events of one aggregate only")
-            headers = {"Nats-Msg-Id": event.event_id}
-            if expected is not None:
-                headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
-                headers["Nats-Expected-Last-Subject-Sequence-Subject"] = scope
+            headers = {
+                "Nats-Msg-Id": event.event_id,
+                "Nats-Expected-Last-Subject-Sequence": str(expected),
+                "Nats-Expected-Last-Subject-Sequence-Subject": scope,
+            }
             try:
                 seq = await self._publish(event, headers)
             except nats.js.errors.APIError as exc:
@@ -171,13 +202,12 @@ class JetStreamEventStore:
                     raise
                 # The server checks the expected version before de-duplication, so a
                 # retry of an append that did land arrives here: find it, don't fork.
-                landed = await self._find_landed(scope, event.event_id, after=expected or 0)
+                landed = await self._find_landed(scope, event.event_id, after=expected)
                 if landed is None:
-                    raise ConcurrencyConflict(scope, expected or 0, str(exc.description)) from exc
+                    raise ConcurrencyConflict(scope, expected, str(exc.description)) from exc
                 seq = landed
             seqs.append(seq)
-            if expected is not None:
-                expected = seq
+            expected = seq
         return seqs
 
     async def _publish(self, event: Event, headers: dict[str, str]) -> int:
@@ -220,6 +250,14 @@ class JetStreamEventStore:
 
     async def read_aggregate(self, filter_subject: str) -> list[RecordedEvent]:
         return [r async for r in self.read(1, filter_subject)]
+
+    async def version(self, filter_subject: str) -> int:
+        # One request: the server finds the last message of a wildcard filter itself.
+        try:
+            msg = await self.js.get_last_msg(self.stream, filter_subject)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq or 0)
 
     async def last_seq(self) -> int:
         info = await self.js.stream_info(self.stream)

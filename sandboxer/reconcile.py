@@ -23,8 +23,9 @@ from typing import Any, cast
 import msgspec
 
 from events import EventMeta, OrphanFound, OrphanRemovalFailed, OrphanRemoved
+from events.subjects import filter_for
 from extensions import ExtensionRegistry, Reconciling, Resource
-from sandboxer.event_store import EventRecorder
+from sandboxer.event_store import EventRecorder, append_decided
 from sandboxer.lifecycle import TERMINAL
 from sandboxer.read_model import ProjectionRunner
 
@@ -194,4 +195,5 @@ class Reconciler:
             detail=orphan.detail,
             **fields,  # type: ignore[arg-type]
         )
-        await self.store.append([event], None)
+        # Sweeps on several nodes write to one aggregate: each append at its version.
+        await append_decided(self.store, filter_for(event), lambda: [event])

@@ -24,7 +24,7 @@ from nats.js import JetStreamContext, api
 from events import Event
 from events.codec import EventCodec, default_codec
 from events.subjects import DEAD_LETTER_PREFIX
-from sandboxer.event_store import STREAM_NAME
+from sandboxer.event_store import STREAM_NAME, WRONG_LAST_SEQUENCE
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+
+DEAD_LETTER_ATTEMPTS = 5
 
 
 def dead_letter_subject(durable: str) -> str:
@@ -106,6 +109,25 @@ async def subscribe(
             await psub.unsubscribe()
 
 
+async def _dead_letter(
+    js: JetStreamContext, stream: str, subject: str, data: bytes, headers: dict[str, str]
+) -> None:
+    """Append to the durable's dead-letter subject at its last sequence, like every
+    append: consumers of one durable on several nodes may dead-letter at once."""
+    for attempt in range(1, DEAD_LETTER_ATTEMPTS + 1):
+        try:
+            last = int((await js.get_last_msg(stream, subject)).seq or 0)
+        except nats.js.errors.NotFoundError:
+            last = 0
+        expected = {"Nats-Expected-Last-Subject-Sequence": str(last)}
+        try:
+            await js.publish(subject, data, stream=stream, headers={**headers, **expected})
+            return
+        except nats.js.errors.APIError as exc:
+            if exc.err_code not in WRONG_LAST_SEQUENCE or attempt == DEAD_LETTER_ATTEMPTS:
+                raise
+
+
 async def _handle(
     js: JetStreamContext,
     durable: str,
@@ -142,10 +164,12 @@ async def _handle(
                 attempt,
                 error,
             )
-            await js.publish(
+            await _dead_letter(
+                js,
+                meta.stream,
                 dead_letter_subject(durable),
                 msg.data,
-                headers={
+                {
                     "Sandboxer-Subject": msg.subject,
                     "Sandboxer-Seq": str(meta.sequence.stream),
                     "Sandboxer-Attempts": str(attempt),

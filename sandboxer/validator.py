@@ -26,14 +26,14 @@ from events import (
     ValidationPassed,
     ValidationStarted,
 )
-from events.subjects import sandbox_filter
+from events.subjects import filter_for, sandbox_filter
 from extensions import ExtensionRegistry
 from extensions.compose_ssh import engine_cmd, parse_hosts, project_name
 from extensions.hosts import PoolHost
 from extensions.ssh import SSHPool
 from extensions.vm_packer import parse_vms
 from projections.sandboxes import SandboxView, evolve
-from sandboxer.event_store import JetStreamEventStore
+from sandboxer.event_store import JetStreamEventStore, append_decided
 from sandboxer.profiles import ProfileCatalog, ValidationSpec
 from sandboxer.subscriptions import Delivery, subscribe
 
@@ -114,18 +114,14 @@ class Validator:
         checks = [c.url or f"{c.service}:{c.port}{c.path}" for c in spec.health_checks]
         if test_command:
             checks.append(f"test_command: {test_command}")
-        await self.store.append(
-            [
-                ValidationStarted.create(
-                    sandbox_id,
-                    meta,
-                    event_id=f"{delivery.key}.started",
-                    ready_event_id=delivery.key,
-                    checks=checks,
-                )
-            ],
-            None,
+        started_event = ValidationStarted.create(
+            sandbox_id,
+            meta,
+            event_id=f"{delivery.key}.started",
+            ready_event_id=delivery.key,
+            checks=checks,
         )
+        await append_decided(self.store, filter_for(started_event), lambda: [started_event])
         started = time.monotonic()
         try:
             async with asyncio.timeout(spec.timeout_seconds):
@@ -155,7 +151,7 @@ class Validator:
                 reason=outcome.reason,
                 output_tail=tail,
             )
-        await self.store.append([event], None)
+        await append_decided(self.store, filter_for(event), lambda: [event])
 
     def _host(
         self, view: SandboxView, request: SandboxRequested

@@ -43,8 +43,10 @@ from events import (
     WebhookRegistered,
     WebhookRemoved,
 )
+from events.subjects import filter_for
+from events.webhooks import WebhookEvent
 from sandboxer.config import SettingsError
-from sandboxer.event_store import STREAM_NAME, JetStreamEventStore
+from sandboxer.event_store import STREAM_NAME, JetStreamEventStore, append_decided
 from sandboxer.read_model import ProjectionRunner
 from sandboxer.subscriptions import Delivery, subscribe
 from sandboxer.webhook_targets import (
@@ -261,7 +263,7 @@ class Webhooks:
         if webhook_id not in self.registrations:
             return False
         removed = WebhookRemoved.create(webhook_id, meta, reason="removed")
-        await self.store.append([removed], None)
+        await self._append(removed)
         self._fold(removed)
         task, stop = self._tasks.pop(webhook_id, (None, None))
         if stop is not None and task is not None:
@@ -342,7 +344,7 @@ class Webhooks:
             error=error,
             final=final,
         )
-        await self.store.append([attempt], None)
+        await self._append(attempt)
         self._fold(attempt)
         if ok:
             return
@@ -378,12 +380,17 @@ class Webhooks:
             reason=f"{failures} deliveries in a row failed; last: {error}"[:500],
             failures=failures,
         )
-        await self.store.append([disabled], None)
+        await self._append(disabled)
         self._fold(disabled)
         log.warning("webhook %s disabled: %s", webhook_id, disabled.reason)
         _, stop = self._tasks.get(webhook_id, (None, None))
         if stop is not None:
             stop.set()  # the consumer loop ends after this event; no cancel from inside
+
+    async def _append(self, event: WebhookEvent) -> None:
+        """At the webhook's current version: several nodes deliver through one
+        durable consumer, so its events come from several writers."""
+        await append_decided(self.store, filter_for(event), lambda: [event])
 
 
 def _durable(webhook_id: str) -> str:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
 from events import (
     BecameReady,
+    Event,
     EventMeta,
     Provisioned,
     RouteChosen,
     SandboxRequested,
     sandbox_filter,
 )
-from sandboxer.event_store import ConcurrencyConflict, EventRecorder
+from sandboxer.event_store import ConcurrencyConflict, EventRecorder, append_decided
 
 META = EventMeta(actor="test", correlation_id="corr-1")
 
@@ -68,7 +70,6 @@ class RecorderConformance:
         event = requested("sbx-d1")
         (seq,) = await recorder.append([event], 0)
         assert await recorder.append([event], 0) == [seq]  # same expected version: retry
-        assert await recorder.append([event], None) == [seq]  # no check: Nats-Msg-Id de-dup
         history = await recorder.read_aggregate(sandbox_filter("sbx-d1"))
         assert len(history) == 1
 
@@ -82,6 +83,51 @@ class RecorderConformance:
         assert sum(1 for r in results if isinstance(r, list)) == 1
         assert all(isinstance(r, ConcurrencyConflict) for r in results if not isinstance(r, list))
         assert len(await recorder.read_aggregate(sandbox_filter("sbx-w1"))) == 2
+
+    async def test_version_is_the_last_sequence_of_the_aggregate(
+        self, recorder: EventRecorder
+    ) -> None:
+        assert await recorder.version(sandbox_filter("sbx-v1")) == 0
+        (first,) = await recorder.append([requested("sbx-v1")], 0)
+        await recorder.append([requested("sbx-v2")], 0)
+        assert await recorder.version(sandbox_filter("sbx-v1")) == first
+        (ready,) = await recorder.append([BecameReady.create("sbx-v1", META)], first)
+        assert await recorder.version(sandbox_filter("sbx-v1")) == ready
+
+    async def test_append_decided_decides_again_after_a_conflict(
+        self, recorder: EventRecorder
+    ) -> None:
+        (first,) = await recorder.append([requested("sbx-x1")], 0)
+        seen: list[int] = []
+
+        def decide() -> list[Event]:
+            seen.append(len(seen))
+            if len(seen) == 1:  # another writer appends while we decide
+                racing.append(asyncio.ensure_future(recorder.append([other], first)))
+            return [RouteChosen.create("sbx-x1", META, extension="x", reason=f"try {len(seen)}")]
+
+        other = BecameReady.create("sbx-x1", META)
+        racing: list[asyncio.Future[list[int]]] = []
+        real_append = recorder.append
+
+        async def append_after_the_other(events: Sequence[Event], expected: int) -> list[int]:
+            if racing:
+                await racing.pop()
+            return await real_append(events, expected)
+
+        recorder.append = append_after_the_other  # type: ignore[method-assign]
+        try:
+            await append_decided(recorder, sandbox_filter("sbx-x1"), decide)
+        finally:
+            del recorder.append  # type: ignore[attr-defined]
+        history = await recorder.read_aggregate(sandbox_filter("sbx-x1"))
+        assert [r.event.type_name() for r in history] == [
+            "SandboxRequested",
+            "BecameReady",
+            "RouteChosen",
+        ]
+        assert len(seen) == 2 and history[-1].event.reason == "try 2"  # type: ignore[attr-defined]
+        assert await append_decided(recorder, sandbox_filter("sbx-x1"), list) == []
 
     async def test_read_and_follow_from_sequence(self, recorder: EventRecorder) -> None:
         seqs = [(await recorder.append([requested(f"sbx-r{i}")], 0))[0] for i in range(5)]

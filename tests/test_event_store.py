@@ -63,7 +63,7 @@ async def test_old_event_decodes_through_its_upcaster(nc: NatsClient) -> None:
     # Written the way an old release wrote it: straight onto the stream.
     await nc.jetstream().publish("sandboxer.sandbox.sbx-u1.Renamed", msgspec.json.encode(v1))
     current = Renamed.create("sbx-u1", _meta(), template="alpine", region="us-2")
-    await store.append([current], None)
+    await store.append([current], await store.version(sandbox_filter("sbx-u1")))
     history = await store.read_aggregate(sandbox_filter("sbx-u1"))
     old, new = (r.event for r in history)
     assert isinstance(old, Renamed) and isinstance(new, Renamed)
