@@ -264,6 +264,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Imports the service lazily: every other command stays a fast, light client."""
     from sandboxer.auth import AuthConfigError
     from sandboxer.config import Settings
+    from sandboxer.event_store import MutableStream
+    from sandboxer.nats_server import NatsPortInUse
     from sandboxer.service import serve
 
     logging.basicConfig(
@@ -277,6 +279,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(settings, http=not args.worker))
     except AuthConfigError as exc:  # a bad tokens file: one line (never a token), no trace
         raise CliError(f"serve: {exc}", EXIT_USAGE) from None
+    except (NatsPortInUse, MutableStream) as exc:  # the event store's: one line, no trace
+        raise CliError(f"serve: {exc}", EXIT_FAILED) from None
     return EXIT_OK
 
 

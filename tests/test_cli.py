@@ -52,7 +52,9 @@ class Server:
         self.unsettled: list[str] = []  # sandboxes to see terminal before stopping
         self.url = f"http://127.0.0.1:{self.port}"
         environ = {k: v for k, v in os.environ.items() if k != "SANDBOXER_NATS_URL"}
-        environ.update(SANDBOXER_DATA_DIR=str(folder / "data"), **env)
+        environ.update(
+            SANDBOXER_DATA_DIR=str(folder / "data"), SANDBOXER_NATS_PORT=str(free_port()), **env
+        )
         # A file, not a pipe: nobody reads a pipe while tests run, and a full one would
         # block the server's logging mid-test.
         self.log_path = folder / "serve.log"
