@@ -353,7 +353,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(serve_validator(Settings.from_env(), ack_wait=args.ack_wait))
+    from sandboxer.event_store import MutableStream
+
+    try:
+        asyncio.run(serve_validator(Settings.from_env(), ack_wait=args.ack_wait))
+    except MutableStream as exc:  # an operator's stream that allows deletes: one line
+        raise CliError(f"validate serve: {exc}", EXIT_FAILED) from None
     return EXIT_OK
 
 

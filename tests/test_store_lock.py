@@ -475,6 +475,17 @@ async def test_external_stream_must_be_append_only(
         last = refused.stderr.strip().splitlines()[-1]
         assert STREAM in last and "deny_delete" in last and "deny_purge" in last, last
         assert "SANDBOXER_ALLOW_MUTABLE_STREAM" in last
+        validator = subprocess.run(
+            [sys.executable, "-m", "sandboxer", "validate", "serve"],
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            check=False,
+        )
+        assert validator.returncode != 0 and "Traceback" not in validator.stderr
+        assert "SANDBOXER_ALLOW_MUTABLE_STREAM" in validator.stderr.strip().splitlines()[-1]
         config = (await js.stream_info(STREAM)).config
         assert not config.deny_delete and not config.deny_purge, "an operator's stream: untouched"
 
