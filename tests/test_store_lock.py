@@ -30,9 +30,9 @@ from nats.aio.client import Client as NatsClient
 from nats.js import api
 
 from sandboxer.config import Settings, SettingsError
-from sandboxer.event_store import STREAM_NAME
+from sandboxer.event_store import STREAM_NAME, JetStreamEventStore, MutableStream
 from sandboxer.nats_auth import redact
-from sandboxer.nats_server import STREAM, find_nats_server
+from sandboxer.nats_server import STREAM, EmbeddedNats, find_nats_server
 from tests.helpers import METERED_LIFECYCLE, create, destroy, event_types, wait_state
 from tests.infra import ServeProcess, free_port
 
@@ -596,3 +596,25 @@ async def test_the_documented_server_config_locks_the_store(
         await reader.close()
         await service.close()
         server.stop()
+
+
+async def test_ensure_stream_locks_refuses_or_allows_a_mutable_stream(tmp_path: Path) -> None:
+    """An embedded stream made before the deny flags gets them ("lock"); an operator's
+    is refused ("refuse") or left alone with a warning ("allow")."""
+    with EmbeddedNats(tmp_path, port=free_port()) as server:
+        nc = await nats.connect(**server.connect_options())
+        try:
+            js = nc.jetstream()
+            await js.add_stream(api.StreamConfig(name=STREAM, subjects=["sandboxer.>"]))
+            store = JetStreamEventStore(nc)
+            with pytest.raises(MutableStream, match=r"SANDBOXER .*deny_delete is false"):
+                await store.ensure_stream(mutable="refuse")
+            await store.ensure_stream(mutable="allow")
+            config = (await js.stream_info(STREAM)).config
+            assert not config.deny_delete and not config.deny_purge
+            await store.ensure_stream(mutable="lock")
+            config = (await js.stream_info(STREAM)).config
+            assert config.deny_delete and config.deny_purge
+            await store.ensure_stream(mutable="refuse")  # locked now: nothing to refuse
+        finally:
+            await nc.close()
