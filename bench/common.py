@@ -47,6 +47,7 @@ from events import (
 )
 from sandboxer.event_store import JetStreamEventStore
 from sandboxer.nats_server import EmbeddedNats, find_nats_server
+from tests.infra import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -215,10 +216,12 @@ async def nats_server(
     folder: Path, sync: str, *, atomic: bool = False
 ) -> AsyncIterator[tuple[EmbeddedNats, NatsClient, JetStreamEventStore]]:
     """A real nats-server (embedded, like `serve` starts it) with the event stream."""
-    server = EmbeddedNats(folder, sync_interval=sync)
+    server = EmbeddedNats(folder, sync_interval=sync, port=free_port())
     server.start()
     try:
-        nc = await nats.connect(server.url, max_reconnect_attempts=0, pending_size=64 << 20)
+        nc = await nats.connect(
+            **server.connect_options(), max_reconnect_attempts=0, pending_size=64 << 20
+        )
         try:
             store = JetStreamEventStore(nc)
             await store.ensure_stream()

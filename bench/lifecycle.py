@@ -35,6 +35,7 @@ from sandboxer.config import Settings
 from sandboxer.event_store import RecordedEvent
 from sandboxer.manager import CreateRequest
 from sandboxer.service import Service
+from tests.infra import free_port
 
 META = EventMeta(actor="bench", correlation_id="bench-lifecycle")
 EVENTS_PER_LIFECYCLE = 10  # 7 sandbox events + reserve, debit, release on the ledger
@@ -48,6 +49,7 @@ def service_settings(data_dir: str, sync: str, **env: str) -> Settings:
         SANDBOXER_NATS_SYNC=sync,
         SANDBOXER_STARTER_CREDITS="0",
         SANDBOXER_SAAS_STUB_LATENCY_MS="0",
+        SANDBOXER_NATS_PORT=str(free_port()),
         **env,
     )
     return Settings.from_env(environ)
@@ -130,7 +132,7 @@ async def _measure(options: Options, section: Section, sync: str, service: Servi
     assert service.store is not None and service.embedded is not None
     driver = Lifecycles(service)
     await driver.run(min(n, 50))  # warm up: imports, first connections
-    raw_nc = await nats.connect(service.embedded.url)
+    raw_nc = await nats.connect(**service.embedded.connect_options())
     prefix = await raw_stream(raw_nc)
     raw_js = raw_nc.jetstream()
     counter = iter(range(10**9))

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from sandboxer.term import Progress, Table, paint, styled, tone
@@ -264,6 +265,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Imports the service lazily: every other command stays a fast, light client."""
     from sandboxer.auth import AuthConfigError
     from sandboxer.config import Settings
+    from sandboxer.event_store import MutableStream
+    from sandboxer.nats_server import NatsPortInUse
     from sandboxer.service import serve
 
     logging.basicConfig(
@@ -277,6 +280,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(settings, http=not args.worker))
     except AuthConfigError as exc:  # a bad tokens file: one line (never a token), no trace
         raise CliError(f"serve: {exc}", EXIT_USAGE) from None
+    except (NatsPortInUse, MutableStream) as exc:  # the event store's: one line, no trace
+        raise CliError(f"serve: {exc}", EXIT_FAILED) from None
+    return EXIT_OK
+
+
+def cmd_nats_info(args: argparse.Namespace) -> int:
+    """Where the event store is, from the environment and the data dir alone."""
+    from sandboxer.config import default_data_dir
+    from sandboxer.nats_auth import credentials_dir, redact
+    from sandboxer.nats_server import STREAM, Credentials, _pid_alive
+
+    env = os.environ
+    external = env.get("SANDBOXER_NATS_URL")
+    info: dict[str, Any]
+    if external:
+        info = {
+            "embedded": False,
+            "url": redact(external),
+            "stream": STREAM,
+            "credentials": "the operator's (the URL's user, or SANDBOXER_NATS_USER)",
+        }
+    else:
+        data_dir = Path(env.get("SANDBOXER_DATA_DIR") or default_data_dir(env)).expanduser()
+        folder = credentials_dir(data_dir)
+        reader, service = folder / "reader.json", folder / "service.json"
+        try:
+            url = Credentials.load(reader).url
+        except FileNotFoundError:
+            raise CliError(
+                f"nats-info: no embedded NATS server configured under {data_dir} yet: "
+                "start `sandboxer serve` once (or set SANDBOXER_DATA_DIR)",
+                EXIT_FAILED,
+            ) from None
+        except (OSError, ValueError, KeyError) as exc:
+            raise CliError(f"nats-info: cannot read {reader}: {exc}", EXIT_FAILED) from None
+        try:
+            pid: int | None = int((data_dir / "nats" / "nats-server.pid").read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+        info = {
+            "embedded": True,
+            "url": url,
+            "stream": STREAM,
+            "reader_credentials": str(reader),
+            "service_credentials": str(service),
+            "running": pid is not None and _pid_alive(pid),
+        }
+    if args.json:
+        _print_json(info)
+        return EXIT_OK
+    print(f"url:     {info['url']}")
+    print(f"stream:  {info['stream']}")
+    if info["embedded"]:
+        print(f"reader:  {info['reader_credentials']}  (read-only: validators, auditors)")
+        print(f"service: {info['service_credentials']}  (the service's own: keep it)")
+        print(f"server:  {'running' if info['running'] else 'not running'} (embedded)")
+    else:
+        print(f"credentials: {info['credentials']}")
     return EXIT_OK
 
 
@@ -292,7 +353,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(serve_validator(Settings.from_env(), ack_wait=args.ack_wait))
+    from sandboxer.event_store import MutableStream
+
+    try:
+        asyncio.run(serve_validator(Settings.from_env(), ack_wait=args.ack_wait))
+    except MutableStream as exc:  # an operator's stream that allows deletes: one line
+        raise CliError(f"validate serve: {exc}", EXIT_FAILED) from None
     return EXIT_OK
 
 
@@ -863,6 +929,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profiles", help="list profiles and their inputs")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser(
+        "nats-info", help="the event store's NATS URL, stream and reader credentials file"
+    )
+    p.add_argument("--json", action="store_true")
+
     validate = sub.add_parser("validate", help="the reference validator")
     vsub = validate.add_subparsers(dest="validate_command", required=True, parser_class=_Parser)
     p = vsub.add_parser("serve", help="run health checks and test_command on ready sandboxes")
@@ -952,6 +1023,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "validate":
             return cmd_validate(args)
+        if args.command == "nats-info":
+            return cmd_nats_info(args)
         client = Client(check_url(args.url), os.environ.get("SANDBOXER_TOKEN"))
         return COMMANDS[args.command](args, client)
     except CliError as exc:

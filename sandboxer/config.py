@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sandboxer.leases import check_worker_name
-from sandboxer.nats_server import sync_interval_from_env
+from sandboxer.nats_server import DEFAULT_NATS_PORT, PORT_VARIABLE, sync_interval_from_env
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -79,7 +79,11 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
-    nats_url: str | None = None  # None: start the embedded server
+    nats_url: str | None = field(default=None, repr=False)  # None: the embedded server
+    nats_port: int = DEFAULT_NATS_PORT  # the embedded server's
+    nats_user: str | None = None  # with nats_url: its user, unless the URL names one
+    nats_password: str | None = field(default=None, repr=False)
+    allow_mutable_stream: bool = False  # run on an operator's stream that allows deletes
     nats_sync: str = "always"
     stream_replicas: int = 1
     starter_credits: int = 1000
@@ -131,6 +135,25 @@ class Settings:
             lambda t: t >= 0,
             "seconds >= 0 (0: no periodic sweep)",
         )
+        nats_port = _number(
+            env,
+            PORT_VARIABLE,
+            str(DEFAULT_NATS_PORT),
+            int,
+            lambda p: 1 <= p <= 65535,
+            "a TCP port between 1 and 65535",
+        )
+        nats_user = env.get("SANDBOXER_NATS_USER") or None
+        nats_password = env.get("SANDBOXER_NATS_PASSWORD") or None
+        if (nats_user is None) != (nats_password is None):
+            raise SettingsError("set SANDBOXER_NATS_USER and SANDBOXER_NATS_PASSWORD together")
+        nats_url = env.get("SANDBOXER_NATS_URL") or None
+        if nats_user is not None and (nats_url is None or "@" in nats_url):
+            raise SettingsError(
+                "SANDBOXER_NATS_USER and SANDBOXER_NATS_PASSWORD go with a SANDBOXER_NATS_URL "
+                "that names no user (the embedded server has its own credentials)"
+            )
+        allow_mutable = _choice(env, "SANDBOXER_ALLOW_MUTABLE_STREAM", ("0", "1")) == "1"
         values: dict[str, object] = {
             "repo_roots": repo_roots_from_env(env),
             "reconcile": reconcile,
@@ -141,7 +164,11 @@ class Settings:
             "checkpoint_bucket": env.get("SANDBOXER_CHECKPOINT_BUCKET") or "sandboxer-checkpoints",
             "starter_credits": starter,
             "data_dir": data_dir,
-            "nats_url": env.get("SANDBOXER_NATS_URL") or None,
+            "nats_url": nats_url,
+            "nats_port": nats_port,
+            "nats_user": nats_user,
+            "nats_password": nats_password,
+            "allow_mutable_stream": allow_mutable,
             "nats_sync": sync_interval_from_env(env),
             "stream_replicas": replicas,
             "environ": env,

@@ -26,6 +26,7 @@ from nats.js import JetStreamContext, api
 from events import Event
 from events.codec import EventCodec, default_codec
 from events.subjects import STREAM_SUBJECTS, filter_for, subject_for
+from sandboxer.nats_auth import MutablePolicy
 
 STREAM_NAME = "SANDBOXER"
 TRANSIENT_RETRY_SECONDS = 20.0
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 class FollowStalled(Exception):
     pass
+
+
+class MutableStream(RuntimeError):
+    """An operator's event stream that still allows deleting or purging events."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -164,8 +169,13 @@ class JetStreamEventStore:
         self.codec = codec or default_codec()
         self.timeout = timeout
 
-    async def ensure_stream(self) -> None:
-        """Create the stream if it is missing; leave an existing one as it is."""
+    async def ensure_stream(self, *, mutable: MutablePolicy = "lock") -> None:
+        """Create the stream append-only (deny_delete, deny_purge) if it is missing.
+
+        An existing stream that still allows deleting or purging: `mutable="lock"` sets
+        both flags (JetStream lets them be set, never unset), `"refuse"` raises
+        MutableStream (an operator's stream: theirs to change), `"allow"` logs a warning
+        and goes on."""
         config = api.StreamConfig(
             name=self.stream,
             subjects=STREAM_SUBJECTS,
@@ -174,12 +184,47 @@ class JetStreamEventStore:
             retention=api.RetentionPolicy.LIMITS,
             duplicate_window=120.0,
             allow_direct=True,
+            deny_delete=True,
+            deny_purge=True,
         )
         try:
-            await self.js.stream_info(self.stream)
+            info = await self.js.stream_info(self.stream)
         except nats.js.errors.NotFoundError:
-            with contextlib.suppress(nats.js.errors.BadRequestError):
+            try:
                 await self.js.add_stream(config)
+                return
+            except nats.js.errors.BadRequestError:
+                info = await self.js.stream_info(self.stream)  # another process won the race
+        allowed = [
+            flag
+            for flag, denied in (
+                ("deny_delete", info.config.deny_delete),
+                ("deny_purge", info.config.deny_purge),
+            )
+            if not denied
+        ]
+        if not allowed:
+            return
+        if mutable == "lock":
+            info.config.deny_delete = True
+            info.config.deny_purge = True
+            await self.js.update_stream(info.config)
+            log.info("stream %s is now append-only (deny_delete, deny_purge)", self.stream)
+            return
+        flags = " and ".join(f"{flag} is false" for flag in allowed)
+        if mutable == "allow":
+            log.warning(
+                "stream %s allows deleting or purging events (%s); running anyway "
+                "because SANDBOXER_ALLOW_MUTABLE_STREAM=1",
+                self.stream,
+                flags,
+            )
+            return
+        raise MutableStream(
+            f"the event stream {self.stream} is not append-only ({flags}): set "
+            "deny_delete and deny_purge on it (they cannot be unset afterwards), or set "
+            "SANDBOXER_ALLOW_MUTABLE_STREAM=1 to run on it anyway"
+        )
 
     async def append(self, events: Sequence[Event], expected_version: int) -> list[int]:
         if not events:

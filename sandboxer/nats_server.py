@@ -6,14 +6,25 @@ that spawned the child, so `start()` must run on a thread that lives as long as 
 process (the service calls it from the main thread). As a second line, the pid file
 lets the next `start()` on the same data dir stop a server left behind by an earlier
 run instead of failing on its locked store.
+
+Locked down: the server listens on one fixed port (`SANDBOXER_NATS_PORT`, default
+4223) and lets nobody in without a password. On first start it generates two users
+(docs/nats.md): `sandboxer`, the service, which may do everything but delete or purge
+the event stream; and `sandboxer-reader`, which may read the event stream through
+its own consumers and nothing else. Their credentials live in
+`<data_dir>/nats/credentials/{service,reader}.json` (mode 0600, folder 0700) and are
+kept across restarts; the server config holds the same passwords in clear (no bcrypt
+without a new dependency) and is 0600 too.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -21,10 +32,113 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
 _DURATION_RE = re.compile(r"^\d+(\.\d+)?(ns|us|ms|s|m|h)$")
+
+DEFAULT_NATS_PORT = 4223  # one above NATS's own 4222: a developer's NATS does not collide
+PORT_VARIABLE = "SANDBOXER_NATS_PORT"
+STREAM = "SANDBOXER"  # the event stream (sandboxer.event_store.STREAM_NAME)
+SERVICE_USER = "sandboxer"
+READER_USER = "sandboxer-reader"
+# The service's reply subjects: not under `_INBOX.`, so a reader (who may subscribe to
+# `_INBOX.>` for its own replies) never sees the answers the service gets, such as
+# key-value and object store reads.
+SERVICE_INBOX_PREFIX = "_SANDBOXER_INBOX"
+
+# What the service may not do to the event stream even with its own password (the
+# stream's deny_delete / deny_purge say the same to JetStream).
+SERVICE_DENY = (
+    f"$JS.API.STREAM.DELETE.{STREAM}",
+    f"$JS.API.STREAM.PURGE.{STREAM}",
+    f"$JS.API.STREAM.MSG.DELETE.{STREAM}",
+)
+# What a read-only client needs to read the event stream with its own consumers:
+# ordered (push, flow control) and durable pull consumers, stream info, direct get.
+READER_PUBLISH = (
+    "$JS.API.INFO",
+    "$JS.API.STREAM.NAMES",
+    f"$JS.API.STREAM.INFO.{STREAM}",
+    f"$JS.API.STREAM.MSG.GET.{STREAM}",
+    f"$JS.API.DIRECT.GET.{STREAM}",
+    f"$JS.API.DIRECT.GET.{STREAM}.>",
+    f"$JS.API.CONSUMER.CREATE.{STREAM}",
+    f"$JS.API.CONSUMER.CREATE.{STREAM}.>",
+    f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.>",
+    f"$JS.API.CONSUMER.INFO.{STREAM}.>",
+    f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.>",
+    f"$JS.ACK.{STREAM}.>",
+    f"$JS.FC.{STREAM}.>",
+)
+# ...but not on the service's own durable consumers whose names are fixed: a reader
+# could otherwise pull (and ack) their messages away or change their filter.
+SERVICE_DURABLES = ("sandboxer-validator",)
+READER_DENY = tuple(
+    subject
+    for durable in SERVICE_DURABLES
+    for subject in (
+        f"$JS.API.CONSUMER.CREATE.{STREAM}.{durable}",
+        f"$JS.API.CONSUMER.CREATE.{STREAM}.{durable}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{durable}",
+        f"$JS.ACK.{STREAM}.{durable}.>",
+    )
+)
+READER_SUBSCRIBE = ("sandboxer.>", "_INBOX.>")
+
+
+class NatsPortInUse(RuntimeError):
+    """The configured port is taken: a one-line start error, never a random new port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(
+            f"the embedded NATS port {port} on {host} is already in use: stop what "
+            f"listens there or set {PORT_VARIABLE} to a free port"
+        )
+        self.port = port
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One user of the embedded server, as its credentials file holds it."""
+
+    url: str
+    user: str
+    password: str = field(repr=False)
+    stream: str = STREAM
+
+    @classmethod
+    def load(cls, path: Path) -> Credentials:
+        data = json.loads(path.read_text())
+        return cls(
+            url=str(data["url"]),
+            user=str(data["user"]),
+            password=str(data["password"]),
+            stream=str(data.get("stream", STREAM)),
+        )
+
+    def to_json(self) -> str:
+        body = {"url": self.url, "user": self.user, "password": self.password}
+        return json.dumps({**body, "stream": self.stream}, indent=2) + "\n"
+
+    def connect_options(self) -> dict[str, Any]:
+        """Keyword arguments for `nats.connect` (servers, user, password)."""
+        return {"servers": [self.url], "user": self.user, "password": self.password}
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (0600 from the start, also on rewrite)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def find_nats_server() -> str:
@@ -73,7 +187,7 @@ class EmbeddedNats:
         *,
         sync_interval: str = "always",
         host: str = "127.0.0.1",
-        port: int | None = None,
+        port: int = DEFAULT_NATS_PORT,
         binary: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
@@ -85,15 +199,69 @@ class EmbeddedNats:
         self.config_file = self.folder / "nats-server.conf"
         self.pid_file = self.folder / "nats-server.pid"
         self.log_file = self.folder / "nats-server.log"
-        # Where other local processes (the validator, bench) find this server.
+        # Where other local processes (the validator, bench, readers) find this server.
         self.url_file = self.folder / "url"
+        self.credentials_dir = self.folder / "credentials"
+        self.service_file = self.credentials_dir / "service.json"
+        self.reader_file = self.credentials_dir / "reader.json"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._service: Credentials | None = None
+        self._reader: Credentials | None = None
 
     @property
     def url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("embedded NATS is not started")
+        """The server's address, without credentials (what logs may show)."""
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def service(self) -> Credentials:
+        if self._service is None:
+            self.ensure_credentials()
+        assert self._service is not None
+        return self._service
+
+    @property
+    def reader(self) -> Credentials:
+        if self._reader is None:
+            self.ensure_credentials()
+        assert self._reader is not None
+        return self._reader
+
+    @property
+    def service_url(self) -> str:
+        """The URL with the service's user and password in it, for processes that take
+        one URL (`SANDBOXER_NATS_URL`). Never log it."""
+        return f"nats://{self.service.user}:{self.service.password}@{self.host}:{self.port}"
+
+    def connect_options(self) -> dict[str, Any]:
+        """`nats.connect` keyword arguments for the service user (with the service's
+        own reply prefix)."""
+        return {**self.service.connect_options(), "inbox_prefix": SERVICE_INBOX_PREFIX}
+
+    def ensure_credentials(self) -> None:
+        """Generate both users on first start; afterwards keep their passwords and only
+        rewrite the URL in the files when the port setting changed."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.credentials_dir.mkdir(mode=0o700, exist_ok=True)
+        self.credentials_dir.chmod(0o700)
+        found: dict[str, Credentials] = {}
+        for user, path in ((SERVICE_USER, self.service_file), (READER_USER, self.reader_file)):
+            try:
+                creds = Credentials.load(path)
+            except FileNotFoundError:
+                creds = Credentials(self.url, user, secrets.token_urlsafe(32))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise RuntimeError(
+                    f"unreadable NATS credentials file {path}: {exc}; stop the service "
+                    "and remove the credentials folder to generate new ones"
+                ) from None
+            if creds.user != user:
+                raise RuntimeError(f"NATS credentials file {path} is not for user {user!r}")
+            if creds.url != self.url or not path.exists() or path.stat().st_mode & 0o077:
+                creds = Credentials(self.url, user, creds.password, creds.stream)
+                write_private(path, creds.to_json())
+            found[user] = creds
+        self._service, self._reader = found[SERVICE_USER], found[READER_USER]
 
     @property
     def pid(self) -> int | None:
@@ -105,6 +273,7 @@ class EmbeddedNats:
         return (
             f"listen: {json_string(f'{self.host}:{self.port}')}\n"
             f"jetstream {{\n  store_dir: {store}\n{sync}}}\n"
+            f"{authorization_text(self.service.password, self.reader.password)}"
         )
 
     def start(self, timeout: float = 15.0) -> str:
@@ -112,11 +281,9 @@ class EmbeddedNats:
             return self.url
         self.folder.mkdir(parents=True, exist_ok=True)
         self._stop_stale()
-        if self.port is None:
-            with socket.socket() as s:
-                s.bind((self.host, 0))
-                self.port = int(s.getsockname()[1])
-        self.config_file.write_text(self.config_text())
+        self._check_port_free()
+        self.ensure_credentials()
+        write_private(self.config_file, self.config_text())
         with self.log_file.open("ab") as log:
             self._proc = subprocess.Popen(
                 [self.binary or find_nats_server(), "-c", str(self.config_file)],
@@ -134,12 +301,26 @@ class EmbeddedNats:
         self.url_file.write_text(self.url)
         return self.url
 
+    def _check_port_free(self) -> None:
+        """Fail with a clear error when something already listens on the port (the
+        server itself would only say so in its log)."""
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server does
+            try:
+                s.bind((self.host, self.port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise NatsPortInUse(self.host, self.port) from None
+                raise
+
     def _wait_ready(self, timeout: float) -> None:
         """Ready when the port greets us with the NATS `INFO` line."""
-        assert self._proc is not None and self.port is not None
+        assert self._proc is not None
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
+                if "address already in use" in self._log_tail().lower():
+                    raise NatsPortInUse(self.host, self.port)  # taken since our check
                 raise RuntimeError(
                     f"nats-server exited with {self._proc.returncode} at start:\n{self._log_tail()}"
                 )
@@ -207,6 +388,29 @@ class EmbeddedNats:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _subjects(subjects: tuple[str, ...]) -> str:
+    return "[" + ", ".join(json_string(s) for s in subjects) + "]"
+
+
+def authorization_text(service_password: str, reader_password: str) -> str:
+    """The users block of the server config: no anonymous access at all."""
+    return (
+        "authorization {\n  users = [\n"
+        f"    {{user: {json_string(SERVICE_USER)}, password: {json_string(service_password)},\n"
+        "     permissions: {\n"
+        f'       publish: {{allow: [">"], deny: {_subjects(SERVICE_DENY)}}}\n'
+        '       subscribe: {allow: [">"]}\n'
+        "     }}\n"
+        f"    {{user: {json_string(READER_USER)}, password: {json_string(reader_password)},\n"
+        "     permissions: {\n"
+        f"       publish: {{allow: {_subjects(READER_PUBLISH)},\n"
+        f"                 deny: {_subjects(READER_DENY)}}}\n"
+        f"       subscribe: {{allow: {_subjects(READER_SUBSCRIBE)}}}\n"
+        "     }}\n"
+        "  ]\n}\n"
+    )
 
 
 def json_string(value: str) -> str:

@@ -22,6 +22,7 @@ from sandboxer.event_store import JetStreamEventStore
 from sandboxer.http_server import ApiRunner
 from sandboxer.leases import WorkerLeases, default_worker_name
 from sandboxer.manager import SandboxManager
+from sandboxer.nats_auth import external_connect_options, mutable_policy, redact
 from sandboxer.nats_server import EmbeddedNats
 from sandboxer.profiles import ProfileCatalog
 from sandboxer.read_model import ProjectionRunner
@@ -56,23 +57,33 @@ class Service:
             RuntimeInfo(settings.data_dir, settings.repo_roots), settings.environ
         )
         profiles = ProfileCatalog.from_env(settings.environ)
-        url = settings.nats_url
-        if url is None:
-            self.embedded = EmbeddedNats(settings.data_dir, sync_interval=settings.nats_sync)
+        if settings.nats_url is None:
+            self.embedded = EmbeddedNats(
+                settings.data_dir, sync_interval=settings.nats_sync, port=settings.nats_port
+            )
             # Started from this (the main) thread on purpose: the child's parent-death
             # signal is tied to the thread that spawned it, and this one lives as long
             # as the process. The ~0.1 s it blocks the loop is start-up time.
-            url = self.embedded.start()
-            log.info("embedded NATS at %s (data under %s)", url, settings.data_dir)
+            self.embedded.start()
+            log.info(
+                "embedded NATS at %s (data under %s; reader credentials in %s)",
+                self.embedded.url,
+                settings.data_dir,
+                self.embedded.reader_file,
+            )
+            options = self.embedded.connect_options()
+        else:
+            log.info("NATS at %s", redact(settings.nats_url))
+            options = external_connect_options(settings)
         self.nc = await nats.connect(
-            servers=url.split(","),
+            **options,
             connect_timeout=5,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             name="sandboxer",
         )
         self.store = JetStreamEventStore(self.nc, replicas=settings.stream_replicas)
-        await self.store.ensure_stream()
+        await self.store.ensure_stream(mutable=mutable_policy(settings))
         self.runner = ProjectionRunner(self.store, cache_dir=settings.data_dir / "cache")
         await self.runner.start()
         snapshots: SnapshotStore

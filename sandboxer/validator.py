@@ -231,26 +231,24 @@ async def serve_validator(
     import nats
 
     from extensions import RuntimeInfo
+    from sandboxer.nats_auth import mutable_policy, service_connect_options
 
-    url = settings.nats_url
-    url_file = settings.data_dir / "nats" / "url"
-    if url is None:
-        if not url_file.exists():
-            raise SystemExit(
-                "sandboxer validate: no SANDBOXER_NATS_URL, and no running `sandboxer serve` "
-                f"on the data directory {settings.data_dir}"
-            )
-        url = url_file.read_text().strip()
+    if settings.nats_url is None and not (settings.data_dir / "nats" / "url").exists():
+        raise SystemExit(
+            "sandboxer validate: no SANDBOXER_NATS_URL, and no running `sandboxer serve` "
+            f"on the data directory {settings.data_dir}"
+        )
+    # The validator is part of the service: it publishes validation events, so it
+    # connects as the service user.
+    options = service_connect_options(settings)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    nc = await nats.connect(
-        servers=url.split(","), name="sandboxer-validator", max_reconnect_attempts=-1
-    )
+    nc = await nats.connect(**options, name="sandboxer-validator", max_reconnect_attempts=-1)
     try:
         store = JetStreamEventStore(nc, replicas=settings.stream_replicas)
-        await store.ensure_stream()
+        await store.ensure_stream(mutable=mutable_policy(settings))
         extensions = ExtensionRegistry.from_env(
             RuntimeInfo(settings.data_dir, settings.repo_roots), settings.environ
         )

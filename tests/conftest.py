@@ -26,7 +26,7 @@ from tests.infra import Podman, SSHHost, free_port
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats(tmp_path / "nats-data", sync_interval="always")
+    server = EmbeddedNats(tmp_path / "nats-data", sync_interval="always", port=free_port())
     server.start()
     try:
         yield server
@@ -36,7 +36,7 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
 
 @pytest.fixture
 async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NatsClient]:
-    client = await nats.connect(nats_server.url)
+    client = await nats.connect(**nats_server.connect_options())
     try:
         yield client
     finally:
@@ -83,7 +83,7 @@ async def start_service(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncItera
         data_dir = tmp_path / "data"
         environ = {
             **os.environ,
-            "SANDBOXER_NATS_URL": nats_server.url,
+            "SANDBOXER_NATS_URL": nats_server.service_url,
             "SANDBOXER_DATA_DIR": str(data_dir),
             **env,
         }

@@ -388,6 +388,9 @@ class ServeProcess:
     def __init__(self, data_dir: Path, port: int, *args: str, **env: str) -> None:
         self.url = f"http://127.0.0.1:{port}"
         environ = {k: v for k, v in os.environ.items() if k != "SANDBOXER_NATS_URL"}
+        if "SANDBOXER_NATS_URL" not in env:
+            # Many servers run at once in tests: each embedded NATS on a port of its own.
+            environ["SANDBOXER_NATS_PORT"] = str(free_port())
         environ.update(SANDBOXER_DATA_DIR=str(data_dir), **env)
         self.data_dir = data_dir
         self.proc = subprocess.Popen(

@@ -138,9 +138,10 @@ async def test_checkpoint_without_the_capability_is_409(
         assert resp.status == 404
 
 
-async def corrupt_object(url: str, bucket: str, key: str) -> None:
-    """Flip a byte of a stored chunk: purge the chunk subject, publish it back altered."""
-    nc = await nats.connect(url)
+async def corrupt_object(server: EmbeddedNats, bucket: str, key: str) -> None:
+    """Flip a byte of a stored chunk: purge the chunk subject, publish it back altered
+    (the service user may purge the object store's stream, never the event stream)."""
+    nc = await nats.connect(**server.connect_options())
     try:
         js = nc.jetstream()
         store = await js.object_store(bucket)
@@ -216,7 +217,7 @@ async def test_compose_checkpoint_restore_clone_and_corruption(
 
     # A corrupted artifact: restore fails with a digest error, the sandbox stays as is.
     (workspace / "site" / "note.txt").write_text("current\n")
-    await corrupt_object(nats_server.url, "sandboxer-checkpoints", ckpt["store_key"])
+    await corrupt_object(nats_server, "sandboxer-checkpoints", ckpt["store_key"])
     types = await restore(http, url, made["id"], ckpt["id"])
     assert types[-2:] == ["RestoreRequested", "RestoreFailed"]
     async with http.get(f"{url}/v1/sandboxes/{made['id']}/events") as resp:

@@ -51,8 +51,11 @@ class Server:
         self.port = free_port()
         self.unsettled: list[str] = []  # sandboxes to see terminal before stopping
         self.url = f"http://127.0.0.1:{self.port}"
+        self.data_env = {"SANDBOXER_DATA_DIR": str(folder / "data")}
         environ = {k: v for k, v in os.environ.items() if k != "SANDBOXER_NATS_URL"}
-        environ.update(SANDBOXER_DATA_DIR=str(folder / "data"), **env)
+        environ.update(
+            SANDBOXER_DATA_DIR=str(folder / "data"), SANDBOXER_NATS_PORT=str(free_port()), **env
+        )
         # A file, not a pipe: nobody reads a pipe while tests run, and a full one would
         # block the server's logging mid-test.
         self.log_path = folder / "serve.log"
@@ -329,6 +332,9 @@ def test_every_data_command_has_json(server: Server) -> None:
         "ledger history": run_json(server, "ledger", "history", "json-team", "--json"),
         "ledger audit": run_json(server, "ledger", "audit", "--json"),
         "destroy": run_json(server, "destroy", sid, "--wait", "--json"),
+        "nats-info": json.loads(
+            cli(server.url, "nats-info", "--json", env={**os.environ, **server.data_env}).stdout
+        ),
     }
     with_json, without = leaf_commands(build_parser())
     assert with_json == set(commands)
@@ -336,6 +342,7 @@ def test_every_data_command_has_json(server: Server) -> None:
     assert without == {"serve", "validate serve", "e2e"}
     assert commands["checkpoint restore"]["state"] == "ready"
     assert commands["destroy"]["state"] == "destroyed"
+    assert commands["nats-info"]["embedded"] and commands["nats-info"]["running"]
     assert [e["event"]["type"] for e in commands["events"]][:2] == [
         "SandboxRequested",
         "RouteChosen",

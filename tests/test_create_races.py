@@ -84,7 +84,7 @@ class Node:
 async def nodes(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[list[Node]]:
     """Two serve processes on one JetStream, with tokens (a member acts for `acme`)."""
     env = {
-        "SANDBOXER_NATS_URL": nats_server.url,
+        "SANDBOXER_NATS_URL": nats_server.service_url,
         "SANDBOXER_TOKENS": TOKENS,
         "SANDBOXER_LEASE_TTL": "30",  # a stopped node keeps its leases through a test
         "SANDBOXER_RECONCILE": "off",

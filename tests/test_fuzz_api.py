@@ -53,7 +53,9 @@ class ServedApi:
         self.log = data_dir / "serve.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         environ = {k: v for k, v in os.environ.items() if k != "SANDBOXER_NATS_URL"}
-        environ.update(SANDBOXER_DATA_DIR=str(data_dir), **env)
+        environ.update(
+            SANDBOXER_DATA_DIR=str(data_dir), SANDBOXER_NATS_PORT=str(free_port()), **env
+        )
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sandboxer", "serve", "--port", str(self.port)],

@@ -382,7 +382,11 @@ def _serve_with(tmp_path: Path, entries: list[dict[str, str]]) -> subprocess.Com
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text(yaml.safe_dump(entries))
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXER_")}
-    environ.update(SANDBOXER_DATA_DIR=str(tmp_path / "data"), SANDBOXER_TOKENS_FILE=str(tokens))
+    environ.update(
+        SANDBOXER_DATA_DIR=str(tmp_path / "data"),
+        SANDBOXER_TOKENS_FILE=str(tokens),
+        SANDBOXER_NATS_PORT=str(free_port()),
+    )
     return subprocess.run(
         [sys.executable, "-m", "sandboxer", "serve", "--port", str(free_port())],
         env=environ,

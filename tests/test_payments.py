@@ -140,7 +140,7 @@ async def test_50_concurrent_creates_against_credits_for_10(api: RunningService)
 
 async def test_two_processes_never_overdraw(nats_server: EmbeddedNats, tmp_path: Path) -> None:
     """Two `sandboxer serve` processes on one JetStream reserve from one account."""
-    env = {"SANDBOXER_NATS_URL": nats_server.url}
+    env = {"SANDBOXER_NATS_URL": nats_server.service_url}
     procs = [ServeProcess(tmp_path / f"data{i}", free_port(), **env) for i in range(2)]
     async with aiohttp.ClientSession() as http:
         try:

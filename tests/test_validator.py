@@ -46,7 +46,7 @@ def validated_env(
     return {
         **compose_env(),
         "SANDBOXER_PROFILES_PATH": str(profiles),
-        "SANDBOXER_NATS_URL": nats_server.url,
+        "SANDBOXER_NATS_URL": nats_server.service_url,
     }
 
 

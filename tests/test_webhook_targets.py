@@ -131,7 +131,7 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path, nats_server: EmbeddedNats) -> Iterator[Served]:
-    serve = Served(tmp_path / "serve", nats_server.url)
+    serve = Served(tmp_path / "serve", nats_server.service_url)
     yield serve
     if serve.proc is not None:
         serve.proc.kill()

@@ -14,7 +14,7 @@ from tests.helpers import METERED_LIFECYCLE, create, event_types, wait_state
 
 
 async def lease_holder(server: EmbeddedNats, sandbox_id: str) -> str | None:
-    nc = await nats.connect(server.url)
+    nc = await nats.connect(**server.connect_options())
     try:
         kv = await nc.jetstream().key_value(LEASES_BUCKET)
         try:
