@@ -273,36 +273,77 @@ class Webhooks:
                 await task
         # Its durable consumer goes too (a disabled webhook's as well): nothing
         # would consume it again, and the server would keep its state forever.
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await self.nc.jetstream().delete_consumer(STREAM_NAME, _durable(webhook_id))
+        for durable in (self.durable(webhook_id), _legacy_durable(webhook_id)):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.nc.jetstream().delete_consumer(STREAM_NAME, durable)
         return True
+
+    def durable(self, webhook_id: str) -> str:
+        """The webhook's durable consumer: named from the service's key, so a reader
+        (who sees webhook ids in the stream but cannot list consumers) cannot guess
+        it and pull or ack its deliveries."""
+        digest = hmac.new(self.key, f"durable/{webhook_id}".encode(), hashlib.sha256)
+        return f"webhook-{digest.hexdigest()[:24]}"
+
+    async def _consume(self, registration: WebhookRegistered, stop: asyncio.Event) -> None:
+        webhook_id = registration.aggregate_id
+        js = self.nc.jetstream()
+        start_seq = registration.start_seq
+        legacy = _legacy_durable(webhook_id)
+        try:
+            # Named after the id by earlier releases: go on where it stood.
+            info = await js.consumer_info(STREAM_NAME, legacy)
+            start_seq = info.ack_floor.stream_seq + 1 if info.ack_floor else start_seq
+        except nats.js.errors.NotFoundError:
+            legacy = ""
+
+        async def handler(delivery: Delivery) -> None:
+            await self._deliver(registration, delivery)
+
+        consuming = asyncio.create_task(
+            subscribe(
+                js,
+                self.durable(webhook_id),
+                [f"sandboxer.{_KINDS[t]}.*.{t}" for t in registration.event_types],
+                handler,
+                max_attempts=self.max_attempts,
+                backoff=self.backoff,
+                ack_wait=self.timeout * 3,
+                stop=stop,
+                start_seq=start_seq,
+                max_ack_pending=1,  # a failing receiver holds back its own queue only
+            )
+        )
+        try:
+            if legacy:
+                await self._drop_legacy(legacy, self.durable(webhook_id))
+            await consuming
+        finally:
+            consuming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consuming
+
+    async def _drop_legacy(self, legacy: str, durable: str) -> None:
+        """Delete the old-named consumer once its successor exists (a crash between
+        the two leaves the old one, and the next start does this again)."""
+        js = self.nc.jetstream()
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    await js.consumer_info(STREAM_NAME, durable)
+                    break
+                except nats.js.errors.NotFoundError:
+                    await asyncio.sleep(0.1)  # the consumer task creates it first
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_consumer(STREAM_NAME, legacy)
 
     def list(self, account: str) -> list[WebhookOut]:
         return [self._out(r) for r in self.registrations.values() if r.account == account]
 
     def _start(self, registration: WebhookRegistered) -> None:
         webhook_id = registration.aggregate_id
-        subjects = [f"sandboxer.{_KINDS[t]}.*.{t}" for t in registration.event_types]
         stop = asyncio.Event()
-
-        async def handler(delivery: Delivery) -> None:
-            await self._deliver(registration, delivery)
-
-        task = asyncio.create_task(
-            subscribe(
-                self.nc.jetstream(),
-                _durable(webhook_id),
-                subjects,
-                handler,
-                max_attempts=self.max_attempts,
-                backoff=self.backoff,
-                ack_wait=self.timeout * 3,
-                stop=stop,
-                start_seq=registration.start_seq,
-                max_ack_pending=1,  # a failing receiver holds back its own queue only
-            ),
-            name=f"webhook-{webhook_id}",
-        )
+        task = asyncio.create_task(self._consume(registration, stop), name=f"webhook-{webhook_id}")
         self._tasks[webhook_id] = (task, stop)
 
     async def _deliver(self, registration: WebhookRegistered, delivery: Delivery) -> None:
@@ -393,7 +434,8 @@ class Webhooks:
         await append_decided(self.store, filter_for(event), lambda: [event])
 
 
-def _durable(webhook_id: str) -> str:
+def _legacy_durable(webhook_id: str) -> str:
+    """What earlier releases named a webhook's consumer (readers can guess it)."""
     return f"webhook-{webhook_id}"
 
 

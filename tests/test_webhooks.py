@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
+from nats.js import api
 
 from sandboxer.webhooks import SIGNATURE_HEADER, sign, verify
 from tests.conftest import StartService
@@ -141,3 +142,69 @@ def test_signature_rules() -> None:
     assert not verify("other", header, body, now=1_700_000_100)
     assert not verify("s3cret", header, body, now=1_700_000_000 + 3600), "replayed too late"
     assert not verify("s3cret", "garbage", body)
+
+
+async def test_a_consumer_named_by_an_earlier_release_is_carried_on(
+    start_service: StartService, nc: NatsClient
+) -> None:
+    """Earlier releases named a webhook's consumer `webhook-<id>`, which a reader can
+    guess from the stream. A start finds such a consumer, goes on from where it
+    stood under the unguessable name, and deletes it."""
+    env = {"SANDBOXER_WEBHOOK_BACKOFF": "0.1", "SANDBOXER_WEBHOOK_ALLOW_NETS": "127.0.0.0/8"}
+    box: dict[str, str] = {}
+    receiver = Receiver(box, down_for=0)
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    js = nc.jetstream()
+    try:
+        svc = await start_service(**env)
+        async with svc.http.post(
+            f"{svc.url}/v1/accounts/default/webhooks",
+            json={"url": f"http://127.0.0.1:{port}/hook", "event_types": ["SandboxRequested"]},
+        ) as resp:
+            registered = await resp.json()
+            assert resp.status == 201, registered
+        box["secret"] = registered["secret"]
+        first = await create(svc.http, svc.url)
+        async with asyncio.timeout(30):
+            while not receiver.events:
+                receiver.changed.clear()
+                await receiver.changed.wait()
+        assert svc.service.webhooks is not None
+        durable = svc.service.webhooks.durable(registered["id"])
+        assert registered["id"] not in durable
+        await svc.stop()
+
+        # As an earlier release left it: the old name, everything so far delivered.
+        last = (await js.stream_info("SANDBOXER")).state.last_seq
+        old = await js.consumer_info("SANDBOXER", durable)
+        await js.delete_consumer("SANDBOXER", durable)
+        legacy = f"webhook-{registered['id']}"
+        await js.add_consumer(
+            "SANDBOXER",
+            api.ConsumerConfig(
+                durable_name=legacy,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                filter_subjects=old.config.filter_subjects,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=last + 1,
+            ),
+        )
+
+        svc = await start_service(**env)
+        second = await create(svc.http, svc.url)
+        async with asyncio.timeout(30):
+            while len(receiver.events) < 2:
+                receiver.changed.clear()
+                await receiver.changed.wait()
+        delivered = [e["event"]["aggregate_id"] for e in receiver.events.values()]
+        assert delivered == [first["id"], second["id"]]
+        assert receiver.requests == 2, "nothing was delivered again"
+        names = [i.name for i in await js.consumers_info("SANDBOXER")]
+        assert durable in names and legacy not in names
+    finally:
+        await runner.cleanup()
