@@ -402,6 +402,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
+        if exc.detail.status == 503:
+            return _unavailable(exc.detail)  # every 503 says when to retry
         return json_response(ErrorBody(exc.detail), exc.detail.status)
     except web.HTTPRequestEntityTooLarge:
         detail = ErrorDetail(413, "body_too_large", f"body exceeds {MAX_BODY_BYTES} bytes")
@@ -1001,9 +1003,10 @@ class Api:
                 # recorded, this request is a retry of it.
                 await self.runner.wait_sandbox(exc.sandbox_id, 0, PROJECTION_WAIT)
                 if self.runner.projection.get(exc.sandbox_id) is None:
+                    # Not recorded yet (or its worker died before it was): transient.
                     raise ApiError(
-                        409,
-                        "conflict",
+                        503,
+                        "create_in_progress",
                         "a create with this Idempotency-Key is in progress; retry",
                         "Idempotency-Key",
                     ) from exc
