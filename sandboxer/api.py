@@ -14,6 +14,7 @@ import msgspec
 import msgspec.inspect
 from aiohttp import web
 
+import events.schema as events_schema
 from events import Event, EventMeta
 from events.subjects import ledger_filter, sandbox_filter
 from projections.checkpoints import CheckpointView
@@ -481,6 +482,7 @@ class Api:
         app.router.add_get("/v1/events", self.events)
         app.router.add_get("/v1/events/stream", self.event_stream)
         app.router.add_get("/v1/events/schema", self.event_schema)
+        app.router.add_get("/v1/events/subjects", self.event_subjects)
         app.router.add_get("/v1/profiles", self.list_profiles)
         app.router.add_post("/v1/sandboxes/{id}/checkpoints", self.create_checkpoint)
         app.router.add_get("/v1/sandboxes/{id}/checkpoints", self.list_checkpoints)
@@ -1134,6 +1136,9 @@ class Api:
     async def event_schema(self, request: web.Request) -> web.Response:
         return json_response(event_schema())
 
+    async def event_subjects(self, request: web.Request) -> web.Response:
+        return json_response(event_subjects())
+
     async def event_stream(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: every event after `Last-Event-ID` (the stream sequence),
         filtered by sandbox, type and account; a comment line every 15 s keeps proxies
@@ -1326,22 +1331,16 @@ def _event_schema_types() -> tuple[type[Event], ...]:
 
 
 def event_schema() -> dict[str, Any]:
-    """JSON Schema of every event type (generated from the msgspec types), with the
-    subject each is published on. docs/events.schema.json is this, checked in."""
-    types = _event_schema_types()
-    (refs, components) = msgspec.json.schema_components(types, ref_template="#/$defs/{name}")
-    subjects = {
-        t.type_name(): f"sandboxer.{t.KIND}.<{'account' if t.KIND == 'ledger' else 'sandbox_id'}>"
-        f".{t.type_name()}"
-        for t in types
-    }
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "sand-boxer events",
-        "oneOf": list(refs),
-        "$defs": components,
-        "x-subjects": subjects,
-    }
+    """JSON Schema of every event type (events.schema); docs/events.schema.json is
+    this, checked in."""
+    return events_schema.event_schema(_event_schema_types())
+
+
+def event_subjects() -> dict[str, Any]:
+    """The subject of each event type and the rule of each subject token, beside the
+    schema (a strict validator refuses unknown schema keywords); checked in as
+    docs/events.subjects.json."""
+    return events_schema.event_subjects(_event_schema_types())
 
 
 def openapi_document(
@@ -1645,6 +1644,17 @@ def openapi_document(
                 },
             },
         },
+        "/v1/events/subjects": {
+            "get": {
+                "summary": "The subject of each event type and each subject token's rule",
+                "responses": {
+                    "200": {
+                        "description": "the subject map (docs/events.subjects.json)",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            },
+        },
         "/v1/profiles": {"get": {"summary": "Profiles", "responses": ok("ProfileList")}},
         "/v1/accounts": {
             "get": {
@@ -1811,6 +1821,7 @@ def openapi_document(
         ("get", "/v1/events"): "events",
         ("get", "/v1/events/stream"): "eventStream",
         ("get", "/v1/events/schema"): "eventSchema",
+        ("get", "/v1/events/subjects"): "eventSubjects",
         ("get", "/v1/profiles"): "listProfiles",
         ("get", "/v1/accounts"): "listAccounts",
         ("get", "/v1/accounts/{account}"): "getAccount",
