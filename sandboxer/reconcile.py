@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import msgspec
 
-from events import EventMeta, OrphanFound, OrphanRemovalFailed, OrphanRemoved
+from events import Event, EventMeta, OrphanFound, OrphanRemovalFailed, OrphanRemoved
 from extensions import ExtensionRegistry, Reconciling, Resource
 from sandboxer.event_store import EventRecorder
 from sandboxer.lifecycle import TERMINAL
@@ -139,7 +139,7 @@ class Reconciler:
                     detail=resource.detail,
                     why="unknown" if view is None else "finished",
                 )
-                await self._record(
+                found_event = await self._record(
                     OrphanFound,
                     name,
                     meta,
@@ -147,8 +147,9 @@ class Reconciler:
                     why=orphan.why,
                     action="remove" if removing else "report",
                 )
-                if removing:
-                    orphan = await self._remove(adapter, config, resource, orphan, meta)
+                if removing:  # the removal follows from the finding
+                    then = msgspec.structs.replace(meta, causation_id=found_event.event_id)
+                    orphan = await self._remove(adapter, config, resource, orphan, then)
                 orphans.append(orphan)
         return SweepReport(
             sweep_id=sweep_id,
@@ -183,7 +184,7 @@ class Reconciler:
         meta: EventMeta,
         orphan: OrphanOut,
         **fields: object,
-    ) -> None:
+    ) -> Event:
         event = event_type.create(
             extension,
             meta,
@@ -195,3 +196,4 @@ class Reconciler:
             **fields,  # type: ignore[arg-type]
         )
         await self.store.append([event], None)
+        return event
