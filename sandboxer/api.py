@@ -1199,7 +1199,7 @@ class Api:
                 event = recorded.event
                 if types and event.type_name() not in types:
                     continue
-                if sandbox is not None and event.aggregate_id != sandbox:
+                if sandbox is not None and not _concerns(recorded.subject, event, sandbox):
                     continue
                 if (
                     account is not None
@@ -1316,6 +1316,16 @@ def _check_inputs(inputs: dict[str, Any]) -> None:
                 "(only tab and newline are allowed)",
                 field,
             )
+
+
+def _concerns(subject: str, event: Event, sandbox: str) -> bool:
+    """What `?sandbox=` streams: the sandbox's own events, the validation results
+    about it, and the ledger events of its charge (`sandbox_id`)."""
+    if subject.startswith(("sandboxer.sandbox.", "sandboxer.validation.")):
+        return event.aggregate_id == sandbox
+    if subject.startswith("sandboxer.ledger."):
+        return getattr(event, "sandbox_id", None) == sandbox
+    return False
 
 
 def _event_out(recorded: RecordedEvent) -> EventOut:
@@ -1597,7 +1607,8 @@ def openapi_document(
         },
         "/v1/events/stream": {
             "get": {
-                "summary": "Server-Sent Events: every event after Last-Event-ID, live",
+                "summary": "Server-Sent Events: every event after Last-Event-ID, live "
+                "(without it nor after_seq: from sequence 1)",
                 "parameters": [
                     {
                         "name": "Last-Event-ID",
@@ -1610,7 +1621,8 @@ def openapi_document(
                     query(
                         "sandbox",
                         {"type": "string", "pattern": SANDBOX_ID_RE.pattern},
-                        "only this sandbox's events",
+                        "only this sandbox's events, its validation results and the "
+                        "ledger events of its charge",
                     ),
                     query(
                         "type",

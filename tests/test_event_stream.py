@@ -106,15 +106,18 @@ async def test_cli_follow_uses_the_stream(api: RunningService) -> None:
     try:
         lines = []
         async with asyncio.timeout(30):
-            for _ in range(5):
+            for _ in range(6):
                 lines.append(json.loads(await proc.stdout.readline()))
             await destroy(api.http, api.url, made["id"])
-            for _ in range(2):
+            for _ in range(4):
                 lines.append(json.loads(await proc.stdout.readline()))
     finally:
         proc.terminate()
         await proc.wait()
-    assert [x["event"]["type"] for x in lines] == METERED_LIFECYCLE
+    # The sandbox's own events and the ledger events of its charge (?sandbox= on SSE).
+    expected = [*METERED_LIFECYCLE, "CreditsDebited", "CreditsReleased"]
+    expected.insert(2, "CreditsReserved")
+    assert [x["event"]["type"] for x in lines] == expected
 
 
 def meaning(schema: Any) -> Any:
@@ -182,3 +185,27 @@ async def test_a_lifecycle_validates_against_the_served_schema(api: RunningServi
         assert e["subject"].split(".")[2] == e["event"]["aggregate_id"]
         assert e["subject"].split(".")[3] == e["event"]["type"]
     assert not validator.is_valid({**recorded[0]["event"], "password": "x"})
+
+
+async def test_sse_sandbox_filter_includes_its_ledger_events(api: RunningService) -> None:
+    """?sandbox= streams the sandbox's own events and the ledger events of its charge;
+    without Last-Event-ID or after_seq the stream starts at sequence 1."""
+    http, url = api.http, api.url
+    other = await create(http, url)
+    made = await create(http, url)
+    await wait_state(http, url, other["id"], {"ready"})
+    await wait_state(http, url, made["id"], {"ready"})
+    await destroy(http, url, made["id"])
+    await wait_state(http, url, made["id"], {"destroyed"})
+    expected = [*METERED_LIFECYCLE]
+    expected.insert(2, "CreditsReserved")
+    expected += ["CreditsDebited", "CreditsReleased"]
+    async with http.get(f"{url}/v1/events/stream", params={"sandbox": made["id"]}) as resp:
+        got = await read_sse(resp, len(expected))
+    assert [e["event"] for e in got] == expected
+    for e in got:
+        event = e["data"]["event"]
+        assert made["id"] in (event["aggregate_id"], event.get("sandbox_id"))
+    async with http.get(f"{url}/v1/events/stream") as resp:
+        (first,) = await read_sse(resp, 1)
+    assert first["id"] == "1"
