@@ -47,7 +47,7 @@ CATALOG = {t.type_name() for t in ALL_EVENTS}
 # The first event of each chain: the only ones with no causation (docs/events.md).
 CHAIN_STARTS = {
     "SandboxRequested",  # a create
-    "DestroyRequested",  # a DELETE (a TTL expiry follows from its SandboxRequested)
+    "DestroyRequested",  # a DELETE (not a TTL expiry: that follows its SandboxRequested)
     "CheckpointRequested",
     "RestoreRequested",
     "CheckpointDeleted",  # by the API (retention after the end: a timer)
@@ -308,6 +308,7 @@ async def produce_everything(
     rejected = await made(account="trial")  # no credits
     checked = await made(profile="profile.saas-validated")
     compose = await made(profile="profile.compose-validated", inputs={"repo": str(repo)})
+    expiring = await made("req-create-ttl", ttl_seconds=2)  # the TTL reaper destroys it
 
     await wait_state(http, url, slow, {"provisioning"})
     await call(http, "DELETE", f"{api}/sandboxes/{slow}", 202)  # cancels the provision
@@ -346,6 +347,7 @@ async def produce_everything(
         (rejected, "rejected"),
         (checked, "destroyed"),
         (compose, "destroyed"),
+        (expiring, "destroyed"),
     ]:
         await wait_state(http, url, sandbox, {state}, timeout=120)
 
@@ -392,7 +394,7 @@ def check_causation_and_correlation(recorded: list[dict[str, Any]]) -> None:
     by_id = {e["event_id"]: e for e in events}
     for e in events:
         cause = e["causation_id"]
-        if e["type"] in CHAIN_STARTS:
+        if e["type"] in CHAIN_STARTS and e.get("reason") != "ttl":
             assert cause is None, e
         else:
             assert cause is not None, f"{e['type']} {e['event_id']}: no causation"
@@ -435,6 +437,12 @@ def check_causation_and_correlation(recorded: list[dict[str, Any]]) -> None:
     (reserved,) = of(a, "CreditsReserved")
     (held,) = of(a, "CreditsHeld")
     assert held["causation_id"] == reserved["event_id"] == f"{a}.reserve"
+    # A TTL expiry follows from the create that set the TTL, in its correlation.
+    ttl_create = next(e for e in events if e["correlation_id"] == "req-create-ttl")
+    (expired,) = of(ttl_create["aggregate_id"], "DestroyRequested")
+    assert expired["reason"] == "ttl" and expired["actor"] == "system:ttl-reaper"
+    assert expired["causation_id"] == ttl_create["event_id"]
+    assert expired["correlation_id"] == "req-create-ttl"
     (grant,) = [e for e in events if e["correlation_id"] == "req-grant"]
     assert grant["type"] == "CreditsGranted" and grant["causation_id"] is None
     removed = [e for e in events if e["type"] in ("OrphanRemoved", "OrphanRemovalFailed")]
