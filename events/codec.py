@@ -87,8 +87,9 @@ def default_codec() -> EventCodec:
     global _default
     if _default is None:
         from events import ALL_EVENTS
+        from events.upcasters import UPCASTERS
 
-        _default = EventCodec(ALL_EVENTS)
+        _default = EventCodec(ALL_EVENTS, UPCASTERS)
     return _default
 
 

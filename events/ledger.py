@@ -38,6 +38,13 @@ class CreditsRejected(LedgerEvent, frozen=True, kw_only=True):
 
 
 class CreditsDebited(LedgerEvent, frozen=True, kw_only=True):
+    """`basis`: the extension's account of the actual (its own keys) plus the ledger's
+    `capped_at_reservation`: true when the actual was more than the reservation and
+    `amount` is the reservation. Version 2 always records that key; version 1 records
+    only had it when true, and the upcaster from 1 fills in false."""
+
+    VERSION: ClassVar[int] = 2
+
     sandbox_id: str
     amount: int
     basis: Basis = {}

@@ -6,7 +6,7 @@ marks `secret` before the event is built.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -22,6 +22,13 @@ class RouteCandidate(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SandboxRequested(Event, frozen=True, kw_only=True):
+    """Version 2 (same meaning as 1): `route`, `checkpoint_policy` and
+    `from_checkpoint` were added to version 1 with defaults, so early version-1
+    records lack them; from version 2 on every field is written. The upcaster from 1
+    fills in the defaults, which is what such a record meant."""
+
+    VERSION: ClassVar[int] = 2
+
     profile: str
     extension: str  # the profile's extension, or its first route candidate
     inputs: dict[str, str]

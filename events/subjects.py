@@ -8,7 +8,8 @@ from events.base import Event
 
 # One subject token: NATS splits subjects at `.`, treats `*` and `>` as wildcards and
 # whitespace or control characters as the end of the subject.
-_TOKEN_RE = re.compile(r"[^\s.*>\x00-\x1f\x7f]+")
+SUBJECT_PART_PATTERN = r"[^\s.*>\x00-\x1f\x7f]+"
+_TOKEN_RE = re.compile(SUBJECT_PART_PATTERN)
 
 
 class BadSubjectToken(ValueError):
@@ -23,6 +24,7 @@ def _token(value: str) -> str:
     return value
 
 
+STREAM_NAME = "SANDBOXER"
 SANDBOX_PREFIX = "sandboxer.sandbox"
 LEDGER_PREFIX = "sandboxer.ledger"
 VALIDATION_PREFIX = "sandboxer.validation"
@@ -56,6 +58,22 @@ _PREFIXES = {
     "validation": VALIDATION_PREFIX,
     "webhook": WEBHOOK_PREFIX,
 }
+
+
+# The third token of each kind's subjects: its name and its rule. Each rule is also
+# the rule of that id where it is made (ids are checked before they reach a subject),
+# and none of them admits `.`, `*`, `>` or whitespace.
+SUBJECT_TOKENS: dict[str, tuple[str, str]] = {
+    "sandbox": ("sandbox_id", r"^[a-z0-9][a-z0-9-]{2,62}$"),
+    "ledger": ("account", r"^[a-z0-9][a-z0-9_-]{0,62}$"),
+    "validation": ("sandbox_id", r"^[a-z0-9][a-z0-9-]{2,62}$"),
+    "webhook": ("webhook_id", r"^wh-[a-f0-9]{12}$"),
+    "reconcile": ("extension", r"^[a-z][a-z0-9-]{0,62}$"),
+}
+
+
+def prefix_for(kind: str) -> str:
+    return _PREFIXES[kind]
 
 
 def subject_for(event: Event) -> str:

@@ -17,7 +17,12 @@ class WebhookEvent(Event, frozen=True, kw_only=True):
 
 class WebhookRegistered(WebhookEvent, frozen=True, kw_only=True):
     """`start_seq`: the first stream sequence the webhook's consumer delivers; 0 (what
-    registrations recorded before the field existed meant) is the whole history."""
+    registrations recorded before the field existed meant) is the whole history.
+
+    Version 2 always writes `start_seq`; version 1 records may lack it (it was added
+    to version 1 with a default), and the upcaster from 1 fills in 0."""
+
+    VERSION: ClassVar[int] = 2
 
     account: str
     url: str

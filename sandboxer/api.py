@@ -14,6 +14,7 @@ import msgspec
 import msgspec.inspect
 from aiohttp import web
 
+import events.schema as events_schema
 from events import Event, EventMeta
 from events.subjects import ledger_filter, sandbox_filter
 from projections.checkpoints import CheckpointView
@@ -483,6 +484,7 @@ class Api:
         app.router.add_get("/v1/events", self.events)
         app.router.add_get("/v1/events/stream", self.event_stream)
         app.router.add_get("/v1/events/schema", self.event_schema)
+        app.router.add_get("/v1/events/subjects", self.event_subjects)
         app.router.add_get("/v1/profiles", self.list_profiles)
         app.router.add_post("/v1/sandboxes/{id}/checkpoints", self.create_checkpoint)
         app.router.add_get("/v1/sandboxes/{id}/checkpoints", self.list_checkpoints)
@@ -1137,6 +1139,9 @@ class Api:
     async def event_schema(self, request: web.Request) -> web.Response:
         return json_response(event_schema())
 
+    async def event_subjects(self, request: web.Request) -> web.Response:
+        return json_response(event_subjects())
+
     async def event_stream(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: every event after `Last-Event-ID` (the stream sequence),
         filtered by sandbox, type and account; a comment line every 15 s keeps proxies
@@ -1197,7 +1202,7 @@ class Api:
                 event = recorded.event
                 if types and event.type_name() not in types:
                     continue
-                if sandbox is not None and event.aggregate_id != sandbox:
+                if sandbox is not None and not _concerns(recorded.subject, event, sandbox):
                     continue
                 if (
                     account is not None
@@ -1316,6 +1321,16 @@ def _check_inputs(inputs: dict[str, Any]) -> None:
             )
 
 
+def _concerns(subject: str, event: Event, sandbox: str) -> bool:
+    """What `?sandbox=` streams: the sandbox's own events, the validation results
+    about it, and the ledger events of its charge (`sandbox_id`)."""
+    if subject.startswith(("sandboxer.sandbox.", "sandboxer.validation.")):
+        return event.aggregate_id == sandbox
+    if subject.startswith("sandboxer.ledger."):
+        return getattr(event, "sandbox_id", None) == sandbox
+    return False
+
+
 def _event_out(recorded: RecordedEvent) -> EventOut:
     return EventOut(
         seq=recorded.seq, subject=recorded.subject, event=msgspec.to_builtins(recorded.event)
@@ -1329,22 +1344,16 @@ def _event_schema_types() -> tuple[type[Event], ...]:
 
 
 def event_schema() -> dict[str, Any]:
-    """JSON Schema of every event type (generated from the msgspec types), with the
-    subject each is published on. docs/events.schema.json is this, checked in."""
-    types = _event_schema_types()
-    (refs, components) = msgspec.json.schema_components(types, ref_template="#/$defs/{name}")
-    subjects = {
-        t.type_name(): f"sandboxer.{t.KIND}.<{'account' if t.KIND == 'ledger' else 'sandbox_id'}>"
-        f".{t.type_name()}"
-        for t in types
-    }
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "sand-boxer events",
-        "oneOf": list(refs),
-        "$defs": components,
-        "x-subjects": subjects,
-    }
+    """JSON Schema of every event type (events.schema); docs/events.schema.json is
+    this, checked in."""
+    return events_schema.event_schema(_event_schema_types())
+
+
+def event_subjects() -> dict[str, Any]:
+    """The subject of each event type and the rule of each subject token, beside the
+    schema (a strict validator refuses unknown schema keywords); checked in as
+    docs/events.subjects.json."""
+    return events_schema.event_subjects(_event_schema_types())
 
 
 def openapi_document(
@@ -1601,7 +1610,8 @@ def openapi_document(
         },
         "/v1/events/stream": {
             "get": {
-                "summary": "Server-Sent Events: every event after Last-Event-ID, live",
+                "summary": "Server-Sent Events: every event after Last-Event-ID, live "
+                "(without it nor after_seq: from sequence 1)",
                 "parameters": [
                     {
                         "name": "Last-Event-ID",
@@ -1614,7 +1624,8 @@ def openapi_document(
                     query(
                         "sandbox",
                         {"type": "string", "pattern": SANDBOX_ID_RE.pattern},
-                        "only this sandbox's events",
+                        "only this sandbox's events, its validation results and the "
+                        "ledger events of its charge",
                     ),
                     query(
                         "type",
@@ -1643,6 +1654,17 @@ def openapi_document(
                 "responses": {
                     "200": {
                         "description": "a JSON Schema (draft 2020-12)",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            },
+        },
+        "/v1/events/subjects": {
+            "get": {
+                "summary": "The subject of each event type and each subject token's rule",
+                "responses": {
+                    "200": {
+                        "description": "the subject map (docs/events.subjects.json)",
                         "content": {"application/json": {"schema": {"type": "object"}}},
                     }
                 },
@@ -1814,6 +1836,7 @@ def openapi_document(
         ("get", "/v1/events"): "events",
         ("get", "/v1/events/stream"): "eventStream",
         ("get", "/v1/events/schema"): "eventSchema",
+        ("get", "/v1/events/subjects"): "eventSubjects",
         ("get", "/v1/profiles"): "listProfiles",
         ("get", "/v1/accounts"): "listAccounts",
         ("get", "/v1/accounts/{account}"): "getAccount",

@@ -290,7 +290,7 @@ class Checkpoints:
         for old in created[:-keep]:
             await self.delete(
                 old.id,
-                EventMeta(actor=ACTOR_RETENTION, correlation_id=sbx.meta().correlation_id),
+                sbx.meta(ACTOR_RETENTION),  # follows from the CheckpointCreated
                 reason=f"retention: keep the last {keep}",
             )
 

@@ -177,9 +177,9 @@ class LedgerBook:
             events: list[Event] = []
             if debit is not None and current.debits == 0:
                 amount = min(debit.amount, open_amount)
-                basis = dict(debit.basis)
-                if amount < debit.amount:
-                    basis["capped_at_reservation"] = True
+                # The extension's basis, and whether the reservation capped its actual
+                # (always recorded, true or false: docs/payments.md).
+                basis = {**debit.basis, "capped_at_reservation": amount < debit.amount}
                 events.append(
                     CreditsDebited.create(
                         view.account,

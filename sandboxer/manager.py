@@ -50,6 +50,7 @@ from events import (
     TornDown,
 )
 from events.base import utc_now
+from events.ledger import phase_event_id
 from events.sandbox import RouteCandidate
 from events.subjects import sandbox_filter
 from extensions import (
@@ -141,6 +142,7 @@ class Sandbox(LifecycleModel):
         self.request: SandboxRequested | None = None
         self.version = 0
         self.last_event_id: str | None = None
+        self.last_correlation_id: str | None = None
         # Runtime only, never recorded:
         self.secrets: dict[str, str] = {}
         self.lock = asyncio.Lock()
@@ -153,7 +155,10 @@ class Sandbox(LifecycleModel):
         self.pending_checkpoint: str | None = None  # of the running checkpoint or restore
 
     def meta(self, actor: str = ACTOR_MANAGER) -> EventMeta:
-        correlation = self.view.correlation_id if self.view else ""
+        """The meta of a system step: it follows from the aggregate's last event, so it
+        carries that event's id as causation and its correlation id (the request it
+        answers: a DELETE's X-Request-Id for the teardown, not the create's)."""
+        correlation = self.last_correlation_id or (self.view.correlation_id if self.view else "")
         return EventMeta(actor=actor, correlation_id=correlation, causation_id=self.last_event_id)
 
 
@@ -488,6 +493,7 @@ class SandboxManager:
         sbx.view = evolve(sbx.view, seq, event)
         sbx.version = seq
         sbx.last_event_id = event.event_id
+        sbx.last_correlation_id = event.correlation_id
         self.checkpoints.projection.apply(seq, f"sandboxer.sandbox.{sbx.sandbox_id}.", event)
         self.machine.fire(sbx, event)
         if (
@@ -546,7 +552,10 @@ class SandboxManager:
     def _entered(self, sbx: Sandbox, state: str) -> None:
         if state in TERMINAL:
             if sbx.request is not None and sbx.view is not None and sbx.view.metered:
-                self._spawn(self._settle(sbx.request, sbx.view), f"settle-{sbx.sandbox_id}")
+                # The settlement follows from the event that ended the sandbox.
+                self._spawn(
+                    self._settle(sbx.request, sbx.view, sbx.meta()), f"settle-{sbx.sandbox_id}"
+                )
             if sbx.view is not None:
                 self.checkpoints.schedule_expiry(
                     sbx.sandbox_id, sbx.view.ended_at or utc_now(), self.checkpoints.policy(sbx)
@@ -774,11 +783,16 @@ class SandboxManager:
             )
             return
         charge = await self.ledger.reserve(sbx.sandbox_id, request.account, cost, sbx.meta())
+        # What the sandbox records next follows from the ledger's decision.
+        decided = msgspec.structs.replace(
+            sbx.meta(), causation_id=phase_event_id(sbx.sandbox_id, "reserve")
+        )
         if charge.rejected:
             available = self.ledger.account(request.account).available
             await self._record(
                 sbx,
                 SandboxRejected,
+                decided,
                 code="insufficient_credits",
                 reason=(
                     f"insufficient credits in account {request.account}: required "
@@ -786,16 +800,21 @@ class SandboxManager:
                 ),
             )
             return
-        await self._record(sbx, CreditsHeld, account=request.account, amount=charge.reserved)
+        await self._record(
+            sbx, CreditsHeld, decided, account=request.account, amount=charge.reserved
+        )
 
-    async def _settle(self, request: SandboxRequested, view: SandboxView) -> None:
+    async def _settle(self, request: SandboxRequested, view: SandboxView, meta: EventMeta) -> None:
         """After the end: debit the metered actual and release the rest, or release all
-        when the sandbox never became ready. Deterministic from the recorded events."""
+        when the sandbox never became ready. Deterministic from the recorded events.
+        `meta` is that of the event that ended the sandbox (causation and correlation)."""
         failpoint("before-settle")
         charge = self.ledger.charge(view.id)
         if charge is None or charge.rejected or charge.settled:
             return
-        meta = EventMeta(actor=ACTOR_MANAGER, correlation_id=view.correlation_id)
+        meta = EventMeta(
+            actor=ACTOR_MANAGER, correlation_id=meta.correlation_id, causation_id=meta.causation_id
+        )
         debit: Cost | None = None
         if view.ready_at is not None and view.provisioned_at is not None:
             ended = view.ended_at or view.updated_at
@@ -906,8 +925,19 @@ class SandboxManager:
         task.add_done_callback(self._inflight.discard)
 
     async def _expire_now(self, sbx: Sandbox) -> None:
+        # The expiry follows from the create that set the TTL (and is of its request).
+        request = sbx.request
+        meta = (
+            EventMeta(
+                actor=ACTOR_TTL,
+                correlation_id=request.correlation_id,
+                causation_id=request.event_id,
+            )
+            if request is not None
+            else sbx.meta(ACTOR_TTL)
+        )
         try:
-            await self.destroy(sbx.sandbox_id, sbx.meta(ACTOR_TTL), reason="ttl")
+            await self.destroy(sbx.sandbox_id, meta, reason="ttl")
         except (InvalidTransition, NotFound):
             pass  # destroyed meanwhile, or driven by another worker now
         except Exception as exc:
@@ -1109,14 +1139,20 @@ class SandboxManager:
         records = await self.store.read_aggregate(sandbox_filter(sandbox_id))
         view: SandboxView | None = None
         request: SandboxRequested | None = None
+        end: Event | None = None  # the event that ended it (CheckpointDeleted may follow)
         for recorded in records:
             if isinstance(recorded.event, SandboxRequested):
                 request = recorded.event
             view = evolve(view, recorded.seq, recorded.event)
-        if request is None or view is None or view.state not in TERMINAL:
+            if end is None and view is not None and view.state in TERMINAL:
+                end = recorded.event
+        if request is None or view is None or end is None:
             return
         await self.ledger.refresh(request.account)
-        self._spawn(self._settle(request, view), f"settle-{sandbox_id}")
+        meta = EventMeta(
+            actor=ACTOR_MANAGER, correlation_id=end.correlation_id, causation_id=end.event_id
+        )
+        self._spawn(self._settle(request, view, meta), f"settle-{sandbox_id}")
 
     def abandon(self) -> None:
         """Stop driving everything (our session lapsed); the sweep takes back what no

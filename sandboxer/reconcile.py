@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import msgspec
 
-from events import EventMeta, OrphanFound, OrphanRemovalFailed, OrphanRemoved
+from events import Event, EventMeta, OrphanFound, OrphanRemovalFailed, OrphanRemoved
 from events.subjects import filter_for
 from extensions import ExtensionRegistry, Reconciling, Resource
 from sandboxer.event_store import EventRecorder, append_decided
@@ -140,7 +140,7 @@ class Reconciler:
                     detail=resource.detail,
                     why="unknown" if view is None else "finished",
                 )
-                await self._record(
+                found_event = await self._record(
                     OrphanFound,
                     name,
                     meta,
@@ -148,8 +148,9 @@ class Reconciler:
                     why=orphan.why,
                     action="remove" if removing else "report",
                 )
-                if removing:
-                    orphan = await self._remove(adapter, config, resource, orphan, meta)
+                if removing:  # the removal follows from the finding
+                    then = msgspec.structs.replace(meta, causation_id=found_event.event_id)
+                    orphan = await self._remove(adapter, config, resource, orphan, then)
                 orphans.append(orphan)
         return SweepReport(
             sweep_id=sweep_id,
@@ -184,7 +185,7 @@ class Reconciler:
         meta: EventMeta,
         orphan: OrphanOut,
         **fields: object,
-    ) -> None:
+    ) -> Event:
         event = event_type.create(
             extension,
             meta,
@@ -197,3 +198,4 @@ class Reconciler:
         )
         # Sweeps on several nodes write to one aggregate: each append at its version.
         await append_decided(self.store, filter_for(event), lambda: [event])
+        return event

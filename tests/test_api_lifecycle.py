@@ -7,6 +7,7 @@ import itertools
 
 from nats.aio.client import Client as NatsClient
 
+from events import ALL_EVENTS
 from sandboxer.event_store import RecordedEvent
 from tests.conftest import RunningService, StartService
 from tests.helpers import METERED_LIFECYCLE, create, destroy, event_types, get, grant, wait_state
@@ -72,18 +73,26 @@ async def test_full_lifecycle_subjects_and_projection(api: RunningService, nc: N
     assert "hunter2" not in body, "a secret input reached an event"
     first = events[0]["event"]
     assert first["secret_inputs"] == ["api_key"]
+    versions = {t.type_name(): t.VERSION for t in ALL_EVENTS}
+    deleted = next(e["event"] for e in events if e["event"]["type"] == "DestroyRequested")
     for e in events:
         ev = e["event"]
-        assert ev["aggregate_id"] == sandbox_id and ev["schema_version"] == 1
+        assert ev["aggregate_id"] == sandbox_id
+        assert ev["schema_version"] == versions[ev["type"]]
         assert ev["occurred_at"].endswith("Z") and ev["event_id"] and ev["correlation_id"]
-        assert ev["correlation_id"] == first["correlation_id"] or ev["type"] == "DestroyRequested"
+        # Each step carries the correlation id of the request it follows from.
+        after_destroy = ev["type"] in ("DestroyRequested", "TornDown")
+        chain = deleted if after_destroy else first
+        assert ev["correlation_id"] == chain["correlation_id"], ev
     actors = {e["event"]["type"]: e["event"]["actor"] for e in events}
     assert actors["SandboxRequested"] == "api:anonymous"
     assert actors["DestroyRequested"] == "api:anonymous"
     assert actors["Provisioned"] == "system:manager"
     # Each event names the one before it as its cause.
     for prev, nxt in itertools.pairwise(events):
-        if nxt["event"]["type"] != "DestroyRequested":
+        if nxt["event"]["type"] == "CreditsHeld":  # follows the ledger's reservation
+            assert nxt["event"]["causation_id"] == f"{sandbox_id}.reserve"
+        elif nxt["event"]["type"] != "DestroyRequested":
             assert nxt["event"]["causation_id"] == prev["event"]["event_id"]
     assert not list((api.data_dir / "saas-stub").glob("*.json")), "instance left behind"
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema_rs
 
-from sandboxer.api import event_schema
+from sandboxer.api import event_schema, event_subjects
 from tests.conftest import RunningService
 from tests.helpers import METERED_LIFECYCLE, create, destroy, wait_state
 
@@ -105,15 +106,18 @@ async def test_cli_follow_uses_the_stream(api: RunningService) -> None:
     try:
         lines = []
         async with asyncio.timeout(30):
-            for _ in range(5):
+            for _ in range(6):
                 lines.append(json.loads(await proc.stdout.readline()))
             await destroy(api.http, api.url, made["id"])
-            for _ in range(2):
+            for _ in range(4):
                 lines.append(json.loads(await proc.stdout.readline()))
     finally:
         proc.terminate()
         await proc.wait()
-    assert [x["event"]["type"] for x in lines] == METERED_LIFECYCLE
+    # The sandbox's own events and the ledger events of its charge (?sandbox= on SSE).
+    expected = [*METERED_LIFECYCLE, "CreditsDebited", "CreditsReleased"]
+    expected.insert(2, "CreditsReserved")
+    assert [x["event"]["type"] for x in lines] == expected
 
 
 def meaning(schema: Any) -> Any:
@@ -143,7 +147,65 @@ async def test_schema_endpoint_equals_the_checked_in_file(api: RunningService) -
     checked_in = json.loads((ROOT / "docs" / "events.schema.json").read_text())
     assert served == json.loads(json.dumps(event_schema()))
     assert meaning(served) == meaning(checked_in)
-    assert served["x-subjects"]["ValidationPassed"] == (
+    assert "BecameReady" in served["$defs"]
+    # The subject map lies beside the schema (a strict validator refuses `x-` keywords).
+    assert not any(key.startswith("x-") for key in served)
+    async with api.http.get(f"{api.url}/v1/events/subjects") as resp:
+        subjects = await resp.json()
+    assert subjects == json.loads((ROOT / "docs" / "events.subjects.json").read_text())
+    assert subjects == json.loads(json.dumps(event_subjects()))
+    assert subjects["types"]["ValidationPassed"]["subject"] == (
         "sandboxer.validation.<sandbox_id>.ValidationPassed"
     )
-    assert "BecameReady" in served["$defs"]
+
+
+async def test_a_lifecycle_validates_against_the_served_schema(api: RunningService) -> None:
+    """Every event of a metered lifecycle, as served, against the schema as served, in
+    strict draft 2020-12 with formats (tests/test_event_contract.py does every type)."""
+    http, url = api.http, api.url
+    made = await create(http, url)
+    await wait_state(http, url, made["id"], {"ready"})
+    await destroy(http, url, made["id"])
+    await wait_state(http, url, made["id"], {"destroyed"})
+    async with http.get(f"{url}/v1/events/schema") as resp:
+        validator = jsonschema_rs.Draft202012Validator(await resp.json(), validate_formats=True)
+    async with http.get(f"{url}/v1/accounts/default") as resp:
+        account = await resp.json()
+    while account["reserved"]:  # the settlement follows the end
+        params = {"wait": "10", "after_seq": str(account["last_seq"])}
+        async with http.get(f"{url}/v1/accounts/default", params=params) as resp:
+            account = await resp.json()
+    async with http.get(f"{url}/v1/events") as resp:
+        recorded = (await resp.json())["events"]
+    types = {e["event"]["type"] for e in recorded}
+    assert {*METERED_LIFECYCLE, "CreditsReserved", "CreditsDebited", "CreditsReleased"} <= types
+    for e in recorded:
+        problems = [err.message for err in validator.iter_errors(e["event"])]
+        assert problems == [], (e["subject"], problems)
+        assert e["subject"].split(".")[2] == e["event"]["aggregate_id"]
+        assert e["subject"].split(".")[3] == e["event"]["type"]
+    assert not validator.is_valid({**recorded[0]["event"], "password": "x"})
+
+
+async def test_sse_sandbox_filter_includes_its_ledger_events(api: RunningService) -> None:
+    """?sandbox= streams the sandbox's own events and the ledger events of its charge;
+    without Last-Event-ID or after_seq the stream starts at sequence 1."""
+    http, url = api.http, api.url
+    other = await create(http, url)
+    made = await create(http, url)
+    await wait_state(http, url, other["id"], {"ready"})
+    await wait_state(http, url, made["id"], {"ready"})
+    await destroy(http, url, made["id"])
+    await wait_state(http, url, made["id"], {"destroyed"})
+    expected = [*METERED_LIFECYCLE]
+    expected.insert(2, "CreditsReserved")
+    expected += ["CreditsDebited", "CreditsReleased"]
+    async with http.get(f"{url}/v1/events/stream", params={"sandbox": made["id"]}) as resp:
+        got = await read_sse(resp, len(expected))
+    assert [e["event"] for e in got] == expected
+    for e in got:
+        event = e["data"]["event"]
+        assert made["id"] in (event["aggregate_id"], event.get("sandbox_id"))
+    async with http.get(f"{url}/v1/events/stream") as resp:
+        (first,) = await read_sse(resp, 1)
+    assert first["id"] == "1"
