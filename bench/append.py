@@ -34,7 +34,7 @@ from bench.common import (
     rate,
     scratch,
 )
-from events import Event, EventMeta, Provisioned
+from events import Event, EventMeta, Provisioned, envelope
 from events.subjects import filter_for, subject_for
 from sandboxer.event_store import WRONG_LAST_SEQUENCE, ConcurrencyConflict, JetStreamEventStore
 
@@ -44,7 +44,7 @@ TARGET = 0.8
 
 def make_events(aggregate: str, count: int) -> list[Event]:
     handle = {"instance": aggregate, "endpoint": f"saas-stub://{aggregate}", "region": "eu-1"}
-    return [Provisioned.create(aggregate, META, handle=handle) for _ in range(count)]
+    return [Provisioned(**envelope(aggregate, META), handle=handle) for _ in range(count)]
 
 
 async def append_atomic(

@@ -44,6 +44,7 @@ from events import (
     RouteChosen,
     SandboxRequested,
     TornDown,
+    envelope,
 )
 from sandboxer.event_store import JetStreamEventStore
 from sandboxer.nats_server import EmbeddedNats, find_nats_server
@@ -357,47 +358,41 @@ def lifecycle_events(index: int, meta: EventMeta, account: str = "default") -> l
     seven on the sandbox, three on its account's ledger."""
     sid = f"sbx-{index:012x}"
     return [
-        SandboxRequested.create(
-            sid,
-            meta,
+        SandboxRequested(
+            **envelope(sid, meta),
             profile="profile.saas-stub",
             extension="saas-stub",
             inputs={"size": "small"},
             account=account,
             ttl_seconds=600,
         ),
-        RouteChosen.create(
-            sid,
-            meta,
+        RouteChosen(
+            **envelope(sid, meta),
             extension="saas-stub",
             reason="profile.saas-stub names extension saas-stub",
             metered=True,
         ),
-        CreditsReserved.create(
-            account,
-            meta,
-            event_id=f"{sid}.reserve",
+        CreditsReserved(
+            **envelope(account, meta, f"{sid}.reserve"),
             sandbox_id=sid,
             amount=30,
             basis={"size": "small", "rate": 0.05, "seconds": 600, "basis": "ttl"},
         ),
-        CreditsHeld.create(sid, meta, account=account, amount=30),
-        Provisioned.create(sid, meta, handle={"instance": sid, "endpoint": f"saas-stub://{sid}"}),
-        BecameReady.create(sid, meta, services=["instance"]),
-        DestroyRequested.create(sid, meta, reason="user"),
-        TornDown.create(sid, meta),
-        CreditsDebited.create(
-            account,
-            meta,
-            event_id=f"{sid}.debit",
+        CreditsHeld(**envelope(sid, meta), account=account, amount=30),
+        Provisioned(
+            **envelope(sid, meta), handle={"instance": sid, "endpoint": f"saas-stub://{sid}"}
+        ),
+        BecameReady(**envelope(sid, meta), services=["instance"]),
+        DestroyRequested(**envelope(sid, meta), reason="user"),
+        TornDown(**envelope(sid, meta)),
+        CreditsDebited(
+            **envelope(account, meta, f"{sid}.debit"),
             sandbox_id=sid,
             amount=1,
             basis={"size": "small", "rate": 0.05, "seconds": 1.2, "basis": "metered"},
         ),
-        CreditsReleased.create(
-            account,
-            meta,
-            event_id=f"{sid}.release",
+        CreditsReleased(
+            **envelope(account, meta, f"{sid}.release"),
             sandbox_id=sid,
             amount=29,
             reason="remainder of the reservation",

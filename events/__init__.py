@@ -3,7 +3,7 @@
 Data only. Everything that records or folds these lives elsewhere.
 """
 
-from events.base import Event, EventMeta, new_event_id, utc_now
+from events.base import Envelope, Event, EventMeta, envelope, new_event_id, utc_now
 from events.codec import DecodeError, decode_event, encode_event, register_upcaster
 from events.ledger import (
     LEDGER_EVENTS,
@@ -95,6 +95,7 @@ __all__ = [
     "CreditsReserved",
     "DecodeError",
     "DestroyRequested",
+    "Envelope",
     "Event",
     "EventMeta",
     "OrphanFound",
@@ -120,6 +121,7 @@ __all__ = [
     "WebhookRemoved",
     "decode_event",
     "encode_event",
+    "envelope",
     "ledger_subject",
     "new_event_id",
     "phase_event_id",

@@ -21,6 +21,18 @@ class DecodeError(ValueError):
     """A stored payload that no known event type or upcaster chain can read."""
 
 
+def _check_version_default(event_type: type[Event]) -> None:
+    """Events are built as `Type(**envelope(...), ...)`, so `schema_version` comes from
+    the field's default: it must be the type's VERSION, or new events would be
+    written as (and upcast like) an older version."""
+    (field,) = [f for f in msgspec.structs.fields(event_type) if f.name == "schema_version"]
+    if field.default != event_type.VERSION:
+        raise TypeError(
+            f"{event_type.__name__}: VERSION is {event_type.VERSION} but schema_version "
+            f"defaults to {field.default}; declare `schema_version: int = {event_type.VERSION}`"
+        )
+
+
 class EventCodec:
     """Encodes and decodes one catalog of event types."""
 
@@ -30,6 +42,8 @@ class EventCodec:
         upcasters: dict[tuple[str, int], Upcaster] | None = None,
     ) -> None:
         self.types: dict[str, type[Event]] = {t.type_name(): t for t in types}
+        for event_type in self.types.values():
+            _check_version_default(event_type)
         self.upcasters: dict[tuple[str, int], Upcaster] = dict(upcasters or {})
         union = tuple(self.types.values())
         self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(

@@ -44,6 +44,7 @@ class CreditsDebited(LedgerEvent, frozen=True, kw_only=True):
     only had it when true, and the upcaster from 1 fills in false."""
 
     VERSION: ClassVar[int] = 2
+    schema_version: int = 2
 
     sandbox_id: str
     amount: int

@@ -28,6 +28,7 @@ class SandboxRequested(Event, frozen=True, kw_only=True):
     fills in the defaults, which is what such a record meant."""
 
     VERSION: ClassVar[int] = 2
+    schema_version: int = 2
 
     profile: str
     extension: str  # the profile's extension, or its first route candidate

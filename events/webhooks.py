@@ -23,6 +23,7 @@ class WebhookRegistered(WebhookEvent, frozen=True, kw_only=True):
     to version 1 with a default), and the upcaster from 1 fills in 0."""
 
     VERSION: ClassVar[int] = 2
+    schema_version: int = 2
 
     account: str
     url: str

@@ -28,6 +28,7 @@ from events import (
     Restored,
     RestoreFailed,
     RestoreRequested,
+    envelope,
 )
 from events.base import utc_now
 from events.subjects import filter_for, subject_for
@@ -100,7 +101,7 @@ class Checkpoints:
         self._capable(sbx.view.extension)
         checkpoint_id = new_checkpoint_id()
         seq = await self.manager._record(
-            sbx, CheckpointRequested, meta, checkpoint_id=checkpoint_id
+            sbx, lambda e: CheckpointRequested(**e, checkpoint_id=checkpoint_id), meta
         )
         return checkpoint_id, seq
 
@@ -119,7 +120,9 @@ class Checkpoints:
                 f"checkpoint {checkpoint_id} belongs to sandbox {checkpoint.sandbox_id}; "
                 "clone it with create --from-checkpoint"
             )
-        return await self.manager._record(sbx, RestoreRequested, meta, checkpoint_id=checkpoint_id)
+        return await self.manager._record(
+            sbx, lambda e: RestoreRequested(**e, checkpoint_id=checkpoint_id), meta
+        )
 
     def created(self, checkpoint_id: str) -> CheckpointView:
         view = self.projection.get(checkpoint_id)
@@ -163,13 +166,13 @@ class Checkpoints:
         sbx = self.manager.sandboxes.get(view.sandbox_id)
         if sbx is not None:
             await self.manager._record(
-                sbx, CheckpointDeleted, meta, checkpoint_id=checkpoint_id, reason=reason
+                sbx,
+                lambda e: CheckpointDeleted(**e, checkpoint_id=checkpoint_id, reason=reason),
+                meta,
             )
         else:  # a finished sandbox: appended at the version its stream shows
-            event = CheckpointDeleted.create(
-                view.sandbox_id,
-                meta,
-                event_id=f"{checkpoint_id}.deleted",
+            event = CheckpointDeleted(
+                **envelope(view.sandbox_id, meta, f"{checkpoint_id}.deleted"),
                 checkpoint_id=checkpoint_id,
                 reason=reason,
             )
@@ -217,19 +220,22 @@ class Checkpoints:
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             await self.manager._record(
-                sbx, CheckpointFailed, checkpoint_id=checkpoint_id, error=error[:2000]
+                sbx,
+                lambda e: CheckpointFailed(**e, checkpoint_id=checkpoint_id, error=error[:2000]),
             )
             return
         finally:
             spool.unlink(missing_ok=True)
         await self.manager._record(
             sbx,
-            CheckpointCreated,
-            checkpoint_id=checkpoint_id,
-            store_key=artifact.key,
-            size=artifact.size,
-            digest=artifact.digest,
-            metadata=metadata,
+            lambda e: CheckpointCreated(
+                **e,
+                checkpoint_id=checkpoint_id,
+                store_key=artifact.key,
+                size=artifact.size,
+                digest=artifact.digest,
+                metadata=metadata,
+            ),
         )
         await self._keep_last(sbx)
 
@@ -255,12 +261,12 @@ class Checkpoints:
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             await self.manager._record(
-                sbx, RestoreFailed, checkpoint_id=checkpoint_id, error=error[:2000]
+                sbx, lambda e: RestoreFailed(**e, checkpoint_id=checkpoint_id, error=error[:2000])
             )
             return
         finally:
             spool.unlink(missing_ok=True)
-        await self.manager._record(sbx, Restored, checkpoint_id=checkpoint_id)
+        await self.manager._record(sbx, lambda e: Restored(**e, checkpoint_id=checkpoint_id))
 
     async def provision_clone(self, sbx: Sandbox, source: CheckpointSource) -> Handle:
         """The provision step of a sandbox created from a checkpoint."""

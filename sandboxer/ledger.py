@@ -21,6 +21,7 @@ from events import (
     CreditsReserved,
     Event,
     EventMeta,
+    envelope,
     phase_event_id,
 )
 from events.subjects import ledger_filter
@@ -96,9 +97,7 @@ class LedgerBook:
         await self._append(
             account,
             lambda _view: [
-                CreditsGranted.create(
-                    account, meta, event_id=event_id, amount=amount, reason=reason
-                )
+                CreditsGranted(**envelope(account, meta, event_id), amount=amount, reason=reason)
             ],
         )
         return self.account(account)
@@ -116,10 +115,8 @@ class LedgerBook:
                 []
                 if view.entries
                 else [
-                    CreditsGranted.create(
-                        "default",
-                        meta,
-                        event_id=STARTER_GRANT_ID,
+                    CreditsGranted(
+                        **envelope("default", meta, STARTER_GRANT_ID),
                         amount=amount,
                         reason="starter grant",
                     )
@@ -136,20 +133,16 @@ class LedgerBook:
             event_id = phase_event_id(sandbox_id, "reserve")
             if view.available >= cost.amount:
                 return [
-                    CreditsReserved.create(
-                        account,
-                        meta,
-                        event_id=event_id,
+                    CreditsReserved(
+                        **envelope(account, meta, event_id),
                         sandbox_id=sandbox_id,
                         amount=cost.amount,
                         basis=cost.basis,
                     )
                 ]
             return [
-                CreditsRejected.create(
-                    account,
-                    meta,
-                    event_id=event_id,
+                CreditsRejected(
+                    **envelope(account, meta, event_id),
                     sandbox_id=sandbox_id,
                     requested=cost.amount,
                     available=view.available,
@@ -181,10 +174,8 @@ class LedgerBook:
                 # (always recorded, true or false: docs/payments.md).
                 basis = {**debit.basis, "capped_at_reservation": amount < debit.amount}
                 events.append(
-                    CreditsDebited.create(
-                        view.account,
-                        meta,
-                        event_id=phase_event_id(sandbox_id, "debit"),
+                    CreditsDebited(
+                        **envelope(view.account, meta, phase_event_id(sandbox_id, "debit")),
                         sandbox_id=sandbox_id,
                         amount=amount,
                         basis=basis,
@@ -192,10 +183,8 @@ class LedgerBook:
                 )
                 open_amount -= amount
             events.append(
-                CreditsReleased.create(
-                    view.account,
-                    meta,
-                    event_id=phase_event_id(sandbox_id, "release"),
+                CreditsReleased(
+                    **envelope(view.account, meta, phase_event_id(sandbox_id, "release")),
                     sandbox_id=sandbox_id,
                     amount=open_amount,
                     reason="remainder of the reservation" if debit else "create failed",

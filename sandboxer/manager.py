@@ -49,7 +49,7 @@ from events import (
     TeardownFailed,
     TornDown,
 )
-from events.base import utc_now
+from events.base import Envelope, envelope, utc_now
 from events.ledger import phase_event_id
 from events.sandbox import RouteCandidate
 from events.subjects import sandbox_filter
@@ -345,22 +345,26 @@ class SandboxManager:
             try:
                 seq = await self._record(
                     sbx,
-                    SandboxRequested,
+                    lambda e: SandboxRequested(
+                        **e,
+                        profile=profile.name,
+                        extension=candidates[0].extension,
+                        inputs=recorded_inputs,
+                        secret_inputs=sorted(sbx.secrets),
+                        account=request.account,
+                        ttl_seconds=ttl,
+                        config=dict(candidates[0].config),
+                        route=[
+                            RouteCandidate(
+                                extension=c.extension, config=dict(c.config), when=c.when
+                            )
+                            for c in profile.route
+                        ],
+                        checkpoint_policy=profile.checkpoint,
+                        from_checkpoint=source,
+                    ),
                     meta,
                     event_id=f"{sandbox_id}.requested" if request.sandbox_id else None,
-                    profile=profile.name,
-                    extension=candidates[0].extension,
-                    inputs=recorded_inputs,
-                    secret_inputs=sorted(sbx.secrets),
-                    account=request.account,
-                    ttl_seconds=ttl,
-                    config=dict(candidates[0].config),
-                    route=[
-                        RouteCandidate(extension=c.extension, config=dict(c.config), when=c.when)
-                        for c in profile.route
-                    ],
-                    checkpoint_policy=profile.checkpoint,
-                    from_checkpoint=source,
                 )
             except BaseException:
                 self._finish(sbx)
@@ -398,7 +402,7 @@ class SandboxManager:
             return sbx.version
         inflight = sbx.step  # captured first: recording starts the teardown step
         try:
-            seq = await self._record(sbx, DestroyRequested, meta, reason=reason)
+            seq = await self._record(sbx, lambda e: DestroyRequested(**e, reason=reason), meta)
         except InvalidTransition:
             # A concurrent destroy recorded first while we waited for the aggregate:
             # the teardown this request asks for is under way (or done: NotFound).
@@ -507,11 +511,18 @@ class SandboxManager:
             )
 
     async def _record(
-        self, sbx: Sandbox, event_type: type[E], meta: EventMeta | None = None, **fields: object
+        self,
+        sbx: Sandbox,
+        build: Callable[[Envelope], Event],
+        meta: EventMeta | None = None,
+        *,
+        event_id: str | None = None,
     ) -> int:
-        """Append one event and apply it. Shielded: a cancelled caller must not leave an
-        event in the stream that the in-memory aggregate has not seen."""
-        task = asyncio.ensure_future(self._append_apply(sbx, event_type, meta, fields))
+        """Append one event and apply it: `build` makes it from the envelope (taken
+        under the aggregate's lock, so its causation is the event it follows), e.g.
+        `lambda e: Provisioned(**e, handle=handle)`. Shielded: a cancelled caller must
+        not leave an event in the stream that the in-memory aggregate has not seen."""
+        task = asyncio.ensure_future(self._append_apply(sbx, build, meta, event_id))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return await asyncio.shield(task)
@@ -519,12 +530,13 @@ class SandboxManager:
     async def _append_apply(
         self,
         sbx: Sandbox,
-        event_type: type[E],
+        build: Callable[[Envelope], Event],
         meta: EventMeta | None,
-        fields: dict[str, object],
+        event_id: str | None,
     ) -> int:
         async with sbx.lock:
-            event = event_type.create(sbx.sandbox_id, meta or sbx.meta(), **fields)  # type: ignore[arg-type]
+            event = build(envelope(sbx.sandbox_id, meta or sbx.meta(), event_id))
+            event_type = type(event)
             if not self.machine.allows(sbx, event):
                 raise InvalidTransition(sbx.sandbox_id, sbx.state, event_type.__name__)
             for attempt in range(1, APPEND_ATTEMPTS + 1):
@@ -601,7 +613,8 @@ class SandboxManager:
                 # Cancelled by destroy: say so, then go on to teardown.
                 if sbx.state == State.TEARING_DOWN:
                     await self._record(
-                        sbx, StepCancelled, step=_step_label(name), reason="destroy requested"
+                        sbx,
+                        step_cancelled(_step_label(name), "destroy requested"),
                     )
             except (InvalidTransition, ConcurrencyConflict) as exc:
                 log.warning("%s: step %s superseded: %s", sbx.sandbox_id, name, exc)
@@ -620,10 +633,8 @@ class SandboxManager:
                     # down (as recovery after a restart does), never provision twice.
                     await self._record(
                         sbx,
-                        StepFailed,
+                        step_failed("provision", f"interrupted: {type(exc).__name__}: {exc}"[:500]),
                         sbx.meta(ACTOR_RECOVERY),
-                        step="provision",
-                        error=f"interrupted: {type(exc).__name__}: {exc}"[:500],
                     )
             else:
                 crashes = 0
@@ -743,7 +754,7 @@ class SandboxManager:
             return
         code = "no_capacity" if len(candidates) == 1 else "no_route"
         reason = passed[0] if len(candidates) == 1 else "no route: " + "; ".join(passed)
-        await self._record(sbx, SandboxRejected, reason=reason, code=code)
+        await self._record(sbx, lambda e: SandboxRejected(**e, reason=reason, code=code))
 
     async def _estimate(self, sbx: Sandbox, loaded: LoadedExtension, ctx: StepContext) -> Cost:
         assert sbx.request is not None
@@ -762,11 +773,9 @@ class SandboxManager:
     ) -> None:
         await self._record(
             sbx,
-            RouteChosen,
-            extension=extension,
-            host=host,
-            reason="; ".join(reasons),
-            metered=metered,
+            lambda e: RouteChosen(
+                **e, extension=extension, host=host, reason="; ".join(reasons), metered=metered
+            ),
         )
 
     async def _reserve(self, sbx: Sandbox) -> None:
@@ -778,9 +787,7 @@ class SandboxManager:
         try:
             cost = await self._estimate(sbx, loaded, self._context(sbx))
         except HookFailed as exc:
-            await self._record(
-                sbx, StepFailed, step="reserve", error=exc.error, attempt=exc.attempt
-            )
+            await self._record(sbx, step_failed("reserve", exc.error, exc.attempt))
             return
         charge = await self.ledger.reserve(sbx.sandbox_id, request.account, cost, sbx.meta())
         # What the sandbox records next follows from the ledger's decision.
@@ -791,17 +798,21 @@ class SandboxManager:
             available = self.ledger.account(request.account).available
             await self._record(
                 sbx,
-                SandboxRejected,
-                decided,
-                code="insufficient_credits",
-                reason=(
-                    f"insufficient credits in account {request.account}: required "
-                    f"{cost.amount}, available {available}"
+                lambda e: SandboxRejected(
+                    **e,
+                    code="insufficient_credits",
+                    reason=(
+                        f"insufficient credits in account {request.account}: required "
+                        f"{cost.amount}, available {available}"
+                    ),
                 ),
+                decided,
             )
             return
         await self._record(
-            sbx, CreditsHeld, decided, account=request.account, amount=charge.reserved
+            sbx,
+            lambda e: CreditsHeld(**e, account=request.account, amount=charge.reserved),
+            decided,
         )
 
     async def _settle(self, request: SandboxRequested, view: SandboxView, meta: EventMeta) -> None:
@@ -858,11 +869,9 @@ class SandboxManager:
                     sbx, "provision", loaded.adapter.provision, loaded.manifest.hook("provision")
                 )
         except HookFailed as exc:
-            await self._record(
-                sbx, StepFailed, step="provision", error=exc.error, attempt=exc.attempt
-            )
+            await self._record(sbx, step_failed("provision", exc.error, exc.attempt))
             return
-        await self._record(sbx, Provisioned, handle=dict(handle))
+        await self._record(sbx, lambda e: Provisioned(**e, handle=dict(handle)))
 
     async def _wait_ready(self, sbx: Sandbox) -> None:
         loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
@@ -876,11 +885,9 @@ class SandboxManager:
                 sbx, "wait_ready", call, loaded.manifest.hook("wait_ready")
             )
         except HookFailed as exc:
-            await self._record(
-                sbx, StepFailed, step="wait_ready", error=exc.error, attempt=exc.attempt
-            )
+            await self._record(sbx, step_failed("wait_ready", exc.error, exc.attempt))
             return
-        await self._record(sbx, BecameReady, services=list(services))
+        await self._record(sbx, lambda e: BecameReady(**e, services=list(services)))
 
     async def _teardown(self, sbx: Sandbox) -> None:
         loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
@@ -897,14 +904,12 @@ class SandboxManager:
                 )
             except HookFailed as exc:
                 final = attempt == attempts
-                await self._record(
-                    sbx, TeardownFailed, error=exc.error, attempt=attempt, final=final
-                )
+                await self._record(sbx, teardown_failed(exc.error, attempt, final))
                 if final:
                     return
                 await asyncio.sleep(policy.backoff * 2 ** (attempt - 1))
                 continue
-            await self._record(sbx, TornDown)
+            await self._record(sbx, lambda e: TornDown(**e))
             return
 
     # ---- TTL and recovery --------------------------------------------------------
@@ -952,20 +957,23 @@ class SandboxManager:
         self._schedule_ttl(sbx)
         if sbx.state in (State.CHECKPOINTING, State.RESTORING) and sbx.pending_checkpoint:
             failed = CheckpointFailed if sbx.state == State.CHECKPOINTING else RestoreFailed
+            checkpoint_id = sbx.pending_checkpoint
             await self._record(
                 sbx,
-                failed,
+                lambda e: failed(
+                    **e,
+                    checkpoint_id=checkpoint_id,
+                    error="interrupted: the service stopped during the step",
+                ),
                 sbx.meta(ACTOR_RECOVERY),
-                checkpoint_id=sbx.pending_checkpoint,
-                error="interrupted: the service stopped during the step",
             )
         elif sbx.state == State.PROVISIONING:
             await self._record(
                 sbx,
-                StepFailed,
+                lambda e: StepFailed(
+                    **e, step="provision", error="interrupted: the service stopped during provision"
+                ),
                 sbx.meta(ACTOR_RECOVERY),
-                step="provision",
-                error="interrupted: the service stopped during provision",
             )
         elif sbx.state in self._steps:
             self._ensure_driver(sbx)
@@ -1177,6 +1185,20 @@ STEP_LABELS: dict[str, str] = {
     State.STARTING: "wait_ready",
     State.TEARING_DOWN: "teardown",
 }
+
+
+# Builders for events recorded from inside loops and except blocks: each binds its
+# values when called, not when the event is built under the aggregate's lock.
+def step_failed(step: str, error: str, attempt: int = 1) -> Callable[[Envelope], Event]:
+    return lambda e: StepFailed(**e, step=step, error=error, attempt=attempt)
+
+
+def step_cancelled(step: str, reason: str) -> Callable[[Envelope], Event]:
+    return lambda e: StepCancelled(**e, step=step, reason=reason)
+
+
+def teardown_failed(error: str, attempt: int, final: bool) -> Callable[[Envelope], Event]:
+    return lambda e: TeardownFailed(**e, error=error, attempt=attempt, final=final)
 
 
 def _step_label(state: str) -> str:

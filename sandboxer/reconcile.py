@@ -18,11 +18,11 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 import msgspec
 
-from events import Event, EventMeta, OrphanFound, OrphanRemovalFailed, OrphanRemoved
+from events import Event, EventMeta, OrphanFound, OrphanRemovalFailed, OrphanRemoved, envelope
 from events.subjects import filter_for
 from extensions import ExtensionRegistry, Reconciling, Resource
 from sandboxer.event_store import EventRecorder, append_decided
@@ -141,12 +141,12 @@ class Reconciler:
                     why="unknown" if view is None else "finished",
                 )
                 found_event = await self._record(
-                    OrphanFound,
-                    name,
-                    meta,
-                    orphan,
-                    why=orphan.why,
-                    action="remove" if removing else "report",
+                    OrphanFound(
+                        **envelope(name, meta),
+                        **_resource(orphan, meta),
+                        why=orphan.why,
+                        action="remove" if removing else "report",
+                    )
                 )
                 if removing:  # the removal follows from the finding
                     then = msgspec.structs.replace(meta, causation_id=found_event.event_id)
@@ -173,29 +173,37 @@ class Reconciler:
                 await adapter.remove_orphan(config, resource)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
-            await self._record(OrphanRemovalFailed, orphan.extension, meta, orphan, error=error)
+            await self._record(
+                OrphanRemovalFailed(
+                    **envelope(orphan.extension, meta), **_resource(orphan, meta), error=error
+                )
+            )
             return msgspec.structs.replace(orphan, error=error)
-        await self._record(OrphanRemoved, orphan.extension, meta, orphan)
+        await self._record(
+            OrphanRemoved(**envelope(orphan.extension, meta), **_resource(orphan, meta))
+        )
         return msgspec.structs.replace(orphan, removed=True)
 
-    async def _record(
-        self,
-        event_type: type[OrphanFound] | type[OrphanRemoved] | type[OrphanRemovalFailed],
-        extension: str,
-        meta: EventMeta,
-        orphan: OrphanOut,
-        **fields: object,
-    ) -> Event:
-        event = event_type.create(
-            extension,
-            meta,
-            sweep_id=meta.correlation_id,
-            host=orphan.host,
-            sandbox_id=orphan.sandbox_id,
-            kind=orphan.kind,
-            detail=orphan.detail,
-            **fields,  # type: ignore[arg-type]
-        )
+    async def _record(self, event: Event) -> Event:
         # Sweeps on several nodes write to one aggregate: each append at its version.
         await append_decided(self.store, filter_for(event), lambda: [event])
         return event
+
+
+class _Resource(TypedDict):
+    sweep_id: str
+    host: str
+    sandbox_id: str
+    kind: str
+    detail: str
+
+
+def _resource(orphan: OrphanOut, meta: EventMeta) -> _Resource:
+    """What every reconcile event says of the resource it is about."""
+    return _Resource(
+        sweep_id=meta.correlation_id,
+        host=orphan.host,
+        sandbox_id=orphan.sandbox_id,
+        kind=orphan.kind,
+        detail=orphan.detail,
+    )

@@ -25,6 +25,7 @@ from events import (
     ValidationFailed,
     ValidationPassed,
     ValidationStarted,
+    envelope,
 )
 from events.subjects import filter_for, sandbox_filter
 from extensions import ExtensionRegistry
@@ -114,10 +115,8 @@ class Validator:
         checks = [c.url or f"{c.service}:{c.port}{c.path}" for c in spec.health_checks]
         if test_command:
             checks.append(f"test_command: {test_command}")
-        started_event = ValidationStarted.create(
-            sandbox_id,
-            meta,
-            event_id=f"{delivery.key}.started",
+        started_event = ValidationStarted(
+            **envelope(sandbox_id, meta, f"{delivery.key}.started"),
             ready_event_id=delivery.key,
             checks=checks,
         )
@@ -131,20 +130,16 @@ class Validator:
         duration = round(time.monotonic() - started, 3)
         tail = outcome.output[-OUTPUT_TAIL:]
         if outcome.passed:
-            event: Any = ValidationPassed.create(
-                sandbox_id,
-                meta,
-                event_id=result_id,
+            event: Any = ValidationPassed(
+                **envelope(sandbox_id, meta, result_id),
                 ready_event_id=delivery.key,
                 exit_code=outcome.exit_code or 0,
                 duration_seconds=duration,
                 output_tail=tail,
             )
         else:
-            event = ValidationFailed.create(
-                sandbox_id,
-                meta,
-                event_id=result_id,
+            event = ValidationFailed(
+                **envelope(sandbox_id, meta, result_id),
                 ready_event_id=delivery.key,
                 exit_code=outcome.exit_code,
                 duration_seconds=duration,

@@ -42,6 +42,7 @@ from events import (
     WebhookDisabled,
     WebhookRegistered,
     WebhookRemoved,
+    envelope,
 )
 from events.subjects import filter_for
 from events.webhooks import WebhookEvent
@@ -232,9 +233,8 @@ class Webhooks:
             # "new": from the next event on; events appended meanwhile count as new.
             start_seq = await self.store.last_seq() + 1 if start_from == "new" else 0
             webhook_id = f"wh-{secrets.token_hex(6)}"
-            event = WebhookRegistered.create(
-                webhook_id,
-                meta,
+            event = WebhookRegistered(
+                **envelope(webhook_id, meta),
                 account=account,
                 url=url,
                 event_types=sorted(set(event_types)),
@@ -262,7 +262,7 @@ class Webhooks:
     async def remove(self, webhook_id: str, meta: EventMeta) -> bool:
         if webhook_id not in self.registrations:
             return False
-        removed = WebhookRemoved.create(webhook_id, meta, reason="removed")
+        removed = WebhookRemoved(**envelope(webhook_id, meta), reason="removed")
         await self._append(removed)
         self._fold(removed)
         task, stop = self._tasks.pop(webhook_id, (None, None))
@@ -373,10 +373,8 @@ class Webhooks:
             correlation_id=delivery.event.correlation_id,
             causation_id=delivery.key,
         )
-        attempt = WebhookDeliveryAttempted.create(
-            webhook_id,
-            meta,
-            event_id=f"{webhook_id}.{delivery.key}.{delivery.attempt}",
+        attempt = WebhookDeliveryAttempted(
+            **envelope(webhook_id, meta, f"{webhook_id}.{delivery.key}.{delivery.attempt}"),
             delivered_event_id=delivery.key,
             delivered_seq=delivery.seq,
             attempt=delivery.attempt,
@@ -414,10 +412,8 @@ class Webhooks:
     async def _disable(self, webhook_id: str, error: str, meta: EventMeta) -> None:
         """Stop delivering for good: recorded, so a restart does not start it again."""
         failures = self.failures.get(webhook_id, 0)
-        disabled = WebhookDisabled.create(
-            webhook_id,
-            meta,
-            event_id=f"{webhook_id}.disabled",
+        disabled = WebhookDisabled(
+            **envelope(webhook_id, meta, f"{webhook_id}.disabled"),
             reason=f"{failures} deliveries in a row failed; last: {error}"[:500],
             failures=failures,
         )

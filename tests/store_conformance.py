@@ -14,6 +14,7 @@ from events import (
     Provisioned,
     RouteChosen,
     SandboxRequested,
+    envelope,
     sandbox_filter,
 )
 from sandboxer.event_store import ConcurrencyConflict, EventRecorder, append_decided
@@ -22,9 +23,8 @@ META = EventMeta(actor="test", correlation_id="corr-1")
 
 
 def requested(sandbox_id: str) -> SandboxRequested:
-    return SandboxRequested.create(
-        sandbox_id,
-        META,
+    return SandboxRequested(
+        **envelope(sandbox_id, META),
         profile="profile.saas-stub",
         extension="saas-stub",
         inputs={"size": "small"},
@@ -36,8 +36,8 @@ class RecorderConformance:
     async def test_append_then_read_aggregate(self, recorder: EventRecorder) -> None:
         first = requested("sbx-a1")
         (seq1,) = await recorder.append([first], 0)
-        route = RouteChosen.create("sbx-a1", META, extension="saas-stub", reason="test")
-        ready = Provisioned.create("sbx-a1", META, handle={"k": "v"})
+        route = RouteChosen(**envelope("sbx-a1", META), extension="saas-stub", reason="test")
+        ready = Provisioned(**envelope("sbx-a1", META), handle={"k": "v"})
         seqs = await recorder.append([route, ready], seq1)
         assert seqs[0] > seq1 and seqs[1] > seqs[0]
         history = await recorder.read_aggregate(sandbox_filter("sbx-a1"))
@@ -51,8 +51,10 @@ class RecorderConformance:
 
     async def test_stale_writer_gets_conflict(self, recorder: EventRecorder) -> None:
         (seq1,) = await recorder.append([requested("sbx-c1")], 0)
-        await recorder.append([RouteChosen.create("sbx-c1", META, extension="x", reason="a")], seq1)
-        stale = RouteChosen.create("sbx-c1", META, extension="x", reason="b")
+        await recorder.append(
+            [RouteChosen(**envelope("sbx-c1", META), extension="x", reason="a")], seq1
+        )
+        stale = RouteChosen(**envelope("sbx-c1", META), extension="x", reason="b")
         with pytest.raises(ConcurrencyConflict):
             await recorder.append([stale], seq1)
         with pytest.raises(ConcurrencyConflict):
@@ -64,7 +66,7 @@ class RecorderConformance:
         (a,) = await recorder.append([requested("sbx-o1")], 0)
         await recorder.append([requested("sbx-o2")], 0)
         # sbx-o2's append moved the stream on, but sbx-o1's version is still `a`.
-        await recorder.append([BecameReady.create("sbx-o1", META)], a)
+        await recorder.append([BecameReady(**envelope("sbx-o1", META))], a)
 
     async def test_retried_append_is_not_a_second_event(self, recorder: EventRecorder) -> None:
         event = requested("sbx-d1")
@@ -76,7 +78,9 @@ class RecorderConformance:
     async def test_concurrent_writers_one_wins(self, recorder: EventRecorder) -> None:
         (seq,) = await recorder.append([requested("sbx-w1")], 0)
         attempts = [
-            recorder.append([RouteChosen.create("sbx-w1", META, extension="x", reason=str(i))], seq)
+            recorder.append(
+                [RouteChosen(**envelope("sbx-w1", META), extension="x", reason=str(i))], seq
+            )
             for i in range(10)
         ]
         results = await asyncio.gather(*attempts, return_exceptions=True)
@@ -91,7 +95,7 @@ class RecorderConformance:
         (first,) = await recorder.append([requested("sbx-v1")], 0)
         await recorder.append([requested("sbx-v2")], 0)
         assert await recorder.version(sandbox_filter("sbx-v1")) == first
-        (ready,) = await recorder.append([BecameReady.create("sbx-v1", META)], first)
+        (ready,) = await recorder.append([BecameReady(**envelope("sbx-v1", META))], first)
         assert await recorder.version(sandbox_filter("sbx-v1")) == ready
 
     async def test_append_decided_decides_again_after_a_conflict(
@@ -104,9 +108,11 @@ class RecorderConformance:
             seen.append(len(seen))
             if len(seen) == 1:  # another writer appends while we decide
                 racing.append(asyncio.ensure_future(recorder.append([other], first)))
-            return [RouteChosen.create("sbx-x1", META, extension="x", reason=f"try {len(seen)}")]
+            return [
+                RouteChosen(**envelope("sbx-x1", META), extension="x", reason=f"try {len(seen)}")
+            ]
 
-        other = BecameReady.create("sbx-x1", META)
+        other = BecameReady(**envelope("sbx-x1", META))
         racing: list[asyncio.Future[list[int]]] = []
         real_append = recorder.append
 

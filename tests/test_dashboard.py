@@ -26,7 +26,7 @@ from playwright.async_api import (
     expect,
 )
 
-from events import Event, EventMeta, ValidationFailed, ValidationPassed
+from events import Event, EventMeta, ValidationFailed, ValidationPassed, envelope
 from events.subjects import filter_for
 from sandboxer.dashboard import CSP, STATIC_DIR
 from sandboxer.event_store import JetStreamEventStore
@@ -341,13 +341,12 @@ async def record_validation(
     ready = f"ready-{sandbox['id']}"
     result: Event
     if passed:
-        result = ValidationPassed.create(
-            sandbox["id"], meta, ready_event_id=ready, duration_seconds=1.5
+        result = ValidationPassed(
+            **envelope(sandbox["id"], meta), ready_event_id=ready, duration_seconds=1.5
         )
     else:
-        result = ValidationFailed.create(
-            sandbox["id"],
-            meta,
+        result = ValidationFailed(
+            **envelope(sandbox["id"], meta),
             ready_event_id=ready,
             duration_seconds=0.4,
             exit_code=2,

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from events import Event, sandbox_filter
+from events import Event, envelope, sandbox_filter
 from events.codec import DecodeError, EventCodec
 from sandboxer.event_store import JetStreamEventStore
 from tests.store_conformance import RecorderConformance
@@ -35,6 +35,7 @@ class Renamed(Event, frozen=True, kw_only=True):
     """Test-only event at version 2: v1 called the field `image`, v2 calls it `template`."""
 
     VERSION: ClassVar[int] = 2
+    schema_version: int = 2
     template: str
     region: str
 
@@ -62,7 +63,7 @@ async def test_old_event_decodes_through_its_upcaster(nc: NatsClient) -> None:
     }
     # Written the way an old release wrote it: straight onto the stream.
     await nc.jetstream().publish("sandboxer.sandbox.sbx-u1.Renamed", msgspec.json.encode(v1))
-    current = Renamed.create("sbx-u1", _meta(), template="alpine", region="us-2")
+    current = Renamed(**envelope("sbx-u1", _meta()), template="alpine", region="us-2")
     await store.append([current], await store.version(sandbox_filter("sbx-u1")))
     history = await store.read_aggregate(sandbox_filter("sbx-u1"))
     old, new = (r.event for r in history)

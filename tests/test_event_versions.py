@@ -16,12 +16,15 @@ import pytest
 from events import (
     ALL_EVENTS,
     CreditsDebited,
+    Event,
     EventMeta,
     SandboxRequested,
     WebhookRegistered,
     decode_event,
     encode_event,
+    envelope,
 )
+from events.codec import EventCodec
 from events.ledger import LedgerEvent
 from events.schema import (
     CHECKPOINT_ID,
@@ -132,10 +135,12 @@ def test_credits_debited_v1_basis_gains_capped_false() -> None:
 
 def test_the_schema_refuses_what_a_validator_should_catch() -> None:
     good = as_json(
-        CreditsDebited.create(
-            "acme",
-            EventMeta(actor="system:manager", correlation_id="r1", causation_id="a" * 32),
-            event_id="sbx-0123456789ab.debit",
+        CreditsDebited(
+            **envelope(
+                "acme",
+                EventMeta(actor="system:manager", correlation_id="r1", causation_id="a" * 32),
+                "sbx-0123456789ab.debit",
+            ),
             sandbox_id="sbx-0123456789ab",
             amount=3,
             basis={"capped_at_reservation": False},
@@ -239,8 +244,11 @@ def test_subject_map() -> None:
 
 def test_current_encodings_are_complete() -> None:
     """The encoder writes every field (defaults too): `required` can list them all."""
-    event = WebhookRegistered.create(
-        "wh-0123456789ab", META, account="default", url="https://x.example/", event_types=[]
+    event = WebhookRegistered(
+        **envelope("wh-0123456789ab", META),
+        account="default",
+        url="https://x.example/",
+        event_types=[],
     )
     raw = as_json(event)
     assert set(raw) == set(SCHEMA["$defs"]["WebhookRegistered"]["properties"])
@@ -248,3 +256,18 @@ def test_current_encodings_are_complete() -> None:
     assert errors(raw) == []
     assert msgspec.json.decode(encode_event(event))["schema_version"] == 2
     assert dt.datetime.fromisoformat(raw["occurred_at"]).tzinfo is not None
+
+
+def test_every_type_defaults_schema_version_to_its_version() -> None:
+    """`Type(**envelope(...), ...)` writes the type's current version."""
+    for event_type in ALL_EVENTS:
+        (field,) = [f for f in msgspec.structs.fields(event_type) if f.name == "schema_version"]
+        assert field.default == event_type.VERSION, event_type.__name__
+
+
+def test_a_type_whose_version_default_lags_is_refused() -> None:
+    class Lagging(Event, frozen=True, kw_only=True):
+        VERSION: ClassVar[int] = 3
+
+    with pytest.raises(TypeError, match="schema_version: int = 3"):
+        EventCodec([Lagging])

@@ -17,7 +17,7 @@ from aiohttp import web
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from events import EventMeta, ValidationPassed
+from events import EventMeta, ValidationPassed, envelope
 from events.subjects import filter_for
 from sandboxer.event_store import JetStreamEventStore, append_decided
 from sandboxer.subscriptions import Delivery, subscribe
@@ -115,8 +115,8 @@ async def test_every_message_on_the_stream_was_appended_at_a_version(
 
         # A validator's result, and a dead letter from a consumer that gives up.
         meta = EventMeta(actor="validator:test", correlation_id="c-1")
-        result = ValidationPassed.create(
-            sandbox_id, meta, ready_event_id="r", exit_code=0, duration_seconds=0.1
+        result = ValidationPassed(
+            **envelope(sandbox_id, meta), ready_event_id="r", exit_code=0, duration_seconds=0.1
         )
         await append_decided(store, filter_for(result), lambda: [result])
         failed = asyncio.Event()

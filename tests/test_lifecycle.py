@@ -19,6 +19,7 @@ from events import (
     StepFailed,
     TeardownFailed,
     TornDown,
+    envelope,
 )
 from sandboxer.lifecycle import (
     TERMINAL,
@@ -43,18 +44,20 @@ class Model(LifecycleModel):
 def samples() -> list[Event]:
     sid = "sbx-test"
     return [
-        SandboxRequested.create(sid, META, profile="p", extension="e", inputs={}, ttl_seconds=5),
-        RouteChosen.create(sid, META, extension="e", reason="r"),
-        RouteChosen.create(sid, META, extension="e", reason="r", metered=True),
-        SandboxRejected.create(sid, META, reason="no"),
-        Provisioned.create(sid, META, handle={}),
-        BecameReady.create(sid, META),
-        StepFailed.create(sid, META, step="provision", error="x"),
-        StepCancelled.create(sid, META, step="provision", reason="destroy"),
-        DestroyRequested.create(sid, META, reason="user"),
-        TornDown.create(sid, META),
-        TeardownFailed.create(sid, META, error="x", attempt=1),
-        TeardownFailed.create(sid, META, error="x", attempt=3, final=True),
+        SandboxRequested(
+            **envelope(sid, META), profile="p", extension="e", inputs={}, ttl_seconds=5
+        ),
+        RouteChosen(**envelope(sid, META), extension="e", reason="r"),
+        RouteChosen(**envelope(sid, META), extension="e", reason="r", metered=True),
+        SandboxRejected(**envelope(sid, META), reason="no"),
+        Provisioned(**envelope(sid, META), handle={}),
+        BecameReady(**envelope(sid, META)),
+        StepFailed(**envelope(sid, META), step="provision", error="x"),
+        StepCancelled(**envelope(sid, META), step="provision", reason="destroy"),
+        DestroyRequested(**envelope(sid, META), reason="user"),
+        TornDown(**envelope(sid, META)),
+        TeardownFailed(**envelope(sid, META), error="x", attempt=1),
+        TeardownFailed(**envelope(sid, META), error="x", attempt=3, final=True),
     ]
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from events import EventMeta, SandboxRequested
+from events import EventMeta, SandboxRequested, envelope
 from sandboxer.event_store import JetStreamEventStore, stream_position
 from sandboxer.read_model import ProjectionRunner
 
@@ -14,8 +14,8 @@ META = EventMeta(actor="test", correlation_id="c")
 
 
 def requested(sandbox_id: str) -> SandboxRequested:
-    return SandboxRequested.create(
-        sandbox_id, META, profile="p", extension="saas-stub", inputs={}, ttl_seconds=60
+    return SandboxRequested(
+        **envelope(sandbox_id, META), profile="p", extension="saas-stub", inputs={}, ttl_seconds=60
     )
 
 
@@ -70,14 +70,15 @@ def test_ledger_fold_keeps_the_open_reservations_exact() -> None:
     from projections.ledger import LedgerProjection
 
     ledger = LedgerProjection()
-    events = [CreditsGranted.create("acme", META, amount=1000)]
+    events = [CreditsGranted(**envelope("acme", META), amount=1000)]
     events += [
-        CreditsReserved.create("acme", META, sandbox_id=f"sbx-{i}", amount=30) for i in range(3)
+        CreditsReserved(**envelope("acme", META), sandbox_id=f"sbx-{i}", amount=30)
+        for i in range(3)
     ]
     events += [
-        CreditsDebited.create("acme", META, sandbox_id="sbx-1", amount=10),
-        CreditsReleased.create("acme", META, sandbox_id="sbx-1", amount=20),
-        CreditsDebited.create("acme", META, sandbox_id="sbx-0", amount=5),
+        CreditsDebited(**envelope("acme", META), sandbox_id="sbx-1", amount=10),
+        CreditsReleased(**envelope("acme", META), sandbox_id="sbx-1", amount=20),
+        CreditsDebited(**envelope("acme", META), sandbox_id="sbx-0", amount=5),
     ]
     for seq, event in enumerate(events, start=1):
         ledger.apply(seq, f"sandboxer.ledger.acme.{event.type_name()}", event)

@@ -7,7 +7,7 @@ from collections import Counter
 
 from nats.aio.client import Client as NatsClient
 
-from events import BecameReady, EventMeta, SandboxRequested
+from events import BecameReady, EventMeta, SandboxRequested, envelope
 from sandboxer.event_store import JetStreamEventStore
 from sandboxer.subscriptions import Delivery, dead_letter_subject, subscribe
 
@@ -21,13 +21,13 @@ async def seed(store: JetStreamEventStore, n: int, start: int = 0) -> list[str]:
         sid = f"sbx-sub{i:03d}"
         (seq,) = await store.append(
             [
-                SandboxRequested.create(
-                    sid, META, profile="p", extension="e", inputs={}, ttl_seconds=5
+                SandboxRequested(
+                    **envelope(sid, META), profile="p", extension="e", inputs={}, ttl_seconds=5
                 )
             ],
             0,
         )
-        await store.append([BecameReady.create(sid, META)], seq)
+        await store.append([BecameReady(**envelope(sid, META))], seq)
         ids.append(sid)
     return ids
 
