@@ -32,7 +32,8 @@ from bench.common import (
     rate,
 )
 from events import EventMeta
-from sandboxer.event_store import ALL_SUBJECTS, JetStreamEventStore
+from events.subjects import ALL_SUBJECTS
+from sandboxer.event_store import JetStreamEventStore
 from sandboxer.read_model import ProjectionRunner
 
 META = EventMeta(actor="bench", correlation_id="bench-replay")

@@ -29,7 +29,13 @@ SANDBOX_PREFIX = "sandboxer.sandbox"
 LEDGER_PREFIX = "sandboxer.ledger"
 VALIDATION_PREFIX = "sandboxer.validation"
 DEAD_LETTER_PREFIX = "sandboxer.deadletter"
-STREAM_SUBJECTS = ["sandboxer.>"]
+ALL_SUBJECTS = "sandboxer.>"
+STREAM_SUBJECTS = [ALL_SUBJECTS]
+# What a subject of each kind starts with: `subject.startswith(LEDGER_SUBJECTS)` is
+# how folds tell kinds apart (cheap enough for a replay of millions of events).
+SANDBOX_SUBJECTS = SANDBOX_PREFIX + "."
+LEDGER_SUBJECTS = LEDGER_PREFIX + "."
+VALIDATION_SUBJECTS = VALIDATION_PREFIX + "."
 
 
 def sandbox_subject(sandbox_id: str, event_type: str) -> str:
@@ -78,6 +84,29 @@ def prefix_for(kind: str) -> str:
 
 def subject_for(event: Event) -> str:
     return f"{_PREFIXES[event.KIND]}.{_token(event.aggregate_id)}.{event.type_name()}"
+
+
+CONTROL_PREFIX = "sbxctl"  # outside the stream: commands forwarded between workers
+
+
+def control_subject(worker: str) -> str:
+    """Where a worker takes commands for the sandboxes it drives (request-reply)."""
+    return f"{CONTROL_PREFIX}.{_token(worker)}"
+
+
+def validation_filter(sandbox_id: str) -> str:
+    """Every validation result of one sandbox."""
+    return f"{VALIDATION_PREFIX}.{_token(sandbox_id)}.>"
+
+
+def kind_filter(kind: str) -> str:
+    """Every event of one kind (all webhooks, all reconcile sweeps, ...)."""
+    return f"{_PREFIXES[kind]}.>"
+
+
+def type_filter(event_type: type[Event]) -> str:
+    """Every event of one type, whichever aggregate: what validators subscribe to."""
+    return f"{_PREFIXES[event_type.KIND]}.*.{event_type.type_name()}"
 
 
 def filter_for(event: Event) -> str:

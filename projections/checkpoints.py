@@ -13,6 +13,7 @@ from events import (
     CheckpointRequested,
     Event,
 )
+from events.subjects import SANDBOX_SUBJECTS
 
 
 class CheckpointView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -68,7 +69,7 @@ class CheckpointsProjection:
 
     def apply(self, seq: int, subject: str, event: Event) -> None:
         checkpoint_id = getattr(event, "checkpoint_id", None)
-        if checkpoint_id is None or not subject.startswith("sandboxer.sandbox."):
+        if checkpoint_id is None or not subject.startswith(SANDBOX_SUBJECTS):
             return
         current = self.checkpoints.get(checkpoint_id)
         if current is not None and seq <= current.last_seq:

@@ -17,6 +17,7 @@ from events import (
     CreditsReserved,
     Event,
 )
+from events.subjects import LEDGER_SUBJECTS
 
 
 class AccountView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -123,7 +124,7 @@ class LedgerProjection:
 
     def apply(self, seq: int, subject: str, event: Event) -> None:
         self.last_seq = seq
-        if not subject.startswith("sandboxer.ledger."):
+        if not subject.startswith(LEDGER_SUBJECTS):
             return
         key = event.aggregate_id
         self.accounts[key] = evolve_account(self.accounts.get(key), seq, event)

@@ -21,6 +21,7 @@ from events import (
     ValidationPassed,
     ValidationStarted,
 )
+from events.subjects import SANDBOX_SUBJECTS, VALIDATION_SUBJECTS
 from sandboxer.lifecycle import TERMINAL, failing_after, next_state
 
 
@@ -129,9 +130,9 @@ class SandboxesProjection:
 
     def apply(self, seq: int, subject: str, event: Event) -> SandboxView | None:
         self.last_seq = seq
-        if subject.startswith("sandboxer.validation."):
+        if subject.startswith(VALIDATION_SUBJECTS):
             return self._validation(seq, event)
-        if not subject.startswith("sandboxer.sandbox."):
+        if not subject.startswith(SANDBOX_SUBJECTS):
             return None
         key = event.aggregate_id
         view = evolve(self.sandboxes.get(key), seq, event)

@@ -18,6 +18,7 @@ import msgspec
 
 from events import CreditsDebited, Event
 from events.base import utc_now
+from events.subjects import LEDGER_SUBJECTS
 from projections.ledger import AccountView, LedgerProjection
 from projections.sandboxes import SandboxesProjection
 
@@ -56,7 +57,7 @@ def audit(
     count = 0
     for seq, subject, event in recorded:
         sandboxes.apply(seq, subject, event)
-        if not subject.startswith("sandboxer.ledger."):
+        if not subject.startswith(LEDGER_SUBJECTS):
             continue
         name = event.aggregate_id
         if account is not None and name != account:

@@ -25,7 +25,7 @@ from nats.js import JetStreamContext, api
 
 from events import Event
 from events.codec import EventCodec, default_codec
-from events.subjects import STREAM_SUBJECTS, filter_for, subject_for
+from events.subjects import ALL_SUBJECTS, STREAM_SUBJECTS, filter_for, subject_for
 from sandboxer.nats_auth import MutablePolicy
 
 STREAM_NAME = "SANDBOXER"
@@ -61,7 +61,6 @@ def is_transient(exc: BaseException) -> bool:
 
 APPEND_ATTEMPTS = 5
 WRONG_LAST_SEQUENCE = (10071, 10164)  # with and without the sequence in the message
-ALL_SUBJECTS = "sandboxer.>"
 
 
 def stream_position(reply: str) -> tuple[int, int]:

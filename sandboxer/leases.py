@@ -43,11 +43,12 @@ from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
+from events.subjects import control_subject
+
 log = logging.getLogger(__name__)
 
 WORKERS_BUCKET = "sandboxer_workers"
 LEASES_BUCKET = "sandboxer_leases"
-CONTROL_PREFIX = "sbxctl"
 DEFAULT_TTL = 10.0
 _NAME_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -284,12 +285,12 @@ class WorkerLeases:
                 answer = {"error": "internal", "message": f"{type(exc).__name__}: {exc}"}
             await msg.respond(json.dumps(answer).encode())
 
-        self._control = await self.nc.subscribe(f"{CONTROL_PREFIX}.{self.name}", cb=on_request)
+        self._control = await self.nc.subscribe(control_subject(self.name), cb=on_request)
 
     async def forward(self, owner: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         try:
             msg = await self.nc.request(
-                f"{CONTROL_PREFIX}.{owner}", json.dumps(body).encode(), timeout=timeout
+                control_subject(owner), json.dumps(body).encode(), timeout=timeout
             )
         except (TimeoutError, nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
             raise OwnerUnavailable(

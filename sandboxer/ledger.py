@@ -24,7 +24,7 @@ from events import (
     envelope,
     phase_event_id,
 )
-from events.subjects import ledger_filter
+from events.subjects import ledger_filter, subject_for
 from extensions.sdk import Cost
 from projections.ledger import AccountView, Charge, LedgerProjection
 from sandboxer.event_store import ConcurrencyConflict, EventRecorder
@@ -80,7 +80,7 @@ class LedgerBook:
                     await self.refresh(account)
                     continue
                 for seq, event in zip(seqs, events, strict=True):
-                    self.apply(seq, f"sandboxer.ledger.{account}.{event.type_name()}", event)
+                    self.apply(seq, subject_for(event), event)
                 return events
         raise LedgerError(f"account {account}: gave up after {CONFLICT_RETRIES} conflicts")
 

@@ -52,7 +52,7 @@ from events import (
 from events.base import Envelope, envelope, utc_now
 from events.ledger import phase_event_id
 from events.sandbox import RouteCandidate
-from events.subjects import sandbox_filter
+from events.subjects import LEDGER_SUBJECTS, SANDBOX_SUBJECTS, sandbox_filter, subject_for
 from extensions import (
     Cost,
     ExtensionRegistry,
@@ -223,10 +223,10 @@ class SandboxManager:
         self.observed.append(self._on_recorded)
         async for recorded in self.store.read(1):
             last = recorded.seq
-            if recorded.subject.startswith("sandboxer.ledger."):
+            if recorded.subject.startswith(LEDGER_SUBJECTS):
                 self.ledger.apply(recorded.seq, recorded.subject, recorded.event)
                 continue
-            if not recorded.subject.startswith("sandboxer.sandbox."):
+            if not recorded.subject.startswith(SANDBOX_SUBJECTS):
                 continue
             key = recorded.event.aggregate_id
             self.checkpoints.projection.apply(recorded.seq, recorded.subject, recorded.event)
@@ -498,7 +498,7 @@ class SandboxManager:
         sbx.version = seq
         sbx.last_event_id = event.event_id
         sbx.last_correlation_id = event.correlation_id
-        self.checkpoints.projection.apply(seq, f"sandboxer.sandbox.{sbx.sandbox_id}.", event)
+        self.checkpoints.projection.apply(seq, subject_for(event), event)
         self.machine.fire(sbx, event)
         if (
             isinstance(event, BecameReady)
@@ -1066,10 +1066,10 @@ class SandboxManager:
             log.exception("observing event %d failed", recorded.seq)
 
     def observe(self, seq: int, subject: str, event: Event) -> None:
-        if subject.startswith("sandboxer.ledger."):
+        if subject.startswith(LEDGER_SUBJECTS):
             self.ledger.apply(seq, subject, event)
             return
-        if not subject.startswith("sandboxer.sandbox."):
+        if not subject.startswith(SANDBOX_SUBJECTS):
             return
         key = event.aggregate_id
         if key in self.sandboxes:

@@ -14,8 +14,8 @@ import functools
 from collections.abc import AsyncIterator, Sequence
 
 from events import Event
-from events.subjects import filter_for, subject_for
-from sandboxer.event_store import ALL_SUBJECTS, ConcurrencyConflict, RecordedEvent
+from events.subjects import ALL_SUBJECTS, filter_for, subject_for
+from sandboxer.event_store import ConcurrencyConflict, RecordedEvent
 
 
 def subject_matches(subject: str, filter_subject: str) -> bool:

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from events.subjects import ALL_SUBJECTS
+
 PR_SET_PDEATHSIG = 1
 _DURATION_RE = re.compile(r"^\d+(\.\d+)?(ns|us|ms|s|m|h)$")
 
@@ -87,7 +89,7 @@ READER_DENY = tuple(
         f"$JS.ACK.{STREAM}.{durable}.>",
     )
 )
-READER_SUBSCRIBE = ("sandboxer.>", "_INBOX.>")
+READER_SUBSCRIBE = (ALL_SUBJECTS, "_INBOX.>")
 
 
 class NatsPortInUse(RuntimeError):

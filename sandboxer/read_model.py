@@ -18,6 +18,7 @@ from pathlib import Path
 import msgspec
 
 from events import Event, SandboxRequested
+from events.subjects import LEDGER_SUBJECTS
 from projections.checkpoints import CheckpointsProjection
 from projections.ledger import LedgerProjection, from_cache, to_cache
 from projections.sandboxes import SandboxesProjection, SandboxView
@@ -128,7 +129,7 @@ class ProjectionRunner:
 
     def account_of(self, subject: str, event: Event) -> str | None:
         """The account an event belongs to: a ledger event's own, else its sandbox's."""
-        if subject.startswith("sandboxer.ledger."):
+        if subject.startswith(LEDGER_SUBJECTS):
             return event.aggregate_id
         if isinstance(event, SandboxRequested):
             return event.account

@@ -20,6 +20,7 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 
 from events import (
+    BecameReady,
     EventMeta,
     SandboxRequested,
     ValidationFailed,
@@ -27,7 +28,7 @@ from events import (
     ValidationStarted,
     envelope,
 )
-from events.subjects import filter_for, sandbox_filter
+from events.subjects import filter_for, sandbox_filter, type_filter, validation_filter
 from extensions import ExtensionRegistry
 from extensions.compose_ssh import engine_cmd, parse_hosts, project_name
 from extensions.hosts import PoolHost
@@ -41,7 +42,7 @@ from sandboxer.subscriptions import Delivery, subscribe
 log = logging.getLogger(__name__)
 
 ACTOR = "system:validator"
-READY_SUBJECT = "sandboxer.sandbox.*.BecameReady"
+READY_SUBJECT = type_filter(BecameReady)
 OUTPUT_TAIL = 2000
 # An HTTP GET made on the sandbox host, with whichever client it has.
 HOST_GET = (
@@ -93,7 +94,7 @@ class Validator:
     async def handle(self, delivery: Delivery) -> None:
         sandbox_id = delivery.event.aggregate_id
         result_id = f"{delivery.key}.result"
-        records = await self.store.read_aggregate(f"sandboxer.validation.{sandbox_id}.>")
+        records = await self.store.read_aggregate(validation_filter(sandbox_id))
         if any(r.event.event_id == result_id for r in records):
             return  # answered before a crash or a redelivery: exactly one result
         history = await self.store.read_aggregate(sandbox_filter(sandbox_id))
@@ -249,7 +250,7 @@ async def serve_validator(
         )
         profiles = ProfileCatalog.from_env(settings.environ)
         validator = Validator(nc, store, extensions, profiles, ack_wait=ack_wait)
-        print("sandboxer validator subscribed to sandboxer.sandbox.*.BecameReady", flush=True)
+        print(f"sandboxer validator subscribed to {READY_SUBJECT}", flush=True)
         await validator.run(stop)
     finally:
         await nc.drain()

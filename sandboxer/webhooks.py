@@ -44,7 +44,7 @@ from events import (
     WebhookRemoved,
     envelope,
 )
-from events.subjects import filter_for
+from events.subjects import filter_for, kind_filter, type_filter
 from events.webhooks import WebhookEvent
 from sandboxer.config import SettingsError
 from sandboxer.event_store import STREAM_NAME, JetStreamEventStore, append_decided
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "Sandboxer-Signature"
 TOLERANCE_SECONDS = 300
-_KINDS = {t.type_name(): t.KIND for t in ALL_EVENTS if t.KIND != "webhook"}
+_TYPES = {t.type_name(): t for t in ALL_EVENTS if t.KIND != "webhook"}
 
 
 class WebhookError(ValueError):
@@ -161,7 +161,7 @@ class Webhooks:
         self._http = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout)
         )
-        async for recorded in self.store.read(1, "sandboxer.webhook.>"):
+        async for recorded in self.store.read(1, kind_filter("webhook")):
             self._fold(recorded.event)
         for webhook_id, registration in self.registrations.items():
             if webhook_id not in self.disabled:
@@ -209,7 +209,7 @@ class Webhooks:
             raise WebhookError(f"url is not a valid URL: {exc}", "url") from None
         if parsed.scheme not in ("http", "https") or not parsed.netloc or len(url) > 2000:
             raise WebhookError("url must be an http(s) URL", "url")
-        unknown = [t for t in event_types if t not in _KINDS]
+        unknown = [t for t in event_types if t not in _TYPES]
         if not event_types or unknown:
             raise WebhookError(
                 f"event_types must name event types; unknown: {unknown}", "event_types"
@@ -304,7 +304,7 @@ class Webhooks:
             subscribe(
                 js,
                 self.durable(webhook_id),
-                [f"sandboxer.{_KINDS[t]}.*.{t}" for t in registration.event_types],
+                [type_filter(_TYPES[t]) for t in registration.event_types],
                 handler,
                 max_attempts=self.max_attempts,
                 backoff=self.backoff,
