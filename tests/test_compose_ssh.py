@@ -339,10 +339,10 @@ class TestComposeSSHConformance(ExtensionConformance):
                 handle,
                 ["sh", "-c", 'echo "$WHO" in $(pwd)'],
                 service="worker",
-                workdir="/tmp",
+                workdir="/bin",  # the image has no /tmp
                 env={"WHO": "me; id"},
             )
-            assert inside.stdout == "me; id in /tmp\n"
+            assert inside.stdout == "me; id in /bin\n", inside
             get[-1] = "http://127.0.0.1:8080/nope.html"
             missing = await adapter.run_command(ctx, handle, get, service="web")
             assert missing.exit_code != 0
