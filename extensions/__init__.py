@@ -3,12 +3,17 @@
 from extensions.manifest import ConfigError, HookPolicy, Manifest, load_manifest
 from extensions.registry import ENTRY_POINT_GROUP, ExtensionRegistry, LoadedExtension
 from extensions.sdk import (
+    Commanding,
+    CommandRefused,
+    CommandResult,
     Cost,
     Extension,
     ExtensionError,
     Handle,
     Metered,
     NoCapacity,
+    OutputBuffer,
+    OutputFn,
     PathRefused,
     Placement,
     Placing,
@@ -18,11 +23,15 @@ from extensions.sdk import (
     RuntimeInfo,
     Snapshotting,
     StepContext,
+    check_command,
     confine_path,
 )
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "CommandRefused",
+    "CommandResult",
+    "Commanding",
     "ConfigError",
     "Cost",
     "Extension",
@@ -34,6 +43,8 @@ __all__ = [
     "Manifest",
     "Metered",
     "NoCapacity",
+    "OutputBuffer",
+    "OutputFn",
     "PathRefused",
     "Placement",
     "Placing",
@@ -43,6 +54,7 @@ __all__ = [
     "RuntimeInfo",
     "Snapshotting",
     "StepContext",
+    "check_command",
     "confine_path",
     "load_manifest",
 ]

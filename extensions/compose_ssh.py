@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import posixpath
 import shlex
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +34,19 @@ from extensions.hosts import (
     workspace_path,
 )
 from extensions.sdk import (
+    CommandRefused,
+    CommandResult,
     ExtensionError,
     Handle,
+    OutputBuffer,
+    OutputFn,
     Placement,
     Resource,
     RuntimeInfo,
     StepContext,
+    check_command,
 )
-from extensions.ssh import SSHPool, rsync
+from extensions.ssh import SSHPool, command_line, rsync
 
 COMPOSE_FILES = ("compose.yml", "compose.yaml", "docker-compose.yml", "docker-compose.yaml")
 RUNNING = {"running"}
@@ -143,6 +150,18 @@ def container_names(output: str) -> dict[str, str]:
         if service and isinstance(name, str) and service not in names:
             names[service] = name
     return names
+
+
+def running_container(output: str, service: str) -> str | None:
+    """The name of a running container of `service`, from `ps --format json` of the
+    project (found by the compose labels, whatever the engine named it)."""
+    for item in ps_items(output):
+        raw = item.get("Names") or item.get("Name")
+        name = raw[0] if isinstance(raw, list) and raw else raw
+        state = str(item.get("State") or "").lower()
+        if service_of(item) == service and state in RUNNING and isinstance(name, str):
+            return name
+    return None
 
 
 def parse_ps(output: str) -> dict[str, str]:
@@ -302,6 +321,49 @@ class ComposeSSH:
             ],
             timeout=float(ctx.config.get("down_timeout", 300)),
         )
+
+    # ---- commands --------------------------------------------------------------------
+
+    async def run_command(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        argv: Sequence[str],
+        *,
+        service: str | None = None,
+        workdir: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+        on_output: OutputFn | None = None,
+    ) -> CommandResult:
+        """On the host, in the sandbox's directory (`service` None), or inside a
+        running container of a service through `<engine> exec`; over the host's
+        pooled SSH connection, every argument quoted."""
+        variables = check_command(argv, env)
+        host = self._host(ctx)
+        directory = self._directory(host, ctx.sandbox_id)
+        output = OutputBuffer(on_output)
+        started = time.monotonic()
+        async with asyncio.timeout(timeout):
+            if service is None:
+                cwd = posixpath.join(directory, workdir) if workdir else directory
+                command = command_line(argv, cwd=cwd, env=variables)
+            else:
+                project = handle.get("project") or project_name(ctx.sandbox_id)
+                container = running_container(await self._ps(host, ctx, project), service)
+                if container is None:
+                    raise CommandRefused(
+                        f"compose-ssh: service {service!r} has no running container "
+                        f"in project {project}"
+                    )
+                exec_argv = [*engine_cmd(host, ctx.config), "exec"]
+                if workdir:
+                    exec_argv += ["-w", workdir]
+                for name, value in variables.items():
+                    exec_argv += ["-e", f"{name}={value}"]
+                command = command_line([*exec_argv, container, *argv])
+            code = await self.pool.run_streaming(host.target, command, output, timeout=timeout)
+        return output.result(code, time.monotonic() - started)
 
     # ---- checkpoints -----------------------------------------------------------------
 

@@ -19,13 +19,25 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, ClassVar, cast
 
 import pytest
 
 from extensions.registry import LoadedExtension
-from extensions.sdk import OPTIONAL_HOOKS, REQUIRED_HOOKS, Extension, Reconciling, StepContext
+from extensions.sdk import (
+    OPTIONAL_HOOKS,
+    REQUIRED_HOOKS,
+    Commanding,
+    CommandRefused,
+    Extension,
+    ExtensionError,
+    Handle,
+    Reconciling,
+    StepContext,
+)
 
 MakeContext = Callable[[str, dict[str, Any]], StepContext]
 Leftovers = Callable[[str], Awaitable[list[str]]]
@@ -132,6 +144,81 @@ class ExtensionConformance:
         assert await leftovers(sandbox_id) == []
         after = await self._run(adapter.inventory(ctx.config))
         assert [r for r in after if r.sandbox_id == sandbox_id] == []
+
+    @asynccontextmanager
+    async def _ready(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> AsyncIterator[tuple[Commanding, StepContext, Handle]]:
+        """A provisioned, ready sandbox of an extension with `run_command`; torn down after."""
+        if not extension.manifest.has("run_command"):
+            pytest.skip("no run_command capability")
+        sandbox_id = _new_id()
+        ctx = make_context(sandbox_id, {})
+        handle = await self._run(extension.adapter.provision(ctx))
+        try:
+            await self._run(extension.adapter.wait_ready(ctx, handle))
+            yield cast(Commanding, extension.adapter), ctx, handle
+        finally:
+            await self._run(extension.adapter.teardown(ctx, handle))
+        assert await leftovers(sandbox_id) == []
+
+    async def test_run_command_results_streams_env_and_quoting(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        """With `run_command`: exit codes, each stream kept apart and streamed as it
+        arrives, env given as values (never as shell text), arguments passed as-is.
+        Only the commands every backend runs: echo, true, false, exit, sleep, sh -c."""
+        async with self._ready(extension, make_context, leftovers) as (adapter, ctx, handle):
+            said = await self._run(adapter.run_command(ctx, handle, ["echo", "hello", "world"]))
+            assert (said.exit_code, said.stdout, said.stderr) == (0, "hello world\n", "")
+            assert said.duration >= 0 and not said.truncated
+            assert (await self._run(adapter.run_command(ctx, handle, ["true"]))).exit_code == 0
+            assert (await self._run(adapter.run_command(ctx, handle, ["false"]))).exit_code != 0
+
+            pieces: list[tuple[str, str]] = []
+            mixed = await self._run(
+                adapter.run_command(
+                    ctx,
+                    handle,
+                    ["sh", "-c", "echo out; echo err >&2; exit 3"],
+                    on_output=lambda stream, text: pieces.append((stream, text)),
+                )
+            )
+            assert (mixed.exit_code, mixed.stdout, mixed.stderr) == (3, "out\n", "err\n")
+            assert "".join(t for s, t in pieces if s == "stdout") == "out\n"
+            assert "".join(t for s, t in pieces if s == "stderr") == "err\n"
+
+            hostile = "a b; $(touch pwned) `id` 'q' \"dq\""
+            from_env = await self._run(
+                adapter.run_command(
+                    ctx, handle, ["sh", "-c", 'echo "$GREETING"'], env={"GREETING": hostile}
+                )
+            )
+            assert (from_env.exit_code, from_env.stdout) == (0, hostile + "\n")
+            literal = await self._run(adapter.run_command(ctx, handle, ["echo", hostile, "$HOME"]))
+            assert literal.stdout == f"{hostile} $HOME\n"
+
+    async def test_run_command_refusals_and_timeout(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        """A service the sandbox does not have, a bad env name, an empty argv: refused
+        with an ExtensionError, not run. A command past its timeout: TimeoutError, soon."""
+        async with self._ready(extension, make_context, leftovers) as (adapter, ctx, handle):
+            with pytest.raises(ExtensionError):
+                await self._run(
+                    adapter.run_command(ctx, handle, ["true"], service="no-such-service")
+                )
+            with pytest.raises(CommandRefused):
+                await self._run(adapter.run_command(ctx, handle, ["true"], env={"A B": "x"}))
+            with pytest.raises(CommandRefused):
+                await self._run(adapter.run_command(ctx, handle, []))
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await self._run(adapter.run_command(ctx, handle, ["sleep", "30"], timeout=1.0))
+            assert time.monotonic() - started < 15
+            # the sandbox still answers afterwards
+            after = await self._run(adapter.run_command(ctx, handle, ["echo", "still here"]))
+            assert after.stdout == "still here\n"
 
     def test_capabilities_honoured(self, extension: LoadedExtension) -> None:
         adapter = extension.adapter

@@ -158,6 +158,8 @@ def manifest_from_dict(raw: Any, source: str) -> Manifest:
     for hook in manifest.hooks:
         if hook not in known:
             raise ConfigError(f"{source}: hooks: unknown hook {hook!r}")
+    if manifest.hook("run_command").retries:
+        raise ConfigError(f"{source}: hooks.run_command: retries must be 0 (not idempotent)")
     for key, spec in manifest.config.items():
         if spec.default is not None and not _type_ok(spec.default, spec.type):
             raise ConfigError(f"{source}: config.{key}: default is not {spec.type}")

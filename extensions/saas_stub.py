@@ -11,13 +11,92 @@ import json
 import math
 import random
 import re
-from collections.abc import Mapping
+import shlex
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from extensions.sdk import Cost, ExtensionError, Handle, Resource, RuntimeInfo, StepContext
+from extensions.sdk import (
+    CommandRefused,
+    CommandResult,
+    Cost,
+    ExtensionError,
+    Handle,
+    OutputBuffer,
+    OutputFn,
+    Resource,
+    RuntimeInfo,
+    StepContext,
+    check_command,
+)
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_VAR_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+class _Exit(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+async def _simulate_one(words: list[str], output: OutputBuffer) -> int:
+    """One simulated command: true, false, echo [-n] ... [>&2], exit [N], sleep S."""
+    stream = "stdout"
+    if words[-1:] == [">&2"]:
+        words, stream = words[:-1], "stderr"
+    name, args = words[0], words[1:]
+    if name == "true":
+        return 0
+    if name == "false":
+        return 1
+    if name == "echo":
+        newline = "\n"
+        if args[:1] == ["-n"]:
+            args, newline = args[1:], ""
+        output.add(stream, " ".join(args) + newline)
+        return 0
+    if name == "exit":
+        raise _Exit(int(args[0]) % 256 if args and args[0].isdigit() else 0)
+    if name == "sleep" and len(args) == 1:
+        try:
+            seconds = float(args[0])
+        except ValueError:
+            seconds = -1.0
+        if seconds >= 0:
+            await asyncio.sleep(seconds)  # the simulated command's own run time
+            return 0
+    output.add("stderr", f"saas-stub: {name}: command not found\n")
+    return 127
+
+
+async def _simulate(argv: Sequence[str], env: Mapping[str, str], output: OutputBuffer) -> int:
+    """argv as one simulated command, or `sh -c SCRIPT`: simulated commands joined by
+    `;`, newlines and `&&`, with `$NAME` taken from env."""
+    if list(argv[:2]) != ["sh", "-c"] or len(argv) < 3:
+        return await _simulate_one(list(argv), output)
+    lexer = shlex.shlex(argv[2].replace("\n", ";"), posix=True, punctuation_chars=";&>")
+    lexer.whitespace_split = True
+    statements: list[tuple[str, list[str]]] = [(";", [])]
+    for token in lexer:
+        if token in (";", "&&"):
+            statements.append((token, []))
+        else:
+            word = _VAR_RE.sub(lambda m: env.get(m.group(1) or m.group(2), ""), token)
+            statements[-1][1].append(word)
+    code = 0
+    try:
+        for joiner, words in statements:
+            words = [w for w in words if w]  # `>&` `2` come apart: rejoin below
+            if ">&" in words:
+                at = words.index(">&")
+                words[at : at + 2] = [">&" + "".join(words[at + 1 : at + 2])]
+            if not words or (joiner == "&&" and code != 0):
+                continue
+            code = await _simulate_one(words, output)
+    except _Exit as stop:
+        return stop.code
+    return code
 
 
 class SaasStub:
@@ -71,6 +150,32 @@ class SaasStub:
         await self._latency(ctx)
         self._maybe_fail(ctx, "teardown")
         path.unlink(missing_ok=True)
+
+    async def run_command(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        argv: Sequence[str],
+        *,
+        service: str | None = None,
+        workdir: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+        on_output: OutputFn | None = None,
+    ) -> CommandResult:
+        """A small simulated command set (true, false, echo, exit N, sleep S, and
+        `sh -c` scripts of them), so the path runs with no infrastructure."""
+        variables = check_command(argv, env)
+        if service is not None:
+            raise CommandRefused(f"saas-stub: an instance has no services ({service[:64]!r})")
+        if not self._instance_path(ctx).exists():
+            raise ExtensionError(f"saas-stub: instance {ctx.sandbox_id} does not exist")
+        output = OutputBuffer(on_output)
+        started = time.monotonic()
+        async with asyncio.timeout(timeout):
+            await self._latency(ctx)
+            code = await _simulate(argv, variables, output)
+        return output.result(code, time.monotonic() - started)
 
     def _rate(self, ctx: StepContext) -> tuple[str, float]:
         size = ctx.inputs.get("size", "small")

@@ -9,6 +9,7 @@ must work from the sandbox id alone, because a crash can lose the handle.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ OPTIONAL_HOOKS = (
     "meter_actual",
     "inventory",
     "remove_orphan",
+    "run_command",
 )
 
 
@@ -174,3 +176,112 @@ class Reconciling(Protocol):
     async def inventory(self, config: Mapping[str, Any]) -> list[Resource]: ...
 
     async def remove_orphan(self, config: Mapping[str, Any], resource: Resource) -> None: ...
+
+
+OutputFn = Callable[[str, str], None]
+"""`on_output(stream, text)`: a piece of a running command's output as it arrives;
+`stream` is "stdout" or "stderr". Called on the event loop: it must not block."""
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+OUTPUT_KEEP = 1024 * 1024  # characters of each stream a CommandResult keeps (its tail)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """How a command ended. `stdout`/`stderr` hold (the last `OUTPUT_KEEP` characters
+    of) each stream; `on_output` saw all of it, in order, while it ran."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration: float  # seconds
+    truncated: bool = False  # a stream was longer than what is kept
+
+
+class CommandRefused(ExtensionError):
+    """The command could not be started: no such service, `service` not supported,
+    a bad env name. (A command that ran and exited non-zero is a `CommandResult`.)"""
+
+
+class Commanding(Protocol):
+    """Optional capability `run_command`: run a command in a ready sandbox.
+
+    `argv` is run as given, never through a shell (pass `["sh", "-c", script]` for
+    one); every argument reaches the backend quoted. `service=None` runs it in the
+    sandbox's workspace (a relative `workdir` is taken from there); a service name
+    runs it inside that service (its container), `workdir` there as given. `env`
+    adds variables (names match `ENV_NAME_RE`). `on_output` gets the output as it
+    arrives (the later exec feature streams it to users); the result keeps its tail.
+
+    Past `timeout` seconds the command is abandoned (stopped where the backend can)
+    and `TimeoutError` is raised. A command that cannot be started raises
+    `CommandRefused` (or another `ExtensionError`). The manifest's
+    `hooks.run_command.timeout` is the longest a caller may ask for; callers pass
+    `min(theirs, that)`. `retries` must stay 0: a command is not idempotent.
+    """
+
+    async def run_command(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        argv: Sequence[str],
+        *,
+        service: str | None = None,
+        workdir: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+        on_output: OutputFn | None = None,
+    ) -> CommandResult: ...
+
+
+def check_command(argv: Sequence[str], env: Mapping[str, str] | None) -> dict[str, str]:
+    """The checks every `run_command` makes first: a non-empty argv of strings, and env
+    names that are plain identifiers (values may be anything but a NUL byte)."""
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise CommandRefused("argv must be a non-empty list of strings")
+    if any("\x00" in a for a in argv):
+        raise CommandRefused("argv contains a NUL byte")
+    checked: dict[str, str] = {}
+    for name, value in (env or {}).items():
+        if not ENV_NAME_RE.fullmatch(name):
+            raise CommandRefused(f"env name {name[:64]!r} must match {ENV_NAME_RE.pattern}")
+        if "\x00" in value:
+            raise CommandRefused(f"env {name} contains a NUL byte")
+        checked[name] = value
+    return checked
+
+
+class OutputBuffer:
+    """Collects a command's streams for a `CommandResult`: passes every piece to
+    `on_output` and keeps the tail of each stream (at most `keep` characters)."""
+
+    def __init__(self, on_output: OutputFn | None = None, keep: int = OUTPUT_KEEP) -> None:
+        self.on_output = on_output
+        self.keep = keep
+        self.parts: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.sizes = {"stdout": 0, "stderr": 0}
+        self.truncated = False
+
+    def add(self, stream: str, text: str) -> None:
+        if not text:
+            return
+        if self.on_output is not None:
+            self.on_output(stream, text)
+        parts = self.parts[stream]
+        parts.append(text)
+        self.sizes[stream] += len(text)
+        if self.sizes[stream] > 2 * self.keep:  # compact now and then, not per piece
+            tail = "".join(parts)[-self.keep :]
+            parts[:] = [tail]
+            self.sizes[stream] = len(tail)
+            self.truncated = True
+
+    def text(self, stream: str) -> str:
+        joined = "".join(self.parts[stream])
+        if len(joined) > self.keep:
+            self.truncated = True
+        return joined[-self.keep :]
+
+    def result(self, exit_code: int, duration: float) -> CommandResult:
+        stdout, stderr = self.text("stdout"), self.text("stderr")
+        return CommandResult(exit_code, stdout, stderr, round(duration, 3), self.truncated)

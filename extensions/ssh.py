@@ -9,8 +9,10 @@ always verified: against the configured known_hosts file, or the user's default 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import shlex
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 
 import asyncssh
 
-from extensions.sdk import ExtensionError
+from extensions.sdk import ENV_NAME_RE, ExtensionError, OutputBuffer
 
 CHUNK = 256 * 1024
 
@@ -212,6 +214,47 @@ class SSHPool:
             raise RemoteCommandFailed(command, out.exit_status, out.stderr)
         return out
 
+    async def run_streaming(
+        self, target: SSHTarget, command: str, output: OutputBuffer, *, timeout: float
+    ) -> int:
+        """Run an already-quoted command line (see `command_line`), passing its
+        output to `output` as it arrives; returns its exit code (128 + the signal's
+        number if a signal ended it). Not retried once started: a command is not
+        idempotent. Past `timeout` the command is signalled, its channel closed, and
+        `TimeoutError` raised."""
+        async with asyncio.timeout(timeout):
+            for attempt in (1, 2):
+                conn = await self.connection(target)
+                try:
+                    proc = await conn.create_process(command, encoding=None)
+                    break
+                except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost) as exc:
+                    self._connections.pop(target, None)
+                    if attempt == 2:
+                        raise SSHError(f"cannot open a channel to {target.label}: {exc}") from exc
+            try:
+                proc.stdin.write_eof()  # no input: a command reading stdin sees its end
+                await asyncio.gather(
+                    _pump(proc.stdout, "stdout", output), _pump(proc.stderr, "stderr", output)
+                )
+                await proc.wait()
+            finally:
+                if proc.returncode is None:  # timed out or cancelled: stop it
+                    try:
+                        proc.send_signal("KILL")  # sshd may not honour it; closing follows
+                    except (OSError, asyncssh.Error):
+                        pass
+                    proc.close()
+        if proc.exit_status is not None:
+            return proc.exit_status
+        if proc.exit_signal:
+            name = str(proc.exit_signal[0])
+            try:
+                return 128 + signal.Signals[f"SIG{name}"].value
+            except KeyError:
+                return 128
+        raise SSHError(f"connection to {target.label} lost while running: {_brief(command)}")
+
     async def stream_to_file(
         self,
         target: SSHTarget,
@@ -277,6 +320,27 @@ class SSHPool:
         for conn in self._connections.values():
             await conn.wait_closed()
         self._connections.clear()
+
+
+async def _pump(reader: Any, stream: str, output: OutputBuffer) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while chunk := await reader.read(CHUNK):
+        output.add(stream, decoder.decode(chunk))
+    output.add(stream, decoder.decode(b"", final=True))
+
+
+def command_line(
+    argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None
+) -> str:
+    """`cd -- <cwd> && NAME=value ... exec <argv>`, every part quoted. `exec` makes
+    argv[0] the command even if it looks like an assignment, and lets a signal reach it."""
+    for name in env or {}:
+        if not ENV_NAME_RE.fullmatch(name):
+            raise ExtensionError(f"env name {name[:64]!r} must match {ENV_NAME_RE.pattern}")
+    words = [f"{name}={shlex.quote(value)}" for name, value in (env or {}).items()]
+    words += ["exec", shlex.join(argv)]
+    line = " ".join(words)
+    return f"cd -- {shlex.quote(cwd)} && {line}" if cwd is not None else line
 
 
 def _brief(command: str, keep: int = 120) -> str:

@@ -9,8 +9,11 @@ profile's tool checks answer. teardown: removes the workspace only; the VM persi
 
 from __future__ import annotations
 
+import asyncio
+import posixpath
 import shlex
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from extensions.hosts import (
@@ -26,14 +29,19 @@ from extensions.hosts import (
     workspace_path,
 )
 from extensions.sdk import (
+    CommandRefused,
+    CommandResult,
     ExtensionError,
     Handle,
+    OutputBuffer,
+    OutputFn,
     Placement,
     Resource,
     RuntimeInfo,
     StepContext,
+    check_command,
 )
-from extensions.ssh import SSHPool, rsync
+from extensions.ssh import SSHPool, command_line, rsync
 
 
 def parse_vms(config: Mapping[str, Any]) -> dict[str, PoolHost]:
@@ -128,6 +136,37 @@ class VmPacker:
             ["sh", "-c", REMOVE_WORKSPACE, "sh", workspace],
             timeout=float(ctx.config.get("remove_timeout", 300)),
         )
+
+    async def run_command(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        argv: Sequence[str],
+        *,
+        service: str | None = None,
+        workdir: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+        on_output: OutputFn | None = None,
+    ) -> CommandResult:
+        """On the VM, in the sandbox's workspace, over the VM's pooled SSH connection.
+        A VM sandbox has no services: `service` is refused."""
+        variables = check_command(argv, env)
+        if service is not None:
+            raise CommandRefused(
+                f"vm-packer: a VM sandbox has no services (asked for {service[:64]!r}); "
+                "commands run in its workspace"
+            )
+        vm = self._vm(ctx)
+        workspace = self.workspace(vm, ctx.sandbox_id)
+        cwd = posixpath.join(workspace, workdir) if workdir else workspace
+        output = OutputBuffer(on_output)
+        started = time.monotonic()
+        async with asyncio.timeout(timeout):
+            code = await self.pool.run_streaming(
+                vm.target, command_line(argv, cwd=cwd, env=variables), output, timeout=timeout
+            )
+        return output.result(code, time.monotonic() - started)
 
     # ---- reconciliation --------------------------------------------------------------
 

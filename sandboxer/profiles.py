@@ -48,8 +48,8 @@ class RouteSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class HealthCheck(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """An HTTP GET the validator makes: `url` from the sandbox host (over its SSH
-    connection), or `service` + `port` + `path` from inside that service's container."""
+    """An HTTP GET the validator makes through the extension's `run_command`: `url`
+    from the sandbox's host, or `service` + `port` + `path` from inside that service."""
 
     url: str | None = None
     service: str | None = None

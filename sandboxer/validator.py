@@ -1,9 +1,11 @@
 """The reference validator: `sandboxer validate serve`.
 
 It subscribes (durable, at least once) to every sandbox's `BecameReady`, runs the
-profile's health checks and test_command over the sandbox host's SSH connection,
-and publishes `ValidationStarted` and then `ValidationPassed` or `ValidationFailed`
-on `sandboxer.validation.<sandbox_id>.<Type>`. The result's event id derives from
+profile's health checks and test_command in the sandbox through its extension's
+`run_command` capability (the SDK's `Commanding`: it knows no adapter, host or
+engine, so a third-party extension is validated like a shipped one), and publishes
+`ValidationStarted` and then `ValidationPassed` or `ValidationFailed` on
+`sandboxer.validation.<sandbox_id>.<Type>`. The result's event id derives from
 the ready event, and a result already recorded is not run again: a validator killed
 mid-test and restarted yields exactly one final result.
 """
@@ -13,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from nats.aio.client import Client as NatsClient
 
@@ -29,11 +30,7 @@ from events import (
     envelope,
 )
 from events.subjects import filter_for, sandbox_filter, type_filter, validation_filter
-from extensions import ExtensionRegistry
-from extensions.compose_ssh import engine_cmd, parse_hosts, project_name
-from extensions.hosts import PoolHost
-from extensions.ssh import SSHPool
-from extensions.vm_packer import parse_vms
+from extensions import Commanding, CommandResult, ExtensionRegistry, StepContext
 from projections.sandboxes import SandboxView, evolve
 from sandboxer.event_store import JetStreamEventStore, append_decided
 from sandboxer.profiles import ProfileCatalog, ValidationSpec
@@ -44,6 +41,8 @@ log = logging.getLogger(__name__)
 ACTOR = "system:validator"
 READY_SUBJECT = type_filter(BecameReady)
 OUTPUT_TAIL = 2000
+CAPABILITY = "run_command"
+HEALTH_CHECK_TIMEOUT = 60.0
 # An HTTP GET made on the sandbox host, with whichever client it has.
 HOST_GET = (
     'if command -v curl >/dev/null 2>&1; then exec curl -fsS -m 10 -o /dev/null "$1"; '
@@ -76,7 +75,6 @@ class Validator:
         self.profiles = profiles
         self.durable = durable
         self.ack_wait = ack_wait
-        self.pool = SSHPool()
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -89,7 +87,7 @@ class Validator:
                 stop=stop,
             )
         finally:
-            await self.pool.close()
+            await self.extensions.close()  # the adapters' SSH connections
 
     async def handle(self, delivery: Delivery) -> None:
         sandbox_id = delivery.event.aggregate_id
@@ -149,17 +147,6 @@ class Validator:
             )
         await append_decided(self.store, filter_for(event), lambda: [event])
 
-    def _host(
-        self, view: SandboxView, request: SandboxRequested
-    ) -> tuple[PoolHost, Mapping[str, Any]]:
-        loaded = self.extensions.get(view.extension)
-        config = loaded.config_for(request.config)
-        pools = {"compose-ssh": parse_hosts, "vm-packer": parse_vms}
-        parse = pools.get(view.extension)
-        if parse is None or view.host is None:
-            raise LookupError(f"extension {view.extension} gives the validator no shell")
-        return parse(config)[view.host], config
-
     async def _validate(
         self,
         view: SandboxView,
@@ -168,54 +155,68 @@ class Validator:
         test_command: str | None,
     ) -> Outcome:
         try:
-            host, config = self._host(view, request)
-        except (LookupError, KeyError) as exc:
-            return Outcome(False, None, str(exc), "")
-        directory = view.handle.get("directory") or view.handle.get("workspace")
-        for check in spec.health_checks:
-            if check.url:
-                argv = ["sh", "-c", HOST_GET, "sh", check.url]
-            else:
-                container = (
-                    f"{view.handle.get('project') or project_name(view.id)}_{check.service}_1"
+            loaded = self.extensions.get(view.extension)
+            config = loaded.config_for(request.config)
+        except Exception as exc:  # an unknown or broken extension fails this validation
+            return Outcome(False, None, f"extension {view.extension}: {exc}", "")
+        if not loaded.manifest.has(CAPABILITY):
+            return Outcome(
+                False,
+                None,
+                f"extension {view.extension} lacks the {CAPABILITY} capability: "
+                "the validator cannot run checks in its sandboxes",
+                "",
+            )
+        adapter = cast(Commanding, loaded.adapter)
+        limit = loaded.manifest.hook(CAPABILITY).timeout
+        ctx = StepContext(
+            sandbox_id=view.id,
+            profile=request.profile,
+            inputs=request.inputs,
+            config=config,
+            host=view.host,
+        )
+        handle = dict(view.handle)
+
+        async def run(argv: list[str], service: str | None, timeout: float) -> CommandResult | str:
+            """The result, or why the command could not be run."""
+            try:
+                return await adapter.run_command(
+                    ctx, handle, argv, service=service, timeout=min(timeout, limit)
                 )
-                url = f"http://127.0.0.1:{check.port}{check.path}"
+            except TimeoutError:
+                return f"timed out after {min(timeout, limit):g}s"
+            except Exception as exc:  # the adapter's message goes into the event
+                return str(exc) or type(exc).__name__
+
+        for check in spec.health_checks:
+            name = check.url or f"{check.service}:{check.port}{check.path}"
+            if check.url:  # from the sandbox's host (its workspace)
+                argv, service = ["sh", "-c", HOST_GET, "sh", check.url], None
+            else:  # from inside the service's container
                 # Plain `wget -q` (busybox builds differ in the flags they take); the
-                # SSH command's timeout bounds it.
-                argv = [
-                    *engine_cmd(host, config),
-                    "exec",
-                    container,
-                    "wget",
-                    "-q",
-                    "-O",
-                    "/dev/null",
-                    url,
-                ]
-            result = await self.pool.run(host.target, argv, check=False, timeout=60)
-            if result.exit_status != 0:
-                name = check.url or f"{check.service}:{check.port}{check.path}"
+                # command's timeout bounds it.
+                url = f"http://127.0.0.1:{check.port}{check.path}"
+                argv, service = ["wget", "-q", "-O", "/dev/null", url], check.service
+            result = await run(argv, service, HEALTH_CHECK_TIMEOUT)
+            if isinstance(result, str):
+                return Outcome(False, None, f"health check {name}: {result}", "")
+            if result.exit_code != 0:
                 return Outcome(
                     False,
                     None,
-                    f"health check {name} failed (exit {result.exit_status})",
+                    f"health check {name} failed (exit {result.exit_code})",
                     result.stderr + result.stdout,
                 )
         if not test_command:
             return Outcome(True, 0, "health checks passed", "")
-        result = await self.pool.run(
-            host.target,
-            ["sh", "-c", test_command],
-            cwd=directory,
-            check=False,
-            timeout=spec.timeout_seconds,
-        )
+        result = await run(["sh", "-c", test_command], None, spec.timeout_seconds)
+        if isinstance(result, str):
+            return Outcome(False, None, f"test_command: {result}", "")
         output = result.stdout + result.stderr
-        if result.exit_status == 0:
+        if result.exit_code == 0:
             return Outcome(True, 0, "test_command passed", output)
-        return Outcome(
-            False, result.exit_status, f"test_command exited {result.exit_status}", output
-        )
+        return Outcome(False, result.exit_code, f"test_command exited {result.exit_code}", output)
 
 
 async def serve_validator(

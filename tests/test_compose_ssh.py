@@ -8,12 +8,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import aiohttp
 import pytest
 
-from extensions import ExtensionRegistry, LoadedExtension, RuntimeInfo, StepContext
+from extensions import Commanding, ExtensionRegistry, LoadedExtension, RuntimeInfo, StepContext
 from extensions.compose_ssh import project_name
 from extensions.conformance import ExtensionConformance, Leftovers
 from tests.conftest import StartService
@@ -311,6 +311,44 @@ class TestComposeSSHConformance(ExtensionConformance):
         await extension.adapter.teardown(make_context("sbx-link", {}), None)
         assert (outside / "keep").read_text() == "keep"
         assert not (root / "sbx-link").exists()
+
+    async def test_run_command_on_the_host_and_in_a_service(
+        self,
+        extension: LoadedExtension,
+        make_context: Callable[[str, dict[str, Any]], StepContext],
+        leftovers: Leftovers,
+        tmp_path: Path,
+    ) -> None:
+        """On the host: in the sandbox's directory (`workdir` relative to it). In a
+        service: its container, found by the compose labels, through the engine's exec."""
+        adapter = cast(Commanding, extension.adapter)
+        ctx = make_context("sbx-commands", {})
+        handle = await extension.adapter.provision(ctx)
+        try:
+            await extension.adapter.wait_ready(ctx, handle)
+            here = await adapter.run_command(ctx, handle, ["pwd"])
+            assert here.stdout.strip() == str(tmp_path / "remote0" / "sbx-commands")
+            page = await adapter.run_command(ctx, handle, ["cat", "index.html"], workdir="site")
+            expected = (tmp_path / "repo" / "site" / "index.html").read_text()
+            assert (page.exit_code, page.stdout) == (0, expected)
+            get = ["wget", "-q", "-O", "-", "http://127.0.0.1:8080/index.html"]
+            served = await adapter.run_command(ctx, handle, get, service="web")
+            assert (served.exit_code, served.stdout) == (0, page.stdout)
+            inside = await adapter.run_command(
+                ctx,
+                handle,
+                ["sh", "-c", 'echo "$WHO" in $(pwd)'],
+                service="worker",
+                workdir="/bin",  # the image has no /tmp
+                env={"WHO": "me; id"},
+            )
+            assert inside.stdout == "me; id in /bin\n", inside
+            get[-1] = "http://127.0.0.1:8080/nope.html"
+            missing = await adapter.run_command(ctx, handle, get, service="web")
+            assert missing.exit_code != 0
+        finally:
+            await extension.adapter.teardown(ctx, handle)
+        assert await leftovers("sbx-commands") == []
 
 
 def test_ps_parsers_for_docker_and_podman() -> None:

@@ -65,6 +65,7 @@ def test_bad_config_names_the_field(
         ({"capabilities": ["provision", "wait_ready"]}, "capability 'teardown' is required"),
         ({"capabilities": ["provision", "wait_ready", "teardown", "fly"]}, "unknown capability"),
         ({"hooks": {"launch": {"timeout": 1}}}, "unknown hook 'launch'"),
+        ({"hooks": {"run_command": {"retries": 1}}}, "run_command: retries must be 0"),
         ({"surprise": 1}, "unknown field `surprise`"),
         ({"config": {"x": {"type": "int", "default": "one"}}}, "config.x: default is not int"),
     ],

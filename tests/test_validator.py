@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -206,3 +207,90 @@ async def test_validator_killed_mid_test_gives_exactly_one_result(
     async with svc.http.delete(f"{svc.url}/v1/sandboxes/{made['id']}"):
         pass
     await wait_state(svc.http, svc.url, made["id"], {"destroyed"}, timeout=120)
+
+
+ACME = Path(__file__).parent / "data" / "acme_local"
+
+
+@pytest.fixture
+def acme_env(
+    tmp_path: Path, nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """A third-party extension (tests/data/acme_local) from SANDBOXER_EXTENSIONS_PATH,
+    once with run_command (acme-local) and once without (acme-mute)."""
+    folder = tmp_path / "third-party"
+    folder.mkdir()
+    for name, extra in (("acme-local", ["run_command"]), ("acme-mute", [])):
+        manifest = {
+            "name": name,
+            "version": "1.0.0",
+            "entry_point": "acme_local:LocalDirs",
+            "capabilities": ["provision", "wait_ready", "teardown", *extra],
+            # shared by the service and the validator (each has its own data dir)
+            "config": {"root": {"type": "str", "default": str(tmp_path / "acme-dirs")}},
+        }
+        (folder / f"ext.{name}.yaml").write_text(yaml.safe_dump(manifest))
+        profile = {
+            "name": f"profile.{name}",
+            "extension": name,
+            "inputs": {"test_command": {}},
+            "validation": {"test_command": "test -f marker"},
+        }
+        (folder / f"profile.{name}.yaml").write_text(yaml.safe_dump(profile))
+    monkeypatch.syspath_prepend(str(ACME))  # the service runs in this process
+    return {
+        "SANDBOXER_EXTENSIONS_PATH": str(folder),
+        "SANDBOXER_PROFILES_PATH": str(folder),
+        "SANDBOXER_NATS_URL": nats_server.service_url,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ACME), os.environ.get("PYTHONPATH")) if p),
+    }
+
+
+async def validated(svc: Any, profile: str, **inputs: str) -> dict[str, Any]:
+    made = await create(svc.http, svc.url, profile=profile, inputs=inputs)
+    view = await wait_state(svc.http, svc.url, made["id"], {"ready"}, timeout=60)
+    async with asyncio.timeout(60):
+        while view["validation"] not in ("passed", "failed"):
+            async with svc.http.get(
+                f"{svc.url}/v1/sandboxes/{made['id']}",
+                params={"wait": "10", "after_seq": str(view["last_seq"])},
+            ) as resp:
+                view = await resp.json()
+    async with svc.http.delete(f"{svc.url}/v1/sandboxes/{made['id']}"):
+        pass
+    await wait_state(svc.http, svc.url, made["id"], {"destroyed"}, timeout=60)
+    return view
+
+
+async def test_a_third_party_extension_is_validated_through_run_command(
+    start_service: StartService, acme_env: dict[str, str]
+) -> None:
+    svc = await start_service(**acme_env)
+    running = ValidatorProcess(acme_env)
+    try:
+        passed = await validated(svc, "profile.acme-local")  # `marker`: in its directory
+        assert passed["validation"] == "passed", passed["validation_reason"]
+        failed = await validated(
+            svc,
+            "profile.acme-local",
+            test_command="test -f marker && echo 3 tests failed; exit 7",
+        )
+        assert failed["validation"] == "failed"
+        assert failed["validation_exit_code"] == 7
+        assert "3 tests failed" in failed["validation_output"]
+    finally:
+        assert running.stop() == 0
+
+
+async def test_an_extension_without_run_command_fails_validation_naming_it(
+    start_service: StartService, acme_env: dict[str, str]
+) -> None:
+    svc = await start_service(**acme_env)
+    running = ValidatorProcess(acme_env)
+    try:
+        view = await validated(svc, "profile.acme-mute")
+        assert view["validation"] == "failed"
+        assert "lacks the run_command capability" in view["validation_reason"]
+        assert "acme-mute" in view["validation_reason"]
+    finally:
+        assert running.stop() == 0  # a missing capability is a result, not a crash

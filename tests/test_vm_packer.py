@@ -6,12 +6,19 @@ import getpass
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pytest
 import yaml
 
-from extensions import ExtensionRegistry, LoadedExtension, RuntimeInfo, StepContext
+from extensions import (
+    Commanding,
+    CommandRefused,
+    ExtensionRegistry,
+    LoadedExtension,
+    RuntimeInfo,
+    StepContext,
+)
 from extensions.conformance import ExtensionConformance, Leftovers
 from tests.conftest import StartService
 from tests.helpers import create, destroy, event_types, wait_state
@@ -253,3 +260,24 @@ class TestVmPackerConformance(ExtensionConformance):
         await extension.adapter.teardown(make_context("sbx-link", {}), None)
         assert not (vm_root / "build" / "sbx-link").exists()
         assert sentinels_intact(vm_root)
+
+    async def test_run_command_in_the_workspace_and_no_services(
+        self,
+        extension: LoadedExtension,
+        make_context: Callable[[str, dict[str, Any]], StepContext],
+        leftovers: Leftovers,
+        vm_root: Path,
+    ) -> None:
+        adapter = cast(Commanding, extension.adapter)
+        ctx = make_context("sbx-commands", {})
+        handle = await extension.adapter.provision(ctx)
+        try:
+            here = await adapter.run_command(ctx, handle, ["pwd"])
+            assert here.stdout.strip() == str(vm_root / "build" / "sbx-commands")
+            page = await adapter.run_command(ctx, handle, ["cat", "index.html"], workdir="site")
+            assert page.exit_code == 0 and page.stdout
+            with pytest.raises(CommandRefused, match="no services"):
+                await adapter.run_command(ctx, handle, ["true"], service="web")
+        finally:
+            await extension.adapter.teardown(ctx, handle)
+        assert await leftovers("sbx-commands") == []

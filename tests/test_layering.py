@@ -1,0 +1,68 @@
+"""Nothing outside `extensions/` reaches a concrete adapter: the service talks to
+extensions only through the SDK (protocols, registry, manifests), so a third-party
+extension is used, and validated, exactly like a shipped one."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKED = ("sandboxer", "events", "projections", "bench")
+# What the rest of the code base may import from the extensions package.
+SDK_MODULES = {"extensions", "extensions.sdk", "extensions.registry", "extensions.manifest"}
+EXTENSION_MODULES = {f"extensions.{p.stem}" for p in (ROOT / "extensions").glob("*.py")} - {
+    "extensions.__init__"
+}
+
+
+def _imports(tree: ast.AST) -> list[tuple[int, str]]:
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+            # `from extensions import compose_ssh` imports the module too
+            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            # importlib.import_module("extensions.compose_ssh") and the like
+            if node.value in EXTENSION_MODULES:
+                found.append((node.lineno, node.value))
+    return found
+
+
+def _concrete(tree: ast.AST) -> list[tuple[int, str]]:
+    return [
+        (line, name)
+        for line, name in _imports(tree)
+        if name in EXTENSION_MODULES and name not in SDK_MODULES
+    ]
+
+
+def concrete_imports(folders: tuple[str, ...] = CHECKED) -> list[str]:
+    bad: list[str] = []
+    for folder in folders:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            bad += [f"{path.relative_to(ROOT)}:{n} imports {name}" for n, name in _concrete(tree)]
+    return bad
+
+
+def test_the_checker_sees_every_form_of_import() -> None:
+    source = (
+        "import extensions.compose_ssh\n"
+        "from extensions.vm_packer import parse_vms\n"
+        "from extensions import saas_stub\n"
+        "from extensions.ssh import SSHPool\n"
+        "import importlib\n"
+        "importlib.import_module('extensions.hosts')\n"
+        "from extensions import ExtensionRegistry, StepContext\n"
+        "from extensions.sdk import Commanding\n"
+    )
+    assert [line for line, _ in _concrete(ast.parse(source))] == [1, 2, 3, 4, 6]
+
+
+def test_no_module_outside_extensions_imports_a_concrete_adapter() -> None:
+    assert {"extensions.compose_ssh", "extensions.vm_packer"} <= EXTENSION_MODULES
+    assert concrete_imports() == []
