@@ -23,7 +23,7 @@ from projections.sandboxes import SandboxView
 from sandboxer import dashboard
 from sandboxer.audit import DEFAULT_TTL_GRACE, AuditReport, audit
 from sandboxer.auth import Principal, Role, TokenBook
-from sandboxer.checkpointing import NotCapable, UnknownCheckpoint
+from sandboxer.errors import ApiError, SandboxerError
 from sandboxer.event_store import EventRecorder, RecordedEvent, is_transient
 from sandboxer.ids import (
     ACCOUNT_RE,
@@ -35,13 +35,11 @@ from sandboxer.ids import (
     idempotent_sandbox_id,
     new_correlation_id,
 )
-from sandboxer.leases import OwnerUnavailable
-from sandboxer.lifecycle import TERMINAL, InvalidTransition, State
+from sandboxer.lifecycle import TERMINAL, State
 from sandboxer.manager import (
     STEP_LABELS,
     AlreadyCreated,
     CreateRequest,
-    IdempotencyMismatch,
     NotFound,
     SandboxManager,
 )
@@ -50,11 +48,10 @@ from sandboxer.profiles import (
     MAX_INPUT_LENGTH,
     PROFILE_NAME_RE,
     ProfileCatalog,
-    ProfileError,
 )
 from sandboxer.read_model import ProjectionRunner, VerifyReport
 from sandboxer.reconcile import Reconciler, SweepReport
-from sandboxer.webhooks import WebhookError, WebhookOut, Webhooks
+from sandboxer.webhooks import WebhookOut, Webhooks
 
 MAX_BODY_BYTES = 64 * 1024
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -286,12 +283,6 @@ _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN_RE = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.detail = ErrorDetail(status=status, code=code, message=message, field=field)
-
-
 def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=_encoder.encode(body), status=status, content_type="application/json")
 
@@ -398,19 +389,22 @@ def _integral(raw: bytes, body_type: Any, rules: _FieldRules) -> Any:
     return msgspec.convert(obj, body_type)
 
 
+def error_detail(exc: SandboxerError) -> ErrorDetail:
+    return ErrorDetail(status=exc.status, code=exc.code, message=str(exc), field=exc.field)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
-        if exc.detail.status == 503:
-            return _unavailable(exc.detail)  # every 503 says when to retry
-        return json_response(ErrorBody(exc.detail), exc.detail.status)
+    except SandboxerError as exc:  # its status, code and field are the answer
+        detail = error_detail(exc)
+        if detail.status == 503:
+            return _unavailable(detail)  # every 503 says when to retry
+        return json_response(ErrorBody(detail), detail.status)
     except web.HTTPRequestEntityTooLarge:
         detail = ErrorDetail(413, "body_too_large", f"body exceeds {MAX_BODY_BYTES} bytes")
         return json_response(ErrorBody(detail), 413)
-    except OwnerUnavailable as exc:  # another worker drives it and does not answer yet
-        return _unavailable(ErrorDetail(503, "owner_unavailable", str(exc), "id"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -801,14 +795,7 @@ class Api:
         view = self._view(sandbox_id)
         if view.state in TERMINAL:
             raise ApiError(409, "conflict", f"sandbox {sandbox_id} is {view.state}", "state")
-        try:
-            checkpoint_id, seq = await self.manager.checkpoints.request(
-                sandbox_id, self._meta(request)
-            )
-        except NotCapable as exc:
-            raise ApiError(409, "not_capable", str(exc), "extension") from exc
-        except InvalidTransition as exc:
-            raise ApiError(409, "conflict", str(exc), "state") from exc
+        checkpoint_id, seq = await self.manager.checkpoints.request(sandbox_id, self._meta(request))
         await self._caught_up(seq)
         return json_response(self._checkpoint_out(self._checkpoint_view(checkpoint_id)), 202)
 
@@ -839,16 +826,9 @@ class Api:
             )
         if view.state in TERMINAL:
             raise ApiError(409, "conflict", f"sandbox {sandbox_id} is {view.state}", "state")
-        try:
-            seq = await self.manager.checkpoints.request_restore(
-                sandbox_id, checkpoint.id, self._meta(request)
-            )
-        except NotCapable as exc:
-            raise ApiError(409, "not_capable", str(exc), "extension") from exc
-        except UnknownCheckpoint as exc:
-            raise ApiError(409, "conflict", str(exc), "checkpoint") from exc
-        except InvalidTransition as exc:
-            raise ApiError(409, "conflict", str(exc), "state") from exc
+        seq = await self.manager.checkpoints.request_restore(
+            sandbox_id, checkpoint.id, self._meta(request)
+        )
         await self._caught_up(seq)
         return json_response(self._out(self._view(sandbox_id)), 202)
 
@@ -873,13 +853,9 @@ class Api:
     async def register_webhook(self, request: web.Request) -> web.Response:
         account = self._account(request)
         body = await self._body(request, _webhook_decoder)
-        try:
-            out = await self._hooks().register(
-                account, body.url, body.event_types, self._meta(request), body.from_
-            )
-        except WebhookError as exc:
-            code = "invalid_body" if exc.status == 400 else "limit_reached"
-            raise ApiError(exc.status, code, str(exc), exc.field) from exc
+        out = await self._hooks().register(
+            account, body.url, body.event_types, self._meta(request), body.from_
+        )
         return json_response(out, 201)
 
     async def list_webhooks(self, request: web.Request) -> web.Response:
@@ -995,28 +971,23 @@ class Api:
             from_checkpoint=body.from_checkpoint,
             sandbox_id=sandbox_id,
         )
+        if sandbox_id is not None and self.runner.projection.get(sandbox_id) is not None:
+            return await self._retried(create, sandbox_id)
         try:
-            if sandbox_id is not None and self.runner.projection.get(sandbox_id) is not None:
-                return await self._retried(create, sandbox_id)
-            try:
-                sandbox, seq = await self.manager.create(create, meta)
-            except AlreadyCreated as exc:
-                # The same key raced us (here or on another node): once its create is
-                # recorded, this request is a retry of it.
-                await self.runner.wait_sandbox(exc.sandbox_id, 0, PROJECTION_WAIT)
-                if self.runner.projection.get(exc.sandbox_id) is None:
-                    # Not recorded yet (or its worker died before it was): transient.
-                    raise ApiError(
-                        503,
-                        "create_in_progress",
-                        "a create with this Idempotency-Key is in progress; retry",
-                        "Idempotency-Key",
-                    ) from exc
-                return await self._retried(create, exc.sandbox_id)
-        except ProfileError as exc:
-            raise ApiError(400, "invalid_request", str(exc), exc.field) from exc
-        except IdempotencyMismatch as exc:
-            raise ApiError(422, "idempotency_mismatch", str(exc), exc.field) from exc
+            sandbox, seq = await self.manager.create(create, meta)
+        except AlreadyCreated as exc:
+            # The same key raced us (here or on another node): once its create is
+            # recorded, this request is a retry of it.
+            await self.runner.wait_sandbox(exc.sandbox_id, 0, PROJECTION_WAIT)
+            if self.runner.projection.get(exc.sandbox_id) is None:
+                # Not recorded yet (or its worker died before it was): transient.
+                raise ApiError(
+                    503,
+                    "create_in_progress",
+                    "a create with this Idempotency-Key is in progress; retry",
+                    "Idempotency-Key",
+                ) from exc
+            return await self._retried(create, exc.sandbox_id)
         await self._caught_up(seq)
         return self._created(sandbox.sandbox_id, 202)
 
@@ -1094,8 +1065,6 @@ class Api:
             raise ApiError(
                 503, "owner_unavailable", f"sandbox {sandbox_id} is between workers", "id"
             ) from exc
-        except InvalidTransition as exc:
-            raise ApiError(409, "conflict", str(exc), "state") from exc
         if seq:
             await self._caught_up(seq)
         return json_response(self._out(self._view(sandbox_id)), 202)
