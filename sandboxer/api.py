@@ -16,14 +16,21 @@ from aiohttp import web
 
 import events.schema as events_schema
 from events import Event, EventMeta
-from events.subjects import ledger_filter, sandbox_filter
+from events.subjects import (
+    ALL_SUBJECTS,
+    LEDGER_SUBJECTS,
+    SANDBOX_SUBJECTS,
+    VALIDATION_SUBJECTS,
+    ledger_filter,
+    sandbox_filter,
+)
 from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
 from projections.sandboxes import SandboxView
 from sandboxer import dashboard
 from sandboxer.audit import DEFAULT_TTL_GRACE, AuditReport, audit
 from sandboxer.auth import Principal, Role, TokenBook
-from sandboxer.checkpointing import NotCapable, UnknownCheckpoint
+from sandboxer.errors import ApiError, SandboxerError
 from sandboxer.event_store import EventRecorder, RecordedEvent, is_transient
 from sandboxer.ids import (
     ACCOUNT_RE,
@@ -35,13 +42,11 @@ from sandboxer.ids import (
     idempotent_sandbox_id,
     new_correlation_id,
 )
-from sandboxer.leases import OwnerUnavailable
-from sandboxer.lifecycle import TERMINAL, InvalidTransition, State
+from sandboxer.lifecycle import TERMINAL, State
 from sandboxer.manager import (
     STEP_LABELS,
     AlreadyCreated,
     CreateRequest,
-    IdempotencyMismatch,
     NotFound,
     SandboxManager,
 )
@@ -50,24 +55,23 @@ from sandboxer.profiles import (
     MAX_INPUT_LENGTH,
     PROFILE_NAME_RE,
     ProfileCatalog,
-    ProfileError,
 )
 from sandboxer.read_model import ProjectionRunner, VerifyReport
 from sandboxer.reconcile import Reconciler, SweepReport
-from sandboxer.webhooks import WebhookError, WebhookOut, Webhooks
+from sandboxer.routes import (
+    Access,
+    Answer,
+    Param,
+    Route,
+    component_types,
+    openapi_paths,
+    path_param,
+    query,
+)
+from sandboxer.webhooks import WebhookOut, Webhooks
 
 MAX_BODY_BYTES = 64 * 1024
 PRINCIPAL = web.RequestKey("principal", Principal)
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
-ADMIN_ONLY = frozenset(
-    {
-        ("POST", "/v1/accounts/{account}/credits"),
-        ("POST", "/v1/ledger/audit"),
-        ("POST", "/v1/reconcile"),
-        ("POST", "/v1/replay"),
-        ("GET", "/v1/accounts"),
-    }
-)
 SSE_KEEPALIVE = 15.0
 MAX_INPUTS = 64
 MAX_WAIT_SECONDS = 60.0
@@ -286,12 +290,6 @@ _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN_RE = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.detail = ErrorDetail(status=status, code=code, message=message, field=field)
-
-
 def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=_encoder.encode(body), status=status, content_type="application/json")
 
@@ -398,19 +396,22 @@ def _integral(raw: bytes, body_type: Any, rules: _FieldRules) -> Any:
     return msgspec.convert(obj, body_type)
 
 
+def error_detail(exc: SandboxerError) -> ErrorDetail:
+    return ErrorDetail(status=exc.status, code=exc.code, message=str(exc), field=exc.field)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
-        if exc.detail.status == 503:
-            return _unavailable(exc.detail)  # every 503 says when to retry
-        return json_response(ErrorBody(exc.detail), exc.detail.status)
+    except SandboxerError as exc:  # its status, code and field are the answer
+        detail = error_detail(exc)
+        if detail.status == 503:
+            return _unavailable(detail)  # every 503 says when to retry
+        return json_response(ErrorBody(detail), detail.status)
     except web.HTTPRequestEntityTooLarge:
         detail = ErrorDetail(413, "body_too_large", f"body exceeds {MAX_BODY_BYTES} bytes")
         return json_response(ErrorBody(detail), 413)
-    except OwnerUnavailable as exc:  # another worker drives it and does not answer yet
-        return _unavailable(ErrorDetail(503, "owner_unavailable", str(exc), "id"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -476,34 +477,12 @@ class Api:
                 "max_headers": MAX_HEADERS,
             },
         )
-        app.router.add_post("/v1/sandboxes", self.create)
-        app.router.add_get("/v1/sandboxes", self.list_sandboxes)
-        app.router.add_get("/v1/sandboxes/{id}", self.get)
-        app.router.add_delete("/v1/sandboxes/{id}", self.destroy)
-        app.router.add_get("/v1/sandboxes/{id}/events", self.sandbox_events)
-        app.router.add_get("/v1/events", self.events)
-        app.router.add_get("/v1/events/stream", self.event_stream)
-        app.router.add_get("/v1/events/schema", self.event_schema)
-        app.router.add_get("/v1/events/subjects", self.event_subjects)
-        app.router.add_get("/v1/profiles", self.list_profiles)
-        app.router.add_post("/v1/sandboxes/{id}/checkpoints", self.create_checkpoint)
-        app.router.add_get("/v1/sandboxes/{id}/checkpoints", self.list_checkpoints)
-        app.router.add_post("/v1/sandboxes/{id}/restore", self.restore)
-        app.router.add_get("/v1/checkpoints/{cid}", self.get_checkpoint)
-        app.router.add_delete("/v1/checkpoints/{cid}", self.delete_checkpoint)
-        app.router.add_get("/v1/accounts", self.list_accounts)
-        app.router.add_get("/v1/accounts/{account}", self.get_account)
-        app.router.add_post("/v1/accounts/{account}/credits", self.grant)
-        app.router.add_get("/v1/accounts/{account}/ledger", self.account_ledger)
-        app.router.add_post("/v1/ledger/audit", self.ledger_audit)
-        app.router.add_post("/v1/reconcile", self.reconcile)
-        app.router.add_post("/v1/accounts/{account}/webhooks", self.register_webhook)
-        app.router.add_get("/v1/accounts/{account}/webhooks", self.list_webhooks)
-        app.router.add_delete("/v1/webhooks/{wid}", self.remove_webhook)
-        app.router.add_post("/v1/replay", self.replay)
-        app.router.add_get("/healthz", self.health)
-        app.router.add_get("/openapi.json", self.openapi)
-        app.router.add_get("/v1/whoami", self.whoami)
+        for route in ROUTES:
+            handler = getattr(self, route.handler)
+            if route.method == "GET":
+                app.router.add_get(route.path, handler)  # HEAD too
+            else:
+                app.router.add_route(route.method, route.path, handler)
         dashboard.add_routes(app)
         app.on_shutdown.append(self._close_streams)
         return app
@@ -541,26 +520,39 @@ class Api:
             self._authorize_member(request, principal)
         return await handler(request)
 
+    @staticmethod
+    def _route(request: web.Request) -> Route | None:
+        """The listed route a request matched (a HEAD request: its GET route); None
+        when it matched none (a 404 or 405 follows) or a dashboard route."""
+        resource = request.match_info.route.resource
+        if resource is None:
+            return None
+        method = "GET" if request.method == "HEAD" else request.method
+        return ROUTE_INDEX.get((method, resource.canonical))
+
     def _authorize_member(self, request: web.Request, principal: Principal) -> None:
-        route = request.match_info.route.resource
-        template = route.canonical if route is not None else request.path
+        """The route's `access` rule for a member (admins may do everything)."""
+        route = self._route(request)
+        if route is None:
+            return
         info = request.match_info
-        if (request.method, template) in ADMIN_ONLY:
-            raise ApiError(403, "forbidden", f"{template} needs an admin token")
+        access = route.access
+        if access is Access.ADMIN:
+            raise ApiError(403, "forbidden", f"{route.path} needs an admin token")
         owner: str | None = None
-        if "account" in info:
+        if access is Access.ACCOUNT:
             owner = self._account(request)  # a malformed account: 404, as for an admin
-        elif "id" in info:
+        elif access is Access.SANDBOX:
             view = self.runner.projection.get(info["id"])
             owner = view.account if view else principal.account  # 404 follows
-        elif "cid" in info:
+        elif access is Access.CHECKPOINT:
             checkpoint = self.runner.checkpoints.get(info["cid"])
             view = self.runner.projection.get(checkpoint.sandbox_id) if checkpoint else None
             owner = view.account if view else principal.account
-        elif "wid" in info and self.webhooks is not None:
+        elif access is Access.WEBHOOK and self.webhooks is not None:
             registration = self.webhooks.registrations.get(info["wid"])
             owner = registration.account if registration else principal.account
-        elif template == "/v1/events":
+        elif access is Access.EVENTS:
             sandbox = self._sandbox_query(request)  # a malformed id: 400, as for an admin
             view = self.runner.projection.get(sandbox) if sandbox else None
             if view is None:
@@ -801,14 +793,7 @@ class Api:
         view = self._view(sandbox_id)
         if view.state in TERMINAL:
             raise ApiError(409, "conflict", f"sandbox {sandbox_id} is {view.state}", "state")
-        try:
-            checkpoint_id, seq = await self.manager.checkpoints.request(
-                sandbox_id, self._meta(request)
-            )
-        except NotCapable as exc:
-            raise ApiError(409, "not_capable", str(exc), "extension") from exc
-        except InvalidTransition as exc:
-            raise ApiError(409, "conflict", str(exc), "state") from exc
+        checkpoint_id, seq = await self.manager.checkpoints.request(sandbox_id, self._meta(request))
         await self._caught_up(seq)
         return json_response(self._checkpoint_out(self._checkpoint_view(checkpoint_id)), 202)
 
@@ -839,16 +824,9 @@ class Api:
             )
         if view.state in TERMINAL:
             raise ApiError(409, "conflict", f"sandbox {sandbox_id} is {view.state}", "state")
-        try:
-            seq = await self.manager.checkpoints.request_restore(
-                sandbox_id, checkpoint.id, self._meta(request)
-            )
-        except NotCapable as exc:
-            raise ApiError(409, "not_capable", str(exc), "extension") from exc
-        except UnknownCheckpoint as exc:
-            raise ApiError(409, "conflict", str(exc), "checkpoint") from exc
-        except InvalidTransition as exc:
-            raise ApiError(409, "conflict", str(exc), "state") from exc
+        seq = await self.manager.checkpoints.request_restore(
+            sandbox_id, checkpoint.id, self._meta(request)
+        )
         await self._caught_up(seq)
         return json_response(self._out(self._view(sandbox_id)), 202)
 
@@ -873,13 +851,9 @@ class Api:
     async def register_webhook(self, request: web.Request) -> web.Response:
         account = self._account(request)
         body = await self._body(request, _webhook_decoder)
-        try:
-            out = await self._hooks().register(
-                account, body.url, body.event_types, self._meta(request), body.from_
-            )
-        except WebhookError as exc:
-            code = "invalid_body" if exc.status == 400 else "limit_reached"
-            raise ApiError(exc.status, code, str(exc), exc.field) from exc
+        out = await self._hooks().register(
+            account, body.url, body.event_types, self._meta(request), body.from_
+        )
         return json_response(out, 201)
 
     async def list_webhooks(self, request: web.Request) -> web.Response:
@@ -995,28 +969,23 @@ class Api:
             from_checkpoint=body.from_checkpoint,
             sandbox_id=sandbox_id,
         )
+        if sandbox_id is not None and self.runner.projection.get(sandbox_id) is not None:
+            return await self._retried(create, sandbox_id)
         try:
-            if sandbox_id is not None and self.runner.projection.get(sandbox_id) is not None:
-                return await self._retried(create, sandbox_id)
-            try:
-                sandbox, seq = await self.manager.create(create, meta)
-            except AlreadyCreated as exc:
-                # The same key raced us (here or on another node): once its create is
-                # recorded, this request is a retry of it.
-                await self.runner.wait_sandbox(exc.sandbox_id, 0, PROJECTION_WAIT)
-                if self.runner.projection.get(exc.sandbox_id) is None:
-                    # Not recorded yet (or its worker died before it was): transient.
-                    raise ApiError(
-                        503,
-                        "create_in_progress",
-                        "a create with this Idempotency-Key is in progress; retry",
-                        "Idempotency-Key",
-                    ) from exc
-                return await self._retried(create, exc.sandbox_id)
-        except ProfileError as exc:
-            raise ApiError(400, "invalid_request", str(exc), exc.field) from exc
-        except IdempotencyMismatch as exc:
-            raise ApiError(422, "idempotency_mismatch", str(exc), exc.field) from exc
+            sandbox, seq = await self.manager.create(create, meta)
+        except AlreadyCreated as exc:
+            # The same key raced us (here or on another node): once its create is
+            # recorded, this request is a retry of it.
+            await self.runner.wait_sandbox(exc.sandbox_id, 0, PROJECTION_WAIT)
+            if self.runner.projection.get(exc.sandbox_id) is None:
+                # Not recorded yet (or its worker died before it was): transient.
+                raise ApiError(
+                    503,
+                    "create_in_progress",
+                    "a create with this Idempotency-Key is in progress; retry",
+                    "Idempotency-Key",
+                ) from exc
+            return await self._retried(create, exc.sandbox_id)
         await self._caught_up(seq)
         return self._created(sandbox.sandbox_id, 202)
 
@@ -1094,8 +1063,6 @@ class Api:
             raise ApiError(
                 503, "owner_unavailable", f"sandbox {sandbox_id} is between workers", "id"
             ) from exc
-        except InvalidTransition as exc:
-            raise ApiError(409, "conflict", str(exc), "state") from exc
         if seq:
             await self._caught_up(seq)
         return json_response(self._out(self._view(sandbox_id)), 202)
@@ -1125,7 +1092,7 @@ class Api:
         limit = self._int_query(request, "limit", 500, 5000)
         wait = self._float_query(request, "wait", 0.0, MAX_WAIT_SECONDS)
         sandbox = self._sandbox_query(request)
-        subject = "sandboxer.>" if sandbox is None else sandbox_filter(sandbox)
+        subject = ALL_SUBJECTS if sandbox is None else sandbox_filter(sandbox)
         if wait > 0 and self.runner.last_seq <= after:
             await self.runner.wait_change(after, wait)
         events: list[EventOut] = []
@@ -1324,9 +1291,9 @@ def _check_inputs(inputs: dict[str, Any]) -> None:
 def _concerns(subject: str, event: Event, sandbox: str) -> bool:
     """What `?sandbox=` streams: the sandbox's own events, the validation results
     about it, and the ledger events of its charge (`sandbox_id`)."""
-    if subject.startswith(("sandboxer.sandbox.", "sandboxer.validation.")):
+    if subject.startswith((SANDBOX_SUBJECTS, VALIDATION_SUBJECTS)):
         return event.aggregate_id == sandbox
-    if subject.startswith("sandboxer.ledger."):
+    if subject.startswith(LEDGER_SUBJECTS):
         return getattr(event, "sandbox_id", None) == sandbox
     return False
 
@@ -1356,39 +1323,493 @@ def event_subjects() -> dict[str, Any]:
     return events_schema.event_subjects(_event_schema_types())
 
 
+# ---- the routes -------------------------------------------------------------------
+# Every API route, once: Api.app() registers them, openapi_document() describes them
+# and the auth middleware applies their `access` (see sandboxer.routes).
+
+ACCOUNT_PARAM = path_param("account", ACCOUNT_RE.pattern, "account name")
+CHECKPOINT_PARAM = path_param("cid", CHECKPOINT_ID_RE.pattern, "checkpoint id")
+SANDBOX_PARAM = path_param("id", SANDBOX_ID_RE.pattern, "sandbox id")
+WEBHOOK_PARAM = path_param("wid", WEBHOOK_ID_RE.pattern, "webhook id")
+REQUEST_ID = Param(
+    "X-Request-Id",
+    "header",
+    {"type": "string", "pattern": REQUEST_ID_RE.pattern},
+    "correlation id recorded on the events this request causes",
+)
+IDEMPOTENCY_KEY = Param(
+    "Idempotency-Key",
+    "header",
+    {"type": "string", "pattern": IDEMPOTENCY_KEY_RE.pattern},
+    "retry-safe create: the same key (per account) names the same "
+    "sandbox; a retry with the same request answers 200 with it instead of creating "
+    "another, also while the first is in flight on any node; another request with "
+    "the key answers 422",
+)
+WAIT = query(
+    "wait",
+    {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS},
+    "long-poll: seconds to wait for a change",
+)
+AFTER = query(
+    "after_seq",
+    {"type": "integer", "minimum": 0, "maximum": MAX_SEQ},
+    "stream sequence the caller has already seen",
+)
+ACCOUNT_SCHEMA = {"type": "string", "pattern": ACCOUNT_RE.pattern}
+SANDBOX_SCHEMA = {"type": "string", "pattern": SANDBOX_ID_RE.pattern}
+ANY_OBJECT = {"type": "object"}
+_SANDBOX_LINK = {"parameters": {"id": "$response.body#/id"}}
+_CHECKPOINT_LINK = {"parameters": {"cid": "$response.body#/id"}}
+_ACCOUNT_LINK = {"parameters": {"account": "$response.body#/account"}}
+
+# What each error status means, in the OpenAPI document.
+ERROR_STATUSES = {
+    400: "bad input: the error names the field (parameter, body field or header)",
+    401: "no bearer token, or an unknown one",
+    403: "the token may not act on this account, or needs the admin role",
+    404: "no such resource (also: an id that does not have the id format)",
+    409: "the resource is not in a state that allows this (or the account has as "
+    "many webhooks as allowed)",
+    413: f"the body is larger than {MAX_BODY_BYTES} bytes",
+    422: "the Idempotency-Key was used before with another request (the field "
+    "names the first difference)",
+    503: "not ready: the projection lags, the sandbox's worker does not answer, or "
+    "webhooks are not running; retry",
+}
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "POST",
+        "/v1/sandboxes",
+        "create",
+        "createSandbox",
+        "Create a sandbox from a profile",
+        Access.MEMBER,
+        params=(REQUEST_ID, IDEMPOTENCY_KEY),
+        body=CreateBody,
+        answers=(
+            Answer(
+                202,
+                "Accepted",
+                SandboxOut,
+                links={
+                    "getSandbox": _SANDBOX_LINK,
+                    "destroySandbox": _SANDBOX_LINK,
+                    "sandboxEvents": _SANDBOX_LINK,
+                    "checkpointSandbox": _SANDBOX_LINK,
+                    "listCheckpoints": _SANDBOX_LINK,
+                },
+            ),
+            Answer(200, "Created before with this Idempotency-Key", SandboxOut),
+        ),
+        errors=(400, 403, 404, 409, 413, 422, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/sandboxes",
+        "list_sandboxes",
+        "listSandboxes",
+        "List sandboxes (a member: its own account's)",
+        Access.MEMBER,
+        params=(
+            query(
+                "state",
+                {"type": "string", "enum": [s.value for s in State if s != State.NEW]},
+                "filter by state",
+            ),
+            query("account", ACCOUNT_SCHEMA, "filter by account"),
+            query(
+                "live",
+                {"type": "string", "enum": list(LIVE_VALUES)},
+                "1 or true: only sandboxes that are not terminal",
+            ),
+        ),
+        answers=(Answer(200, body=SandboxList),),
+        errors=(400,),
+    ),
+    Route(
+        "GET",
+        "/v1/sandboxes/{id}",
+        "get",
+        "getSandbox",
+        "One sandbox",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM, WAIT, AFTER),
+        answers=(Answer(200, body=SandboxOut),),
+        errors=(400, 403, 404),
+    ),
+    Route(
+        "DELETE",
+        "/v1/sandboxes/{id}",
+        "destroy",
+        "destroySandbox",
+        "Destroy a sandbox",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM, REQUEST_ID),
+        answers=(Answer(202, "Accepted", SandboxOut),),
+        errors=(400, 403, 404, 409, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/sandboxes/{id}/events",
+        "sandbox_events",
+        "sandboxEvents",
+        "A sandbox's events, in order",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM,),
+        answers=(Answer(200, body=EventList),),
+        errors=(403, 404),
+    ),
+    Route(
+        "GET",
+        "/v1/events",
+        "events",
+        "events",
+        "Events after a stream sequence (long-poll); members name a sandbox",
+        Access.EVENTS,
+        params=(
+            AFTER,
+            WAIT,
+            query("limit", {"type": "integer", "minimum": 0, "maximum": 5000}, "at most this many"),
+            query("sandbox", SANDBOX_SCHEMA, "only this sandbox's events"),
+        ),
+        answers=(Answer(200, body=EventList),),
+        errors=(400, 403),
+    ),
+    Route(
+        "GET",
+        "/v1/events/stream",
+        "event_stream",
+        "eventStream",
+        "Server-Sent Events: every event after Last-Event-ID, live "
+        "(without it nor after_seq: from sequence 1)",
+        Access.MEMBER,
+        params=(
+            Param(
+                "Last-Event-ID",
+                "header",
+                {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                "the last stream sequence seen (wins over after_seq)",
+            ),
+            AFTER,
+            query(
+                "sandbox",
+                SANDBOX_SCHEMA,
+                "only this sandbox's events, its validation results and the "
+                "ledger events of its charge",
+            ),
+            query(
+                "type",
+                {"type": "string", "maxLength": 4096},
+                "comma-separated event types (GET /v1/events/schema)",
+            ),
+            query(
+                "account",
+                ACCOUNT_SCHEMA,
+                "only this account's events (a member: always its own)",
+            ),
+        ),
+        answers=(
+            Answer(
+                200,
+                "an endless stream: `id: <seq>`, `event: <type>`, "
+                '`data: {"seq", "subject", "event"}`; a comment every 15 s',
+                schema={"type": "string"},
+                content_type="text/event-stream",
+            ),
+        ),
+        errors=(400,),
+    ),
+    Route(
+        "GET",
+        "/v1/events/schema",
+        "event_schema",
+        "eventSchema",
+        "JSON Schema of every event type",
+        Access.MEMBER,
+        answers=(Answer(200, "a JSON Schema (draft 2020-12)", schema=ANY_OBJECT),),
+    ),
+    Route(
+        "GET",
+        "/v1/events/subjects",
+        "event_subjects",
+        "eventSubjects",
+        "The subject of each event type and each subject token's rule",
+        Access.MEMBER,
+        answers=(Answer(200, "the subject map (docs/events.subjects.json)", schema=ANY_OBJECT),),
+    ),
+    Route(
+        "GET",
+        "/v1/profiles",
+        "list_profiles",
+        "listProfiles",
+        "Profiles",
+        Access.MEMBER,
+        answers=(Answer(200, body=ProfileList),),
+    ),
+    Route(
+        "GET",
+        "/v1/accounts",
+        "list_accounts",
+        "listAccounts",
+        "Accounts and balances (admin)",
+        Access.ADMIN,
+        answers=(Answer(200, body=AccountList),),
+        errors=(403,),
+    ),
+    Route(
+        "GET",
+        "/v1/accounts/{account}",
+        "get_account",
+        "getAccount",
+        "One account's balance",
+        Access.ACCOUNT,
+        params=(ACCOUNT_PARAM, WAIT, AFTER),
+        answers=(Answer(200, body=AccountOut),),
+        errors=(400, 403, 404),
+    ),
+    Route(
+        "POST",
+        "/v1/accounts/{account}/credits",
+        "grant",
+        "grantCredits",
+        "Grant credits (admin)",
+        Access.ADMIN,
+        params=(ACCOUNT_PARAM, REQUEST_ID),
+        body=GrantBody,
+        answers=(
+            Answer(
+                201,
+                "Granted",
+                AccountOut,
+                links={"getAccount": _ACCOUNT_LINK, "accountLedger": _ACCOUNT_LINK},
+            ),
+        ),
+        errors=(400, 403, 404, 413, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/accounts/{account}/ledger",
+        "account_ledger",
+        "accountLedger",
+        "The account's ledger entries, oldest first",
+        Access.ACCOUNT,
+        params=(
+            ACCOUNT_PARAM,
+            AFTER,
+            query("limit", {"type": "integer", "minimum": 0, "maximum": 1000}, "page size"),
+        ),
+        answers=(Answer(200, body=LedgerPage),),
+        errors=(400, 403, 404),
+    ),
+    Route(
+        "POST",
+        "/v1/sandboxes/{id}/checkpoints",
+        "create_checkpoint",
+        "checkpointSandbox",
+        "Checkpoint a ready sandbox",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM, REQUEST_ID),
+        answers=(
+            Answer(
+                202,
+                "Accepted",
+                CheckpointOut,
+                links={
+                    "getCheckpoint": _CHECKPOINT_LINK,
+                    "deleteCheckpoint": _CHECKPOINT_LINK,
+                    "restoreSandbox": {
+                        "parameters": {"id": "$response.body#/sandbox_id"},
+                        "requestBody": {"checkpoint": "$response.body#/id"},
+                    },
+                },
+            ),
+        ),
+        errors=(400, 403, 404, 409, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/sandboxes/{id}/checkpoints",
+        "list_checkpoints",
+        "listCheckpoints",
+        "A sandbox's checkpoints",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM,),
+        answers=(Answer(200, body=CheckpointList),),
+        errors=(403, 404),
+    ),
+    Route(
+        "POST",
+        "/v1/sandboxes/{id}/restore",
+        "restore",
+        "restoreSandbox",
+        "Restore a sandbox to one of its checkpoints",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM, REQUEST_ID),
+        body=RestoreBody,
+        answers=(Answer(202, "Accepted", SandboxOut),),
+        errors=(400, 403, 404, 409, 413, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/checkpoints/{cid}",
+        "get_checkpoint",
+        "getCheckpoint",
+        "One checkpoint",
+        Access.CHECKPOINT,
+        params=(CHECKPOINT_PARAM, WAIT, AFTER),
+        answers=(Answer(200, body=CheckpointOut),),
+        errors=(400, 403, 404),
+    ),
+    Route(
+        "DELETE",
+        "/v1/checkpoints/{cid}",
+        "delete_checkpoint",
+        "deleteCheckpoint",
+        "Delete a checkpoint's artifact",
+        Access.CHECKPOINT,
+        params=(CHECKPOINT_PARAM, REQUEST_ID),
+        answers=(Answer(200, body=CheckpointOut),),
+        errors=(400, 403, 404, 409, 503),
+    ),
+    Route(
+        "POST",
+        "/v1/accounts/{account}/webhooks",
+        "register_webhook",
+        "registerWebhook",
+        "Register a webhook (signed, retried deliveries)",
+        Access.ACCOUNT,
+        params=(ACCOUNT_PARAM, REQUEST_ID),
+        body=WebhookBody,
+        answers=(
+            Answer(
+                201,
+                "Registered; the secret is shown once",
+                WebhookOut,
+                links={
+                    "removeWebhook": {"parameters": {"wid": "$response.body#/id"}},
+                    "listWebhooks": _ACCOUNT_LINK,
+                },
+            ),
+        ),
+        errors=(400, 403, 404, 409, 413, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/accounts/{account}/webhooks",
+        "list_webhooks",
+        "listWebhooks",
+        "The account's webhooks",
+        Access.ACCOUNT,
+        params=(ACCOUNT_PARAM,),
+        answers=(Answer(200, body=WebhookList),),
+        errors=(403, 404, 503),
+    ),
+    Route(
+        "DELETE",
+        "/v1/webhooks/{wid}",
+        "remove_webhook",
+        "removeWebhook",
+        "Remove a webhook",
+        Access.WEBHOOK,
+        params=(WEBHOOK_PARAM, REQUEST_ID),
+        answers=(Answer(204, "Removed"),),
+        errors=(400, 403, 404, 503),
+    ),
+    Route(
+        "POST",
+        "/v1/ledger/audit",
+        "ledger_audit",
+        "auditLedger",
+        "Replay the ledger from sequence 1 and check its rules (admin)",
+        Access.ADMIN,
+        params=(
+            query("account", ACCOUNT_SCHEMA, "only this account"),
+            query(
+                "ttl_grace",
+                {"type": "number", "minimum": 0, "maximum": MAX_TTL_GRACE},
+                "seconds a reservation may stay open after its sandbox's TTL "
+                f"ended before it is a violation (default {DEFAULT_TTL_GRACE:g})",
+            ),
+        ),
+        answers=(Answer(200, body=AuditReport),),
+        errors=(400, 403),
+    ),
+    Route(
+        "POST",
+        "/v1/reconcile",
+        "reconcile",
+        "reconcile",
+        "Sweep the hosts for what no live sandbox owns; report, or remove with remove=true (admin)",
+        Access.ADMIN,
+        params=(
+            query(
+                "remove",
+                {"type": "string", "enum": list(LIVE_VALUES)},
+                "1 or true: remove the orphans; 0 or false: only report; "
+                "absent: the configured mode (SANDBOXER_RECONCILE)",
+            ),
+        ),
+        answers=(Answer(200, body=SweepReport),),
+        errors=(400, 403, 503),
+    ),
+    Route(
+        "POST",
+        "/v1/replay",
+        "replay",
+        "replay",
+        "Rebuild the projection from sequence 1 and compare it with the live one (admin)",
+        Access.ADMIN,
+        answers=(Answer(200, body=VerifyReport),),
+        errors=(403,),
+    ),
+    Route(
+        "GET",
+        "/v1/whoami",
+        "whoami",
+        "whoami",
+        "The caller's token: name, account and role (open API: admin)",
+        Access.MEMBER,
+        answers=(Answer(200, body=Identity),),
+    ),
+    Route(
+        "GET",
+        "/healthz",
+        "health",
+        "health",
+        "Health",
+        Access.PUBLIC,
+        answers=(Answer(200, body=Health),),
+    ),
+    Route(
+        "GET",
+        "/openapi.json",
+        "openapi",
+        "openapi",
+        "This document",
+        Access.PUBLIC,
+        answers=(Answer(200, "OpenAPI 3.1", schema=ANY_OBJECT),),
+    ),
+)
+# Routes by (method, path template); a HEAD request follows its GET route's rule.
+ROUTE_INDEX: dict[tuple[str, str], Route] = {(r.method, r.path): r for r in ROUTES}
+PUBLIC_PATHS = frozenset(r.path for r in ROUTES if r.access is Access.PUBLIC)
+assert len(ROUTE_INDEX) == len(ROUTES), "a route is listed twice"
+
+
 def openapi_document(
     *, auth: bool = True, profiles: ProfileCatalog | None = None
 ) -> dict[str, Any]:
-    """OpenAPI 3.1, with component schemas generated from the msgspec types.
+    """OpenAPI 3.1: the paths generated from ROUTES (every route, parameter with its
+    bounds, request body and answer, each error with the ErrorBody schema), the
+    component schemas from the msgspec types they name.
 
-    Every route, parameter (with its bounds), request body and answer is here, each
-    error with the ErrorBody schema; `auth` adds the bearer scheme with its 401/403
-    answers (as `serve` runs with tokens), `profiles` names the profiles and their
-    largest TTL. tests/test_fuzz_api.py holds the server to this document.
+    `auth` adds the bearer scheme with its 401/403 answers (as `serve` runs with
+    tokens), `profiles` names the profiles and their largest TTL.
+    tests/test_fuzz_api.py holds the server to this document.
     """
-    types: list[Any] = [
-        CreateBody,
-        SandboxOut,
-        SandboxList,
-        EventList,
-        ProfileList,
-        Health,
-        ErrorBody,
-        VerifyReport,
-        GrantBody,
-        AccountOut,
-        AccountList,
-        LedgerPage,
-        AuditReport,
-        RestoreBody,
-        WebhookBody,
-        WebhookOut,
-        WebhookList,
-        CheckpointOut,
-        CheckpointList,
-        SweepReport,
-        Identity,
-    ]
+    types: list[Any] = [*component_types(ROUTES), ErrorBody]
     (_, components) = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
     )
@@ -1446,460 +1867,7 @@ def openapi_document(
         "failed; remove the webhook and register it again to resume"
     )
 
-    def ref(name: str) -> dict[str, Any]:
-        return {"$ref": f"#/components/schemas/{name}"}
-
-    def ok(name: str, status: str = "200", description: str = "OK") -> dict[str, Any]:
-        return {
-            status: {
-                "description": description,
-                "content": {"application/json": {"schema": ref(name)}},
-            }
-        }
-
-    what = {
-        400: "bad input: the error names the field (parameter, body field or header)",
-        401: "no bearer token, or an unknown one",
-        403: "the token may not act on this account, or needs the admin role",
-        404: "no such resource (also: an id that does not have the id format)",
-        409: "the resource is not in a state that allows this (or the account has as "
-        "many webhooks as allowed)",
-        413: f"the body is larger than {MAX_BODY_BYTES} bytes",
-        422: "the Idempotency-Key was used before with another request (the field "
-        "names the first difference)",
-        503: "not ready: the projection lags, the sandbox's worker does not answer, or "
-        "webhooks are not running; retry",
-    }
-
-    def errors(*statuses: int) -> dict[str, Any]:
-        wanted = [s for s in statuses if auth or s != 403]
-        return {
-            str(s): {
-                "description": what[s],
-                "content": {"application/json": {"schema": ref("ErrorBody")}},
-            }
-            for s in sorted(wanted)
-        }
-
-    def path_param(name: str, pattern: str, description: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "in": "path",
-            "required": True,
-            "description": description,
-            "schema": {"type": "string", "pattern": pattern},
-        }
-
-    account_param = path_param("account", ACCOUNT_RE.pattern, "account name")
-    cid_param = path_param("cid", CHECKPOINT_ID_RE.pattern, "checkpoint id")
-    id_param = path_param("id", SANDBOX_ID_RE.pattern, "sandbox id")
-    wid_param = path_param("wid", WEBHOOK_ID_RE.pattern, "webhook id")
-    request_id = {
-        "name": "X-Request-Id",
-        "in": "header",
-        "required": False,
-        "description": "correlation id recorded on the events this request causes",
-        "schema": {"type": "string", "pattern": REQUEST_ID_RE.pattern},
-    }
-    idempotency_key = {
-        "name": "Idempotency-Key",
-        "in": "header",
-        "required": False,
-        "description": "retry-safe create: the same key (per account) names the same "
-        "sandbox; a retry with the same request answers 200 with it instead of creating "
-        "another, also while the first is in flight on any node; another request with "
-        "the key answers 422",
-        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_RE.pattern},
-    }
-
-    def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "in": "query",
-            "required": False,
-            "schema": schema,
-            "description": description,
-        }
-
-    wait = query(
-        "wait",
-        {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS},
-        "long-poll: seconds to wait for a change",
-    )
-    after = query(
-        "after_seq",
-        {"type": "integer", "minimum": 0, "maximum": MAX_SEQ},
-        "stream sequence the caller has already seen",
-    )
-
-    def body(name: str) -> dict[str, Any]:
-        return {"required": True, "content": {"application/json": {"schema": ref(name)}}}
-
-    states = [s.value for s in State if s != State.NEW]
-    paths: dict[str, Any] = {
-        "/v1/sandboxes": {
-            "post": {
-                "summary": "Create a sandbox from a profile",
-                "parameters": [request_id, idempotency_key],
-                "requestBody": body("CreateBody"),
-                "responses": {
-                    **ok("SandboxOut", "202", "Accepted"),
-                    **ok("SandboxOut", "200", "Created before with this Idempotency-Key"),
-                    **errors(400, 403, 404, 409, 413, 422, 503),
-                },
-            },
-            "get": {
-                "summary": "List sandboxes (a member: its own account's)",
-                "parameters": [
-                    query("state", {"type": "string", "enum": states}, "filter by state"),
-                    query(
-                        "account",
-                        {"type": "string", "pattern": ACCOUNT_RE.pattern},
-                        "filter by account",
-                    ),
-                    query(
-                        "live",
-                        {"type": "string", "enum": list(LIVE_VALUES)},
-                        "1 or true: only sandboxes that are not terminal",
-                    ),
-                ],
-                "responses": {**ok("SandboxList"), **errors(400)},
-            },
-        },
-        "/v1/sandboxes/{id}": {
-            "get": {
-                "summary": "One sandbox",
-                "parameters": [id_param, wait, after],
-                "responses": {**ok("SandboxOut"), **errors(400, 403, 404)},
-            },
-            "delete": {
-                "summary": "Destroy a sandbox",
-                "parameters": [id_param, request_id],
-                "responses": {
-                    **ok("SandboxOut", "202", "Accepted"),
-                    **errors(400, 403, 404, 409, 503),
-                },
-            },
-        },
-        "/v1/sandboxes/{id}/events": {
-            "get": {
-                "summary": "A sandbox's events, in order",
-                "parameters": [id_param],
-                "responses": {**ok("EventList"), **errors(403, 404)},
-            },
-        },
-        "/v1/events": {
-            "get": {
-                "summary": "Events after a stream sequence (long-poll); members name a sandbox",
-                "parameters": [
-                    after,
-                    wait,
-                    query(
-                        "limit",
-                        {"type": "integer", "minimum": 0, "maximum": 5000},
-                        "at most this many",
-                    ),
-                    query(
-                        "sandbox",
-                        {"type": "string", "pattern": SANDBOX_ID_RE.pattern},
-                        "only this sandbox's events",
-                    ),
-                ],
-                "responses": {**ok("EventList"), **errors(400, 403)},
-            },
-        },
-        "/v1/events/stream": {
-            "get": {
-                "summary": "Server-Sent Events: every event after Last-Event-ID, live "
-                "(without it nor after_seq: from sequence 1)",
-                "parameters": [
-                    {
-                        "name": "Last-Event-ID",
-                        "in": "header",
-                        "required": False,
-                        "description": "the last stream sequence seen (wins over after_seq)",
-                        "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
-                    },
-                    after,
-                    query(
-                        "sandbox",
-                        {"type": "string", "pattern": SANDBOX_ID_RE.pattern},
-                        "only this sandbox's events, its validation results and the "
-                        "ledger events of its charge",
-                    ),
-                    query(
-                        "type",
-                        {"type": "string", "maxLength": 4096},
-                        "comma-separated event types (GET /v1/events/schema)",
-                    ),
-                    query(
-                        "account",
-                        {"type": "string", "pattern": ACCOUNT_RE.pattern},
-                        "only this account's events (a member: always its own)",
-                    ),
-                ],
-                "responses": {
-                    "200": {
-                        "description": "an endless stream: `id: <seq>`, `event: <type>`, "
-                        '`data: {"seq", "subject", "event"}`; a comment every 15 s',
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                    },
-                    **errors(400),
-                },
-            },
-        },
-        "/v1/events/schema": {
-            "get": {
-                "summary": "JSON Schema of every event type",
-                "responses": {
-                    "200": {
-                        "description": "a JSON Schema (draft 2020-12)",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    }
-                },
-            },
-        },
-        "/v1/events/subjects": {
-            "get": {
-                "summary": "The subject of each event type and each subject token's rule",
-                "responses": {
-                    "200": {
-                        "description": "the subject map (docs/events.subjects.json)",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    }
-                },
-            },
-        },
-        "/v1/profiles": {"get": {"summary": "Profiles", "responses": ok("ProfileList")}},
-        "/v1/accounts": {
-            "get": {
-                "summary": "Accounts and balances (admin)",
-                "responses": {**ok("AccountList"), **errors(403)},
-            }
-        },
-        "/v1/accounts/{account}": {
-            "get": {
-                "summary": "One account's balance",
-                "parameters": [account_param, wait, after],
-                "responses": {**ok("AccountOut"), **errors(400, 403, 404)},
-            },
-        },
-        "/v1/accounts/{account}/credits": {
-            "post": {
-                "summary": "Grant credits (admin)",
-                "parameters": [account_param, request_id],
-                "requestBody": body("GrantBody"),
-                "responses": {
-                    **ok("AccountOut", "201", "Granted"),
-                    **errors(400, 403, 404, 413, 503),
-                },
-            },
-        },
-        "/v1/accounts/{account}/ledger": {
-            "get": {
-                "summary": "The account's ledger entries, oldest first",
-                "parameters": [
-                    account_param,
-                    after,
-                    query("limit", {"type": "integer", "minimum": 0, "maximum": 1000}, "page size"),
-                ],
-                "responses": {**ok("LedgerPage"), **errors(400, 403, 404)},
-            },
-        },
-        "/v1/sandboxes/{id}/checkpoints": {
-            "post": {
-                "summary": "Checkpoint a ready sandbox",
-                "parameters": [id_param, request_id],
-                "responses": {
-                    **ok("CheckpointOut", "202", "Accepted"),
-                    **errors(400, 403, 404, 409, 503),
-                },
-            },
-            "get": {
-                "summary": "A sandbox's checkpoints",
-                "parameters": [id_param],
-                "responses": {**ok("CheckpointList"), **errors(403, 404)},
-            },
-        },
-        "/v1/sandboxes/{id}/restore": {
-            "post": {
-                "summary": "Restore a sandbox to one of its checkpoints",
-                "parameters": [id_param, request_id],
-                "requestBody": body("RestoreBody"),
-                "responses": {
-                    **ok("SandboxOut", "202", "Accepted"),
-                    **errors(400, 403, 404, 409, 413, 503),
-                },
-            },
-        },
-        "/v1/checkpoints/{cid}": {
-            "get": {
-                "summary": "One checkpoint",
-                "parameters": [cid_param, wait, after],
-                "responses": {**ok("CheckpointOut"), **errors(400, 403, 404)},
-            },
-            "delete": {
-                "summary": "Delete a checkpoint's artifact",
-                "parameters": [cid_param, request_id],
-                "responses": {**ok("CheckpointOut"), **errors(400, 403, 404, 409, 503)},
-            },
-        },
-        "/v1/accounts/{account}/webhooks": {
-            "post": {
-                "summary": "Register a webhook (signed, retried deliveries)",
-                "parameters": [account_param, request_id],
-                "requestBody": body("WebhookBody"),
-                "responses": {
-                    **ok("WebhookOut", "201", "Registered; the secret is shown once"),
-                    **errors(400, 403, 404, 409, 413, 503),
-                },
-            },
-            "get": {
-                "summary": "The account's webhooks",
-                "parameters": [account_param],
-                "responses": {**ok("WebhookList"), **errors(403, 404, 503)},
-            },
-        },
-        "/v1/webhooks/{wid}": {
-            "delete": {
-                "summary": "Remove a webhook",
-                "parameters": [wid_param, request_id],
-                "responses": {"204": {"description": "Removed"}, **errors(400, 403, 404, 503)},
-            },
-        },
-        "/v1/ledger/audit": {
-            "post": {
-                "summary": "Replay the ledger from sequence 1 and check its rules (admin)",
-                "parameters": [
-                    query(
-                        "account",
-                        {"type": "string", "pattern": ACCOUNT_RE.pattern},
-                        "only this account",
-                    ),
-                    query(
-                        "ttl_grace",
-                        {"type": "number", "minimum": 0, "maximum": MAX_TTL_GRACE},
-                        "seconds a reservation may stay open after its sandbox's TTL "
-                        f"ended before it is a violation (default {DEFAULT_TTL_GRACE:g})",
-                    ),
-                ],
-                "responses": {**ok("AuditReport"), **errors(400, 403)},
-            },
-        },
-        "/v1/reconcile": {
-            "post": {
-                "summary": "Sweep the hosts for what no live sandbox owns; report, or "
-                "remove with remove=true (admin)",
-                "parameters": [
-                    query(
-                        "remove",
-                        {"type": "string", "enum": list(LIVE_VALUES)},
-                        "1 or true: remove the orphans; 0 or false: only report; "
-                        "absent: the configured mode (SANDBOXER_RECONCILE)",
-                    )
-                ],
-                "responses": {**ok("SweepReport"), **errors(400, 403, 503)},
-            }
-        },
-        "/v1/replay": {
-            "post": {
-                "summary": "Rebuild the projection from sequence 1 and "
-                "compare it with the live one (admin)",
-                "responses": {**ok("VerifyReport"), **errors(403)},
-            }
-        },
-        "/v1/whoami": {
-            "get": {
-                "summary": "The caller's token: name, account and role (open API: admin)",
-                "responses": ok("Identity"),
-            }
-        },
-        "/healthz": {"get": {"summary": "Health", "responses": ok("Health")}},
-        "/openapi.json": {
-            "get": {
-                "summary": "This document",
-                "responses": {
-                    "200": {
-                        "description": "OpenAPI 3.1",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    }
-                },
-            }
-        },
-    }
-    operation_ids = {
-        ("post", "/v1/sandboxes"): "createSandbox",
-        ("get", "/v1/sandboxes"): "listSandboxes",
-        ("get", "/v1/sandboxes/{id}"): "getSandbox",
-        ("delete", "/v1/sandboxes/{id}"): "destroySandbox",
-        ("get", "/v1/sandboxes/{id}/events"): "sandboxEvents",
-        ("get", "/v1/events"): "events",
-        ("get", "/v1/events/stream"): "eventStream",
-        ("get", "/v1/events/schema"): "eventSchema",
-        ("get", "/v1/events/subjects"): "eventSubjects",
-        ("get", "/v1/profiles"): "listProfiles",
-        ("get", "/v1/accounts"): "listAccounts",
-        ("get", "/v1/accounts/{account}"): "getAccount",
-        ("post", "/v1/accounts/{account}/credits"): "grantCredits",
-        ("get", "/v1/accounts/{account}/ledger"): "accountLedger",
-        ("post", "/v1/sandboxes/{id}/checkpoints"): "checkpointSandbox",
-        ("get", "/v1/sandboxes/{id}/checkpoints"): "listCheckpoints",
-        ("post", "/v1/sandboxes/{id}/restore"): "restoreSandbox",
-        ("get", "/v1/checkpoints/{cid}"): "getCheckpoint",
-        ("delete", "/v1/checkpoints/{cid}"): "deleteCheckpoint",
-        ("post", "/v1/accounts/{account}/webhooks"): "registerWebhook",
-        ("get", "/v1/accounts/{account}/webhooks"): "listWebhooks",
-        ("delete", "/v1/webhooks/{wid}"): "removeWebhook",
-        ("post", "/v1/ledger/audit"): "auditLedger",
-        ("post", "/v1/reconcile"): "reconcile",
-        ("post", "/v1/replay"): "replay",
-        ("get", "/v1/whoami"): "whoami",
-        ("get", "/healthz"): "health",
-        ("get", "/openapi.json"): "openapi",
-    }
-    for path, operations in paths.items():
-        for method, operation in operations.items():
-            operation["operationId"] = operation_ids[(method, path)]
-
-    def links(method: str, path: str, status: str, **targets: dict[str, Any]) -> None:
-        paths[path][method]["responses"][status]["links"] = {
-            name: {"operationId": name, **target} for name, target in targets.items()
-        }
-
-    sandbox = {"parameters": {"id": "$response.body#/id"}}
-    links(
-        "post",
-        "/v1/sandboxes",
-        "202",
-        getSandbox=sandbox,
-        destroySandbox=sandbox,
-        sandboxEvents=sandbox,
-        checkpointSandbox=sandbox,
-        listCheckpoints=sandbox,
-    )
-    checkpoint = {"parameters": {"cid": "$response.body#/id"}}
-    links(
-        "post",
-        "/v1/sandboxes/{id}/checkpoints",
-        "202",
-        getCheckpoint=checkpoint,
-        deleteCheckpoint=checkpoint,
-        restoreSandbox={
-            "parameters": {"id": "$response.body#/sandbox_id"},
-            "requestBody": {"checkpoint": "$response.body#/id"},
-        },
-    )
-    account = {"parameters": {"account": "$response.body#/account"}}
-    links(
-        "post", "/v1/accounts/{account}/credits", "201", getAccount=account, accountLedger=account
-    )
-    links(
-        "post",
-        "/v1/accounts/{account}/webhooks",
-        "201",
-        removeWebhook={"parameters": {"wid": "$response.body#/id"}},
-        listWebhooks=account,
-    )
+    paths = openapi_paths(ROUTES, ERROR_STATUSES, ErrorBody, auth=auth)
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -1916,13 +1884,7 @@ def openapi_document(
         "paths": paths,
         "components": {"schemas": components},
     }
-    if auth:
+    if auth:  # each operation states its own security (sandboxer.routes)
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         document["security"] = [{"bearer": []}]
-        for path, operations in paths.items():
-            for operation in operations.values():
-                if path in PUBLIC_PATHS:
-                    operation["security"] = []
-                else:
-                    operation["responses"].update(errors(401))
     return document

@@ -34,6 +34,7 @@ from events.base import utc_now
 from events.subjects import filter_for, subject_for
 from extensions import Handle, Snapshotting, StepContext
 from projections.checkpoints import CheckpointsProjection, CheckpointView
+from sandboxer.errors import Conflict
 from sandboxer.event_store import append_decided
 from sandboxer.lifecycle import InvalidTransition
 from sandboxer.snapshots import SnapshotStore
@@ -47,12 +48,19 @@ ACTOR_POLICY = "system:checkpoint-policy"
 ACTOR_RETENTION = "system:retention"
 
 
-class NotCapable(Exception):
+class NotCapable(Conflict):
     """The sandbox's extension cannot do this (HTTP 409 with the reason)."""
 
+    code = "not_capable"
+    field = "extension"
+    wire = "not_capable"
 
-class UnknownCheckpoint(LookupError):
-    pass
+
+class UnknownCheckpoint(Conflict, LookupError):
+    """The checkpoint is not one this sandbox can be restored to (HTTP 409)."""
+
+    field = "checkpoint"
+    wire = "unknown_checkpoint"
 
 
 def new_checkpoint_id() -> str:

@@ -13,12 +13,14 @@ import re
 import secrets
 import uuid
 
+from sandboxer.errors import InvalidInput
+
 SANDBOX_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 ACCOUNT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
-class InvalidId(ValueError):
+class InvalidId(InvalidInput, ValueError):
     def __init__(self, kind: str, value: str, pattern: str) -> None:
         super().__init__(f"invalid {kind} {value[:80]!r}: must match {pattern}")
         self.kind = kind

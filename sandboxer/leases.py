@@ -44,6 +44,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from events.subjects import control_subject
+from sandboxer.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,11 @@ def _session(incarnation: str) -> bytes:
     return json.dumps({"incarnation": incarnation, "host": socket.gethostname()}).encode()
 
 
-class OwnerUnavailable(Exception):
+class OwnerUnavailable(Unavailable):
     """The sandbox's worker does not answer; its lease expires within the TTL."""
+
+    code = "owner_unavailable"
+    field = "id"
 
 
 def default_worker_name(data_dir: Path) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from transitions import Machine, MachineError
 
 from events import Event, RouteChosen, TeardownFailed
+from sandboxer.errors import Conflict, SandboxerError
 
 
 class State(StrEnum):
@@ -132,14 +133,24 @@ def next_state(state: str, failing: bool, event: Event) -> str | None:
     return None
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(Conflict):
     """The current state does not allow this step (HTTP 409)."""
+
+    field = "state"
+    wire = "invalid_transition"
 
     def __init__(self, sandbox_id: str, state: str, event_type: str) -> None:
         super().__init__(f"sandbox {sandbox_id} is {state}: {event_type} is not allowed")
         self.sandbox_id = sandbox_id
         self.state = state
         self.event_type = event_type
+
+    def wire_args(self) -> dict[str, Any]:
+        return {"sandbox_id": self.sandbox_id, "state": self.state, "event": self.event_type}
+
+    @classmethod
+    def from_wire(cls, answer: dict[str, Any]) -> SandboxerError:
+        return cls(str(answer["sandbox_id"]), str(answer["state"]), str(answer["event"]))
 
 
 class LifecycleModel:

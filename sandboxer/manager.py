@@ -66,6 +66,7 @@ from extensions import (
 from extensions.manifest import ConfigError, HookPolicy
 from projections.sandboxes import SandboxView, evolve
 from sandboxer.checkpointing import Checkpoints, NotCapable, UnknownCheckpoint
+from sandboxer.errors import Conflict, NotFoundError, SandboxerError, Unprocessable
 from sandboxer.event_store import ConcurrencyConflict, EventRecorder, RecordedEvent
 from sandboxer.failpoints import failpoint
 from sandboxer.ids import check_account, new_sandbox_id
@@ -89,20 +90,31 @@ T = TypeVar("T")
 E = TypeVar("E", bound=Event)
 
 
-class NotFound(LookupError):
-    pass
+class NotFound(NotFoundError, LookupError):
+    """No such sandbox driven here (its id is the message)."""
+
+    field = "id"
+    wire = "not_found"
+
+    @classmethod
+    def from_wire(cls, answer: dict[str, Any]) -> SandboxerError:
+        return cls(str(answer.get("message") or answer.get("sandbox_id", "")))
 
 
-class AlreadyCreated(Exception):
+class AlreadyCreated(Conflict):
     """A create with the same idempotency key got there first (the API answers with it)."""
+
+    field = "Idempotency-Key"
 
     def __init__(self, sandbox_id: str) -> None:
         super().__init__(f"sandbox {sandbox_id} exists already")
         self.sandbox_id = sandbox_id
 
 
-class IdempotencyMismatch(Exception):
+class IdempotencyMismatch(Unprocessable):
     """A create reused an Idempotency-Key with another request than the recorded one."""
+
+    code = "idempotency_mismatch"
 
     def __init__(self, sandbox_id: str, field: str, recorded: object, given: object) -> None:
         super().__init__(
@@ -1014,14 +1026,9 @@ class SandboxManager:
         body = {"op": op, "sandbox_id": sandbox_id, "meta": msgspec.to_builtins(meta), **args}
         answer = await self.leases.forward(owner, body, timeout=30.0)
         error = answer.get("error")
-        if error == "not_found":
-            raise NotFound(sandbox_id)
-        if error == "invalid_transition":
-            raise InvalidTransition(sandbox_id, answer["state"], answer["event"])
-        if error == "not_capable":
-            raise NotCapable(answer["message"])
-        if error == "unknown_checkpoint":
-            raise UnknownCheckpoint(answer["message"])
+        raised = SandboxerError.decode({"sandbox_id": sandbox_id, **answer})
+        if raised is not None:
+            raise raised
         if error is not None:
             raise RuntimeError(f"worker {owner}: {answer.get('message', error)}")
         return answer
@@ -1030,7 +1037,7 @@ class SandboxManager:
         sandbox_id = str(body["sandbox_id"])
         meta = msgspec.convert(body["meta"], EventMeta)
         if sandbox_id not in self.sandboxes:
-            return {"error": "not_found"}
+            return NotFound(sandbox_id).to_wire()
         try:
             op = body["op"]
             if op == "destroy":
@@ -1046,14 +1053,10 @@ class SandboxManager:
                 await self.checkpoints.delete(cid, meta, str(body["reason"]))
                 return {"seq": 0}
             return {"error": "internal", "message": f"unknown op {op!r}"}
-        except InvalidTransition as exc:
-            return {"error": "invalid_transition", "state": exc.state, "event": exc.event_type}
-        except NotCapable as exc:
-            return {"error": "not_capable", "message": str(exc)}
-        except UnknownCheckpoint as exc:
-            return {"error": "unknown_checkpoint", "message": str(exc)}
-        except NotFound:
-            return {"error": "not_found"}
+        except SandboxerError as exc:
+            if exc.wire is None:
+                raise
+            return exc.to_wire()
 
     def _on_recorded(self, recorded: RecordedEvent) -> None:
         """Keep what other workers do in view: their sandboxes, accounts, checkpoints."""

@@ -13,13 +13,14 @@ import yaml
 
 from events import CheckpointPolicy
 from profiles import SHIPPED_DIR
+from sandboxer.errors import InvalidInput
 
 PROFILE_NAME_RE = re.compile(r"^profile\.[a-z0-9][a-z0-9-]{0,62}$")
 INPUT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 MAX_INPUT_LENGTH = 4096
 
 
-class ProfileError(ValueError):
+class ProfileError(InvalidInput, ValueError):
     """A bad profile file, or a create request that does not fit its profile."""
 
     def __init__(self, message: str, field: str | None = None) -> None:

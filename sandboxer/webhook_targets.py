@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from sandboxer.config import SettingsError
+from sandboxer.errors import InvalidInput
 
 ALLOW_VARIABLE = "SANDBOXER_WEBHOOK_ALLOW_NETS"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -32,8 +33,11 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 SHOWN_URL = 80  # at most this much of a url goes into an error message
 
 
-class TargetRefused(Exception):
+class TargetRefused(InvalidInput):
     """The url's host is, or resolves to, an address webhooks may not reach."""
+
+    code = "invalid_body"
+    field = "url"
 
 
 def parse_allow_nets(environ: Mapping[str, str]) -> tuple[IPNetwork, ...]:

@@ -47,6 +47,7 @@ from events import (
 from events.subjects import filter_for, kind_filter, type_filter
 from events.webhooks import WebhookEvent
 from sandboxer.config import SettingsError
+from sandboxer.errors import InvalidInput
 from sandboxer.event_store import STREAM_NAME, JetStreamEventStore, append_decided
 from sandboxer.read_model import ProjectionRunner
 from sandboxer.subscriptions import Delivery, subscribe
@@ -65,11 +66,14 @@ TOLERANCE_SECONDS = 300
 _TYPES = {t.type_name(): t for t in ALL_EVENTS if t.KIND != "webhook"}
 
 
-class WebhookError(ValueError):
+class WebhookError(InvalidInput, ValueError):
+    """A registration refused: 400 naming the field, or 409 at the account's limit."""
+
     def __init__(self, message: str, field: str, status: int = 400) -> None:
         super().__init__(message)
         self.field = field
         self.status = status
+        self.code = "invalid_body" if status == 400 else "limit_reached"
 
 
 def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
