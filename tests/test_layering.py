@@ -66,3 +66,55 @@ def test_the_checker_sees_every_form_of_import() -> None:
 def test_no_module_outside_extensions_imports_a_concrete_adapter() -> None:
     assert {"extensions.compose_ssh", "extensions.vm_packer"} <= EXTENSION_MODULES
     assert concrete_imports() == []
+
+
+# A subject (or filter) written out: `sandboxer.<kind>...`, the whole stream, the
+# workers' control subjects. Only events/subjects.py spells these.
+SUBJECT_KINDS = ("sandbox", "ledger", "validation", "webhook", "reconcile", "deadletter")
+SUBJECT_MODULES = {ROOT / "events" / "subjects.py"}
+
+
+def _spelled_subjects(tree: ast.AST) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+            continue
+        text = node.value
+        if text == "sandboxer.>" or text.startswith("sbxctl"):
+            found.append((node.lineno, text))
+        elif any(text.startswith(f"sandboxer.{kind}.") for kind in SUBJECT_KINDS):
+            found.append((node.lineno, text))
+    return found
+
+
+def test_subjects_are_spelled_in_one_module() -> None:
+    spelled = []
+    for folder in ("sandboxer", "events", "projections", "extensions"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path in SUBJECT_MODULES:
+                continue
+            tree = ast.parse(path.read_text(), str(path))
+            # docstrings name subjects in prose; only code counts
+            docs = {
+                id(n.body[0].value)
+                for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and n.body
+                and isinstance(n.body[0], ast.Expr)
+                and isinstance(n.body[0].value, ast.Constant)
+            }
+            spelled += [
+                f"{path.relative_to(ROOT)}:{line}: {text!r}"
+                for line, text in _spelled_subjects(tree)
+                if not any(
+                    id(c) in docs
+                    for c in ast.walk(tree)
+                    if isinstance(c, ast.Constant) and c.lineno == line and c.value == text
+                )
+            ]
+    assert spelled == []
+
+
+def test_the_subject_check_sees_a_spelled_subject() -> None:
+    tree = ast.parse('x = "sandboxer.ledger." + account\ny = f"sandboxer.sandbox.{i}.>"')
+    assert [line for line, _ in _spelled_subjects(tree)] == [1, 2]
