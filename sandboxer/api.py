@@ -30,6 +30,15 @@ from projections.sandboxes import SandboxView
 from sandboxer import dashboard
 from sandboxer.audit import DEFAULT_TTL_GRACE, AuditReport, audit
 from sandboxer.auth import Principal, Role, TokenBook
+from sandboxer.bus import MessageBus
+from sandboxer.commands import (
+    CreateSandbox,
+    DeleteCheckpoint,
+    DestroySandbox,
+    GrantCredits,
+    RequestCheckpoint,
+    RestoreCheckpoint,
+)
 from sandboxer.errors import ApiError, SandboxerError
 from sandboxer.event_store import EventRecorder, RecordedEvent, is_transient
 from sandboxer.ids import (
@@ -46,7 +55,6 @@ from sandboxer.lifecycle import TERMINAL, State
 from sandboxer.manager import (
     STEP_LABELS,
     AlreadyCreated,
-    CreateRequest,
     NotFound,
     SandboxManager,
 )
@@ -450,7 +458,9 @@ class Api:
         webhooks: Webhooks | None = None,
         tokens: TokenBook | None = None,
         reconciler: Reconciler | None = None,
+        bus: MessageBus | None = None,
     ) -> None:
+        self.bus = bus or MessageBus(manager)  # every command goes through it
         self.reconciler = reconciler
         self.webhooks = webhooks
         self.tokens = tokens or TokenBook([])
@@ -793,9 +803,12 @@ class Api:
         view = self._view(sandbox_id)
         if view.state in TERMINAL:
             raise ApiError(409, "conflict", f"sandbox {sandbox_id} is {view.state}", "state")
-        checkpoint_id, seq = await self.manager.checkpoints.request(sandbox_id, self._meta(request))
-        await self._caught_up(seq)
-        return json_response(self._checkpoint_out(self._checkpoint_view(checkpoint_id)), 202)
+        done = await self.bus.handle(
+            RequestCheckpoint(sandbox_id=sandbox_id, meta=self._meta(request))
+        )
+        assert done.checkpoint_id is not None
+        await self._caught_up(done.seq)
+        return json_response(self._checkpoint_out(self._checkpoint_view(done.checkpoint_id)), 202)
 
     async def list_checkpoints(self, request: web.Request) -> web.Response:
         sandbox_id = self._sandbox_id(request)
@@ -824,10 +837,12 @@ class Api:
             )
         if view.state in TERMINAL:
             raise ApiError(409, "conflict", f"sandbox {sandbox_id} is {view.state}", "state")
-        seq = await self.manager.checkpoints.request_restore(
-            sandbox_id, checkpoint.id, self._meta(request)
+        done = await self.bus.handle(
+            RestoreCheckpoint(
+                sandbox_id=sandbox_id, checkpoint_id=checkpoint.id, meta=self._meta(request)
+            )
         )
-        await self._caught_up(seq)
+        await self._caught_up(done.seq)
         return json_response(self._out(self._view(sandbox_id)), 202)
 
     async def delete_checkpoint(self, request: web.Request) -> web.Response:
@@ -835,10 +850,11 @@ class Api:
         if view.status in ("requested",):
             raise ApiError(409, "conflict", f"checkpoint {view.id} is still being made", "status")
         meta = self._meta(request)
-        await self.manager.checkpoints.delete(view.id, meta, reason=f"deleted by {meta.actor}")
-        seq = self.manager.checkpoints.projection.get(view.id)
-        if seq is not None:
-            await self._caught_up(seq.last_seq)
+        done = await self.bus.handle(
+            DeleteCheckpoint(checkpoint_id=view.id, reason=f"deleted by {meta.actor}", meta=meta)
+        )
+        if done.seq:
+            await self._caught_up(done.seq)
         return json_response(self._checkpoint_out(self._checkpoint_view(view.id)))
 
     # ---- webhooks -------------------------------------------------------------------
@@ -894,10 +910,12 @@ class Api:
     async def grant(self, request: web.Request) -> web.Response:
         account = self._account(request)
         body = await self._body(request, _grant_decoder)  # amount and reason: see GrantBody
-        await self.manager.ledger.grant(
-            account, body.amount, self._meta(request), reason=body.reason
+        done = await self.bus.handle(
+            GrantCredits(
+                account=account, amount=body.amount, reason=body.reason, meta=self._meta(request)
+            )
         )
-        await self._caught_up(self.manager.ledger.versions[account])
+        await self._caught_up(done.seq)
         return json_response(self._account_out(self.runner.ledger.account(account)), 201)
 
     async def account_ledger(self, request: web.Request) -> web.Response:
@@ -961,18 +979,19 @@ class Api:
                 sandbox_id = idempotent_sandbox_id(account, key)
             except InvalidId as exc:
                 raise ApiError(400, "invalid_header", str(exc), "Idempotency-Key") from exc
-        create = CreateRequest(
+        create = CreateSandbox(
             profile=profile,
             inputs=body.inputs,
             ttl_seconds=body.ttl_seconds,
             account=account,
             from_checkpoint=body.from_checkpoint,
             sandbox_id=sandbox_id,
+            meta=meta,
         )
         if sandbox_id is not None and self.runner.projection.get(sandbox_id) is not None:
             return await self._retried(create, sandbox_id)
         try:
-            sandbox, seq = await self.manager.create(create, meta)
+            done = await self.bus.handle(create)
         except AlreadyCreated as exc:
             # The same key raced us (here or on another node): once its create is
             # recorded, this request is a retry of it.
@@ -986,13 +1005,14 @@ class Api:
                     "Idempotency-Key",
                 ) from exc
             return await self._retried(create, exc.sandbox_id)
-        await self._caught_up(seq)
-        return self._created(sandbox.sandbox_id, 202)
+        assert done.sandbox_id is not None
+        await self._caught_up(done.seq)
+        return self._created(done.sandbox_id, 202)
 
-    async def _retried(self, create: CreateRequest, sandbox_id: str) -> web.Response:
+    async def _retried(self, create: CreateSandbox, sandbox_id: str) -> web.Response:
         """A create repeated with its Idempotency-Key: the sandbox it made, if the
         request is the same one (422 naming the first difference otherwise)."""
-        await self.manager.check_retry(sandbox_id, create)
+        await self.bus.check_retry(sandbox_id, create)
         return self._created(sandbox_id, 200)
 
     def _created(self, sandbox_id: str, status: int) -> web.Response:
@@ -1051,7 +1071,11 @@ class Api:
                 409, "conflict", f"sandbox {sandbox_id} is already {view.state}", "state"
             )
         try:
-            seq = await self.manager.destroy(sandbox_id, self._meta(request), reason="user")
+            seq = (
+                await self.bus.handle(
+                    DestroySandbox(sandbox_id=sandbox_id, meta=self._meta(request))
+                )
+            ).seq
         except NotFound as exc:
             # Nobody drives it: it finished meanwhile (a concurrent destroy, perhaps
             # on another node). Say so once this node has seen the end.

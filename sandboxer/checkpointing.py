@@ -85,15 +85,6 @@ class Checkpoints:
             )
         return cast(Snapshotting, loaded.adapter)
 
-    async def _elsewhere(self, sandbox_id: str) -> bool:
-        """Whether another live worker drives the sandbox (then it runs the command)."""
-        if sandbox_id in self.manager.sandboxes or sandbox_id not in self.manager.foreign:
-            return False  # ours, or finished: nobody else writes to it
-        try:
-            return await self.manager.driven_here(sandbox_id) is None
-        except LookupError:  # the manager's NotFound: it finished meanwhile
-            return False
-
     def _live(self, sandbox_id: str) -> Sandbox:
         sbx = self.manager.sandboxes.get(sandbox_id)
         if sbx is None or sbx.view is None:
@@ -101,9 +92,6 @@ class Checkpoints:
         return sbx
 
     async def request(self, sandbox_id: str, meta: EventMeta) -> tuple[str, int]:
-        if await self._elsewhere(sandbox_id):
-            answer = await self.manager.forward(sandbox_id, "checkpoint", meta)
-            return str(answer["checkpoint_id"]), int(answer["seq"])
         sbx = self._live(sandbox_id)
         assert sbx.view is not None
         self._capable(sbx.view.extension)
@@ -114,11 +102,6 @@ class Checkpoints:
         return checkpoint_id, seq
 
     async def request_restore(self, sandbox_id: str, checkpoint_id: str, meta: EventMeta) -> int:
-        if await self._elsewhere(sandbox_id):
-            answer = await self.manager.forward(
-                sandbox_id, "restore", meta, checkpoint_id=checkpoint_id
-            )
-            return int(answer["seq"])
         sbx = self._live(sandbox_id)
         assert sbx.view is not None
         self._capable(sbx.view.extension)
@@ -159,15 +142,6 @@ class Checkpoints:
         if view is None:
             raise UnknownCheckpoint(f"no checkpoint {checkpoint_id!r}")
         if view.status == "deleted":
-            return
-        if await self._elsewhere(view.sandbox_id):
-            await self.manager.forward(
-                view.sandbox_id,
-                "delete_checkpoint",
-                meta,
-                checkpoint_id=checkpoint_id,
-                reason=reason,
-            )
             return
         if view.store_key:
             await self.store.delete(view.store_key)

@@ -277,7 +277,6 @@ class SandboxManager:
             if view is None or view.state not in TERMINAL or charge.settled or charge.rejected:
                 continue
             await self._settle_finished(sandbox_id)
-        await self.leases.serve_control(self._on_control)
         early, self._early = self._early, None
         for recorded in early:
             if recorded.seq > last:
@@ -399,17 +398,8 @@ class SandboxManager:
         the sequence of the sandbox's last event, so the caller can show that state.
         """
         sbx = await self.driven_here(sandbox_id)
-        if sbx is None:
-            try:
-                answer = await self.forward(sandbox_id, "destroy", meta, reason=reason)
-            except OwnerUnavailable:
-                # Its worker let go between our two looks (it finished the sandbox,
-                # or stopped): look once more, adopting it if nobody holds it now.
-                sbx = await self.driven_here(sandbox_id)
-                if sbx is None:
-                    raise
-            else:
-                return int(answer["seq"])
+        if sbx is None:  # the bus forwards to the driving worker; it took it just now
+            raise OwnerUnavailable(f"sandbox {sandbox_id} is driven by another worker")
         if sbx.state == State.TEARING_DOWN:
             return sbx.version
         inflight = sbx.step  # captured first: recording starts the teardown step
@@ -1014,49 +1004,6 @@ class SandboxManager:
         if sbx is None:
             raise NotFound(sandbox_id)  # finished, or never existed
         return sbx
-
-    async def forward(
-        self, sandbox_id: str, op: str, meta: EventMeta, **args: str
-    ) -> dict[str, Any]:
-        """Ask the worker driving the sandbox to run the command; its errors come back
-        as the same exceptions a local command raises."""
-        owner = await self.leases.owner(sandbox_id)
-        if owner is None:
-            raise OwnerUnavailable(f"sandbox {sandbox_id} is between workers; retry shortly")
-        body = {"op": op, "sandbox_id": sandbox_id, "meta": msgspec.to_builtins(meta), **args}
-        answer = await self.leases.forward(owner, body, timeout=30.0)
-        error = answer.get("error")
-        raised = SandboxerError.decode({"sandbox_id": sandbox_id, **answer})
-        if raised is not None:
-            raise raised
-        if error is not None:
-            raise RuntimeError(f"worker {owner}: {answer.get('message', error)}")
-        return answer
-
-    async def _on_control(self, body: dict[str, Any]) -> dict[str, Any]:
-        sandbox_id = str(body["sandbox_id"])
-        meta = msgspec.convert(body["meta"], EventMeta)
-        if sandbox_id not in self.sandboxes:
-            return NotFound(sandbox_id).to_wire()
-        try:
-            op = body["op"]
-            if op == "destroy":
-                return {"seq": await self.destroy(sandbox_id, meta, str(body["reason"]))}
-            if op == "checkpoint":
-                checkpoint_id, seq = await self.checkpoints.request(sandbox_id, meta)
-                return {"seq": seq, "checkpoint_id": checkpoint_id}
-            if op == "restore":
-                cid = str(body["checkpoint_id"])
-                return {"seq": await self.checkpoints.request_restore(sandbox_id, cid, meta)}
-            if op == "delete_checkpoint":
-                cid = str(body["checkpoint_id"])
-                await self.checkpoints.delete(cid, meta, str(body["reason"]))
-                return {"seq": 0}
-            return {"error": "internal", "message": f"unknown op {op!r}"}
-        except SandboxerError as exc:
-            if exc.wire is None:
-                raise
-            return exc.to_wire()
 
     def _on_recorded(self, recorded: RecordedEvent) -> None:
         """Keep what other workers do in view: their sandboxes, accounts, checkpoints."""

@@ -17,6 +17,7 @@ from nats.aio.client import Client as NatsClient
 from extensions import ExtensionRegistry, RuntimeInfo
 from sandboxer.api import Api
 from sandboxer.auth import TokenBook, is_loopback
+from sandboxer.bus import MessageBus
 from sandboxer.config import Settings
 from sandboxer.event_store import JetStreamEventStore
 from sandboxer.http_server import ApiRunner
@@ -48,6 +49,7 @@ class Service:
         self.webhooks: Webhooks | None = None
         self.leases: WorkerLeases | None = None
         self.reconciler: Reconciler | None = None
+        self.bus: MessageBus | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -114,6 +116,9 @@ class Service:
         )
         self.leases.on_lost = self.manager.abandon
         await self.manager.start()
+        # One bus for every command: the API's, and those other workers forward here.
+        self.bus = MessageBus(self.manager)
+        await self.leases.serve_control(self.bus.on_control)
         self.webhooks = Webhooks(
             self.nc, self.store, self.runner, settings.data_dir, settings.environ
         )
@@ -134,6 +139,7 @@ class Service:
             self.webhooks,
             TokenBook.from_env(settings.environ),
             self.reconciler,
+            self.bus,
         )
 
     async def stop(self) -> None:
