@@ -34,7 +34,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 import nats.js.errors
@@ -302,3 +302,61 @@ class WorkerLeases:
             ) from exc
         answer: dict[str, Any] = json.loads(msg.data)
         return answer
+
+
+class Leases(Protocol):
+    """What the manager needs of a lease table (WorkerLeases on NATS KV; or one
+    process's own, SingleWorkerLeases)."""
+
+    ttl: float
+
+    async def claim_new(self, sandbox_id: str) -> bool: ...
+
+    async def take_over(
+        self, sandbox_id: str, alive: dict[str, str | None] | None = None
+    ) -> bool: ...
+
+    async def owner(self, sandbox_id: str) -> str | None: ...
+
+    async def release(self, sandbox_id: str) -> None: ...
+
+    def valid(self) -> bool: ...
+
+    def reset(self) -> None: ...
+
+    async def forward(self, owner: str, body: dict[str, Any], timeout: float) -> dict[str, Any]: ...
+
+
+class SingleWorkerLeases:
+    """The lease table of a worker that is alone on its stream: every sandbox is its
+    own and there is nobody to forward to. For unit tests of the manager and the
+    bus on the in-memory recorder (sandboxer/memory_store.py)."""
+
+    def __init__(self, ttl: float = DEFAULT_TTL) -> None:
+        self.ttl = ttl
+        self.held: set[str] = set()
+
+    async def claim_new(self, sandbox_id: str) -> bool:
+        if sandbox_id in self.held:
+            return False
+        self.held.add(sandbox_id)
+        return True
+
+    async def take_over(self, sandbox_id: str, alive: dict[str, str | None] | None = None) -> bool:
+        self.held.add(sandbox_id)
+        return True
+
+    async def owner(self, sandbox_id: str) -> str | None:
+        return None  # no other worker
+
+    async def release(self, sandbox_id: str) -> None:
+        self.held.discard(sandbox_id)
+
+    def valid(self) -> bool:
+        return True
+
+    def reset(self) -> None:
+        self.held.clear()
+
+    async def forward(self, owner: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        raise OwnerUnavailable(f"no worker {owner!r}: this worker is alone")

@@ -70,7 +70,7 @@ from sandboxer.errors import Conflict, NotFoundError, SandboxerError, Unprocessa
 from sandboxer.event_store import ConcurrencyConflict, EventRecorder, RecordedEvent
 from sandboxer.failpoints import failpoint
 from sandboxer.ids import check_account, new_sandbox_id
-from sandboxer.leases import OwnerUnavailable, WorkerLeases
+from sandboxer.leases import Leases, OwnerUnavailable
 from sandboxer.ledger import LedgerBook
 from sandboxer.lifecycle import TERMINAL, InvalidTransition, LifecycleModel, SandboxMachine, State
 from sandboxer.profiles import ProfileCatalog, ProfileError
@@ -183,7 +183,7 @@ class SandboxManager:
         *,
         snapshots: SnapshotStore,
         spool_dir: Path,
-        leases: WorkerLeases,
+        leases: Leases,
         observed: list[Callable[[RecordedEvent], None]],
         starter_credits: int = 0,
     ) -> None:
