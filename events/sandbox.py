@@ -113,21 +113,6 @@ class TeardownFailed(Event, frozen=True, kw_only=True):
     final: bool = False
 
 
-SANDBOX_EVENTS: tuple[type[Event], ...] = (
-    SandboxRequested,
-    RouteChosen,
-    SandboxRejected,
-    CreditsHeld,
-    Provisioned,
-    BecameReady,
-    StepFailed,
-    StepCancelled,
-    DestroyRequested,
-    TornDown,
-    TeardownFailed,
-)
-
-
 class CheckpointRequested(Event, frozen=True, kw_only=True):
     checkpoint_id: str
 
@@ -165,8 +150,18 @@ class CheckpointDeleted(Event, frozen=True, kw_only=True):
     reason: str
 
 
-SANDBOX_EVENTS = (
-    *SANDBOX_EVENTS,
+SANDBOX_EVENTS: tuple[type[Event], ...] = (
+    SandboxRequested,
+    RouteChosen,
+    SandboxRejected,
+    CreditsHeld,
+    Provisioned,
+    BecameReady,
+    StepFailed,
+    StepCancelled,
+    DestroyRequested,
+    TornDown,
+    TeardownFailed,
     CheckpointRequested,
     CheckpointCreated,
     CheckpointFailed,

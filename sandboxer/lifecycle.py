@@ -1,6 +1,8 @@
 """The per-sandbox state machine: one table, read by `transitions` and by projections.
 
-`TABLE` is the lifecycle of SPEC.md. `SandboxMachine` (transitions) drives live
+`TABLE` is the lifecycle the README and docs/events.md describe (requested →
+reserving/provisioning → starting → ready, checkpointing and restoring, tearing_down →
+destroyed, rejected, failed). `SandboxMachine` (transitions) drives live
 sandboxes: applying an event fires the trigger of the same name, and entering a
 state calls the aggregate's `on_enter` hook, which the manager sets only in live
 mode, so replay applies history without side effects. `next_state` is the same
