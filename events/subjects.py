@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from events.base import Event
 
@@ -78,8 +80,58 @@ SUBJECT_TOKENS: dict[str, tuple[str, str]] = {
 }
 
 
+KINDS: tuple[str, ...] = tuple(_PREFIXES)
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """One aggregate, by kind and id: what the recorder versions, reads and appends
+    to. Which subjects that is stays in this module (`aggregate_filter`)."""
+
+    kind: str
+    id: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in _PREFIXES:
+            raise ValueError(f"unknown aggregate kind: {self.kind!r}")
+        _token(self.id)
+
+    @classmethod
+    def of(cls, event: Event) -> Aggregate:
+        return cls(event.KIND, event.aggregate_id)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.id}"
+
+
 def prefix_for(kind: str) -> str:
     return _PREFIXES[kind]
+
+
+def aggregate_filter(aggregate: Aggregate) -> str:
+    """Every event of one aggregate: the optimistic-concurrency scope of its appends."""
+    return f"{_PREFIXES[aggregate.kind]}.{_token(aggregate.id)}.>"
+
+
+def read_filters(
+    kinds: Sequence[str] | None = None, aggregate: Aggregate | None = None
+) -> list[str]:
+    """The subject filters of a recorder read: one aggregate, the events of some kinds,
+    or (neither) everything. Both recorders read through this, so they match alike."""
+    if aggregate is not None:
+        if kinds is not None:
+            raise ValueError("a read names kinds or one aggregate, not both")
+        return [aggregate_filter(aggregate)]
+    if kinds is None:
+        return [ALL_SUBJECTS]
+    if isinstance(kinds, str):
+        raise TypeError(f"kinds is a sequence of kinds, not one string: {kinds!r}")
+    unknown = [kind for kind in kinds if kind not in _PREFIXES]
+    if unknown:
+        raise ValueError(f"unknown aggregate kind: {unknown[0]!r}")
+    if not kinds:
+        raise ValueError("no kinds to read (None reads everything)")
+    return [f"{_PREFIXES[kind]}.>" for kind in dict.fromkeys(kinds)]
 
 
 def subject_for(event: Event) -> str:
