@@ -49,7 +49,6 @@ from events.subjects import (
     STREAM_SUBJECTS,
     Aggregate,
     ledger_subject,
-    sandbox_filter,
     sandbox_subject,
     subject_for,
 )
@@ -128,7 +127,6 @@ __all__ = [
     "new_event_id",
     "phase_event_id",
     "register_upcaster",
-    "sandbox_filter",
     "sandbox_subject",
     "subject_for",
     "utc_now",

@@ -1,4 +1,7 @@
-"""Subjects are a public contract: validators filter on them."""
+"""Subjects are a public contract: validators filter on them.
+
+Inside the service, the recorder is called with an `Aggregate(kind, id)` or kinds;
+this module alone turns those into subjects and filters."""
 
 from __future__ import annotations
 
@@ -44,17 +47,8 @@ def sandbox_subject(sandbox_id: str, event_type: str) -> str:
     return f"{SANDBOX_PREFIX}.{_token(sandbox_id)}.{event_type}"
 
 
-def sandbox_filter(sandbox_id: str) -> str:
-    """Every event of one sandbox: the optimistic-concurrency scope of its aggregate."""
-    return f"{SANDBOX_PREFIX}.{_token(sandbox_id)}.>"
-
-
 def ledger_subject(account: str, event_type: str) -> str:
     return f"{LEDGER_PREFIX}.{_token(account)}.{event_type}"
-
-
-def ledger_filter(account: str) -> str:
-    return f"{LEDGER_PREFIX}.{_token(account)}.>"
 
 
 WEBHOOK_PREFIX = "sandboxer.webhook"
@@ -78,9 +72,6 @@ SUBJECT_TOKENS: dict[str, tuple[str, str]] = {
     "webhook": ("webhook_id", r"^wh-[a-f0-9]{12}$"),
     "reconcile": ("extension", r"^[a-z][a-z0-9-]{0,62}$"),
 }
-
-
-KINDS: tuple[str, ...] = tuple(_PREFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,21 +137,6 @@ def control_subject(worker: str) -> str:
     return f"{CONTROL_PREFIX}.{_token(worker)}"
 
 
-def validation_filter(sandbox_id: str) -> str:
-    """Every validation result of one sandbox."""
-    return f"{VALIDATION_PREFIX}.{_token(sandbox_id)}.>"
-
-
-def kind_filter(kind: str) -> str:
-    """Every event of one kind (all webhooks, all reconcile sweeps, ...)."""
-    return f"{_PREFIXES[kind]}.>"
-
-
 def type_filter(event_type: type[Event]) -> str:
     """Every event of one type, whichever aggregate: what validators subscribe to."""
     return f"{_PREFIXES[event_type.KIND]}.*.{event_type.type_name()}"
-
-
-def filter_for(event: Event) -> str:
-    """The optimistic-concurrency scope of the event's aggregate."""
-    return f"{_PREFIXES[event.KIND]}.{_token(event.aggregate_id)}.>"
