@@ -35,7 +35,7 @@ from bench.common import (
     scratch,
 )
 from events import Event, EventMeta, Provisioned, envelope
-from events.subjects import filter_for, subject_for
+from events.subjects import Aggregate, aggregate_filter, subject_for
 from sandboxer.event_store import WRONG_LAST_SEQUENCE, ConcurrencyConflict, JetStreamEventStore
 
 META = EventMeta(actor="bench", correlation_id="bench-append")
@@ -57,7 +57,8 @@ async def append_atomic(
     if len(events) == 1:
         return await store.append(events, expected_version)
     batch = uuid.uuid4().hex
-    scope = filter_for(events[0])
+    aggregate = Aggregate.of(events[0])
+    scope = aggregate_filter(aggregate)
     last = len(events)
     reply = b""
     for index, event in enumerate(events, start=1):
@@ -82,7 +83,7 @@ async def append_atomic(
     if "error" in answer:
         error = nats.js.errors.APIError.from_error(answer["error"])
         if error.err_code in WRONG_LAST_SEQUENCE:
-            raise ConcurrencyConflict(scope, expected_version, str(error.description))
+            raise ConcurrencyConflict(aggregate, expected_version, str(error.description))
         raise error
     seq = int(answer["seq"])
     return list(range(seq - last + 1, seq + 1))

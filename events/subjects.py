@@ -1,8 +1,13 @@
-"""Subjects are a public contract: validators filter on them."""
+"""Subjects are a public contract: validators filter on them.
+
+Inside the service, the recorder is called with an `Aggregate(kind, id)` or kinds;
+this module alone turns those into subjects and filters."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from events.base import Event
 
@@ -42,17 +47,8 @@ def sandbox_subject(sandbox_id: str, event_type: str) -> str:
     return f"{SANDBOX_PREFIX}.{_token(sandbox_id)}.{event_type}"
 
 
-def sandbox_filter(sandbox_id: str) -> str:
-    """Every event of one sandbox: the optimistic-concurrency scope of its aggregate."""
-    return f"{SANDBOX_PREFIX}.{_token(sandbox_id)}.>"
-
-
 def ledger_subject(account: str, event_type: str) -> str:
     return f"{LEDGER_PREFIX}.{_token(account)}.{event_type}"
-
-
-def ledger_filter(account: str) -> str:
-    return f"{LEDGER_PREFIX}.{_token(account)}.>"
 
 
 WEBHOOK_PREFIX = "sandboxer.webhook"
@@ -78,8 +74,55 @@ SUBJECT_TOKENS: dict[str, tuple[str, str]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """One aggregate, by kind and id: what the recorder versions, reads and appends
+    to. Which subjects that is stays in this module (`aggregate_filter`)."""
+
+    kind: str
+    id: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in _PREFIXES:
+            raise ValueError(f"unknown aggregate kind: {self.kind!r}")
+        _token(self.id)
+
+    @classmethod
+    def of(cls, event: Event) -> Aggregate:
+        return cls(event.KIND, event.aggregate_id)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.id}"
+
+
 def prefix_for(kind: str) -> str:
     return _PREFIXES[kind]
+
+
+def aggregate_filter(aggregate: Aggregate) -> str:
+    """Every event of one aggregate: the optimistic-concurrency scope of its appends."""
+    return f"{_PREFIXES[aggregate.kind]}.{_token(aggregate.id)}.>"
+
+
+def read_filters(
+    kinds: Sequence[str] | None = None, aggregate: Aggregate | None = None
+) -> list[str]:
+    """The subject filters of a recorder read: one aggregate, the events of some kinds,
+    or (neither) everything. Both recorders read through this, so they match alike."""
+    if aggregate is not None:
+        if kinds is not None:
+            raise ValueError("a read names kinds or one aggregate, not both")
+        return [aggregate_filter(aggregate)]
+    if kinds is None:
+        return [ALL_SUBJECTS]
+    if isinstance(kinds, str):
+        raise TypeError(f"kinds is a sequence of kinds, not one string: {kinds!r}")
+    unknown = [kind for kind in kinds if kind not in _PREFIXES]
+    if unknown:
+        raise ValueError(f"unknown aggregate kind: {unknown[0]!r}")
+    if not kinds:
+        raise ValueError("no kinds to read (None reads everything)")
+    return [f"{_PREFIXES[kind]}.>" for kind in dict.fromkeys(kinds)]
 
 
 def subject_for(event: Event) -> str:
@@ -94,21 +137,6 @@ def control_subject(worker: str) -> str:
     return f"{CONTROL_PREFIX}.{_token(worker)}"
 
 
-def validation_filter(sandbox_id: str) -> str:
-    """Every validation result of one sandbox."""
-    return f"{VALIDATION_PREFIX}.{_token(sandbox_id)}.>"
-
-
-def kind_filter(kind: str) -> str:
-    """Every event of one kind (all webhooks, all reconcile sweeps, ...)."""
-    return f"{_PREFIXES[kind]}.>"
-
-
 def type_filter(event_type: type[Event]) -> str:
     """Every event of one type, whichever aggregate: what validators subscribe to."""
     return f"{_PREFIXES[event_type.KIND]}.*.{event_type.type_name()}"
-
-
-def filter_for(event: Event) -> str:
-    """The optimistic-concurrency scope of the event's aggregate."""
-    return f"{_PREFIXES[event.KIND]}.{_token(event.aggregate_id)}.>"

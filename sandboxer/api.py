@@ -17,12 +17,10 @@ from aiohttp import web
 import events.schema as events_schema
 from events import Event, EventMeta
 from events.subjects import (
-    ALL_SUBJECTS,
     LEDGER_SUBJECTS,
     SANDBOX_SUBJECTS,
     VALIDATION_SUBJECTS,
-    ledger_filter,
-    sandbox_filter,
+    Aggregate,
 )
 from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
@@ -925,7 +923,9 @@ class Api:
         entries: list[EventOut] = []
         more = False
         if self.runner.last_seq > after:
-            async for recorded in self.store.read(after + 1, ledger_filter(account)):
+            async for recorded in self.store.read(
+                after + 1, aggregate=Aggregate("ledger", account)
+            ):
                 if len(entries) == limit:
                     more = True
                     break
@@ -1105,7 +1105,7 @@ class Api:
     async def sandbox_events(self, request: web.Request) -> web.Response:
         sandbox_id = self._sandbox_id(request)
         self._view(sandbox_id)
-        recorded = await self.store.read_aggregate(sandbox_filter(sandbox_id))
+        recorded = await self.store.read_aggregate(Aggregate("sandbox", sandbox_id))
         return json_response(
             EventList(events=[_event_out(r) for r in recorded], last_seq=self.runner.last_seq)
         )
@@ -1116,12 +1116,12 @@ class Api:
         limit = self._int_query(request, "limit", 500, 5000)
         wait = self._float_query(request, "wait", 0.0, MAX_WAIT_SECONDS)
         sandbox = self._sandbox_query(request)
-        subject = ALL_SUBJECTS if sandbox is None else sandbox_filter(sandbox)
+        aggregate = None if sandbox is None else Aggregate("sandbox", sandbox)
         if wait > 0 and self.runner.last_seq <= after:
             await self.runner.wait_change(after, wait)
         events: list[EventOut] = []
         if limit > 0 and self.runner.last_seq > after:
-            async for recorded in self.store.read(after + 1, subject):
+            async for recorded in self.store.read(after + 1, aggregate=aggregate):
                 events.append(_event_out(recorded))
                 if len(events) >= limit:
                     break

@@ -31,7 +31,7 @@ from events import (
     envelope,
 )
 from events.base import utc_now
-from events.subjects import filter_for, subject_for
+from events.subjects import Aggregate, subject_for
 from extensions import Handle, Snapshotting, StepContext
 from projections.checkpoints import CheckpointsProjection, CheckpointView
 from sandboxer.errors import Conflict
@@ -164,7 +164,7 @@ class Checkpoints:
                 now = self.projection.get(checkpoint_id)
                 return [] if now is not None and now.status == "deleted" else [event]
 
-            seqs = await append_decided(self.manager.store, filter_for(event), decide)
+            seqs = await append_decided(self.manager.store, Aggregate.of(event), decide)
             if seqs:
                 self.projection.apply(seqs[0], subject_for(event), event)
 

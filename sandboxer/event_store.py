@@ -1,10 +1,13 @@
 """The event store: JetStream behind a narrow recorder interface.
 
-One stream holds every subject under `sandboxer.>`. An aggregate's version is the
-stream sequence of its last event; appends state the version they expect
-(`Nats-Expected-Last-Subject-Sequence` scoped to the aggregate's subjects), so a
-stale writer gets `ConcurrencyConflict` instead of a fork in history, and carry the
-event id as `Nats-Msg-Id`, so a retried append is a no-op.
+One stream holds every subject under `sandboxer.>`. Callers speak in aggregates
+(`Aggregate(kind, id)`) and kinds, never in subjects: the JetStream store turns them
+into subject filters through events/subjects.py, the in-memory store matches the
+same filters. An aggregate's version is the stream sequence of its last event;
+appends state the version they expect (`Nats-Expected-Last-Subject-Sequence` scoped
+to the aggregate's subjects), so a stale writer gets `ConcurrencyConflict` instead
+of a fork in history, and carry the event id as `Nats-Msg-Id`, so a retried append
+is a no-op.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from nats.js import JetStreamContext, api
 
 from events import Event
 from events.codec import EventCodec, default_codec
-from events.subjects import ALL_SUBJECTS, STREAM_SUBJECTS, filter_for, subject_for
+from events.subjects import (
+    STREAM_SUBJECTS,
+    Aggregate,
+    aggregate_filter,
+    read_filters,
+    subject_for,
+)
 from sandboxer.nats_auth import MutablePolicy
 
 STREAM_NAME = "SANDBOXER"
@@ -90,7 +99,7 @@ class RecordedEvent(msgspec.Struct, frozen=True):
 class ConcurrencyConflict(Exception):
     """The aggregate moved on since the writer read it."""
 
-    def __init__(self, aggregate: str, expected: int, detail: str) -> None:
+    def __init__(self, aggregate: Aggregate, expected: int, detail: str) -> None:
         super().__init__(f"{aggregate}: expected version {expected}: {detail}")
         self.aggregate = aggregate
         self.expected = expected
@@ -105,22 +114,33 @@ class EventRecorder(Protocol):
         aggregate has moved on: no append goes without that check."""
         ...
 
-    async def read_aggregate(self, filter_subject: str) -> list[RecordedEvent]: ...
+    async def read_aggregate(self, aggregate: Aggregate) -> list[RecordedEvent]:
+        """Every event of one aggregate, in order."""
+        ...
 
-    async def version(self, filter_subject: str) -> int:
+    async def version(self, aggregate: Aggregate) -> int:
         """The aggregate's version: the stream sequence of its last event, 0 if none."""
         ...
 
     def read(
-        self, from_seq: int = 1, filter_subject: str = ALL_SUBJECTS
+        self,
+        from_seq: int = 1,
+        *,
+        kinds: Sequence[str] | None = None,
+        aggregate: Aggregate | None = None,
     ) -> AsyncIterator[RecordedEvent]:
-        """Everything from `from_seq` up to what was stored when the read began."""
+        """Everything from `from_seq` up to what was stored when the read began: of
+        every kind (`kinds=None`), of the kinds named, or of one aggregate."""
         ...
 
     def follow(
-        self, from_seq: int = 1, filter_subject: str = ALL_SUBJECTS
+        self,
+        from_seq: int = 1,
+        *,
+        kinds: Sequence[str] | None = None,
+        aggregate: Aggregate | None = None,
     ) -> AsyncIterator[RecordedEvent]:
-        """Everything from `from_seq`, then every new event as it is stored; never ends."""
+        """What `read` reads, then every new such event as it is stored; never ends."""
         ...
 
     async def last_seq(self) -> int: ...
@@ -128,19 +148,22 @@ class EventRecorder(Protocol):
 
 async def append_decided(
     store: EventRecorder,
-    scope: str,
+    aggregate: Aggregate,
     decide: Callable[[], Sequence[Event]],
     attempts: int = APPEND_ATTEMPTS,
 ) -> list[int]:
     """Append what `decide` returns at the aggregate's current version, so the append
     carries its expectation like every other; when another writer got there first,
     read the version and decide again. Deterministic event ids make a retry of an
-    append that landed a no-op (see `append`). An empty decision appends nothing."""
+    append that landed a no-op (see `append`). An empty decision appends nothing;
+    events of another aggregate than `aggregate` are a ValueError."""
     for attempt in range(1, attempts + 1):
-        version = await store.version(scope)
+        version = await store.version(aggregate)
         events = decide()
         if not events:
             return []
+        if Aggregate.of(events[0]) != aggregate:
+            raise ValueError(f"decided events of {Aggregate.of(events[0])}, not of {aggregate}")
         try:
             return await store.append(events, version)
         except ConcurrencyConflict:
@@ -228,12 +251,13 @@ class JetStreamEventStore:
     async def append(self, events: Sequence[Event], expected_version: int) -> list[int]:
         if not events:
             return []
-        scope = filter_for(events[0])
+        aggregate = Aggregate.of(events[0])
+        if any(Aggregate.of(event) != aggregate for event in events):
+            raise ValueError("one append holds events of one aggregate only")
+        scope = aggregate_filter(aggregate)
         seqs: list[int] = []
         expected = expected_version
         for event in events:
-            if filter_for(event) != scope:
-                raise ValueError("one append holds events of one aggregate only")
             headers = {
                 "Nats-Msg-Id": event.event_id,
                 "Nats-Expected-Last-Subject-Sequence": str(expected),
@@ -246,9 +270,9 @@ class JetStreamEventStore:
                     raise
                 # The server checks the expected version before de-duplication, so a
                 # retry of an append that did land arrives here: find it, don't fork.
-                landed = await self._find_landed(scope, event.event_id, after=expected)
+                landed = await self._find_landed(aggregate, event.event_id, after=expected)
                 if landed is None:
-                    raise ConcurrencyConflict(scope, expected, str(exc.description)) from exc
+                    raise ConcurrencyConflict(aggregate, expected, str(exc.description)) from exc
                 seq = landed
             seqs.append(seq)
             expected = seq
@@ -285,20 +309,20 @@ class JetStreamEventStore:
         if info.num_pending:
             raise FollowStalled(f"{info.num_pending} events pending but none delivered")
 
-    async def _find_landed(self, scope: str, event_id: str, after: int) -> int | None:
-        async for recorded in self.read(after + 1, scope):
+    async def _find_landed(self, aggregate: Aggregate, event_id: str, after: int) -> int | None:
+        async for recorded in self.read(after + 1, aggregate=aggregate):
             if recorded.event.event_id == event_id:
                 return recorded.seq
             return None  # the next event after `after` is someone else's
         return None
 
-    async def read_aggregate(self, filter_subject: str) -> list[RecordedEvent]:
-        return [r async for r in self.read(1, filter_subject)]
+    async def read_aggregate(self, aggregate: Aggregate) -> list[RecordedEvent]:
+        return [r async for r in self.read(1, aggregate=aggregate)]
 
-    async def version(self, filter_subject: str) -> int:
+    async def version(self, aggregate: Aggregate) -> int:
         # One request: the server finds the last message of a wildcard filter itself.
         try:
-            msg = await self.js.get_last_msg(self.stream, filter_subject)
+            msg = await self.js.get_last_msg(self.stream, aggregate_filter(aggregate))
         except nats.js.errors.NotFoundError:
             return 0
         return int(msg.seq or 0)
@@ -315,25 +339,35 @@ class JetStreamEventStore:
         )
 
     async def read(
-        self, from_seq: int = 1, filter_subject: str = ALL_SUBJECTS
+        self,
+        from_seq: int = 1,
+        *,
+        kinds: Sequence[str] | None = None,
+        aggregate: Aggregate | None = None,
     ) -> AsyncIterator[RecordedEvent]:
+        filters = read_filters(kinds, aggregate)
         last = await self.last_seq()
         if from_seq > last:
             return
-        async for msg in self._ordered(from_seq, filter_subject, stop_at=last):
+        async for msg in self._ordered(from_seq, filters, stop_at=last):
             yield self._record(msg)
 
     async def follow(
-        self, from_seq: int = 1, filter_subject: str = ALL_SUBJECTS
+        self,
+        from_seq: int = 1,
+        *,
+        kinds: Sequence[str] | None = None,
+        aggregate: Aggregate | None = None,
     ) -> AsyncIterator[RecordedEvent]:
         """Every event from `from_seq` on, forever. Heals itself: when the consumer dies
         with its NATS node (or stops delivering while events wait), a new one resumes
         after the last event yielded."""
+        filters = read_filters(kinds, aggregate)
         next_seq = max(from_seq, 1)
         delay = 0.1
         while True:
             try:
-                async for msg in self._ordered(next_seq, filter_subject, stop_at=None):
+                async for msg in self._ordered(next_seq, filters, stop_at=None):
                     recorded = self._record(msg)
                     if recorded.seq < next_seq:
                         continue  # redelivered by a consumer reset
@@ -341,18 +375,19 @@ class JetStreamEventStore:
                     delay = 0.1
                     yield recorded
             except FollowStalled as exc:
-                log.warning("follow %s: %s; resubscribing at %d", filter_subject, exc, next_seq)
+                log.warning("follow %s: %s; resubscribing at %d", filters, exc, next_seq)
             except Exception as exc:
                 if not is_transient(exc) and not isinstance(exc, nats.js.errors.NotFoundError):
                     raise
-                log.warning("follow %s: %s; retrying at %d", filter_subject, exc, next_seq)
+                log.warning("follow %s: %s; retrying at %d", filters, exc, next_seq)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
     async def _ordered(
-        self, from_seq: int, filter_subject: str, stop_at: int | None
+        self, from_seq: int, filters: Sequence[str], stop_at: int | None
     ) -> AsyncIterator[Msg]:
-        """An ordered push consumer: the fastest way to read a stream in order."""
+        """An ordered push consumer: the fastest way to read a stream in order. More
+        than one filter: one consumer with `filter_subjects` (NATS 2.10)."""
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
         async def on_msg(msg: Msg) -> None:
@@ -361,9 +396,10 @@ class JetStreamEventStore:
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=max(from_seq, 1),
+            filter_subjects=list(filters) if len(filters) > 1 else None,
         )
         sub = await self.js.subscribe(
-            filter_subject,
+            filters[0],
             stream=self.stream,
             cb=on_msg,
             ordered_consumer=True,

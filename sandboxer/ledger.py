@@ -24,7 +24,7 @@ from events import (
     envelope,
     phase_event_id,
 )
-from events.subjects import ledger_filter, subject_for
+from events.subjects import Aggregate, subject_for
 from extensions.sdk import Cost
 from projections.ledger import AccountView, Charge, LedgerProjection
 from sandboxer.event_store import ConcurrencyConflict, EventRecorder
@@ -60,7 +60,7 @@ class LedgerBook:
     async def refresh(self, account: str) -> None:
         """Read what other processes appended to the account since we last looked."""
         after = self.versions.get(account, 0)
-        async for recorded in self.store.read(after + 1, ledger_filter(account)):
+        async for recorded in self.store.read(after + 1, aggregate=Aggregate("ledger", account)):
             self.apply(recorded.seq, recorded.subject, recorded.event)
 
     async def _append(

@@ -52,7 +52,7 @@ from events import (
 from events.base import Envelope, envelope, utc_now
 from events.ledger import phase_event_id
 from events.sandbox import RouteCandidate
-from events.subjects import LEDGER_SUBJECTS, SANDBOX_SUBJECTS, sandbox_filter, subject_for
+from events.subjects import LEDGER_SUBJECTS, SANDBOX_SUBJECTS, Aggregate, subject_for
 from extensions import (
     Cost,
     ExtensionRegistry,
@@ -347,7 +347,7 @@ class SandboxManager:
                 # died (then the lease is ours to take, with what it recorded, if anything).
                 if not await self.leases.take_over(sandbox_id):
                     raise AlreadyCreated(sandbox_id)
-                if await self.store.read_aggregate(sandbox_filter(sandbox_id)):
+                if await self.store.read_aggregate(Aggregate("sandbox", sandbox_id)):
                     await self._adopt(sandbox_id)
                     raise AlreadyCreated(sandbox_id)
             sbx = self._attach(sandbox_id, live=True)
@@ -424,7 +424,7 @@ class SandboxManager:
         live = self.sandboxes.get(sandbox_id)
         recorded = live.request if live is not None else None
         if recorded is None:
-            for event in await self.store.read_aggregate(sandbox_filter(sandbox_id)):
+            for event in await self.store.read_aggregate(Aggregate("sandbox", sandbox_id)):
                 if isinstance(event.event, SandboxRequested):
                     recorded = event.event
                     break
@@ -1076,7 +1076,7 @@ class SandboxManager:
         read, so no request ever acts on a half-loaded sandbox."""
         if sandbox_id in self.sandboxes:
             return
-        records = await self.store.read_aggregate(sandbox_filter(sandbox_id))
+        records = await self.store.read_aggregate(Aggregate("sandbox", sandbox_id))
         self.foreign.pop(sandbox_id, None)
         sbx = self._attach(sandbox_id, live=False)
         for recorded in records:
@@ -1094,7 +1094,7 @@ class SandboxManager:
     async def _settle_finished(self, sandbox_id: str) -> None:
         """Settle a finished sandbox from its recorded events (after a crash, or one
         another worker finished); `_settle` itself does nothing twice."""
-        records = await self.store.read_aggregate(sandbox_filter(sandbox_id))
+        records = await self.store.read_aggregate(Aggregate("sandbox", sandbox_id))
         view: SandboxView | None = None
         request: SandboxRequested | None = None
         end: Event | None = None  # the event that ended it (CheckpointDeleted may follow)

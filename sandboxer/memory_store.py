@@ -3,7 +3,8 @@
 For fast unit tests of what decides on events (command handlers, folds): the same
 optimistic concurrency per aggregate, the same retry rule (an event id already
 appended after the expected version is that append, not a second event), the same
-subject filters (`*` one token, `>` the rest). tests/store_conformance.py holds it
+reads by kind or aggregate, matched on the subject filters events/subjects.py
+makes for the JetStream store (`*` one token, `>` the rest). tests/store_conformance.py holds it
 and the JetStream store to one behaviour. Nothing survives the process.
 """
 
@@ -14,7 +15,7 @@ import functools
 from collections.abc import AsyncIterator, Sequence
 
 from events import Event
-from events.subjects import ALL_SUBJECTS, filter_for, subject_for
+from events.subjects import ALL_SUBJECTS, Aggregate, aggregate_filter, read_filters, subject_for
 from sandboxer.event_store import ConcurrencyConflict, RecordedEvent
 
 
@@ -29,6 +30,12 @@ def subject_matches(subject: str, filter_subject: str) -> bool:
     return len(tokens) == len(wanted)
 
 
+def _matches(subject: str, filters: Sequence[str]) -> bool:
+    if filters == [ALL_SUBJECTS]:
+        return True  # every subject in the stream matches the stream's own filter
+    return any(subject_matches(subject, f) for f in filters)
+
+
 class InMemoryEventStore:
     """EventRecorder over a list; sequences start at 1 like a stream's."""
 
@@ -39,9 +46,10 @@ class InMemoryEventStore:
     async def append(self, events: Sequence[Event], expected_version: int) -> list[int]:
         if not events:
             return []
-        scope = filter_for(events[0])
-        if any(filter_for(e) != scope for e in events):
+        aggregate = Aggregate.of(events[0])
+        if any(Aggregate.of(e) != aggregate for e in events):
             raise ValueError("one append holds events of one aggregate only")
+        scope = aggregate_filter(aggregate)
         seqs: list[int] = []
         expected = expected_version
         async with self._appended:
@@ -51,7 +59,7 @@ class InMemoryEventStore:
                     landed = self._landed(scope, event.event_id, expected)
                     if landed is None:
                         raise ConcurrencyConflict(
-                            scope, expected, f"wrong last sequence: {current}"
+                            aggregate, expected, f"wrong last sequence: {current}"
                         )
                     seqs.append(landed)
                     expected = landed
@@ -76,23 +84,33 @@ class InMemoryEventStore:
                 return recorded.seq if recorded.event.event_id == event_id else None
         return None
 
-    async def read_aggregate(self, filter_subject: str) -> list[RecordedEvent]:
-        return [r async for r in self.read(1, filter_subject)]
+    async def read_aggregate(self, aggregate: Aggregate) -> list[RecordedEvent]:
+        return [r async for r in self.read(1, aggregate=aggregate)]
 
-    async def version(self, filter_subject: str) -> int:
-        return self._version(filter_subject)
+    async def version(self, aggregate: Aggregate) -> int:
+        return self._version(aggregate_filter(aggregate))
 
     async def read(
-        self, from_seq: int = 1, filter_subject: str = ALL_SUBJECTS
+        self,
+        from_seq: int = 1,
+        *,
+        kinds: Sequence[str] | None = None,
+        aggregate: Aggregate | None = None,
     ) -> AsyncIterator[RecordedEvent]:
+        filters = read_filters(kinds, aggregate)
         end = len(self._log)  # up to what was stored when the read began
         for recorded in self._log[max(from_seq, 1) - 1 : end]:
-            if subject_matches(recorded.subject, filter_subject):
+            if _matches(recorded.subject, filters):
                 yield recorded
 
     async def follow(
-        self, from_seq: int = 1, filter_subject: str = ALL_SUBJECTS
+        self,
+        from_seq: int = 1,
+        *,
+        kinds: Sequence[str] | None = None,
+        aggregate: Aggregate | None = None,
     ) -> AsyncIterator[RecordedEvent]:
+        filters = read_filters(kinds, aggregate)
         next_seq = max(from_seq, 1)
         while True:
             async with self._appended:
@@ -100,7 +118,7 @@ class InMemoryEventStore:
                 batch = self._log[next_seq - 1 :]
             for recorded in batch:
                 next_seq = recorded.seq + 1
-                if subject_matches(recorded.subject, filter_subject):
+                if _matches(recorded.subject, filters):
                     yield recorded
 
     def _holds(self, seq: int) -> bool:

@@ -23,7 +23,7 @@ from typing import Any, TypedDict, cast
 import msgspec
 
 from events import Event, EventMeta, OrphanFound, OrphanRemovalFailed, OrphanRemoved, envelope
-from events.subjects import filter_for
+from events.subjects import Aggregate
 from extensions import ExtensionRegistry, Reconciling, Resource
 from sandboxer.event_store import EventRecorder, append_decided
 from sandboxer.lifecycle import TERMINAL
@@ -186,7 +186,7 @@ class Reconciler:
 
     async def _record(self, event: Event) -> Event:
         # Sweeps on several nodes write to one aggregate: each append at its version.
-        await append_decided(self.store, filter_for(event), lambda: [event])
+        await append_decided(self.store, Aggregate.of(event), lambda: [event])
         return event
 
 

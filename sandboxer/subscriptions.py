@@ -6,6 +6,10 @@ is redelivered after a back-off; after `max_attempts` the event goes to the dead
 subject `sandboxer.deadletter.<durable>` (with the error) and is terminated. Delivery
 is at least once: `Delivery.key` (the event id) lets a handler be exactly once in
 effect (use it as an idempotency key).
+
+The filters here are NATS subjects on purpose: durable consumers are the public NATS
+contract outside validators program against (docs/events.md). The recorder
+(sandboxer/event_store.py) is the one that speaks in aggregates and kinds.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from events import (
     ValidationStarted,
     envelope,
 )
-from events.subjects import filter_for, sandbox_filter, type_filter, validation_filter
+from events.subjects import Aggregate, type_filter
 from extensions import Commanding, CommandResult, ExtensionRegistry, StepContext
 from projections.sandboxes import SandboxView, evolve
 from sandboxer.event_store import JetStreamEventStore, append_decided
@@ -92,10 +92,10 @@ class Validator:
     async def handle(self, delivery: Delivery) -> None:
         sandbox_id = delivery.event.aggregate_id
         result_id = f"{delivery.key}.result"
-        records = await self.store.read_aggregate(validation_filter(sandbox_id))
+        records = await self.store.read_aggregate(Aggregate("validation", sandbox_id))
         if any(r.event.event_id == result_id for r in records):
             return  # answered before a crash or a redelivery: exactly one result
-        history = await self.store.read_aggregate(sandbox_filter(sandbox_id))
+        history = await self.store.read_aggregate(Aggregate("sandbox", sandbox_id))
         view: SandboxView | None = None
         request: SandboxRequested | None = None
         for r in history:
@@ -119,7 +119,7 @@ class Validator:
             ready_event_id=delivery.key,
             checks=checks,
         )
-        await append_decided(self.store, filter_for(started_event), lambda: [started_event])
+        await append_decided(self.store, Aggregate.of(started_event), lambda: [started_event])
         started = time.monotonic()
         try:
             async with asyncio.timeout(spec.timeout_seconds):
@@ -145,7 +145,7 @@ class Validator:
                 reason=outcome.reason,
                 output_tail=tail,
             )
-        await append_decided(self.store, filter_for(event), lambda: [event])
+        await append_decided(self.store, Aggregate.of(event), lambda: [event])
 
     async def _validate(
         self,

@@ -44,7 +44,7 @@ from events import (
     WebhookRemoved,
     envelope,
 )
-from events.subjects import filter_for, kind_filter, type_filter
+from events.subjects import Aggregate, type_filter
 from events.webhooks import WebhookEvent
 from sandboxer.config import SettingsError
 from sandboxer.errors import InvalidInput
@@ -165,7 +165,7 @@ class Webhooks:
         self._http = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout)
         )
-        async for recorded in self.store.read(1, kind_filter("webhook")):
+        async for recorded in self.store.read(1, kinds=["webhook"]):
             self._fold(recorded.event)
         for webhook_id, registration in self.registrations.items():
             if webhook_id not in self.disabled:
@@ -431,7 +431,7 @@ class Webhooks:
     async def _append(self, event: WebhookEvent) -> None:
         """At the webhook's current version: several nodes deliver through one
         durable consumer, so its events come from several writers."""
-        await append_decided(self.store, filter_for(event), lambda: [event])
+        await append_decided(self.store, Aggregate.of(event), lambda: [event])
 
 
 def _legacy_durable(webhook_id: str) -> str:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 from events import (
+    Aggregate,
     BecameReady,
+    CreditsGranted,
     Event,
     EventMeta,
     Provisioned,
     RouteChosen,
     SandboxRequested,
+    ValidationStarted,
     envelope,
-    sandbox_filter,
 )
 from sandboxer.event_store import ConcurrencyConflict, EventRecorder, append_decided
 
@@ -40,14 +43,14 @@ class RecorderConformance:
         ready = Provisioned(**envelope("sbx-a1", META), handle={"k": "v"})
         seqs = await recorder.append([route, ready], seq1)
         assert seqs[0] > seq1 and seqs[1] > seqs[0]
-        history = await recorder.read_aggregate(sandbox_filter("sbx-a1"))
+        history = await recorder.read_aggregate(Aggregate("sandbox", "sbx-a1"))
         assert [r.event for r in history] == [first, route, ready]
         assert [r.subject for r in history] == [
             "sandboxer.sandbox.sbx-a1.SandboxRequested",
             "sandboxer.sandbox.sbx-a1.RouteChosen",
             "sandboxer.sandbox.sbx-a1.Provisioned",
         ]
-        assert await recorder.read_aggregate(sandbox_filter("sbx-none")) == []
+        assert await recorder.read_aggregate(Aggregate("sandbox", "sbx-none")) == []
 
     async def test_stale_writer_gets_conflict(self, recorder: EventRecorder) -> None:
         (seq1,) = await recorder.append([requested("sbx-c1")], 0)
@@ -59,7 +62,7 @@ class RecorderConformance:
             await recorder.append([stale], seq1)
         with pytest.raises(ConcurrencyConflict):
             await recorder.append([requested("sbx-c1")], 0)  # "new" aggregate that is not
-        history = await recorder.read_aggregate(sandbox_filter("sbx-c1"))
+        history = await recorder.read_aggregate(Aggregate("sandbox", "sbx-c1"))
         assert [r.event.type_name() for r in history] == ["SandboxRequested", "RouteChosen"]
 
     async def test_other_aggregates_do_not_conflict(self, recorder: EventRecorder) -> None:
@@ -72,7 +75,7 @@ class RecorderConformance:
         event = requested("sbx-d1")
         (seq,) = await recorder.append([event], 0)
         assert await recorder.append([event], 0) == [seq]  # same expected version: retry
-        history = await recorder.read_aggregate(sandbox_filter("sbx-d1"))
+        history = await recorder.read_aggregate(Aggregate("sandbox", "sbx-d1"))
         assert len(history) == 1
 
     async def test_concurrent_writers_one_wins(self, recorder: EventRecorder) -> None:
@@ -86,17 +89,17 @@ class RecorderConformance:
         results = await asyncio.gather(*attempts, return_exceptions=True)
         assert sum(1 for r in results if isinstance(r, list)) == 1
         assert all(isinstance(r, ConcurrencyConflict) for r in results if not isinstance(r, list))
-        assert len(await recorder.read_aggregate(sandbox_filter("sbx-w1"))) == 2
+        assert len(await recorder.read_aggregate(Aggregate("sandbox", "sbx-w1"))) == 2
 
     async def test_version_is_the_last_sequence_of_the_aggregate(
         self, recorder: EventRecorder
     ) -> None:
-        assert await recorder.version(sandbox_filter("sbx-v1")) == 0
+        assert await recorder.version(Aggregate("sandbox", "sbx-v1")) == 0
         (first,) = await recorder.append([requested("sbx-v1")], 0)
         await recorder.append([requested("sbx-v2")], 0)
-        assert await recorder.version(sandbox_filter("sbx-v1")) == first
+        assert await recorder.version(Aggregate("sandbox", "sbx-v1")) == first
         (ready,) = await recorder.append([BecameReady(**envelope("sbx-v1", META))], first)
-        assert await recorder.version(sandbox_filter("sbx-v1")) == ready
+        assert await recorder.version(Aggregate("sandbox", "sbx-v1")) == ready
 
     async def test_append_decided_decides_again_after_a_conflict(
         self, recorder: EventRecorder
@@ -123,17 +126,17 @@ class RecorderConformance:
 
         recorder.append = append_after_the_other  # type: ignore[method-assign]
         try:
-            await append_decided(recorder, sandbox_filter("sbx-x1"), decide)
+            await append_decided(recorder, Aggregate("sandbox", "sbx-x1"), decide)
         finally:
             del recorder.append  # type: ignore[attr-defined]
-        history = await recorder.read_aggregate(sandbox_filter("sbx-x1"))
+        history = await recorder.read_aggregate(Aggregate("sandbox", "sbx-x1"))
         assert [r.event.type_name() for r in history] == [
             "SandboxRequested",
             "BecameReady",
             "RouteChosen",
         ]
         assert len(seen) == 2 and history[-1].event.reason == "try 2"  # type: ignore[attr-defined]
-        assert await append_decided(recorder, sandbox_filter("sbx-x1"), list) == []
+        assert await append_decided(recorder, Aggregate("sandbox", "sbx-x1"), list) == []
 
     async def test_read_and_follow_from_sequence(self, recorder: EventRecorder) -> None:
         seqs = [(await recorder.append([requested(f"sbx-r{i}")], 0))[0] for i in range(5)]
@@ -154,3 +157,85 @@ class RecorderConformance:
         async with asyncio.timeout(10):
             await follower
         assert seen == [seqs[3], seqs[4], later]
+
+    async def test_reads_by_kind_and_by_aggregate(self, recorder: EventRecorder) -> None:
+        (s1,) = await recorder.append([requested("sbx-k1")], 0)
+        (g1,) = await recorder.append([CreditsGranted(**envelope("acct-k", META), amount=5)], 0)
+        (v1,) = await recorder.append(
+            [ValidationStarted(**envelope("sbx-k1", META), ready_event_id="e")], 0
+        )
+        (s2,) = await recorder.append([BecameReady(**envelope("sbx-k1", META))], s1)
+        (g2,) = await recorder.append([CreditsGranted(**envelope("acct-k", META), amount=7)], g1)
+        (o1,) = await recorder.append([requested("sbx-k2")], 0)
+        everything = [s1, g1, v1, s2, g2, o1]
+
+        async def seqs(
+            from_seq: int = 1,
+            kinds: list[str] | None = None,
+            aggregate: Aggregate | None = None,
+        ) -> list[int]:
+            read = recorder.read(from_seq, kinds=kinds, aggregate=aggregate)
+            return [r.seq async for r in read if r.seq >= s1]
+
+        assert await seqs() == everything
+        assert await seqs(kinds=["sandbox"]) == [s1, s2, o1]
+        assert await seqs(kinds=["ledger"]) == [g1, g2]
+        assert await seqs(kinds=["ledger", "validation"]) == [g1, v1, g2]
+        assert await seqs(kinds=["ledger", "ledger"]) == [g1, g2]
+        assert await seqs(kinds=["webhook"]) == []
+        assert await seqs(aggregate=Aggregate("sandbox", "sbx-k1")) == [s1, s2]
+        assert await seqs(g1 + 1, aggregate=Aggregate("ledger", "acct-k")) == [g2]
+        assert await seqs(aggregate=Aggregate("validation", "sbx-k1")) == [v1]
+        assert await seqs(aggregate=Aggregate("ledger", "acct-none")) == []
+        # An aggregate is its whole id: `sbx-k` does not read `sbx-k1`.
+        assert await seqs(aggregate=Aggregate("sandbox", "sbx-k")) == []
+        assert await recorder.version(Aggregate("ledger", "acct-k")) == g2
+        assert await recorder.version(Aggregate("validation", "sbx-k1")) == v1
+        history = await recorder.read_aggregate(Aggregate("ledger", "acct-k"))
+        assert [r.subject for r in history] == [
+            "sandboxer.ledger.acct-k.CreditsGranted",
+            "sandboxer.ledger.acct-k.CreditsGranted",
+        ]
+
+    async def test_follow_by_kind_and_by_aggregate(self, recorder: EventRecorder) -> None:
+        (s1,) = await recorder.append([requested("sbx-f1")], 0)
+        (g1,) = await recorder.append([CreditsGranted(**envelope("acct-f", META), amount=1)], 0)
+
+        async def first(count: int, **scope: Any) -> list[int]:
+            seen: list[int] = []
+            async for r in recorder.follow(s1, **scope):
+                seen.append(r.seq)
+                if len(seen) == count:
+                    break
+            return seen
+
+        by_kind = asyncio.create_task(first(2, kinds=["ledger"]))
+        by_aggregate = asyncio.create_task(first(2, aggregate=Aggregate("sandbox", "sbx-f1")))
+        await recorder.append([requested("sbx-f2")], 0)
+        (g2,) = await recorder.append([CreditsGranted(**envelope("acct-f", META), amount=2)], g1)
+        (s2,) = await recorder.append([BecameReady(**envelope("sbx-f1", META))], s1)
+        async with asyncio.timeout(10):
+            assert await by_kind == [g1, g2]
+            assert await by_aggregate == [s1, s2]
+
+    async def test_a_read_names_kinds_or_an_aggregate(self, recorder: EventRecorder) -> None:
+        bad: list[dict[str, Any]] = [
+            {"kinds": ["sandbox"], "aggregate": Aggregate("sandbox", "sbx-b1")},
+            {"kinds": ["nothing"]},
+            {"kinds": []},
+            {"kinds": "sandbox"},  # one string, not a sequence of kinds
+        ]
+        for scope in bad:
+            with pytest.raises((ValueError, TypeError)):
+                [r async for r in recorder.read(1, **scope)]
+            with pytest.raises((ValueError, TypeError)):
+                await anext(aiter(recorder.follow(1, **scope)))
+
+    async def test_append_decided_refuses_another_aggregates_events(
+        self, recorder: EventRecorder
+    ) -> None:
+        with pytest.raises(ValueError):
+            await append_decided(
+                recorder, Aggregate("sandbox", "sbx-y1"), lambda: [requested("sbx-y2")]
+            )
+        assert await recorder.read_aggregate(Aggregate("sandbox", "sbx-y2")) == []

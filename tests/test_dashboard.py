@@ -27,7 +27,7 @@ from playwright.async_api import (
 )
 
 from events import Event, EventMeta, ValidationFailed, ValidationPassed, envelope
-from events.subjects import filter_for
+from events.subjects import Aggregate
 from sandboxer.dashboard import CSP, STATIC_DIR
 from sandboxer.event_store import JetStreamEventStore
 from tests.conftest import RunningService, StartService
@@ -352,7 +352,7 @@ async def record_validation(
             exit_code=2,
             reason="make test: exit 2",
         )
-    await store.append([result], await store.version(filter_for(result)))
+    await store.append([result], await store.version(Aggregate.of(result)))
 
 
 async def test_screenshot_of_several_states(

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from events import Event, envelope, sandbox_filter
+from events import Aggregate, Event, envelope
 from events.codec import DecodeError, EventCodec
 from sandboxer.event_store import JetStreamEventStore
 from tests.store_conformance import RecorderConformance
@@ -64,8 +64,8 @@ async def test_old_event_decodes_through_its_upcaster(nc: NatsClient) -> None:
     # Written the way an old release wrote it: straight onto the stream.
     await nc.jetstream().publish("sandboxer.sandbox.sbx-u1.Renamed", msgspec.json.encode(v1))
     current = Renamed(**envelope("sbx-u1", _meta()), template="alpine", region="us-2")
-    await store.append([current], await store.version(sandbox_filter("sbx-u1")))
-    history = await store.read_aggregate(sandbox_filter("sbx-u1"))
+    await store.append([current], await store.version(Aggregate("sandbox", "sbx-u1")))
+    history = await store.read_aggregate(Aggregate("sandbox", "sbx-u1"))
     old, new = (r.event for r in history)
     assert isinstance(old, Renamed) and isinstance(new, Renamed)
     assert (old.template, old.region, old.schema_version) == ("busybox", "eu-1", 2)

@@ -18,7 +18,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from events import EventMeta, ValidationPassed, envelope
-from events.subjects import filter_for
+from events.subjects import Aggregate
 from sandboxer.event_store import JetStreamEventStore, append_decided
 from sandboxer.subscriptions import Delivery, subscribe
 from tests.conftest import StartService
@@ -118,7 +118,7 @@ async def test_every_message_on_the_stream_was_appended_at_a_version(
         result = ValidationPassed(
             **envelope(sandbox_id, meta), ready_event_id="r", exit_code=0, duration_seconds=0.1
         )
-        await append_decided(store, filter_for(result), lambda: [result])
+        await append_decided(store, Aggregate.of(result), lambda: [result])
         failed = asyncio.Event()
 
         async def give_up(delivery: Delivery) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from events import CreditsDebited, CreditsGranted, CreditsReserved, EventMeta
+from events import Aggregate, CreditsDebited, CreditsGranted, CreditsReserved, EventMeta
 from sandboxer.event_store import JetStreamEventStore
 from sandboxer.ledger import LedgerBook
 from sandboxer.nats_server import EmbeddedNats
@@ -182,7 +182,7 @@ async def test_ledger_book_conflicts_are_redecided(store: JetStreamEventStore) -
     assert first.reserved == 30 and not first.rejected
     second = await two.reserve("sbx-bbb", "acct", Cost(30, {}), meta)  # two never saw them
     assert second.rejected, "two re-read the account after the conflict and saw 10 left"
-    history = [r.event async for r in store.read(1, "sandboxer.ledger.acct.>")]
+    history = [r.event async for r in store.read(1, aggregate=Aggregate("ledger", "acct"))]
     assert [type(e) for e in history][:2] == [CreditsGranted, CreditsReserved]
     assert not any(isinstance(e, CreditsDebited) for e in history)
 
