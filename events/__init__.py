@@ -4,6 +4,7 @@ Data only. Everything that records or folds these lives elsewhere.
 """
 
 from events.base import Envelope, Event, EventMeta, envelope, new_event_id, utc_now
+from events.catalog import ALL_EVENTS
 from events.codec import DecodeError, decode_event, encode_event, register_upcaster
 from events.ledger import (
     LEDGER_EVENTS,
@@ -64,10 +65,6 @@ from events.webhooks import (
     WebhookDisabled,
     WebhookRegistered,
     WebhookRemoved,
-)
-
-ALL_EVENTS: tuple[type[Event], ...] = (
-    SANDBOX_EVENTS + LEDGER_EVENTS + VALIDATION_EVENTS + WEBHOOK_EVENTS + RECONCILE_EVENTS
 )
 
 __all__ = [

@@ -13,8 +13,7 @@ from typing import Any, Union
 import msgspec
 
 from events.base import Event
-
-Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+from events.upcasters import Upcaster
 
 
 class DecodeError(ValueError):
@@ -100,7 +99,7 @@ def default_codec() -> EventCodec:
     """The codec for the shipped catalog (built lazily: the catalog imports this module)."""
     global _default
     if _default is None:
-        from events import ALL_EVENTS
+        from events.catalog import ALL_EVENTS
         from events.upcasters import UPCASTERS
 
         _default = EventCodec(ALL_EVENTS, UPCASTERS)

@@ -7,9 +7,11 @@ stream exists (audits replay from sequence 1). A new version adds a new entry.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from events.codec import Upcaster
+# A payload of one version in, the next version's payload out.
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def sandbox_requested_v1(raw: dict[str, Any]) -> dict[str, Any]:

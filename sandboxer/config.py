@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from sandboxer.errors import SettingsError
 from sandboxer.leases import check_worker_name
 from sandboxer.nats_server import DEFAULT_NATS_PORT, PORT_VARIABLE, sync_interval_from_env
+from sandboxer.webhook_settings import check_env
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -20,8 +22,7 @@ def default_data_dir(environ: Mapping[str, str]) -> Path:
     return Path(base) / "sandboxer"
 
 
-class SettingsError(ValueError):
-    pass
+__all__ = ["Settings", "SettingsError", "repo_roots_from_env"]
 
 
 N = TypeVar("N", int, float)
@@ -123,8 +124,6 @@ class Settings:
                 check_worker_name(str(worker_name))
             except ValueError as exc:
                 raise SettingsError(f"SANDBOXER_WORKER_NAME / --worker-name: {exc}") from None
-        from sandboxer.webhooks import check_env  # here: config must not import aiohttp
-
         check_env(env)  # webhook limits and allowed networks: fail before starting
         reconcile = _choice(env, "SANDBOXER_RECONCILE", ("report", "off", "remove"))
         interval = _number(

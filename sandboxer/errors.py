@@ -105,3 +105,8 @@ class ApiError(SandboxerError):
         self.status = status
         self.code = code
         self.field = field
+
+
+class SettingsError(ValueError):
+    """A bad setting (an environment variable, a flag): serve stops before it starts,
+    with one line naming the variable and the problem."""

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 import nats.errors
@@ -35,7 +35,6 @@ from events.subjects import (
     read_filters,
     subject_for,
 )
-from sandboxer.nats_auth import MutablePolicy
 
 STREAM_NAME = "SANDBOXER"
 TRANSIENT_RETRY_SECONDS = 20.0
@@ -69,6 +68,9 @@ def is_transient(exc: BaseException) -> bool:
 
 
 APPEND_ATTEMPTS = 5
+# What ensure_stream does with a stream that allows deleting or purging messages:
+# set the deny flags (ours), refuse to run (an operator's), or allow it (operator's flag).
+MutablePolicy = Literal["lock", "refuse", "allow"]
 WRONG_LAST_SEQUENCE = (10071, 10164)  # with and without the sequence in the message
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from sandboxer.event_store import MutablePolicy
 from sandboxer.nats_server import SERVICE_INBOX_PREFIX, Credentials
 
 if TYPE_CHECKING:
     from sandboxer.config import Settings
-
-MutablePolicy = Literal["lock", "refuse", "allow"]
 
 
 def credentials_dir(data_dir: Path) -> Path:

@@ -23,12 +23,10 @@ from urllib.parse import urlparse
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from sandboxer.config import SettingsError
 from sandboxer.errors import InvalidInput
+from sandboxer.webhook_settings import ALLOW_VARIABLE, IPNetwork, parse_allow_nets
 
-ALLOW_VARIABLE = "SANDBOXER_WEBHOOK_ALLOW_NETS"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 SHOWN_URL = 80  # at most this much of a url goes into an error message
 
@@ -38,22 +36,6 @@ class TargetRefused(InvalidInput):
 
     code = "invalid_body"
     field = "url"
-
-
-def parse_allow_nets(environ: Mapping[str, str]) -> tuple[IPNetwork, ...]:
-    """The operator's allowed CIDRs; a bad one stops the start, naming the variable."""
-    nets = []
-    for item in environ.get(ALLOW_VARIABLE, "").split(","):
-        if not item.strip():
-            continue
-        try:
-            nets.append(ipaddress.ip_network(item.strip(), strict=False))
-        except ValueError as exc:
-            raise SettingsError(
-                f"{ALLOW_VARIABLE} must be comma-separated CIDRs (e.g. 10.1.0.0/16), "
-                f"got {item.strip()[:80]!r}: {exc}"
-            ) from None
-    return tuple(nets)
 
 
 def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:

@@ -46,17 +46,15 @@ from events import (
 )
 from events.subjects import Aggregate, type_filter
 from events.webhooks import WebhookEvent
-from sandboxer.config import SettingsError
 from sandboxer.errors import InvalidInput
 from sandboxer.event_store import STREAM_NAME, JetStreamEventStore, append_decided
 from sandboxer.read_model import ProjectionRunner
 from sandboxer.subscriptions import Delivery, subscribe
+from sandboxer.webhook_settings import check_env
 from sandboxer.webhook_targets import (
-    IPNetwork,
     PolicyResolver,
     TargetPolicy,
     TargetRefused,
-    parse_allow_nets,
 )
 
 log = logging.getLogger(__name__)
@@ -106,27 +104,6 @@ class WebhookOut(msgspec.Struct):
     from_: str = msgspec.field(default="new", name="from")
     disabled: bool = False
     disabled_reason: str | None = None
-
-
-def check_env(environ: Mapping[str, str]) -> tuple[int, int, tuple[IPNetwork, ...]]:
-    """The limits and allowed networks; SettingsError naming the variable if bad
-    (Settings.from_env calls it, so serve stops before it starts anything)."""
-    return (
-        _env_int(environ, "SANDBOXER_WEBHOOK_MAX_PER_ACCOUNT", 10),
-        _env_int(environ, "SANDBOXER_WEBHOOK_DISABLE_AFTER", 5),
-        parse_allow_nets(environ),
-    )
-
-
-def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = environ.get(name) or str(default)
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise SettingsError(f"{name} must be a whole number >= 1, got {raw!r}")
-    return value
 
 
 class Webhooks:
