@@ -75,7 +75,8 @@ def node_consumer(data_dir: Path, until_seq: int, *extra: str) -> dict[str, Any]
     argv = ["node", str(CONTRACT / "consume.mjs")]
     for key in ("url", "user", "password", "stream"):
         if key in access:
-            argv += [f"--{key}", access[key]]
+            # `--key=value`: a random password may begin with "-"
+            argv.append(f"--{key}={access[key]}")
     argv += [
         "--schema",
         str(ROOT / "docs" / "events.schema.json"),
