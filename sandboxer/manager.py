@@ -148,6 +148,17 @@ class CreateRequest:
     sandbox_id: str | None = None  # from an idempotency key; None: a fresh random id
 
 
+@dataclass(frozen=True)
+class StepProgress:
+    """The step running for a sandbox here: in which state, since when, its last
+    progress message (runtime only, never recorded)."""
+
+    state: str
+    step: str
+    since: dt.datetime
+    message: str | None = None
+
+
 class Foreign(Mapping[str, SandboxView]):
     """The unfinished sandboxes other workers drive: the runner's unfinished rows that
     are not driven here. A view over the runner's projection, not a fold of its own."""
@@ -1010,6 +1021,23 @@ class SandboxManager:
 
     def live(self) -> list[Sandbox]:
         return list(self.sandboxes.values())
+
+    @staticmethod
+    def runs_step(state: str) -> bool:
+        """Whether a sandbox in `state` runs a step (which may show progress)."""
+        return state in STEP_LABELS
+
+    def progress(self, sandbox_id: str) -> StepProgress | None:
+        """The step this worker runs for the sandbox now, if any (not the one a new
+        state has just ended, whose driver has not moved on yet)."""
+        sbx = self.sandboxes.get(sandbox_id)
+        if sbx is None or sbx.step_name is None or sbx.step_started is None:
+            return None
+        if sbx.step_name != STEP_LABELS.get(sbx.state):
+            return None
+        return StepProgress(
+            state=sbx.state, step=sbx.step_name, since=sbx.step_started, message=sbx.progress
+        )
 
     # ---- several workers ---------------------------------------------------------
 
