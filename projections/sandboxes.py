@@ -112,6 +112,7 @@ def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | No
         changes = {"needs_reconciliation": True}
     if state in TERMINAL:
         changes["ended_at"] = event.occurred_at
+    if state in TERMINAL and view.state not in TERMINAL:
         changes["ended_by"] = event.event_id
         changes["ended_correlation_id"] = event.correlation_id
     return msgspec.structs.replace(
