@@ -51,6 +51,9 @@ class SandboxView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     provisioned_at: dt.datetime | None = None
     ready_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
+    # The event that ended the sandbox: what settling its reservation follows from.
+    ended_by: str | None = None
+    ended_correlation_id: str | None = None
     validation: str | None = None  # running, passed, failed (reported by a validator)
     validation_exit_code: int | None = None
     validation_output: str | None = None
@@ -109,6 +112,9 @@ def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | No
         changes = {"needs_reconciliation": True}
     if state in TERMINAL:
         changes["ended_at"] = event.occurred_at
+    if state in TERMINAL and view.state not in TERMINAL:
+        changes["ended_by"] = event.event_id
+        changes["ended_correlation_id"] = event.correlation_id
     return msgspec.structs.replace(
         view,
         state=state,
@@ -122,11 +128,20 @@ def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | No
 
 
 class SandboxesProjection:
-    """All sandboxes by id, and the stream sequence the fold has reached."""
+    """All sandboxes by id, the unfinished ones among them (an index of the same rows),
+    and the stream sequence the fold has reached."""
 
     def __init__(self) -> None:
         self.sandboxes: dict[str, SandboxView] = {}
+        self.unfinished: dict[str, SandboxView] = {}
         self.last_seq = 0
+
+    def _put(self, view: SandboxView) -> None:
+        self.sandboxes[view.id] = view
+        if view.state in TERMINAL:
+            self.unfinished.pop(view.id, None)
+        else:
+            self.unfinished[view.id] = view
 
     def apply(self, seq: int, subject: str, event: Event) -> SandboxView | None:
         self.last_seq = seq
@@ -137,7 +152,7 @@ class SandboxesProjection:
         key = event.aggregate_id
         view = evolve(self.sandboxes.get(key), seq, event)
         if view is not None:
-            self.sandboxes[key] = view
+            self._put(view)
         return view
 
     def _validation(self, seq: int, event: Event) -> SandboxView | None:
@@ -161,7 +176,7 @@ class SandboxesProjection:
                 validation_reason=getattr(event, "reason", None),
                 last_seq=seq,
             )
-        self.sandboxes[view.id] = view
+        self._put(view)
         return view
 
     def get(self, sandbox_id: str) -> SandboxView | None:

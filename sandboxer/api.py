@@ -51,7 +51,6 @@ from sandboxer.ids import (
 )
 from sandboxer.lifecycle import TERMINAL, State
 from sandboxer.manager import (
-    STEP_LABELS,
     AlreadyCreated,
     NotFound,
     SandboxManager,
@@ -615,20 +614,15 @@ class Api:
         if cached is not None and cached[0] is view:
             return cached[1]
         row = _encoder.encode(self._out(view))
-        if view.state not in STEP_LABELS:
+        if not self.manager.runs_step(view.state):
             self._rows[view.id] = (view, row)
         return row
 
     def _out(self, view: SandboxView) -> SandboxOut:
         progress = None
-        live = self.manager.get(view.id)
-        if (
-            live is not None
-            and live.step_started is not None
-            and live.step_name is not None
-            and live.step_name == STEP_LABELS.get(view.state)
-        ):
-            progress = Progress(step=live.step_name, since=live.step_started, message=live.progress)
+        step = self.manager.progress(view.id)
+        if step is not None and step.state == view.state:
+            progress = Progress(step=step.step, since=step.since, message=step.message)
         return SandboxOut(
             id=view.id,
             state=view.state,
@@ -1045,7 +1039,7 @@ class Api:
             )
             # Until the next event the same filter lists the same bytes, unless a row
             # shows a running step, whose progress moves without events.
-            if not any(v.state in STEP_LABELS for v in rows):
+            if not any(self.manager.runs_step(v.state) for v in rows):
                 self._lists[key] = body
         return web.Response(body=body, content_type="application/json")
 

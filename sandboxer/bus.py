@@ -79,7 +79,7 @@ class MessageBus:
     def _target(self, command: AnyCommand) -> str | None:
         """The sandbox whose worker must run the command (None: any worker may)."""
         if isinstance(command, DeleteCheckpoint):
-            view = self.manager.checkpoints.projection.get(command.checkpoint_id)
+            view = self.manager.runner.checkpoints.get(command.checkpoint_id)
             return view.sandbox_id if view is not None else None
         if isinstance(command, (DestroySandbox, RequestCheckpoint, RestoreCheckpoint)):
             return command.sandbox_id
@@ -142,15 +142,16 @@ class MessageBus:
 
     async def _delete_checkpoint(self, command: DeleteCheckpoint) -> Outcome:
         await self.manager.checkpoints.delete(command.checkpoint_id, command.meta, command.reason)
-        view = self.manager.checkpoints.projection.get(command.checkpoint_id)
+        view = self.manager.runner.checkpoints.get(command.checkpoint_id)
         return Outcome(
             seq=view.last_seq if view is not None else 0, checkpoint_id=command.checkpoint_id
         )
 
     async def _grant(self, command: GrantCredits) -> Outcome:
-        ledger = self.manager.ledger
-        await ledger.grant(command.account, command.amount, command.meta, reason=command.reason)
-        return Outcome(seq=ledger.versions[command.account])
+        view = await self.manager.ledger.grant(
+            command.account, command.amount, command.meta, reason=command.reason
+        )
+        return Outcome(seq=view.last_seq)
 
 
 def _request(command: CreateSandbox) -> CreateRequest:

@@ -31,7 +31,7 @@ from events import (
     envelope,
 )
 from events.base import utc_now
-from events.subjects import Aggregate, subject_for
+from events.subjects import Aggregate
 from extensions import Handle, Snapshotting, StepContext
 from projections.checkpoints import CheckpointsProjection, CheckpointView
 from sandboxer.errors import Conflict
@@ -72,8 +72,13 @@ class Checkpoints:
         self.manager = manager
         self.store = store
         self.spool = spool
-        self.projection = CheckpointsProjection()
         self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    @property
+    def projection(self) -> CheckpointsProjection:
+        """The projection runner's checkpoints (the one checkpoint read model); what the
+        manager appends is in it before the aggregate applies it (`_append_apply`)."""
+        return self.manager.runner.checkpoints
 
     # ---- commands -----------------------------------------------------------------
 
@@ -166,7 +171,7 @@ class Checkpoints:
 
             seqs = await append_decided(self.manager.store, Aggregate.of(event), decide)
             if seqs:
-                self.projection.apply(seqs[0], subject_for(event), event)
+                await self.manager.caught_up(seqs[0])
 
     # ---- steps (driven by the state machine) -----------------------------------------
 

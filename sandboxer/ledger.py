@@ -1,17 +1,21 @@
 """The command side of payments: grants, reservations and settlements on accounts.
 
-Every decision is taken on the account's own events (folded here) and appended with
-optimistic concurrency on `sandboxer.ledger.<account>.>`: if another process moved
-the account on, the append is refused, the account is re-read and the decision
-taken again. So concurrent reservations, also from several processes, can never
-overdraw an account. Sandbox phases carry deterministic event ids
-(`<sandbox>.reserve`, `.debit`, `.release`): a phase recorded twice is one event.
+Every decision is taken on the account's row in the projection runner's ledger (the
+one ledger read model of the process) and appended with optimistic concurrency on
+`sandboxer.ledger.<account>.>` at the version that row shows: if another process
+moved the account on, the append is refused, the runner is let catch up with the
+stream and the decision taken again. After an append the book waits until the runner
+has applied it, so its next decision sees its own write. So concurrent reservations,
+also from several processes, can never overdraw an account. Sandbox phases carry
+deterministic event ids (`<sandbox>.reserve`, `.debit`, `.release`): a phase recorded
+twice is one event.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from events import (
     CreditsDebited,
@@ -24,12 +28,15 @@ from events import (
     envelope,
     phase_event_id,
 )
-from events.subjects import Aggregate, subject_for
 from extensions.sdk import Cost
-from projections.ledger import AccountView, Charge, LedgerProjection
+from projections.ledger import AccountView, Charge
 from sandboxer.event_store import ConcurrencyConflict, EventRecorder
 
+if TYPE_CHECKING:
+    from sandboxer.read_model import ProjectionRunner
+
 CONFLICT_RETRIES = 20
+CATCH_UP_SECONDS = 30.0
 STARTER_GRANT_ID = "default.starter-grant"
 
 
@@ -38,30 +45,29 @@ class LedgerError(ValueError):
 
 
 class LedgerBook:
-    def __init__(self, store: EventRecorder) -> None:
+    def __init__(self, store: EventRecorder, runner: ProjectionRunner) -> None:
         self.store = store
-        self.projection = LedgerProjection()
-        self.versions: dict[str, int] = {}
+        self.runner = runner
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def apply(self, seq: int, subject: str, event: Event) -> None:
-        """Fold one ledger event (from replay or from our own append)."""
-        if seq <= self.versions.get(event.aggregate_id, 0):
-            return
-        self.projection.apply(seq, subject, event)
-        self.versions[event.aggregate_id] = seq
-
     def account(self, name: str) -> AccountView:
-        return self.projection.account(name)
+        return self.runner.ledger.account(name)
+
+    def version(self, account: str) -> int:
+        """The stream sequence of the account's last event (0: none yet)."""
+        return self.account(account).last_seq
 
     def charge(self, sandbox_id: str) -> Charge | None:
-        return self.projection.charges.get(sandbox_id)
+        return self.runner.ledger.charges.get(sandbox_id)
+
+    async def _caught_up(self, seq: int) -> None:
+        if not await self.runner.wait_for(seq, CATCH_UP_SECONDS):
+            raise LedgerError(f"the ledger projection did not reach sequence {seq}")
 
     async def refresh(self, account: str) -> None:
-        """Read what other processes appended to the account since we last looked."""
-        after = self.versions.get(account, 0)
-        async for recorded in self.store.read(after + 1, aggregate=Aggregate("ledger", account)):
-            self.apply(recorded.seq, recorded.subject, recorded.event)
+        """See what other processes appended (to the account) until now: let the
+        runner catch up with the end of the stream."""
+        await self._caught_up(await self.store.last_seq())
 
     async def _append(
         self, account: str, decide: Callable[[AccountView], Sequence[Event]]
@@ -75,12 +81,13 @@ class LedgerBook:
                 if not events:
                     return []
                 try:
-                    seqs = await self.store.append(events, self.versions.get(account, 0))
+                    seqs = await self.store.append(events, self.version(account))
                 except ConcurrencyConflict:
                     await self.refresh(account)
                     continue
-                for seq, event in zip(seqs, events, strict=True):
-                    self.apply(seq, subject_for(event), event)
+                # Read your writes: the next decision (under this lock) and the caller
+                # see the appended events in the runner's ledger.
+                await self._caught_up(max(seqs))
                 return events
         raise LedgerError(f"account {account}: gave up after {CONFLICT_RETRIES} conflicts")
 

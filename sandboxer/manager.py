@@ -2,7 +2,10 @@
 
 Each step appends its outcome as an event before the next side effect; entering a
 state (the transitions `on_enter` hook, live mode only) starts the driver for it.
-On start the manager replays the stream and resumes what is not finished:
+The manager keeps no read model of its own: it reads the projection runner's (which
+has every event the manager appends before the aggregate applies it). On start, once
+the runner has caught up, it reads the aggregates of the unfinished sandboxes and
+resumes them:
 
 - requested, starting, tearing_down: resumed where they stopped (routing is pure,
   wait_ready only looks, teardown is idempotent);
@@ -21,7 +24,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -52,7 +55,7 @@ from events import (
 from events.base import Envelope, envelope, utc_now
 from events.ledger import phase_event_id
 from events.sandbox import RouteCandidate
-from events.subjects import LEDGER_SUBJECTS, SANDBOX_SUBJECTS, Aggregate, subject_for
+from events.subjects import SANDBOX_SUBJECTS, Aggregate
 from extensions import (
     Cost,
     ExtensionRegistry,
@@ -74,6 +77,7 @@ from sandboxer.leases import Leases, OwnerUnavailable
 from sandboxer.ledger import LedgerBook
 from sandboxer.lifecycle import TERMINAL, InvalidTransition, LifecycleModel, SandboxMachine, State
 from sandboxer.profiles import ProfileCatalog, ProfileError
+from sandboxer.read_model import ProjectionRunner
 from sandboxer.snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -85,6 +89,7 @@ ACTOR_CHECKPOINT_POLICY = "system:checkpoint-policy"
 APPEND_ATTEMPTS = 4
 STEP_CRASH_RETRIES = 5
 TTL_RETRY_SECONDS = 5.0
+CATCH_UP_SECONDS = 30.0
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Event)
@@ -143,6 +148,38 @@ class CreateRequest:
     sandbox_id: str | None = None  # from an idempotency key; None: a fresh random id
 
 
+@dataclass(frozen=True)
+class StepProgress:
+    """The step running for a sandbox here: in which state, since when, its last
+    progress message (runtime only, never recorded)."""
+
+    state: str
+    step: str
+    since: dt.datetime
+    message: str | None = None
+
+
+class Foreign(Mapping[str, SandboxView]):
+    """The unfinished sandboxes other workers drive: the runner's unfinished rows that
+    are not driven here. A view over the runner's projection, not a fold of its own."""
+
+    def __init__(self, runner: ProjectionRunner, here: Mapping[str, object]) -> None:
+        self._runner = runner
+        self._here = here
+
+    def __getitem__(self, key: str) -> SandboxView:
+        if key in self._here:
+            raise KeyError(key)
+        return self._runner.projection.unfinished[key]
+
+    def __iter__(self) -> Iterator[str]:
+        here = self._here
+        return iter([key for key in self._runner.projection.unfinished if key not in here])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class Sandbox(LifecycleModel):
     """The aggregate: machine state plus the projection row folded from the same events."""
 
@@ -184,24 +221,24 @@ class SandboxManager:
         snapshots: SnapshotStore,
         spool_dir: Path,
         leases: Leases,
-        observed: list[Callable[[RecordedEvent], None]],
+        runner: ProjectionRunner,
         starter_credits: int = 0,
     ) -> None:
         self.store = store
-        # The projection runner's listeners: the manager sees what other workers append
-        # through the runner's follow instead of decoding the whole stream a second time.
-        self.observed = observed
-        self._early: list[RecordedEvent] | None = None  # seen while start() replays
+        # The read models (sandboxes, checkpoints, ledger): the runner's, the one copy.
+        # Its listeners tell the manager what other workers append.
+        self.runner = runner
+        self._early: list[RecordedEvent] | None = None  # seen while start() loads
         self.leases = leases
         self.checkpoints = Checkpoints(self, snapshots, spool_dir)
-        self.ledger = LedgerBook(store)
+        self.ledger = LedgerBook(store, runner)
         self.starter_credits = starter_credits
         self.extensions = extensions
         self.profiles = profiles
         self.machine = SandboxMachine()
         self.sandboxes: dict[str, Sandbox] = {}
-        # Unfinished sandboxes that other workers drive, folded from the stream:
-        self.foreign: dict[str, SandboxView] = {}
+        # Unfinished sandboxes that other workers drive (a view of the runner's rows):
+        self.foreign = Foreign(runner, self.sandboxes)
         # Metered sandboxes another worker finished, until their reservation is settled:
         self._ended_elsewhere: dict[str, float] = {}
         self._background: list[asyncio.Task[None]] = []
@@ -224,46 +261,34 @@ class SandboxManager:
     # ---- start, stop -------------------------------------------------------------
 
     async def start(self) -> int:
-        """Replay the sandbox events, then resume every sandbox that is not finished."""
-        views: dict[str, SandboxView] = {}
-        policies: dict[str, CheckpointPolicy] = {}
-        pending: dict[str, list[tuple[int, Event]]] = {}
-        last = 0
-        # Listen before reading: what the runner applies from now on is either in the
-        # read below (skipped by sequence) or observed after it; nothing falls between.
+        """Resume every sandbox that is not finished. Call after `runner.start()`: the
+        runner's projection (caught up) names the unfinished sandboxes; only their
+        aggregates are read, to rebuild their state machines."""
+        # Listen before looking: what the runner applies from now on is either in the
+        # projection as seen here (skipped by sequence) or observed after it.
         self._early = []
-        self.observed.append(self._on_recorded)
-        async for recorded in self.store.read(1):
-            last = recorded.seq
-            if recorded.subject.startswith(LEDGER_SUBJECTS):
-                self.ledger.apply(recorded.seq, recorded.subject, recorded.event)
-                continue
-            if not recorded.subject.startswith(SANDBOX_SUBJECTS):
-                continue
-            key = recorded.event.aggregate_id
-            self.checkpoints.projection.apply(recorded.seq, recorded.subject, recorded.event)
-            if isinstance(recorded.event, SandboxRequested) and recorded.event.checkpoint_policy:
-                policies[key] = recorded.event.checkpoint_policy
-            view = evolve(views.get(key), recorded.seq, recorded.event)
-            if view is None:
-                continue
-            views[key] = view
-            if view.state in TERMINAL:
-                pending.pop(key, None)
-            else:
-                pending.setdefault(key, []).append((recorded.seq, recorded.event))
+        self.runner.listeners.append(self._on_recorded)
+        last = self.runner.last_seq
         alive: dict[str, str | None] = {}
-        for key, history in pending.items():
+        for key in list(self.runner.projection.unfinished):
             if not await self.leases.take_over(key, alive):
-                self.foreign[key] = views[key]
-                continue
+                continue  # another live worker drives it: in `foreign`
             sbx = self._attach(key, live=False)
-            for seq, event in history:
-                self._apply(sbx, seq, event)
-        for key, view in views.items():
-            if view.state in TERMINAL:
+            for recorded in await self.store.read_aggregate(Aggregate("sandbox", key)):
+                if recorded.seq > sbx.version:
+                    self._apply(sbx, recorded.seq, recorded.event)
+            if sbx.view is None or sbx.state in TERMINAL:
+                self._finish(sbx)  # finished meanwhile by the worker whose lease lapsed
+        # Finished sandboxes that still keep artifacts: their retention runs out.
+        checkpoints = self.runner.checkpoints.checkpoints.values()
+        keeping = {c.sandbox_id for c in checkpoints if c.status == "created"}
+        for key in sorted(keeping):
+            view = self.runner.projection.get(key)
+            if view is not None and view.state in TERMINAL:
+                request = await self._requested(key)  # its retention policy
+                policy = request.checkpoint_policy if request is not None else None
                 self.checkpoints.schedule_expiry(
-                    key, view.ended_at or view.updated_at, policies.get(key) or CheckpointPolicy()
+                    key, view.ended_at or view.updated_at, policy or CheckpointPolicy()
                 )
         await self.ledger.ensure_starter_grant(
             self.starter_credits, EventMeta(actor=ACTOR_MANAGER, correlation_id="starter-grant")
@@ -272,9 +297,11 @@ class SandboxManager:
             await self._recover(sbx)
         # Finished sandboxes whose reservation is still open: a crash came between the
         # end and the debit. Settle them now, exactly once (deterministic event ids).
-        for sandbox_id, charge in list(self.ledger.projection.charges.items()):
-            view = views.get(sandbox_id)
-            if view is None or view.state not in TERMINAL or charge.settled or charge.rejected:
+        for sandbox_id, charge in list(self.runner.ledger.charges.items()):
+            if charge.settled or charge.rejected:
+                continue
+            view = self.runner.projection.get(sandbox_id)
+            if view is None or view.state not in TERMINAL:
                 continue
             await self._settle_finished(sandbox_id)
         early, self._early = self._early, None
@@ -286,11 +313,21 @@ class SandboxManager:
         ]
         return last
 
+    async def caught_up(self, seq: int) -> None:
+        """Wait until the runner has applied `seq` (read your writes). If it does not in
+        time, say so and go on: the write model must not fall behind the stream."""
+        try:
+            reached = await self.runner.wait_for(seq, CATCH_UP_SECONDS)
+        except RuntimeError:
+            reached = False
+        if not reached:
+            log.warning("the projection did not reach sequence %d; reads may lag", seq)
+
     async def close(self) -> None:
         """Stop driving; what is unfinished resumes on the next start."""
         self._closing = True
         with contextlib.suppress(ValueError):
-            self.observed.remove(self._on_recorded)
+            self.runner.listeners.remove(self._on_recorded)
         self.checkpoints.close()
         for background in self._background:
             background.cancel()
@@ -500,7 +537,6 @@ class SandboxManager:
         sbx.version = seq
         sbx.last_event_id = event.event_id
         sbx.last_correlation_id = event.correlation_id
-        self.checkpoints.projection.apply(seq, subject_for(event), event)
         self.machine.fire(sbx, event)
         if (
             isinstance(event, BecameReady)
@@ -554,6 +590,9 @@ class SandboxManager:
                         "append %s for %s: %s; retrying", event_type.__name__, sbx.sandbox_id, exc
                     )
                     await asyncio.sleep(0.2 * attempt)
+            # The runner's read models have the event before the aggregate applies it
+            # (and the next step reads them): read your writes, one copy of each.
+            await self.caught_up(seq)
             self._apply(sbx, seq, event)
             return seq
 
@@ -983,6 +1022,23 @@ class SandboxManager:
     def live(self) -> list[Sandbox]:
         return list(self.sandboxes.values())
 
+    @staticmethod
+    def runs_step(state: str) -> bool:
+        """Whether a sandbox in `state` runs a step (which may show progress)."""
+        return state in STEP_LABELS
+
+    def progress(self, sandbox_id: str) -> StepProgress | None:
+        """The step this worker runs for the sandbox now, if any (not the one a new
+        state has just ended, whose driver has not moved on yet)."""
+        sbx = self.sandboxes.get(sandbox_id)
+        if sbx is None or sbx.step_name is None or sbx.step_started is None:
+            return None
+        if sbx.step_name != STEP_LABELS.get(sbx.state):
+            return None
+        return StepProgress(
+            state=sbx.state, step=sbx.step_name, since=sbx.step_started, message=sbx.progress
+        )
+
     # ---- several workers ---------------------------------------------------------
 
     async def driven_here(self, sandbox_id: str) -> Sandbox | None:
@@ -1006,7 +1062,8 @@ class SandboxManager:
         return sbx
 
     def _on_recorded(self, recorded: RecordedEvent) -> None:
-        """Keep what other workers do in view: their sandboxes, accounts, checkpoints."""
+        """Called by the runner after it applied an event: notice what other workers
+        finish (their sandboxes, accounts and checkpoints are in the runner's views)."""
         if self._early is not None:
             self._early.append(recorded)
             return
@@ -1016,27 +1073,16 @@ class SandboxManager:
             log.exception("observing event %d failed", recorded.seq)
 
     def observe(self, seq: int, subject: str, event: Event) -> None:
-        if subject.startswith(LEDGER_SUBJECTS):
-            self.ledger.apply(seq, subject, event)
-            return
+        """A metered sandbox that another worker ended: settled by the sweep if that
+        worker does not settle it (the runner's view is the one after `event`)."""
         if not subject.startswith(SANDBOX_SUBJECTS):
             return
         key = event.aggregate_id
         if key in self.sandboxes:
-            return  # ours: applied when we appended it
-        self.checkpoints.projection.apply(seq, subject, event)
-        view = self.foreign.get(key)
-        if view is not None and seq <= view.last_seq:
-            return
-        view = evolve(view, seq, event)
-        if view is None:
-            return
-        if view.state in TERMINAL:
-            self.foreign.pop(key, None)
-            if view.metered:
-                self._ended_elsewhere[key] = asyncio.get_running_loop().time()
-        else:
-            self.foreign[key] = view
+            return  # ours: settled when it ends here
+        view = self.runner.projection.get(key)
+        if view is not None and view.metered and view.ended_by == event.event_id:
+            self._ended_elsewhere[key] = asyncio.get_running_loop().time()
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -1055,9 +1101,7 @@ class SandboxManager:
             if self._closing:
                 break
             async with self._exclusive(key):
-                if key in self.sandboxes:
-                    self.foreign.pop(key, None)
-                elif key in self.foreign and await self.leases.take_over(key, alive):
+                if key in self.foreign and await self.leases.take_over(key, alive):
                     await self._adopt(key)
                     adopted.append(key)
         now = asyncio.get_running_loop().time()
@@ -1077,7 +1121,6 @@ class SandboxManager:
         if sandbox_id in self.sandboxes:
             return
         records = await self.store.read_aggregate(Aggregate("sandbox", sandbox_id))
-        self.foreign.pop(sandbox_id, None)
         sbx = self._attach(sandbox_id, live=False)
         for recorded in records:
             if recorded.seq > sbx.version:
@@ -1087,30 +1130,38 @@ class SandboxManager:
         if sbx.view is None or sbx.state in TERMINAL:
             self._finish(sbx)
             if sbx.view is not None and sbx.view.metered:
-                await self._settle_finished(sandbox_id)
+                await self._settle_finished(sandbox_id, seen=sbx.version)
             return
         await self._recover(sbx)
 
-    async def _settle_finished(self, sandbox_id: str) -> None:
-        """Settle a finished sandbox from its recorded events (after a crash, or one
-        another worker finished); `_settle` itself does nothing twice."""
-        records = await self.store.read_aggregate(Aggregate("sandbox", sandbox_id))
-        view: SandboxView | None = None
-        request: SandboxRequested | None = None
-        end: Event | None = None  # the event that ended it (CheckpointDeleted may follow)
-        for recorded in records:
-            if isinstance(recorded.event, SandboxRequested):
-                request = recorded.event
-            view = evolve(view, recorded.seq, recorded.event)
-            if end is None and view is not None and view.state in TERMINAL:
-                end = recorded.event
-        if request is None or view is None or end is None:
+    async def _settle_finished(self, sandbox_id: str, seen: int = 0) -> None:
+        """Settle a finished sandbox from the runner's view of it (after a crash, or one
+        another worker finished); `_settle` itself does nothing twice. `seen`: a
+        sequence of the sandbox the view must include first (read from its aggregate)."""
+        if seen:
+            await self.caught_up(seen)
+        view = self.runner.projection.get(sandbox_id)
+        if view is None or view.state not in TERMINAL or view.ended_by is None:
+            return
+        request = await self._requested(sandbox_id)
+        if request is None:
             return
         await self.ledger.refresh(request.account)
+        # The settlement follows from the event that ended the sandbox.
         meta = EventMeta(
-            actor=ACTOR_MANAGER, correlation_id=end.correlation_id, causation_id=end.event_id
+            actor=ACTOR_MANAGER,
+            correlation_id=view.ended_correlation_id or view.correlation_id,
+            causation_id=view.ended_by,
         )
         self._spawn(self._settle(request, view, meta), f"settle-{sandbox_id}")
+
+    async def _requested(self, sandbox_id: str) -> SandboxRequested | None:
+        """The sandbox's recorded request (its configuration is not in the read model)."""
+        records = await self.store.read_aggregate(Aggregate("sandbox", sandbox_id))
+        for recorded in records:
+            if isinstance(recorded.event, SandboxRequested):
+                return recorded.event
+        return None
 
     def abandon(self) -> None:
         """Stop driving everything (our session lapsed); the sweep takes back what no
@@ -1120,9 +1171,7 @@ class SandboxManager:
                 sbx.ttl_timer.cancel()
             if sbx.driver is not None and not sbx.driver.done():
                 sbx.driver.cancel()
-            if sbx.view is not None:
-                self.foreign[sbx.sandbox_id] = sbx.view
-            del self.sandboxes[sbx.sandbox_id]
+            del self.sandboxes[sbx.sandbox_id]  # in `foreign` from now on
             self.machine.detach(sbx)
 
 

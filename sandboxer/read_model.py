@@ -47,7 +47,9 @@ class VerifyReport(msgspec.Struct, frozen=True):
 
 
 class ProjectionRunner:
-    """Follows the stream into the sandbox and ledger projections.
+    """Follows the stream into the sandbox, checkpoint and ledger projections: the one
+    copy of each read model in the process, which the manager and the API read (the
+    manager waits here for what it appended before it decides on it again).
 
     The ledger projection is also kept on disk (`cache_dir/ledger.json`) and loaded
     from there on start: a disposable cache, which `sandboxer ledger audit` checks

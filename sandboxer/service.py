@@ -111,7 +111,7 @@ class Service:
             snapshots=snapshots,
             spool_dir=settings.data_dir / "spool",
             leases=self.leases,
-            observed=self.runner.listeners,
+            runner=self.runner,
             starter_credits=settings.starter_credits,
         )
         self.leases.on_lost = self.manager.abandon

@@ -1,5 +1,6 @@
-"""Command handlers on the in-memory recorder: the manager, the ledger book and the
-bus without a NATS server, so a decision's rules are tested in milliseconds.
+"""Command handlers on the in-memory recorder: the manager, the ledger book, the
+projection runner and the bus without a NATS server, so a decision's rules are
+tested in milliseconds.
 
 The end-to-end tests (real nats-server, real serve) stay; these pin the handlers'
 decisions on their own: what each command records, in which order, and what it
@@ -30,6 +31,7 @@ from sandboxer.lifecycle import InvalidTransition
 from sandboxer.manager import IdempotencyMismatch, SandboxManager
 from sandboxer.memory_store import InMemoryEventStore
 from sandboxer.profiles import ProfileCatalog, ProfileError
+from sandboxer.read_model import ProjectionRunner
 from sandboxer.snapshots import FileSnapshotStore
 
 META = EventMeta(actor="test", correlation_id="req-1")
@@ -64,6 +66,8 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     registry = ExtensionRegistry.discover(
         RuntimeInfo(tmp_path), entry_points=False, environ=environ
     )
+    runner = ProjectionRunner(store)
+    await runner.start()
     manager = SandboxManager(
         store,
         registry,
@@ -71,7 +75,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         snapshots=FileSnapshotStore(tmp_path / "checkpoints"),
         spool_dir=tmp_path / "spool",
         leases=SingleWorkerLeases(),
-        observed=[],
+        runner=runner,
         starter_credits=100,
     )
     await manager.start()
@@ -80,6 +84,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     finally:
         await manager.close()
         await registry.close()
+        await runner.stop()
 
 
 async def test_create_then_destroy_records_the_metered_lifecycle(rig: Rig) -> None:

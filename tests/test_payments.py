@@ -18,6 +18,7 @@ from events import Aggregate, CreditsDebited, CreditsGranted, CreditsReserved, E
 from sandboxer.event_store import JetStreamEventStore
 from sandboxer.ledger import LedgerBook
 from sandboxer.nats_server import EmbeddedNats
+from sandboxer.read_model import ProjectionRunner
 from tests.conftest import RunningService, StartService
 from tests.helpers import (
     audit,
@@ -174,13 +175,25 @@ async def test_two_processes_never_overdraw(nats_server: EmbeddedNats, tmp_path:
 async def test_ledger_book_conflicts_are_redecided(store: JetStreamEventStore) -> None:
     """Two books on one account, the second stale: it re-reads and decides again."""
     meta = EventMeta(actor="test", correlation_id="c")
-    one, two = LedgerBook(store), LedgerBook(store)
+    # Each book reads its own runner's ledger; two's runner stops before one writes.
+    ones, twos = ProjectionRunner(store), ProjectionRunner(store)
+    await ones.start()
+    await twos.start()
+    await twos.stop()
+    one, two = LedgerBook(store, ones), LedgerBook(store, twos)
     await one.grant("acct", 40, meta)
     from extensions import Cost
 
     first = await one.reserve("sbx-aaa", "acct", Cost(30, {}), meta)
     assert first.reserved == 30 and not first.rejected
-    second = await two.reserve("sbx-bbb", "acct", Cost(30, {}), meta)  # two never saw them
+    # two decides on what its runner showed (nothing), is refused, and its runner
+    # following again lets it see the account before it decides again.
+    second, _ = await asyncio.gather(
+        two.reserve("sbx-bbb", "acct", Cost(30, {}), meta),  # two never saw them
+        twos.start(),
+    )
+    await ones.stop()
+    await twos.stop()
     assert second.rejected, "two re-read the account after the conflict and saw 10 left"
     history = [r.event async for r in store.read(1, aggregate=Aggregate("ledger", "acct"))]
     assert [type(e) for e in history][:2] == [CreditsGranted, CreditsReserved]

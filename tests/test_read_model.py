@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 
-from events import EventMeta, SandboxRequested, envelope
+from events import CheckpointDeleted, EventMeta, SandboxRejected, SandboxRequested, envelope
+from events.subjects import subject_for
+from projections.sandboxes import SandboxesProjection
 from sandboxer.event_store import JetStreamEventStore, stream_position
 from sandboxer.read_model import ProjectionRunner
 
@@ -17,6 +19,23 @@ def requested(sandbox_id: str) -> SandboxRequested:
     return SandboxRequested(
         **envelope(sandbox_id, META), profile="p", extension="saas-stub", inputs={}, ttl_seconds=60
     )
+
+
+def test_the_projection_indexes_unfinished_rows_and_names_the_ending_event() -> None:
+    projection = SandboxesProjection()
+    ended = SandboxRejected(
+        **envelope("sbx-e0001", EventMeta(actor="t", correlation_id="d")), reason="no"
+    )
+    later = CheckpointDeleted(**envelope("sbx-e0001", META), checkpoint_id="ckpt-1", reason="r")
+    for seq, event in enumerate([requested("sbx-e0001"), requested("sbx-e0002")], start=1):
+        projection.apply(seq, subject_for(event), event)
+    assert set(projection.unfinished) == {"sbx-e0001", "sbx-e0002"}
+    for seq, event in enumerate([ended, later], start=3):
+        projection.apply(seq, subject_for(event), event)
+    assert set(projection.unfinished) == {"sbx-e0002"}
+    view = projection.sandboxes["sbx-e0001"]
+    assert view.state == "rejected" and view.last_seq == 4
+    assert view.ended_by == ended.event_id and view.ended_correlation_id == "d"
 
 
 def test_stream_position_reads_both_reply_formats() -> None:
