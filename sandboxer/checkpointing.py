@@ -13,8 +13,9 @@ import asyncio
 import datetime as dt
 import logging
 import secrets
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import Any, Protocol, cast
 
 from events import (
     CheckpointCreated,
@@ -28,19 +29,58 @@ from events import (
     Restored,
     RestoreFailed,
     RestoreRequested,
+    SandboxRequested,
     envelope,
 )
-from events.base import utc_now
+from events.base import Envelope, utc_now
 from events.subjects import Aggregate
-from extensions import Handle, Snapshotting, StepContext
+from extensions import ExtensionRegistry, Handle, Snapshotting, StepContext
 from projections.checkpoints import CheckpointsProjection, CheckpointView
+from projections.sandboxes import SandboxView
 from sandboxer.errors import Conflict
-from sandboxer.event_store import append_decided
+from sandboxer.event_store import EventRecorder, append_decided
 from sandboxer.lifecycle import InvalidTransition
+from sandboxer.read_model import ProjectionRunner
 from sandboxer.snapshots import SnapshotStore
 
-if TYPE_CHECKING:
-    from sandboxer.manager import Sandbox, SandboxManager
+
+class LiveSandbox(Protocol):
+    """What checkpointing reads of a sandbox the manager drives (its aggregate)."""
+
+    sandbox_id: str
+    view: SandboxView | None
+    request: SandboxRequested | None
+    pending_checkpoint: str | None  # of the running checkpoint or restore
+    progress: str | None  # shown while the step runs
+
+    def meta(self, actor: str = ...) -> EventMeta: ...
+
+
+class StepDriver(Protocol):
+    """What checkpointing needs of the manager that drives sandboxes: their
+    aggregates, the one save path, a step's context, background tasks. (A protocol,
+    so that the two modules do not import each other.)"""
+
+    runner: ProjectionRunner
+    extensions: ExtensionRegistry
+    store: EventRecorder
+
+    @property
+    def sandboxes(self) -> Mapping[str, LiveSandbox]: ...
+
+    async def record_step(
+        self,
+        sandbox_id: str,
+        build: Callable[[Envelope], Event],
+        meta: EventMeta | None = None,
+    ) -> int: ...
+
+    async def caught_up(self, seq: int) -> None: ...
+
+    def step_context(self, sandbox_id: str) -> StepContext: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +108,7 @@ def new_checkpoint_id() -> str:
 
 
 class Checkpoints:
-    def __init__(self, manager: SandboxManager, store: SnapshotStore, spool: Path) -> None:
+    def __init__(self, manager: StepDriver, store: SnapshotStore, spool: Path) -> None:
         self.manager = manager
         self.store = store
         self.spool = spool
@@ -90,7 +130,7 @@ class Checkpoints:
             )
         return cast(Snapshotting, loaded.adapter)
 
-    def _live(self, sandbox_id: str) -> Sandbox:
+    def _live(self, sandbox_id: str) -> LiveSandbox:
         sbx = self.manager.sandboxes.get(sandbox_id)
         if sbx is None or sbx.view is None:
             raise InvalidTransition(sandbox_id, "finished", "CheckpointRequested")
@@ -101,8 +141,8 @@ class Checkpoints:
         assert sbx.view is not None
         self._capable(sbx.view.extension)
         checkpoint_id = new_checkpoint_id()
-        seq = await self.manager._record(
-            sbx, lambda e: CheckpointRequested(**e, checkpoint_id=checkpoint_id), meta
+        seq = await self.manager.record_step(
+            sbx.sandbox_id, lambda e: CheckpointRequested(**e, checkpoint_id=checkpoint_id), meta
         )
         return checkpoint_id, seq
 
@@ -116,8 +156,8 @@ class Checkpoints:
                 f"checkpoint {checkpoint_id} belongs to sandbox {checkpoint.sandbox_id}; "
                 "clone it with create --from-checkpoint"
             )
-        return await self.manager._record(
-            sbx, lambda e: RestoreRequested(**e, checkpoint_id=checkpoint_id), meta
+        return await self.manager.record_step(
+            sbx.sandbox_id, lambda e: RestoreRequested(**e, checkpoint_id=checkpoint_id), meta
         )
 
     def created(self, checkpoint_id: str) -> CheckpointView:
@@ -152,8 +192,8 @@ class Checkpoints:
             await self.store.delete(view.store_key)
         sbx = self.manager.sandboxes.get(view.sandbox_id)
         if sbx is not None:
-            await self.manager._record(
-                sbx,
+            await self.manager.record_step(
+                sbx.sandbox_id,
                 lambda e: CheckpointDeleted(**e, checkpoint_id=checkpoint_id, reason=reason),
                 meta,
             )
@@ -179,8 +219,8 @@ class Checkpoints:
         self.spool.mkdir(parents=True, exist_ok=True)
         return self.spool / f"{checkpoint_id}.tar"
 
-    def _ctx(self, sbx: Sandbox, checkpoint_id: str) -> StepContext:
-        ctx = self.manager._context(sbx)
+    def _ctx(self, sbx: LiveSandbox, checkpoint_id: str) -> StepContext:
+        ctx = self.manager.step_context(sbx.sandbox_id)
         return StepContext(
             sandbox_id=ctx.sandbox_id,
             profile=ctx.profile,
@@ -191,7 +231,7 @@ class Checkpoints:
             checkpoint_id=checkpoint_id,
         )
 
-    async def run_checkpoint(self, sbx: Sandbox) -> None:
+    async def run_checkpoint(self, sbx: LiveSandbox) -> None:
         assert sbx.view is not None and sbx.pending_checkpoint is not None
         checkpoint_id = sbx.pending_checkpoint
         loaded = self.manager.extensions.get(sbx.view.extension)
@@ -206,15 +246,15 @@ class Checkpoints:
                 artifact = await self.store.put_file(checkpoint_id, spool)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            await self.manager._record(
-                sbx,
+            await self.manager.record_step(
+                sbx.sandbox_id,
                 lambda e: CheckpointFailed(**e, checkpoint_id=checkpoint_id, error=error[:2000]),
             )
             return
         finally:
             spool.unlink(missing_ok=True)
-        await self.manager._record(
-            sbx,
+        await self.manager.record_step(
+            sbx.sandbox_id,
             lambda e: CheckpointCreated(
                 **e,
                 checkpoint_id=checkpoint_id,
@@ -226,7 +266,7 @@ class Checkpoints:
         )
         await self._keep_last(sbx)
 
-    async def run_restore(self, sbx: Sandbox) -> None:
+    async def run_restore(self, sbx: LiveSandbox) -> None:
         assert sbx.view is not None and sbx.pending_checkpoint is not None
         checkpoint_id = sbx.pending_checkpoint
         adapter = self._capable(sbx.view.extension)
@@ -247,15 +287,18 @@ class Checkpoints:
                 await loaded.adapter.wait_ready(ctx, handle)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            await self.manager._record(
-                sbx, lambda e: RestoreFailed(**e, checkpoint_id=checkpoint_id, error=error[:2000])
+            await self.manager.record_step(
+                sbx.sandbox_id,
+                lambda e: RestoreFailed(**e, checkpoint_id=checkpoint_id, error=error[:2000]),
             )
             return
         finally:
             spool.unlink(missing_ok=True)
-        await self.manager._record(sbx, lambda e: Restored(**e, checkpoint_id=checkpoint_id))
+        await self.manager.record_step(
+            sbx.sandbox_id, lambda e: Restored(**e, checkpoint_id=checkpoint_id)
+        )
 
-    async def provision_clone(self, sbx: Sandbox, source: CheckpointSource) -> Handle:
+    async def provision_clone(self, sbx: LiveSandbox, source: CheckpointSource) -> Handle:
         """The provision step of a sandbox created from a checkpoint."""
         assert sbx.view is not None
         adapter = self._capable(sbx.view.extension)
@@ -269,7 +312,7 @@ class Checkpoints:
 
     # ---- retention ------------------------------------------------------------------
 
-    def policy(self, sbx: Sandbox) -> CheckpointPolicy:
+    def policy(self, sbx: LiveSandbox) -> CheckpointPolicy:
         request = sbx.request
         return (
             request.checkpoint_policy
@@ -277,7 +320,7 @@ class Checkpoints:
             else CheckpointPolicy()
         )
 
-    async def _keep_last(self, sbx: Sandbox) -> None:
+    async def _keep_last(self, sbx: LiveSandbox) -> None:
         keep = max(self.policy(sbx).keep_last, 1)
         created = [c for c in self.projection.for_sandbox(sbx.sandbox_id) if c.status == "created"]
         for old in created[:-keep]:
@@ -298,7 +341,7 @@ class Checkpoints:
         loop = asyncio.get_running_loop()
         self._timers[sandbox_id] = loop.call_later(
             min(delay, 2**31),
-            lambda: self.manager._spawn(self.expire(sandbox_id), f"retention-{sandbox_id}"),
+            lambda: self.manager.spawn(self.expire(sandbox_id), f"retention-{sandbox_id}"),
         )
 
     async def expire(self, sandbox_id: str) -> None:

@@ -544,7 +544,7 @@ class SandboxManager:
             and self.checkpoints.policy(sbx).on_ready
         ):
             meta = sbx.meta(ACTOR_CHECKPOINT_POLICY)
-            self._spawn(
+            self.spawn(
                 self._checkpoint_quietly(sbx.sandbox_id, meta), f"checkpoint-{sbx.sandbox_id}"
             )
 
@@ -606,7 +606,7 @@ class SandboxManager:
         if state in TERMINAL:
             if sbx.request is not None and sbx.view is not None and sbx.view.metered:
                 # The settlement follows from the event that ended the sandbox.
-                self._spawn(
+                self.spawn(
                     self._settle(sbx.request, sbx.view, sbx.meta()), f"settle-{sbx.sandbox_id}"
                 )
             if sbx.view is not None:
@@ -629,7 +629,7 @@ class SandboxManager:
         sbx.secrets.clear()
         if self.sandboxes.get(sbx.sandbox_id) is sbx:
             del self.sandboxes[sbx.sandbox_id]
-            self._spawn(self.leases.release(sbx.sandbox_id), f"release-{sbx.sandbox_id}")
+            self.spawn(self.leases.release(sbx.sandbox_id), f"release-{sbx.sandbox_id}")
         self.machine.detach(sbx)
 
     async def _drive(self, sbx: Sandbox) -> None:
@@ -683,6 +683,23 @@ class SandboxManager:
                 sbx.step = None
                 sbx.step_name = None
                 sbx.progress = None
+
+    async def record_step(
+        self,
+        sandbox_id: str,
+        build: Callable[[Envelope], Event],
+        meta: EventMeta | None = None,
+    ) -> int:
+        """Record the next event of a live sandbox through the one save path (for the
+        steps other modules run: checkpoint and restore)."""
+        sbx = self.sandboxes.get(sandbox_id)
+        if sbx is None:
+            raise InvalidTransition(sandbox_id, "finished", "the step's event")
+        return await self._record(sbx, build, meta)
+
+    def step_context(self, sandbox_id: str) -> StepContext:
+        """The context the sandbox's running step hands to its extension."""
+        return self._context(self.sandboxes[sandbox_id])
 
     def _context(self, sbx: Sandbox, extension: str | None = None) -> StepContext:
         assert sbx.request is not None and sbx.view is not None
@@ -878,7 +895,8 @@ class SandboxManager:
                 debit = await cast(Metered, loaded.adapter).meter_actual(ctx, seconds)
         await self.ledger.settle(view.id, debit, meta)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """A background task the manager waits for on close (settlements, retention)."""
         task = asyncio.create_task(coro, name=name)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -1153,7 +1171,7 @@ class SandboxManager:
             correlation_id=view.ended_correlation_id or view.correlation_id,
             causation_id=view.ended_by,
         )
-        self._spawn(self._settle(request, view, meta), f"settle-{sandbox_id}")
+        self.spawn(self._settle(request, view, meta), f"settle-{sandbox_id}")
 
     async def _requested(self, sandbox_id: str) -> SandboxRequested | None:
         """The sandbox's recorded request (its configuration is not in the read model)."""

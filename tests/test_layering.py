@@ -120,8 +120,6 @@ def test_the_subject_check_sees_a_spelled_subject() -> None:
     assert [line for line, _ in _spelled_subjects(tree)] == [1, 2]
 
 
-# Import cycles left to break (issue 17 is open until this set is empty).
-KNOWN_CYCLES = [{"sandboxer.checkpointing", "sandboxer.manager"}]
 
 
 def _import_graph() -> dict[str, set[str]]:
@@ -170,9 +168,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
-def test_no_import_cycles_but_the_known_ones() -> None:
-    cycles = _cycles(_import_graph())
-    assert [c for c in cycles if c not in KNOWN_CYCLES] == []
+def test_no_import_cycles() -> None:
+    assert _cycles(_import_graph()) == []
 
 
 def test_the_cycle_check_sees_a_cycle() -> None:
