@@ -36,7 +36,11 @@ from bench.common import (
 )
 from events import Event, EventMeta, Provisioned, envelope
 from events.subjects import Aggregate, aggregate_filter, subject_for
-from sandboxer.event_store import WRONG_LAST_SEQUENCE, ConcurrencyConflict, JetStreamEventStore
+from sandboxer.store.event_store import (
+    WRONG_LAST_SEQUENCE,
+    ConcurrencyConflict,
+    JetStreamEventStore,
+)
 
 META = EventMeta(actor="bench", correlation_id="bench-append")
 TARGET = 0.8

@@ -46,8 +46,8 @@ from events import (
     TornDown,
     envelope,
 )
-from sandboxer.event_store import JetStreamEventStore
-from sandboxer.nats_server import EmbeddedNats, find_nats_server
+from sandboxer.store.event_store import JetStreamEventStore
+from sandboxer.store.nats_server import EmbeddedNats, find_nats_server
 from tests.infra import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent

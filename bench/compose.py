@@ -27,10 +27,10 @@ from pathlib import Path
 from bench.common import REPO_ROOT, Figure, Options, Section, Stopwatch, alternate, scratch
 from bench.lifecycle import service_settings
 from events import EventMeta
-from sandboxer.event_store import RecordedEvent
-from sandboxer.lifecycle import TERMINAL
-from sandboxer.manager import CreateRequest
-from sandboxer.service import Service
+from sandboxer.app.lifecycle import TERMINAL
+from sandboxer.app.manager import CreateRequest
+from sandboxer.bootstrap import Service
+from sandboxer.store.event_store import RecordedEvent
 from tests.infra import Podman, SSHHost
 
 META = EventMeta(actor="bench", correlation_id="bench-compose")

@@ -31,10 +31,10 @@ from bench.common import (
     scratch,
 )
 from events import CreditsReleased, EventMeta
+from sandboxer.app.manager import CreateRequest
+from sandboxer.bootstrap import Service
 from sandboxer.config import Settings
-from sandboxer.event_store import RecordedEvent
-from sandboxer.manager import CreateRequest
-from sandboxer.service import Service
+from sandboxer.store.event_store import RecordedEvent
 from tests.infra import free_port
 
 META = EventMeta(actor="bench", correlation_id="bench-lifecycle")

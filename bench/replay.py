@@ -33,8 +33,8 @@ from bench.common import (
 )
 from events import EventMeta
 from events.subjects import ALL_SUBJECTS
-from sandboxer.event_store import JetStreamEventStore
-from sandboxer.read_model import ProjectionRunner
+from sandboxer.app.read_model import ProjectionRunner
+from sandboxer.store.event_store import JetStreamEventStore
 
 META = EventMeta(actor="bench", correlation_id="bench-replay")
 WRITERS = 1000

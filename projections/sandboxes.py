@@ -22,7 +22,7 @@ from events import (
     ValidationStarted,
 )
 from events.subjects import SANDBOX_SUBJECTS, VALIDATION_SUBJECTS
-from sandboxer.lifecycle import TERMINAL, failing_after, next_state
+from sandboxer.app.lifecycle import TERMINAL, failing_after, next_state
 
 
 class SandboxView(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -1,5 +1,5 @@
 import sys
 
-from sandboxer.cli import main
+from sandboxer.cli.main import main
 
 sys.exit(main())

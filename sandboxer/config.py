@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from sandboxer.app.webhook_settings import check_env
 from sandboxer.errors import SettingsError
-from sandboxer.leases import check_worker_name
-from sandboxer.nats_server import DEFAULT_NATS_PORT, PORT_VARIABLE, sync_interval_from_env
-from sandboxer.webhook_settings import check_env
+from sandboxer.store.leases import check_worker_name
+from sandboxer.store.nats_server import DEFAULT_NATS_PORT, PORT_VARIABLE, sync_interval_from_env
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080

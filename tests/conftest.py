@@ -16,11 +16,11 @@ import pytest
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
+from sandboxer.bootstrap import Service
 from sandboxer.config import Settings
-from sandboxer.event_store import JetStreamEventStore
-from sandboxer.http_server import ApiRunner
-from sandboxer.nats_server import EmbeddedNats
-from sandboxer.service import Service
+from sandboxer.http.server import ApiRunner
+from sandboxer.store.event_store import JetStreamEventStore
+from sandboxer.store.nats_server import EmbeddedNats
 from tests.infra import Podman, SSHHost, free_port
 
 

@@ -1,6 +1,6 @@
 """schemathesis hooks for fuzzing the API: keep every request's effects on this machine.
 
-Used by tests/test_fuzz_api.py and by the longer CLI run (docs/reliability.md):
+Used by tests/integration/test_fuzz_api.py and by the longer CLI run (docs/reliability.md):
 
     SCHEMATHESIS_HOOKS=tests.fuzz_hooks schemathesis run ...
 
@@ -21,7 +21,7 @@ import schemathesis
 from schemathesis import Case
 from schemathesis.hooks import HookContext
 
-from sandboxer.api import MAX_URL, MAX_WAIT_SECONDS, URL_PATTERN
+from sandboxer.http.api import MAX_URL, MAX_WAIT_SECONDS, URL_PATTERN
 
 LOOPBACK_SINK = "http://127.0.0.1:9"  # the discard port: connection refused at once
 FUZZ_WAIT = 0.2

@@ -307,7 +307,7 @@ class NatsNode:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        from sandboxer.nats_server import find_nats_server
+        from sandboxer.store.nats_server import find_nats_server
 
         self.folder.mkdir(parents=True, exist_ok=True)
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)

@@ -20,7 +20,7 @@ from events import (
     ValidationStarted,
     envelope,
 )
-from sandboxer.event_store import ConcurrencyConflict, EventRecorder, append_decided
+from sandboxer.store.event_store import ConcurrencyConflict, EventRecorder, append_decided
 
 META = EventMeta(actor="test", correlation_id="corr-1")
 

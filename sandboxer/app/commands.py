@@ -1,0 +1,94 @@
+"""Commands: what a caller asks the service to do, as data.
+
+The HTTP API builds them, the message bus (sandboxer/app/bus.py) hands each to its one
+handler, and a command for a sandbox another worker drives travels to that worker as
+the same Struct (JSON, tagged by `command`) and runs in the same handler there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from events import EventMeta
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="command", tag=True):
+    meta: EventMeta
+
+
+class CreateSandbox(Command, frozen=True, kw_only=True):
+    profile: str
+    inputs: dict[str, str] = {}
+    ttl_seconds: int | None = None
+    account: str = "default"
+    from_checkpoint: str | None = None
+    sandbox_id: str | None = None  # from an idempotency key; None: a fresh random id
+
+
+class DestroySandbox(Command, frozen=True, kw_only=True):
+    sandbox_id: str
+    reason: str = "user"
+
+
+class RequestCheckpoint(Command, frozen=True, kw_only=True):
+    sandbox_id: str
+
+
+class RestoreCheckpoint(Command, frozen=True, kw_only=True):
+    sandbox_id: str
+    checkpoint_id: str
+
+
+class DeleteCheckpoint(Command, frozen=True, kw_only=True):
+    checkpoint_id: str
+    reason: str
+
+
+class GrantCredits(Command, frozen=True, kw_only=True):
+    account: str
+    amount: int
+    reason: str = ""
+
+
+AnyCommand = (
+    CreateSandbox
+    | DestroySandbox
+    | RequestCheckpoint
+    | RestoreCheckpoint
+    | DeleteCheckpoint
+    | GrantCredits
+)
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What a handler recorded: the stream sequence to wait for, and the ids it made."""
+
+    seq: int = 0
+    sandbox_id: str | None = None
+    checkpoint_id: str | None = None
+
+
+def encode_command(command: Command) -> dict[str, Any]:
+    return msgspec.to_builtins(command)  # type: ignore[no-any-return]
+
+
+_LEGACY_OPS = {
+    "destroy": "DestroySandbox",
+    "checkpoint": "RequestCheckpoint",
+    "restore": "RestoreCheckpoint",
+    "delete_checkpoint": "DeleteCheckpoint",
+}
+
+
+def decode_command(body: dict[str, Any]) -> AnyCommand:
+    """A forwarded command; also in the `{"op": ...}` form the previous release sent,
+    so workers of both can share a cluster while it is upgraded."""
+    if "command" not in body:
+        op = str(body.get("op"))
+        if op not in _LEGACY_OPS:
+            raise ValueError(f"not a command: op {op[:40]!r}")
+        body = {**{k: v for k, v in body.items() if k != "op"}, "command": _LEGACY_OPS[op]}
+    command: AnyCommand = msgspec.convert(body, AnyCommand)
+    return command
