@@ -250,7 +250,7 @@ def test_every_static_file_ships_in_the_package() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["sandboxer"]
     for path in STATIC_DIR.iterdir():
-        relative = f"static/{path.name}"
+        relative = path.relative_to(ROOT / "sandboxer").as_posix()  # as package-data names it
         assert any(fnmatch.fnmatch(relative, p) for p in patterns), relative
 
 
