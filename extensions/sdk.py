@@ -28,6 +28,8 @@ OPTIONAL_HOOKS = (
     "inventory",
     "remove_orphan",
     "run_command",
+    "services",
+    "endpoints",
 )
 
 
@@ -176,6 +178,50 @@ class Reconciling(Protocol):
     async def inventory(self, config: Mapping[str, Any]) -> list[Resource]: ...
 
     async def remove_orphan(self, config: Mapping[str, Any], resource: Resource) -> None: ...
+
+
+HEALTH = ("healthy", "unhealthy", "starting", "none")  # "none": no healthcheck defined
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """One service of a sandbox as the backend sees it now. `state` is the engine's
+    (running, exited, created, paused, ...); `health` one of `HEALTH`; `exit_code` set
+    once the service's container has exited; `output` the last healthcheck's output
+    (its tail, at most 1,000 characters)."""
+
+    service: str
+    state: str
+    health: str = "none"
+    exit_code: int | None = None
+    output: str = ""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A published port: where a client reaches `container_port` of `service`.
+    `host` is the address a client uses (the compose host's own for an SSH host)."""
+
+    service: str
+    container_port: int
+    protocol: str  # tcp or udp
+    host: str
+    host_port: int
+
+
+class Watching(Protocol):
+    """Optional capabilities `services` + `endpoints` (they go together).
+
+    `services` answers the state and health of every service of the resolved
+    configuration; the manager calls it every `watch_interval` seconds while the
+    sandbox is ready and records a service that exits or turns unhealthy. Where the
+    engine does not run healthchecks itself, the adapter runs those that are due on
+    this call. `endpoints` lists the published ports once the sandbox is ready.
+    """
+
+    async def services(self, ctx: StepContext, handle: Handle) -> list[ServiceStatus]: ...
+
+    async def endpoints(self, ctx: StepContext, handle: Handle) -> list[Endpoint]: ...
 
 
 OutputFn = Callable[[str, str], None]
