@@ -1,0 +1,208 @@
+"""The runtime aggregate of a sandbox this worker drives, and what the modules that
+drive it share: the `SandboxHost` protocol they reach the manager through, step
+labels, the errors of sandbox commands and the builders of step events."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from events import (
+    Event,
+    EventMeta,
+    SandboxRequested,
+    StepCancelled,
+    StepFailed,
+    TeardownFailed,
+)
+from events.base import Envelope
+from projections.sandboxes import SandboxView
+from sandboxer.app.lifecycle import LifecycleModel, State
+from sandboxer.errors import Conflict, NotFoundError, SandboxerError, Unprocessable
+from sandboxer.store.event_store import EventRecorder
+
+log = logging.getLogger(__name__)
+
+ACTOR_MANAGER = "system:manager"
+ACTOR_RECOVERY = "system:recovery"
+ACTOR_TTL = "system:ttl-reaper"
+ACTOR_CHECKPOINT_POLICY = "system:checkpoint-policy"
+
+STEP_LABELS: dict[str, str] = {
+    State.CHECKPOINTING: "checkpoint",
+    State.RESTORING: "restore",
+    State.REQUESTED: "route",
+    State.RESERVING: "reserve",
+    State.PROVISIONING: "provision",
+    State.STARTING: "wait_ready",
+    State.TEARING_DOWN: "teardown",
+}
+
+
+def step_label(state: str) -> str:
+    return STEP_LABELS.get(state, state)
+
+
+class NotFound(NotFoundError, LookupError):
+    """No such sandbox driven here (its id is the message)."""
+
+    field = "id"
+    wire = "not_found"
+
+    @classmethod
+    def from_wire(cls, answer: dict[str, Any]) -> SandboxerError:
+        return cls(str(answer.get("message") or answer.get("sandbox_id", "")))
+
+
+class AlreadyCreated(Conflict):
+    """A create with the same idempotency key got there first (the API answers with it)."""
+
+    field = "Idempotency-Key"
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(f"sandbox {sandbox_id} exists already")
+        self.sandbox_id = sandbox_id
+
+
+class IdempotencyMismatch(Unprocessable):
+    """A create reused an Idempotency-Key with another request than the recorded one."""
+
+    code = "idempotency_mismatch"
+
+    def __init__(self, sandbox_id: str, field: str, recorded: object, given: object) -> None:
+        super().__init__(
+            f"this Idempotency-Key created {sandbox_id} with {field}={_short(recorded)}; "
+            f"this request has {field}={_short(given)}: use a new key for another sandbox"
+        )
+        self.sandbox_id = sandbox_id
+        self.field = field
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """The step running for a sandbox here: in which state, since when, its last
+    progress message (runtime only, never recorded)."""
+
+    state: str
+    step: str
+    since: dt.datetime
+    message: str | None = None
+
+
+class Sandbox(LifecycleModel):
+    """The aggregate: machine state plus the projection row folded from the same events."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        self.sandbox_id = sandbox_id
+        self.failing = False
+        self.on_enter: Callable[[str], None] | None = None
+        self.view: SandboxView | None = None
+        self.request: SandboxRequested | None = None
+        self.version = 0
+        self.last_event_id: str | None = None
+        self.last_correlation_id: str | None = None
+        # Runtime only, never recorded:
+        self.secrets: dict[str, str] = {}
+        self.lock = asyncio.Lock()
+        self.driver: asyncio.Task[None] | None = None
+        self.step: asyncio.Task[None] | None = None
+        self.step_name: str | None = None
+        self.step_started: dt.datetime | None = None
+        self.progress: str | None = None
+        self.ttl_timer: asyncio.TimerHandle | None = None
+        self.pending_checkpoint: str | None = None  # of the running checkpoint or restore
+
+    def meta(self, actor: str = ACTOR_MANAGER) -> EventMeta:
+        """The meta of a system step: it follows from the aggregate's last event, so it
+        carries that event's id as causation and its correlation id (the request it
+        answers: a DELETE's X-Request-Id for the teardown, not the create's)."""
+        correlation = self.last_correlation_id or (self.view.correlation_id if self.view else "")
+        return EventMeta(actor=actor, correlation_id=correlation, causation_id=self.last_event_id)
+
+    def stop_timer(self) -> None:
+        if self.ttl_timer:
+            self.ttl_timer.cancel()
+
+
+Build = Callable[[Envelope], Event]
+
+
+class SandboxHost(Protocol):
+    """What the driver, expiry, recovery, settlement and cluster modules need of the
+    manager: the aggregates it holds and the one save path. (A protocol, so that
+    none of them imports the manager.)"""
+
+    store: EventRecorder
+
+    @property
+    def sandboxes(self) -> dict[str, Sandbox]: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    async def record(
+        self,
+        sbx: Sandbox,
+        build: Build,
+        meta: EventMeta | None = None,
+        *,
+        event_id: str | None = None,
+    ) -> int: ...
+
+    def attach(self, sandbox_id: str, live: bool) -> Sandbox: ...
+
+    def apply(self, sbx: Sandbox, seq: int, event: Event) -> None: ...
+
+    def entered(self, sbx: Sandbox, state: str) -> None: ...
+
+    def finish(self, sbx: Sandbox) -> None: ...
+
+    def detach(self, sbx: Sandbox) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None: ...
+
+    def track(self, task: asyncio.Task[Any]) -> None: ...
+
+    def exclusive(self, sandbox_id: str) -> AbstractAsyncContextManager[None]: ...
+
+    async def caught_up(self, seq: int) -> None: ...
+
+
+# Builders for events recorded from inside loops and except blocks: each binds its
+# values when called, not when the event is built under the aggregate's lock.
+def step_failed(step: str, error: str, attempt: int = 1) -> Build:
+    return lambda e: StepFailed(**e, step=step, error=error, attempt=attempt)
+
+
+def step_cancelled(step: str, reason: str) -> Build:
+    return lambda e: StepCancelled(**e, step=step, reason=reason)
+
+
+def teardown_failed(error: str, attempt: int, final: bool) -> Build:
+    return lambda e: TeardownFailed(**e, error=error, attempt=attempt, final=final)
+
+
+def redact(text: str, secrets: Mapping[str, str]) -> str:
+    for value in secrets.values():
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "%s failed; recovery retries it on the next start: %s",
+            task.get_name(),
+            task.exception(),
+        )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

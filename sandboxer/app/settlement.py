@@ -1,0 +1,84 @@
+"""Settling a metered sandbox's reservation once it has ended: debit the metered
+actual and release the rest, or release it all when it never became ready.
+Deterministic from the recorded events, and never twice (the ledger's event ids)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+from events import EventMeta, SandboxRequested
+from events.subjects import Aggregate
+from extensions import Cost, ExtensionRegistry, Metered
+from projections.sandboxes import SandboxView
+from sandboxer.app.failpoints import failpoint
+from sandboxer.app.ledger import LedgerBook
+from sandboxer.app.lifecycle import TERMINAL
+from sandboxer.app.read_model import ProjectionRunner
+from sandboxer.app.sandbox import ACTOR_MANAGER, SandboxHost
+from sandboxer.app.steps import Steps
+
+
+class Settlement:
+    def __init__(
+        self,
+        host: SandboxHost,
+        runner: ProjectionRunner,
+        extensions: ExtensionRegistry,
+        ledger: LedgerBook,
+        steps: Steps,
+    ) -> None:
+        self.host = host
+        self.runner = runner
+        self.extensions = extensions
+        self.ledger = ledger
+        self.steps = steps
+
+    async def settle(self, request: SandboxRequested, view: SandboxView, meta: EventMeta) -> None:
+        """`meta` is that of the event that ended the sandbox (causation and correlation)."""
+        failpoint("before-settle")
+        charge = self.ledger.charge(view.id)
+        if charge is None or charge.rejected or charge.settled:
+            return
+        meta = EventMeta(
+            actor=ACTOR_MANAGER, correlation_id=meta.correlation_id, causation_id=meta.causation_id
+        )
+        debit: Cost | None = None
+        if view.ready_at is not None and view.provisioned_at is not None:
+            ended = view.ended_at or view.updated_at
+            seconds = max((ended - view.provisioned_at).total_seconds(), 0.0)
+            loaded = self.extensions.get(view.extension)
+            ctx = self.steps.context_for(request, view, {}, view.extension)
+            policy = loaded.manifest.hook("meter_actual")
+            async with asyncio.timeout(policy.timeout * (policy.retries + 1) + 5):
+                debit = await cast(Metered, loaded.adapter).meter_actual(ctx, seconds)
+        await self.ledger.settle(view.id, debit, meta)
+
+    async def settle_finished(self, sandbox_id: str, seen: int = 0) -> None:
+        """Settle a finished sandbox from the runner's view of it (after a crash, or one
+        another worker finished); `settle` itself does nothing twice. `seen`: a
+        sequence of the sandbox the view must include first (read from its aggregate)."""
+        if seen:
+            await self.host.caught_up(seen)
+        view = self.runner.projection.get(sandbox_id)
+        if view is None or view.state not in TERMINAL or view.ended_by is None:
+            return
+        request = await self.requested(sandbox_id)
+        if request is None:
+            return
+        await self.ledger.refresh(request.account)
+        # The settlement follows from the event that ended the sandbox.
+        meta = EventMeta(
+            actor=ACTOR_MANAGER,
+            correlation_id=view.ended_correlation_id or view.correlation_id,
+            causation_id=view.ended_by,
+        )
+        self.host.spawn(self.settle(request, view, meta), f"settle-{sandbox_id}")
+
+    async def requested(self, sandbox_id: str) -> SandboxRequested | None:
+        """The sandbox's recorded request (its configuration is not in the read model)."""
+        records = await self.host.store.read_aggregate(Aggregate("sandbox", sandbox_id))
+        for recorded in records:
+            if isinstance(recorded.event, SandboxRequested):
+                return recorded.event
+        return None

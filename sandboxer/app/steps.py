@@ -1,0 +1,311 @@
+"""The steps of a sandbox's lifecycle: route, reserve, provision, wait_ready and
+teardown, each calling its extension hook under the manifest's policy (timeout,
+retries, backoff) and recording the outcome through the one save path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar, cast
+
+import msgspec
+
+from events import (
+    BecameReady,
+    CreditsHeld,
+    Provisioned,
+    RouteChosen,
+    SandboxRejected,
+    SandboxRequested,
+    TornDown,
+)
+from events.ledger import phase_event_id
+from events.sandbox import RouteCandidate
+from extensions import Cost, ExtensionRegistry, LoadedExtension, Metered, Placing, StepContext
+from extensions.manifest import HookPolicy
+from projections.sandboxes import SandboxView
+from sandboxer.app.checkpointing import Checkpoints
+from sandboxer.app.ledger import LedgerBook
+from sandboxer.app.lifecycle import State
+from sandboxer.app.sandbox import (
+    Sandbox,
+    SandboxHost,
+    redact,
+    step_failed,
+    teardown_failed,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Step = Callable[[Sandbox], Coroutine[Any, Any, None]]
+
+
+class HookFailed(Exception):
+    def __init__(self, hook: str, error: str, attempt: int) -> None:
+        super().__init__(f"{hook} failed after {attempt} attempt(s): {error}")
+        self.hook = hook
+        self.error = error
+        self.attempt = attempt
+
+
+class Steps:
+    def __init__(
+        self,
+        host: SandboxHost,
+        extensions: ExtensionRegistry,
+        checkpoints: Checkpoints,
+        ledger: LedgerBook,
+        load: Callable[[str], dict[str, int]],
+    ) -> None:
+        self.host = host
+        self.extensions = extensions
+        self.checkpoints = checkpoints
+        self.ledger = ledger
+        self._load = load  # sandboxes per host of an extension, across workers
+        self._placement_locks: dict[str, asyncio.Lock] = {}
+        self.by_state: dict[str, Step] = {
+            State.REQUESTED: self.route,
+            State.RESERVING: self.reserve,
+            State.PROVISIONING: self.provision,
+            State.STARTING: self.wait_ready,
+            State.TEARING_DOWN: self.teardown,
+            State.CHECKPOINTING: checkpoints.run_checkpoint,
+            State.RESTORING: checkpoints.run_restore,
+        }
+
+    # ---- contexts and hooks ----------------------------------------------------------
+
+    def context(self, sbx: Sandbox, extension: str | None = None) -> StepContext:
+        assert sbx.request is not None and sbx.view is not None
+
+        def progress(message: str) -> None:
+            sbx.progress = message
+
+        return self.context_for(
+            sbx.request, sbx.view, sbx.secrets, extension or sbx.view.extension, progress
+        )
+
+    def context_for(
+        self,
+        request: SandboxRequested,
+        view: SandboxView,
+        secrets: Mapping[str, str],
+        extension: str,
+        progress: Callable[[str], None] | None = None,
+    ) -> StepContext:
+        loaded = self.extensions.get(extension)
+        overrides = request.config
+        for candidate in request.route:
+            if candidate.extension == extension:
+                overrides = candidate.config
+                break
+        return StepContext(
+            sandbox_id=request.aggregate_id,
+            profile=request.profile,
+            inputs={**request.inputs, **secrets},
+            config=loaded.config_for(overrides),
+            host=view.host,
+            progress=progress or (lambda _message: None),
+        )
+
+    async def call_hook(
+        self,
+        sbx: Sandbox,
+        hook: str,
+        call: Callable[[StepContext], Awaitable[T]],
+        policy: HookPolicy,
+        ctx: StepContext | None = None,
+    ) -> T:
+        ctx = ctx or self.context(sbx)
+        attempts = policy.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with asyncio.timeout(policy.timeout):
+                    return await call(ctx)
+            except TimeoutError:
+                error = f"timed out after {policy.timeout:g}s"
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            error = redact(error, sbx.secrets)
+            if attempt == attempts:
+                raise HookFailed(hook, error, attempt)
+            log.warning("%s: %s attempt %d failed: %s", sbx.sandbox_id, hook, attempt, error)
+            await asyncio.sleep(policy.backoff * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    async def estimate(self, sbx: Sandbox, loaded: LoadedExtension, ctx: StepContext) -> Cost:
+        assert sbx.request is not None
+        ttl = sbx.request.ttl_seconds
+        metered = cast(Metered, loaded.adapter)
+        return await self.call_hook(
+            sbx,
+            "estimate_cost",
+            lambda c: metered.estimate_cost(c, ttl),
+            loaded.manifest.hook("estimate_cost"),
+            ctx,
+        )
+
+    # ---- the steps -------------------------------------------------------------------
+
+    async def route(self, sbx: Sandbox) -> None:
+        """Try the profile's candidates in order; record the choice and every reason."""
+        assert sbx.request is not None and sbx.view is not None
+        request = sbx.request
+        candidates = request.route or [
+            RouteCandidate(extension=request.extension, config=request.config)
+        ]
+        passed: list[str] = []
+        for candidate in candidates:
+            extension = candidate.extension
+            loaded = self.extensions.get(extension)
+            ctx = self.context(sbx, extension)
+            why = (
+                f"{request.profile} routes to {extension}"
+                if request.route
+                else f"{request.profile} names extension {extension}"
+            )
+            if loaded.manifest.metered:
+                try:
+                    cost = await self.estimate(sbx, loaded, ctx)
+                except HookFailed as exc:
+                    passed.append(f"{extension} refused: {exc.error}")
+                    continue
+                available = self.ledger.account(request.account).available
+                if candidate.when == "credits_cover_estimate":
+                    if available < cost.amount:
+                        passed.append(
+                            f"{extension}: account {request.account} has "
+                            f"{available} credits, estimate is {cost.amount}"
+                        )
+                        continue
+                    why += f" (credits {available} cover the estimate {cost.amount})"
+            host = None
+            if loaded.manifest.has("place"):
+                lock = self._placement_locks.setdefault(extension, asyncio.Lock())
+                async with lock:
+                    try:
+                        placement = cast(Placing, loaded.adapter).place(ctx, self._load(extension))
+                    except Exception as exc:
+                        passed.append(redact(f"{extension}: {exc}", sbx.secrets))
+                        continue
+                    await self._record_route(
+                        sbx,
+                        extension,
+                        placement.host,
+                        [*passed, why, placement.reason],
+                        loaded.manifest.metered,
+                    )
+                    return
+            await self._record_route(sbx, extension, host, [*passed, why], loaded.manifest.metered)
+            return
+        code = "no_capacity" if len(candidates) == 1 else "no_route"
+        reason = passed[0] if len(candidates) == 1 else "no route: " + "; ".join(passed)
+        await self.host.record(sbx, lambda e: SandboxRejected(**e, reason=reason, code=code))
+
+    async def _record_route(
+        self, sbx: Sandbox, extension: str, host: str | None, reasons: list[str], metered: bool
+    ) -> None:
+        await self.host.record(
+            sbx,
+            lambda e: RouteChosen(
+                **e, extension=extension, host=host, reason="; ".join(reasons), metered=metered
+            ),
+        )
+
+    async def reserve(self, sbx: Sandbox) -> None:
+        """Reserve the estimate on the account (two-phase: the ledger first, then the
+        sandbox's CreditsHeld; recovery finishes a crash between the two)."""
+        assert sbx.request is not None and sbx.view is not None
+        request = sbx.request
+        loaded = self.extensions.get(sbx.view.extension)
+        try:
+            cost = await self.estimate(sbx, loaded, self.context(sbx))
+        except HookFailed as exc:
+            await self.host.record(sbx, step_failed("reserve", exc.error, exc.attempt))
+            return
+        charge = await self.ledger.reserve(sbx.sandbox_id, request.account, cost, sbx.meta())
+        # What the sandbox records next follows from the ledger's decision.
+        decided = msgspec.structs.replace(
+            sbx.meta(), causation_id=phase_event_id(sbx.sandbox_id, "reserve")
+        )
+        if charge.rejected:
+            available = self.ledger.account(request.account).available
+            await self.host.record(
+                sbx,
+                lambda e: SandboxRejected(
+                    **e,
+                    code="insufficient_credits",
+                    reason=(
+                        f"insufficient credits in account {request.account}: required "
+                        f"{cost.amount}, available {available}"
+                    ),
+                ),
+                decided,
+            )
+            return
+        await self.host.record(
+            sbx,
+            lambda e: CreditsHeld(**e, account=request.account, amount=charge.reserved),
+            decided,
+        )
+
+    async def provision(self, sbx: Sandbox) -> None:
+        loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
+        source = sbx.request.from_checkpoint if sbx.request else None
+        try:
+            if source is not None:
+                handle = await self.call_hook(
+                    sbx,
+                    "provision",
+                    lambda _ctx: self.checkpoints.provision_clone(sbx, source),
+                    loaded.manifest.hook("restore"),
+                )
+            else:
+                handle = await self.call_hook(
+                    sbx, "provision", loaded.adapter.provision, loaded.manifest.hook("provision")
+                )
+        except HookFailed as exc:
+            await self.host.record(sbx, step_failed("provision", exc.error, exc.attempt))
+            return
+        await self.host.record(sbx, lambda e: Provisioned(**e, handle=dict(handle)))
+
+    async def wait_ready(self, sbx: Sandbox) -> None:
+        loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
+        handle = dict(sbx.view.handle) if sbx.view else {}
+
+        async def call(ctx: StepContext) -> list[str]:
+            return await loaded.adapter.wait_ready(ctx, handle)
+
+        try:
+            services = await self.call_hook(
+                sbx, "wait_ready", call, loaded.manifest.hook("wait_ready")
+            )
+        except HookFailed as exc:
+            await self.host.record(sbx, step_failed("wait_ready", exc.error, exc.attempt))
+            return
+        await self.host.record(sbx, lambda e: BecameReady(**e, services=list(services)))
+
+    async def teardown(self, sbx: Sandbox) -> None:
+        loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
+        policy = loaded.manifest.hook("teardown")
+        handle = dict(sbx.view.handle) if sbx.view and sbx.view.handle else None
+        attempts = policy.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                await self.call_hook(
+                    sbx,
+                    "teardown",
+                    lambda ctx: loaded.adapter.teardown(ctx, handle),
+                    HookPolicy(timeout=policy.timeout, retries=0),
+                )
+            except HookFailed as exc:
+                final = attempt == attempts
+                await self.host.record(sbx, teardown_failed(exc.error, attempt, final))
+                if final:
+                    return
+                await asyncio.sleep(policy.backoff * 2 ** (attempt - 1))
+                continue
+            await self.host.record(sbx, lambda e: TornDown(**e))
+            return
