@@ -21,8 +21,8 @@ from events import (
     ValidationPassed,
     ValidationStarted,
 )
+from events.lifecycle import TERMINAL, failing_after, next_state
 from events.subjects import SANDBOX_SUBJECTS, VALIDATION_SUBJECTS
-from sandboxer.app.lifecycle import TERMINAL, failing_after, next_state
 
 
 class SandboxView(msgspec.Struct, frozen=True, kw_only=True, gc=False):

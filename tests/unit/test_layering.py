@@ -174,3 +174,17 @@ def test_no_import_cycles() -> None:
 def test_the_cycle_check_sees_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [{"a", "b", "c"}]
+
+
+def test_projections_and_events_depend_on_events_alone() -> None:
+    """The folds (projections/) and the event contract (events/) import nothing of the
+    service: a validator or a replay tool can use them without it."""
+    graph = _import_graph()
+    outside = {
+        f"{name} imports {imported}"
+        for name, imports in graph.items()
+        if name.startswith(("projections", "events"))
+        for imported in imports
+        if not imported.startswith(("projections", "events"))
+    }
+    assert outside == set()
