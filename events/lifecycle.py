@@ -101,9 +101,17 @@ TABLE: tuple[tuple[str, tuple[str, ...], str, Guard | None], ...] = (
     ("RestoreRequested", (State.READY,), State.RESTORING, None),
     ("Restored", (State.RESTORING,), State.READY, None),
     ("RestoreFailed", (State.RESTORING,), State.READY, None),
+    # What a ready sandbox's services do, as the watcher sees it: the state stays.
+    ("ServiceExited", (State.READY,), SAME, None),
+    ("ServiceUnhealthy", (State.READY,), SAME, None),
+    ("ServiceRecovered", (State.READY,), SAME, None),
     # An artifact can be deleted whatever the sandbox is doing, also after its end.
     ("CheckpointDeleted", tuple(s for s in State if s != State.NEW), SAME, None),
 )
+
+# Destroy reasons that make the end `failed` (a watched service exited, with
+# `on_service_exit: fail`).
+FAILING_DESTROYS = frozenset({"failure", "service_exited"})
 
 # Events that mark the teardown that follows as the clean-up of a failure.
 FAILURE_EVENTS = frozenset({"StepFailed"})
@@ -119,7 +127,7 @@ def failing_after(failing: bool, event: Event) -> bool:
     if type(event).__name__ in FAILURE_EVENTS:
         return True
     if type(event).__name__ == "DestroyRequested":
-        return failing or getattr(event, "reason", "") == "failure"
+        return failing or getattr(event, "reason", "") in FAILING_DESTROYS
     return failing
 
 

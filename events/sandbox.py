@@ -84,8 +84,61 @@ class Provisioned(Event, frozen=True, kw_only=True):
     handle: dict[str, str]
 
 
+class ServiceState(msgspec.Struct, frozen=True, kw_only=True):
+    """One service as the backend saw it: `state` the engine's (running, exited, ...),
+    `health` healthy, unhealthy, starting or none (no healthcheck), `exit_code` once
+    its container has exited."""
+
+    service: str
+    state: str
+    health: str = "none"
+    exit_code: int | None = None
+
+
+class PublishedPort(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a client reaches `container_port` of `service`: `host`:`host_port` (the
+    compose host's address for an SSH host)."""
+
+    service: str
+    container_port: int
+    protocol: str = "tcp"
+    host: str
+    host_port: int
+
+
 class BecameReady(Event, frozen=True, kw_only=True):
+    """Version 2 adds what the backend reported at ready: each service's state and
+    health, and the published ports. A version-1 record did not say (empty lists)."""
+
+    VERSION: ClassVar[int] = 2
+    schema_version: int = 2
+
     services: list[str] = []
+    service_states: list[ServiceState] = []
+    endpoints: list[PublishedPort] = []
+
+
+class ServiceExited(Event, frozen=True, kw_only=True):
+    """A service of a ready sandbox stopped running (its container exited)."""
+
+    service: str
+    exit_code: int | None = None
+
+
+class ServiceUnhealthy(Event, frozen=True, kw_only=True):
+    """A service of a ready sandbox failed its healthcheck (`output`: the check's last
+    output, its tail)."""
+
+    service: str
+    output: str = ""
+
+
+class ServiceRecovered(Event, frozen=True, kw_only=True):
+    """A service that had exited or turned unhealthy runs (and is healthy) again."""
+
+    service: str
+    state: str
+    health: str = "none"
 
 
 class StepFailed(Event, frozen=True, kw_only=True):
@@ -135,7 +188,15 @@ class RestoreRequested(Event, frozen=True, kw_only=True):
 
 
 class Restored(Event, frozen=True, kw_only=True):
+    """Version 2 adds the services and published ports after the restore (a restore
+    brings up new containers, whose random host ports differ); version 1 did not say."""
+
+    VERSION: ClassVar[int] = 2
+    schema_version: int = 2
+
     checkpoint_id: str
+    service_states: list[ServiceState] = []
+    endpoints: list[PublishedPort] = []
 
 
 class RestoreFailed(Event, frozen=True, kw_only=True):
@@ -157,6 +218,9 @@ SANDBOX_EVENTS: tuple[type[Event], ...] = (
     CreditsHeld,
     Provisioned,
     BecameReady,
+    ServiceExited,
+    ServiceUnhealthy,
+    ServiceRecovered,
     StepFailed,
     StepCancelled,
     DestroyRequested,

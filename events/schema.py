@@ -88,7 +88,8 @@ EVENT_IDS: dict[str, str] = {
 
 # ---- closed vocabularies ----------------------------------------------------------------
 
-DESTROY_REASONS = ["user", "ttl"]
+DESTROY_REASONS = ["user", "ttl", "service_exited"]
+HEALTH = ["healthy", "unhealthy", "starting", "none"]
 # Steps a StepFailed names (route failures are SandboxRejected; teardown has its own).
 FAILED_STEPS = ["reserve", "provision", "wait_ready"]
 # Steps a destroy can cancel (the manager's step labels of the live states).
@@ -145,6 +146,15 @@ FIELD_RULES: dict[tuple[str, str], Rule] = {
     ("OrphanFound", "why"): _enum(ORPHAN_WHY),
     ("OrphanFound", "action"): _enum(ORPHAN_ACTIONS),
     ("RouteCandidate", "when"): _enum(ADMISSION_RULES),
+    ("*", "health"): _enum(HEALTH),
+    ("PublishedPort", "protocol"): _enum(["tcp", "udp", "sctp"]),
+    ("*", "container_port"): {"minimum": 1, "maximum": 65535},
+    ("*", "host_port"): {"minimum": 1, "maximum": 65535},
+    ("*", "service"): FREE,  # a compose service name, the project's own
+    ("*", "state"): FREE,  # the engine's word for a service (running, exited, ...)
+    ("*", "service_states"): FREE,  # ServiceState items
+    ("*", "endpoints"): FREE,  # PublishedPort items
+    ("ServiceUnhealthy", "output"): FREE,
     ("*", "kind"): _pattern(r"^[a-z][a-z0-9_]*$"),  # workspace, compose_project, instance
     # free text, decided
     ("RouteChosen", "reason"): FREE,
@@ -273,6 +283,8 @@ LEGACY_VERSIONS: dict[str, list[tuple[int, Callable[[dict[str, Any]], None]]]] =
     "SandboxRequested": [(1, _without_required("route", "checkpoint_policy", "from_checkpoint"))],
     "WebhookRegistered": [(1, _without_required("start_seq"))],
     "CreditsDebited": [(1, _debit_v1)],
+    "BecameReady": [(1, _without_required("service_states", "endpoints"))],
+    "Restored": [(1, _without_required("service_states", "endpoints"))],
 }
 
 

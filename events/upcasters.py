@@ -38,8 +38,18 @@ def credits_debited_v1(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def no_service_report_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """BecameReady and Restored at version 1 did not report the services' states or
+    published ports: none reported."""
+    raw.setdefault("service_states", [])
+    raw.setdefault("endpoints", [])
+    return raw
+
+
 UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("SandboxRequested", 1): sandbox_requested_v1,
     ("WebhookRegistered", 1): webhook_registered_v1,
     ("CreditsDebited", 1): credits_debited_v1,
+    ("BecameReady", 1): no_service_report_v1,
+    ("Restored", 1): no_service_report_v1,
 }

@@ -21,12 +21,14 @@ from extensions.sdk import (
     CommandRefused,
     CommandResult,
     Cost,
+    Endpoint,
     ExtensionError,
     Handle,
     OutputBuffer,
     OutputFn,
     Resource,
     RuntimeInfo,
+    ServiceStatus,
     StepContext,
     check_command,
 )
@@ -104,6 +106,7 @@ class SaasStub:
         self.runtime = runtime
         self.base_config = config
         self._random = random.Random()
+        self.looks: dict[str, int] = {}  # services() calls per sandbox (for drills, tests)
 
     def state_dir(self, config: dict[str, Any] | Any) -> Path:
         raw = str(config.get("state_dir") or "")
@@ -176,6 +179,35 @@ class SaasStub:
             await self._latency(ctx)
             code = await _simulate(argv, variables, output)
         return output.result(code, time.monotonic() - started)
+
+    # ---- watching --------------------------------------------------------------------
+
+    async def services(self, ctx: StepContext, handle: Handle) -> list[ServiceStatus]:
+        """The instance as one service, `instance`, running unless the vendor's record
+        says otherwise: a `services` object in it, `{"instance": {"state": "exited",
+        "exit_code": 3}}` or `{"instance": {"health": "unhealthy", "output": "..."}}`
+        (how a test or a drill plays a vendor-side failure)."""
+        path = self._instance_path(ctx)
+        self.looks[ctx.sandbox_id] = self.looks.get(ctx.sandbox_id, 0) + 1
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ExtensionError(f"saas-stub: instance {ctx.sandbox_id}: {exc}") from None
+        told = (record.get("services") or {}).get("instance") or {}
+        code = told.get("exit_code")
+        return [
+            ServiceStatus(
+                service="instance",
+                state=str(told.get("state", "running")),
+                health=str(told.get("health", "none")),
+                exit_code=int(code) if isinstance(code, int) else None,
+                output=str(told.get("output", ""))[-1000:],
+            )
+        ]
+
+    async def endpoints(self, ctx: StepContext, handle: Handle) -> list[Endpoint]:
+        """A SaaS instance publishes no ports (its endpoint is in the handle)."""
+        return []
 
     def _rate(self, ctx: StepContext) -> tuple[str, float]:
         size = ctx.inputs.get("size", "small")

@@ -12,9 +12,15 @@ from events import (
     DestroyRequested,
     Event,
     Provisioned,
+    PublishedPort,
+    Restored,
     RouteChosen,
     SandboxRejected,
     SandboxRequested,
+    ServiceExited,
+    ServiceRecovered,
+    ServiceState,
+    ServiceUnhealthy,
     StepFailed,
     TeardownFailed,
     ValidationFailed,
@@ -41,6 +47,10 @@ class SandboxView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     host: str | None = None
     handle: dict[str, str] = {}
     services: list[str] = []
+    # Each service's state and health as last reported (at ready, after a restore, and
+    # by the watcher while ready), and the published ports.
+    service_states: list[ServiceState] = []
+    endpoints: list[PublishedPort] = []
     route_reason: str | None = None
     reason: str | None = None  # why it was rejected, failed or destroyed
     failing: bool = False
@@ -70,6 +80,19 @@ def _reason(view: SandboxView, event: Event) -> str | None:
     if isinstance(event, DestroyRequested) and view.reason is None:
         return f"destroy requested ({event.reason}) by {event.actor}"
     return view.reason
+
+
+def _service_change(
+    states: list[ServiceState], event: ServiceExited | ServiceUnhealthy | ServiceRecovered
+) -> list[ServiceState]:
+    if isinstance(event, ServiceExited):
+        new = ServiceState(service=event.service, state="exited", exit_code=event.exit_code)
+    elif isinstance(event, ServiceUnhealthy):
+        new = ServiceState(service=event.service, state="running", health="unhealthy")
+    else:
+        new = ServiceState(service=event.service, state=event.state, health=event.health)
+    kept = [s for s in states if s.service != event.service]
+    return sorted([*kept, new], key=lambda s: s.service)
 
 
 def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | None:
@@ -107,7 +130,16 @@ def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | No
     elif isinstance(event, Provisioned):
         changes = {"handle": event.handle, "provisioned_at": event.occurred_at}
     elif isinstance(event, BecameReady):
-        changes = {"services": event.services, "ready_at": event.occurred_at}
+        changes = {
+            "services": event.services,
+            "ready_at": event.occurred_at,
+            "service_states": event.service_states,
+            "endpoints": event.endpoints,
+        }
+    elif isinstance(event, Restored) and event.service_states:
+        changes = {"service_states": event.service_states, "endpoints": event.endpoints}
+    elif isinstance(event, (ServiceExited, ServiceUnhealthy, ServiceRecovered)):
+        changes = {"service_states": _service_change(view.service_states, event)}
     elif isinstance(event, TeardownFailed) and event.final:
         changes = {"needs_reconciliation": True}
     if state in TERMINAL:

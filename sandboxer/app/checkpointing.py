@@ -39,6 +39,7 @@ from projections.checkpoints import CheckpointsProjection, CheckpointView
 from projections.sandboxes import SandboxView
 from sandboxer.app.lifecycle import InvalidTransition
 from sandboxer.app.read_model import ProjectionRunner
+from sandboxer.app.watch import report
 from sandboxer.errors import Conflict
 from sandboxer.store.event_store import EventRecorder, append_decided
 from sandboxer.store.snapshots import SnapshotStore
@@ -285,6 +286,8 @@ class Checkpoints:
             async with asyncio.timeout(loaded.manifest.hook("wait_ready").timeout):
                 sbx.progress = "waiting until ready"
                 await loaded.adapter.wait_ready(ctx, handle)
+                # New containers: new states and (random) host ports.
+                states, endpoints = await report(loaded, ctx, handle)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             await self.manager.record_step(
@@ -295,7 +298,10 @@ class Checkpoints:
         finally:
             spool.unlink(missing_ok=True)
         await self.manager.record_step(
-            sbx.sandbox_id, lambda e: Restored(**e, checkpoint_id=checkpoint_id)
+            sbx.sandbox_id,
+            lambda e: Restored(
+                **e, checkpoint_id=checkpoint_id, service_states=states, endpoints=endpoints
+            ),
         )
 
     async def provision_clone(self, sbx: LiveSandbox, source: CheckpointSource) -> Handle:

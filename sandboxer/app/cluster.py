@@ -187,7 +187,7 @@ class Cluster:
         """Stop driving everything (our session lapsed); the sweep takes back what no
         other worker took meanwhile."""
         for sbx in list(self.host.sandboxes.values()):
-            sbx.stop_timer()
+            sbx.stop_background()
             if sbx.driver is not None and not sbx.driver.done():
                 sbx.driver.cancel()
             del self.host.sandboxes[sbx.sandbox_id]  # in `foreign` from now on

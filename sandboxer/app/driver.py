@@ -103,10 +103,13 @@ class Driver:
                 sbx.progress = None
 
     def cancel_all(self) -> list[asyncio.Task[None]]:
-        """Cancel every running driver; the tasks to wait for."""
+        """Cancel every running driver (and the watches beside them); the tasks to
+        wait for."""
         tasks: list[asyncio.Task[None]] = []
         for sbx in self.host.sandboxes.values():
-            sbx.stop_timer()
+            if sbx.watcher is not None and not sbx.watcher.done():
+                tasks.append(sbx.watcher)
+            sbx.stop_background()
             if sbx.driver and not sbx.driver.done():
                 sbx.driver.cancel()
                 tasks.append(sbx.driver)

@@ -58,6 +58,7 @@ from sandboxer.app.sandbox import (
 )
 from sandboxer.app.settlement import Settlement
 from sandboxer.app.steps import Steps
+from sandboxer.app.watch import ServiceWatch, check_watch_config
 from sandboxer.ids import check_account, new_sandbox_id
 from sandboxer.profiles import ProfileCatalog, ProfileError
 from sandboxer.store.event_store import ConcurrencyConflict, EventRecorder
@@ -123,6 +124,7 @@ class SandboxManager:
         self.steps = Steps(self, extensions, self.checkpoints, self.ledger, self._load)
         self.driver = Driver(self, self.steps.by_state, leases, lambda: self.abandon())
         self.expiry = Expiry(self, self.destroy)
+        self.watch = ServiceWatch(self, extensions, self.steps.context, self.destroy)
         self.settlement = Settlement(self, runner, extensions, self.ledger, self.steps)
         self.recovery = Recovery(
             self,
@@ -200,7 +202,8 @@ class SandboxManager:
         candidates = profile.candidates()
         try:
             for candidate in candidates:
-                self.extensions.resolve_config(candidate.extension, candidate.config)
+                config = self.extensions.resolve_config(candidate.extension, candidate.config)
+                check_watch_config(config)
         except ConfigError as exc:
             raise ProfileError(f"{profile.name}: {exc}", "profile") from exc
         source = None
@@ -471,9 +474,11 @@ class SandboxManager:
             self.finish(sbx)
         elif self.driver.runs_step(state):
             self.driver.ensure(sbx)
+        elif state == State.READY:
+            self.watch.ensure(sbx)
 
     def finish(self, sbx: Sandbox) -> None:
-        sbx.stop_timer()
+        sbx.stop_background()
         sbx.secrets.clear()
         if self._sandboxes.get(sbx.sandbox_id) is sbx:
             del self._sandboxes[sbx.sandbox_id]

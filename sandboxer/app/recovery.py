@@ -110,5 +110,5 @@ class Recovery:
                 ),
                 sbx.meta(ACTOR_RECOVERY),
             )
-        elif self.driver.runs_step(sbx.state):
-            self.driver.ensure(sbx)
+        else:
+            host.entered(sbx, sbx.state)  # its step resumes, or (ready) its watch

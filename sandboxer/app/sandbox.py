@@ -115,6 +115,7 @@ class Sandbox(LifecycleModel):
         self.step_started: dt.datetime | None = None
         self.progress: str | None = None
         self.ttl_timer: asyncio.TimerHandle | None = None
+        self.watcher: asyncio.Task[None] | None = None  # while ready (sandboxer/app/watch.py)
         self.pending_checkpoint: str | None = None  # of the running checkpoint or restore
 
     def meta(self, actor: str = ACTOR_MANAGER) -> EventMeta:
@@ -124,9 +125,13 @@ class Sandbox(LifecycleModel):
         correlation = self.last_correlation_id or (self.view.correlation_id if self.view else "")
         return EventMeta(actor=actor, correlation_id=correlation, causation_id=self.last_event_id)
 
-    def stop_timer(self) -> None:
+    def stop_background(self) -> None:
+        """Stop what runs beside the steps: the TTL timer and the service watch."""
         if self.ttl_timer:
             self.ttl_timer.cancel()
+        if self.watcher is not None and not self.watcher.done():
+            if self.watcher is not asyncio.current_task():
+                self.watcher.cancel()
 
 
 Build = Callable[[Envelope], Event]

@@ -15,9 +15,11 @@ from events import (
     BecameReady,
     CreditsHeld,
     Provisioned,
+    PublishedPort,
     RouteChosen,
     SandboxRejected,
     SandboxRequested,
+    ServiceState,
     TornDown,
 )
 from events.ledger import phase_event_id
@@ -35,6 +37,7 @@ from sandboxer.app.sandbox import (
     step_failed,
     teardown_failed,
 )
+from sandboxer.app.watch import report
 
 log = logging.getLogger(__name__)
 
@@ -275,17 +278,27 @@ class Steps:
         loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
         handle = dict(sbx.view.handle) if sbx.view else {}
 
-        async def call(ctx: StepContext) -> list[str]:
-            return await loaded.adapter.wait_ready(ctx, handle)
+        async def call(
+            ctx: StepContext,
+        ) -> tuple[list[str], list[ServiceState], list[PublishedPort]]:
+            services = await loaded.adapter.wait_ready(ctx, handle)
+            # Ready includes knowing where its ports are: a validator reacting to
+            # BecameReady finds them in the event.
+            return (list(services), *await report(loaded, ctx, handle))
 
         try:
-            services = await self.call_hook(
+            services, states, endpoints = await self.call_hook(
                 sbx, "wait_ready", call, loaded.manifest.hook("wait_ready")
             )
         except HookFailed as exc:
             await self.host.record(sbx, step_failed("wait_ready", exc.error, exc.attempt))
             return
-        await self.host.record(sbx, lambda e: BecameReady(**e, services=list(services)))
+        await self.host.record(
+            sbx,
+            lambda e: BecameReady(
+                **e, services=services, service_states=states, endpoints=endpoints
+            ),
+        )
 
     async def teardown(self, sbx: Sandbox) -> None:
         loaded = self.extensions.get(sbx.view.extension if sbx.view else "")

@@ -186,13 +186,29 @@ def _print_sandbox(s: dict[str, Any]) -> None:
         value = s.get(key)
         if value in (None, {}, [], ""):
             continue
+        if key == "services" and s.get("service_states"):
+            value = ", ".join(_service(st) for st in s["service_states"])
         if isinstance(value, (dict, list)):
             value = json.dumps(value)
         elif key == "state":
             value = paint(value, tone(value), colour)
         print(f"{key + ':':<14}{value}")
+    for port in s.get("endpoints") or []:
+        where = f"{port['host']}:{port['host_port']}"
+        port_name = f"{port['container_port']}/{port['protocol']}"
+        print(f"{'endpoint:':<14}{port['service']} {port_name} -> {where}")
     if s.get("progress"):
         print(f"{'step:':<14}{_step(s).strip('[]')}")
+
+
+def _service(state: dict[str, Any]) -> str:
+    """`web running`, `db running (healthy)`, `job exited 1`."""
+    text = f"{state['service']} {state['state']}"
+    if state.get("health") not in (None, "none"):
+        text += f" ({state['health']})"
+    if state.get("exit_code") is not None and state["state"] != "running":
+        text += f" {state['exit_code']}"
+    return text
 
 
 def _events_table() -> Table:

@@ -15,7 +15,7 @@ import msgspec.inspect
 from aiohttp import web
 
 import events.schema as events_schema
-from events import Event, EventMeta
+from events import Event, EventMeta, PublishedPort, ServiceState
 from events.subjects import (
     LEDGER_SUBJECTS,
     SANDBOX_SUBJECTS,
@@ -179,6 +179,9 @@ class SandboxOut(msgspec.Struct):
     host: str | None
     handle: dict[str, str]
     services: list[str]
+    # Each service's state and health as last reported, and where its ports are.
+    service_states: list[ServiceState]
+    endpoints: list[PublishedPort]
     route_reason: str | None
     reason: str | None
     needs_reconciliation: bool
@@ -639,6 +642,8 @@ class Api:
             host=view.host,
             handle=view.handle,
             services=view.services,
+            service_states=view.service_states,
+            endpoints=view.endpoints,
             route_reason=view.route_reason,
             reason=view.reason,
             needs_reconciliation=view.needs_reconciliation,

@@ -47,7 +47,9 @@ CATALOG = {t.type_name() for t in ALL_EVENTS}
 # The first event of each chain: the only ones with no causation (docs/events.md).
 CHAIN_STARTS = {
     "SandboxRequested",  # a create
-    "DestroyRequested",  # a DELETE (not a TTL expiry: that follows its SandboxRequested)
+    # a DELETE (not a TTL expiry: that follows its SandboxRequested; nor a watched
+    # service's exit: that follows its ServiceExited)
+    "DestroyRequested",
     "CheckpointRequested",
     "RestoreRequested",
     "CheckpointDeleted",  # by the API (retention after the end: a timer)
@@ -137,6 +139,7 @@ def profiles(tmp_path: Path) -> Path:
         ("saas-broken-teardown", {"config": {"fail_hook": "teardown"}}),
         ("saas-slow", {"config": {"latency_ms": 3000}}),
         ("saas-validated", {"validation": validation}),  # no shell there: fails
+        ("saas-watched", {"config": {"watch_interval": 0.2, "on_service_exit": "fail"}}),
     ]:
         (folder / f"profile.{name}.yaml").write_text(
             yaml.safe_dump({**base, "name": f"profile.{name}", **extra})
@@ -310,6 +313,7 @@ async def produce_everything(
     checked = await made(profile="profile.saas-validated")
     compose = await made(profile="profile.compose-validated", inputs={"repo": str(repo)})
     expiring = await made("req-create-ttl", ttl_seconds=2)  # the TTL reaper destroys it
+    watched = await made(profile="profile.saas-watched")
 
     await wait_state(http, url, slow, {"provisioning"})
     await call(http, "DELETE", f"{api}/sandboxes/{slow}", 202)  # cancels the provision
@@ -332,6 +336,19 @@ async def produce_everything(
     await wait_checkpoint(http, url, failed, "failed")
     await call(http, "DELETE", f"{api}/checkpoints/{ckpt['id']}", 200)
 
+    # The vendor's side of a watched sandbox: unhealthy, back, then gone (it fails).
+    await wait_state(http, url, watched, {"ready"})
+    for told, seen in [
+        ({"health": "unhealthy", "output": "probe refused"}, "ServiceUnhealthy"),
+        ({"health": "healthy"}, "ServiceRecovered"),
+        ({"state": "exited", "exit_code": 3}, "ServiceExited"),
+    ]:
+        record = vendor / f"{watched}.json"
+        changed = {**json.loads(record.read_text()), "services": {"instance": told}}
+        (vendor / "next.tmp").write_text(json.dumps(changed))
+        (vendor / "next.tmp").replace(record)
+        await wait_for_types(http, url, {seen})
+
     await wait_state(http, url, stuck, {"ready"})
     await call(http, "DELETE", f"{api}/sandboxes/{stuck}", 202)
     for sandbox in (checked, compose):
@@ -349,6 +366,7 @@ async def produce_everything(
         (checked, "destroyed"),
         (compose, "destroyed"),
         (expiring, "destroyed"),
+        (watched, "failed"),
     ]:
         await wait_state(http, url, sandbox, {state}, timeout=120)
 
@@ -395,7 +413,7 @@ def check_causation_and_correlation(recorded: list[dict[str, Any]]) -> None:
     by_id = {e["event_id"]: e for e in events}
     for e in events:
         cause = e["causation_id"]
-        if e["type"] in CHAIN_STARTS and e.get("reason") != "ttl":
+        if e["type"] in CHAIN_STARTS and e.get("reason") not in ("ttl", "service_exited"):
             assert cause is None, e
         else:
             assert cause is not None, f"{e['type']} {e['event_id']}: no causation"
@@ -407,6 +425,9 @@ def check_causation_and_correlation(recorded: list[dict[str, Any]]) -> None:
             for e in events
             if e["type"] == type_name and sandbox in (e["aggregate_id"], e.get("sandbox_id"))
         ]
+
+    for destroy in [e for e in events if e.get("reason") == "service_exited"]:
+        assert by_id[destroy["causation_id"]]["type"] == "ServiceExited", destroy
 
     requested = next(e for e in events if e["correlation_id"] == "req-create-a")
     a = requested["aggregate_id"]

@@ -271,3 +271,24 @@ def test_a_type_whose_version_default_lags_is_refused() -> None:
 
     with pytest.raises(TypeError, match="schema_version: int = 3"):
         EventCodec([Lagging])
+
+
+@pytest.mark.parametrize("type_name", ["BecameReady", "Restored"])
+def test_v1_ready_and_restored_decode_with_nothing_reported(type_name: str) -> None:
+    v1: dict[str, Any] = {
+        "type": type_name,
+        "event_id": "0123456789abcdef0123456789abcdef",
+        "aggregate_id": "sbx-0123456789ab",
+        **ENVELOPE,
+        "schema_version": 1,
+    }
+    if type_name == "BecameReady":
+        v1["services"] = ["web", "db"]
+    else:
+        v1["checkpoint_id"] = "ckpt-0123456789ab"
+    event = decode_event(json.dumps(v1).encode())
+    assert event.schema_version == 2
+    assert event.service_states == [] and event.endpoints == []
+    assert errors(v1) == [] and errors(v1, f"{type_name}V1") == []
+    assert errors(v1, type_name), "version 2 always reports them"
+    assert errors(as_json(event)) == []

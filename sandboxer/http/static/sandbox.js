@@ -93,13 +93,31 @@ export function mountSandbox(root, { sandboxes, stream }, id) {
         ["validation", validation(s)],
         ["route", s.route_reason],
         ["reason", s.reason],
-        ["services", s.services.length ? s.services.join(", ") : null],
+        ["services", services(s)],
+        ["endpoints", endpoints(s)],
         ["handle", Object.keys(s.handle).length ? details(s.handle) : null],
         ["inputs", Object.keys(s.inputs).length ? details(s.inputs) : null],
         ["credits held", s.metered ? String(s.credits_held) : "not metered"],
         ["reconciliation", s.needs_reconciliation ? "needed: teardown gave up" : null],
       ]),
     );
+  }
+
+  function services(s) {
+    const states = s.service_states || [];
+    if (!states.length) return s.services.length ? s.services.join(", ") : null;
+    return h("span", { dataset: { col: "services" } }, ...states.map((st, i) => h("span", {},
+      i ? ", " : "", `${st.service} `,
+      h("span", { class: `svc ${st.state === "running" && st.health !== "unhealthy" ? "ok" : "bad"}` },
+        st.state + (st.health && st.health !== "none" ? ` (${st.health})` : "")
+          + (st.exit_code !== null && st.exit_code !== undefined && st.state !== "running" ? ` ${st.exit_code}` : "")))));
+  }
+
+  function endpoints(s) {
+    const ports = s.endpoints || [];
+    if (!ports.length) return null;
+    return h("span", { dataset: { col: "endpoints" } }, ...ports.map((p, i) => h("span", { class: "mono" },
+      i ? ", " : "", `${p.service} ${p.container_port}/${p.protocol} → ${p.host}:${p.host_port}`)));
   }
 
   function tick() {
