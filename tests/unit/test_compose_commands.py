@@ -141,7 +141,7 @@ def test_a_link_out_of_the_repo_is_refused(tmp_path: Path) -> None:
     repo.mkdir()
     (tmp_path / "outside.yml").write_text("services: {a: {image: x}}\n")
     (repo / "compose.yml").symlink_to(tmp_path / "outside.yml")
-    with pytest.raises(ExtensionError, match="compose_file 'compose.yml': a link out"):
+    with pytest.raises(ExtensionError, match=r"compose_file 'compose\.yml': a link out"):
         read_services(repo.resolve(), ["compose.yml"])
     with pytest.raises(ExtensionError, match="no such file"):
         read_services(repo.resolve(), ["deploy/compose.yml"])
@@ -149,7 +149,9 @@ def test_a_link_out_of_the_repo_is_refused(tmp_path: Path) -> None:
 
 def test_handle_files_recorded_list_and_old_handles() -> None:
     files = ["deploy/compose.yml", "deploy/ci.yml"]
-    assert handle_files({"compose_files": FILES_SEPARATOR.join(files), "compose_file": "x"}) == files
+    assert (
+        handle_files({"compose_files": FILES_SEPARATOR.join(files), "compose_file": "x"}) == files
+    )
     assert handle_files({"compose_file": "compose.ci.yml"}) == ["compose.ci.yml"]
     assert handle_files(None) == []
     with pytest.raises(ExtensionError):
