@@ -93,12 +93,13 @@ left=$("$@" ps -aq --filter "$label") || exit 1
 exit 0
 """
 
-# Runs a command holding the sandbox's lock file (flock, where the host has it). The
-# lock's file descriptor is inherited by everything the command starts, so a compose
-# up whose caller died (serve killed) holds it until its last process ends.
+# Runs a command holding the sandbox's lock file (flock, where the host has it) until
+# the command ends, also when its caller died (serve killed): flock waits for it.
+# `-o`: the command does not inherit the lock, or the engine's long-lived container
+# monitors (podman's conmon) would hold it as long as the containers run.
 LOCKED = r"""
 lock=$1; shift
-if command -v flock >/dev/null 2>&1; then exec flock "$lock" "$@"; fi
+if command -v flock >/dev/null 2>&1; then exec flock -o "$lock" "$@"; fi
 exec "$@"
 """
 
@@ -106,7 +107,7 @@ exec "$@"
 WAIT_FOR_LOCK = r"""
 lock=$1
 [ -f "$lock" ] && [ ! -L "$lock" ] || exit 0
-if command -v flock >/dev/null 2>&1; then exec flock "$lock" true; fi
+if command -v flock >/dev/null 2>&1; then exec flock -o "$lock" true; fi
 """
 
 # Lists the sandbox ids of `<root>/.lock-<id>` files, one per line.
