@@ -224,7 +224,7 @@ def parse_config(text: str) -> dict[str, ServiceSpec]:
     if not isinstance(doc, Mapping) or not isinstance(doc.get("services"), Mapping):
         raise ExtensionError("compose config printed no services")
     specs: dict[str, ServiceSpec] = {}
-    for name in sorted(doc["services"]):
+    for name in sorted(doc["services"], key=str):
         raw = doc["services"][name] or {}
         if not isinstance(raw, Mapping):
             raise ExtensionError(f"compose config: service {name!r} is not a mapping")

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from extensions import compose_services
 from extensions.hosts import (
     ID_RE,
     PREPARE_WORKSPACE,
@@ -36,6 +37,7 @@ from extensions.hosts import (
 from extensions.sdk import (
     CommandRefused,
     CommandResult,
+    Endpoint,
     ExtensionError,
     Handle,
     OutputBuffer,
@@ -43,6 +45,7 @@ from extensions.sdk import (
     Placement,
     Resource,
     RuntimeInfo,
+    ServiceStatus,
     StepContext,
     check_command,
 )
@@ -204,6 +207,7 @@ class ComposeSSH:
         self.runtime = runtime
         self.base_config = config
         self.pool = SSHPool()
+        self._monitors: dict[str, compose_services.ServiceMonitor] = {}
 
     # ---- config ----------------------------------------------------------------------
 
@@ -279,28 +283,54 @@ class ComposeSSH:
         return _handle(host, directory, project, compose_file, ",".join(services))
 
     async def wait_ready(self, ctx: StepContext, handle: Handle) -> list[str]:
-        host = self._host(ctx)
-        project = handle.get("project") or project_name(ctx.sandbox_id)
-        expected = [s for s in handle.get("services", "").split(",") if s]
-        poll = float(ctx.config.get("poll_interval", 0.5))
-        # All services running on this many polls in a row: a service that dies at
-        # once (a crashing entrypoint) is caught instead of reported ready.
-        settle = max(int(ctx.config.get("settle_polls", 2)), 1)
-        streak = 0
-        while True:
-            states = parse_ps(await self._ps(host, ctx, project))
-            for service in expected:
-                if states.get(service) in DEAD:
-                    raise ExtensionError(f"service {service!r} is {states[service]}")
-            waiting = [s for s in expected if states.get(s) not in RUNNING]
-            streak = 0 if waiting else streak + 1
-            if streak >= settle:
-                return expected
-            if waiting:
-                ctx.progress(f"waiting for {', '.join(waiting)}")
-            await asyncio.sleep(poll)  # polling the remote engine; the hook has a timeout
+        """Every service of the resolved configuration running, each with a
+        healthcheck healthy (see extensions.compose_services)."""
+        monitor = await self._monitor(ctx, handle)
+        return await compose_services.wait_ready(
+            monitor,
+            ctx.progress,
+            poll_interval=float(ctx.config.get("poll_interval", 0.5)),
+            settle_polls=int(ctx.config.get("settle_polls", 2)),
+            timeout=float(ctx.config.get("ready_timeout", 290)),
+        )
+
+    # ---- watching --------------------------------------------------------------------
+
+    async def _monitor(self, ctx: StepContext, handle: Handle) -> compose_services.ServiceMonitor:
+        """The sandbox's service monitor, kept in memory (rebuilt after a restart)."""
+        monitor = self._monitors.get(ctx.sandbox_id)
+        if monitor is None:
+            host = self._host(ctx)
+            pool, target = self.pool, host.target
+
+            async def run(argv: list[str]) -> tuple[int, str, str]:
+                result = await pool.run(target, argv, timeout=120, check=False)
+                return result.exit_status, result.stdout, result.stderr
+
+            monitor = await compose_services.build_monitor(
+                run,
+                compose=compose_cmd(host, ctx.config),
+                engine=engine_cmd(host, ctx.config),
+                project=handle.get("project") or project_name(ctx.sandbox_id),
+                directory=handle.get("directory") or self._directory(host, ctx.sandbox_id),
+                handle=handle,
+                run_healthchecks=str(ctx.config.get("run_healthchecks", "auto")),
+            )
+            self._monitors[ctx.sandbox_id] = monitor
+        return monitor
+
+    async def services(self, ctx: StepContext, handle: Handle) -> list[ServiceStatus]:
+        """One poll: each service's state and health (running the due healthchecks)."""
+        return await (await self._monitor(ctx, handle)).poll()
+
+    async def endpoints(self, ctx: StepContext, handle: Handle) -> list[Endpoint]:
+        """The published ports, `host` the compose host's address for a wildcard bind."""
+        monitor = await self._monitor(ctx, handle)
+        await monitor.ps()
+        return monitor.endpoints(handle.get("address") or self._host(ctx).target.host)
 
     async def teardown(self, ctx: StepContext, handle: Handle | None) -> None:
+        self._monitors.pop(ctx.sandbox_id, None)
         if ctx.host is None:
             return  # never placed: nothing was made
         host = self._host(ctx)
