@@ -579,6 +579,7 @@ class ServiceMonitor:
         self.trackers: dict[str, tuple[str, HealthTracker]] = {}  # service → (container key, …)
         self.engine_outputs: dict[str, tuple[str, str]] = {}  # service → (container id, output)
         self.last_ps = ""
+        self.prefetched: str | None = None  # a `ps` taken as the monitor was built
 
     @property
     def expected(self) -> list[str]:
@@ -627,7 +628,11 @@ class ServiceMonitor:
 
     async def poll(self) -> list[ServiceStatus]:
         """Every expected service, now: one `ps`, then the due healthchecks."""
-        containers = parse_containers(await self.ps())
+        if self.prefetched is not None:
+            self.last_ps, self.prefetched = self.prefetched, None
+        else:
+            await self.ps()
+        containers = parse_containers(self.last_ps)
         now = self.clock()
         due: list[tuple[Container, HealthTracker]] = []
         if not self.engine_checks:
@@ -754,7 +759,14 @@ async def build_monitor(
     clock: Clock = time.monotonic,
 ) -> ServiceMonitor:
     """A monitor for a sandbox: its resolved services, then the engine's view."""
-    specs = await resolve_services(run, compose, project, compose_files(handle), directory)
-    return ServiceMonitor(
+    # The first `ps` goes out beside `config` (one round trip less before ready).
+    specs, (code, out, _err) = await asyncio.gather(
+        resolve_services(run, compose, project, compose_files(handle), directory),
+        run(ps_argv(engine, project)),
+    )
+    monitor = ServiceMonitor(
         run, engine, project, specs, run_healthchecks=run_healthchecks, clock=clock
     )
+    if code == 0:
+        monitor.prefetched = out
+    return monitor

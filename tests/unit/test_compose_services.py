@@ -14,6 +14,7 @@ from extensions.compose_services import (
     HealthTracker,
     PortSpec,
     ServiceMonitor,
+    build_monitor,
     client_host,
     compose_files,
     config_argv,
@@ -77,7 +78,7 @@ services:
 
 # `podman ps -a --format json` (podman 4.3.1), trimmed to the fields read; as it was
 # printed for the project above a few seconds after `up -d`.
-PODMAN_PS = [
+PODMAN_PS: list[dict[str, Any]] = [
     {
         "Id": "9a46036b48832891bf06e8d3f91a7909494ff59e9cebd072b5f5cd30a109996a",
         "Exited": False,
@@ -440,6 +441,7 @@ class ScriptedEngine:
         self.passing: dict[str, bool] = {}  # container id → does its check pass now
         self.calls: list[list[str]] = []
         self.clock: Clock | None = None
+        self.config: tuple[int, str, str] = (0, PODMAN_COMPOSE_CONFIG, "")
 
     async def __call__(self, argv: list[str]) -> tuple[int, str, str]:
         self.calls.append(argv)
@@ -450,6 +452,12 @@ class ScriptedEngine:
                 output = "ok" if self.passing.get(i) else f"{i} not yet"
                 lines.append(f"{i} " + json.dumps({"Log": [{"Output": output}]}))
             return 0, "\n".join(lines) + "\n", ""
+        if argv[-1] == "config":
+            return self.config
+        if "inspect" in argv:
+            ids = argv[argv.index("inspect") + 3 :]
+            lines = [f"{i} " + json.dumps({"Log": [{"Output": f"{i} says no"}]}) for i in ids]
+            return 0, "\n".join(lines), ""
         if "ps" in argv:
             if self.clock is not None:
                 self.clock.now += 1.0
@@ -473,6 +481,10 @@ def podman_container(
         "State": state,
         "Status": f"Exited ({code}) 1 second ago" if state == "exited" else "Up (starting)",
     }
+
+
+def by_service(statuses: list[ServiceStatus]) -> dict[str, ServiceStatus]:
+    return {s.service: s for s in statuses}
 
 
 SPECS = parse_config(
@@ -571,3 +583,76 @@ async def test_wait_ready_timeout_names_each_service_not_ready() -> None:
     assert message.startswith("services not ready after 10s: ")
     assert "db: state running, health unhealthy, last healthcheck output: 'd1 not yet'" in message
     assert "web: state missing, health none" in message
+
+
+async def test_build_monitor_resolves_in_the_workspace_and_reuses_its_first_ps() -> None:
+    engine = ScriptedEngine(PODMAN_PS)
+    handle = {"compose_files": "compose.yml\ncompose.ci.yml", "project": "p"}
+    monitor = await build_monitor(
+        engine,
+        compose=["podman-compose"],
+        engine=["podman"],
+        project="p",
+        directory="/srv/sandboxer/sbx-1",
+        handle=handle,
+    )
+    config_call = next(c for c in engine.calls if c[-1] == "config")
+    assert config_call[:5] == [
+        "sh",
+        "-c",
+        'cd -- "$1" && shift && exec "$@"',
+        "sh",
+        "/srv/sandboxer/sbx-1",
+    ]
+    assert config_call[5:] == [
+        "podman-compose",
+        "-p",
+        "p",
+        "-f",
+        "compose.yml",
+        "-f",
+        "compose.ci.yml",
+        "config",
+    ]
+    assert monitor.expected == ["api", "cache", "db", "quit", "web"]
+    calls = len(engine.calls)
+    statuses = by_service(await monitor.poll())
+    assert not any("ps" in c for c in engine.calls[calls:]), "the prefetched ps was used"
+    assert (statuses["quit"].state, statuses["quit"].exit_code) == ("exited", 1)
+    assert statuses["api"].state == "missing"
+    await monitor.poll()
+    assert any("ps" in c for c in engine.calls[calls:]), "then each poll asks again"
+
+
+async def test_a_failing_compose_config_names_its_error() -> None:
+    engine = ScriptedEngine([])
+    engine.config = (1, "", "Traceback ...\nKeyError: 'services'\nvariable FOO is not set\n")
+    with pytest.raises(
+        ExtensionError, match=r"(?s)compose config failed \(exit 1\): .*FOO is not set"
+    ):
+        await build_monitor(
+            engine,
+            compose=["docker", "compose"],
+            engine=["docker"],
+            project="p",
+            directory="/w",
+            handle={},
+        )
+
+
+async def test_docker_unhealthy_output_is_read_once_per_container() -> None:
+    web = {
+        "ID": "abc123",
+        "Labels": "com.docker.compose.service=web",
+        "Names": "p-web-1",
+        "State": "running",
+        "Status": "Up 1 minute (unhealthy)",
+    }
+    engine = ScriptedEngine([web])
+    specs = parse_config("services:\n  web:\n    healthcheck: {test: 'false'}\n")
+    monitor = ServiceMonitor(engine, ["docker"], "p", specs, clock=Clock())
+    first = await monitor.poll()
+    assert first == [ServiceStatus("web", "running", "unhealthy", None, "abc123 says no")]
+    await monitor.poll()
+    assert sum(1 for c in engine.calls if "inspect" in c) == 1
+    assert engine.checks_run() == 0
