@@ -38,6 +38,8 @@ Run = Callable[[list[str]], Awaitable[tuple[int, str, str]]]
 Clock = Callable[[], float]
 
 OUTPUT_TAIL = 1000  # characters of a healthcheck's output kept
+CALL_TIMEOUT = 60.0  # seconds a ps or an inspect may take
+CONFIG_TIMEOUT = 120.0  # seconds `compose config` may take
 RUNNING = "running"
 DEAD = frozenset({"exited", "dead", "stopped", "removing"})
 RUN_HEALTHCHECKS = ("auto", "always", "never")
@@ -52,6 +54,14 @@ DEFAULT_RETRIES = 3
 
 def tail(text: str, keep: int = OUTPUT_TAIL) -> str:
     return text[-keep:] if len(text) > keep else text
+
+
+async def call(run: Run, argv: list[str], timeout: float, what: str) -> tuple[int, str, str]:
+    """`run(argv)` under this module's own limit (the transport may have a longer one)."""
+    try:
+        return await asyncio.wait_for(run(argv), timeout)
+    except TimeoutError:
+        raise ExtensionError(f"{what} did not answer within {timeout:g}s") from None
 
 
 # ---- compose config ------------------------------------------------------------------
@@ -269,7 +279,8 @@ async def resolve_services(
     run: Run, compose: Sequence[str], project: str, files: Sequence[str], directory: str
 ) -> dict[str, ServiceSpec]:
     """The services `up` runs, from `<compose> -p P [-f F]... config` in the workspace."""
-    code, out, err = await run(in_directory(directory, config_argv(compose, project, files)))
+    argv = in_directory(directory, config_argv(compose, project, files))
+    code, out, err = await call(run, argv, CONFIG_TIMEOUT, "compose config")
     if code != 0:
         raise ExtensionError(f"compose config failed (exit {code}): {tail(err.strip(), 600)}")
     return parse_config(out)
@@ -586,7 +597,9 @@ class ServiceMonitor:
         return list(self.specs)
 
     async def ps(self) -> str:
-        code, out, err = await self.run(ps_argv(self.engine, self.project))
+        code, out, err = await call(
+            self.run, ps_argv(self.engine, self.project), CALL_TIMEOUT, "ps"
+        )
         if code != 0:
             raise ExtensionError(f"engine ps failed (exit {code}): {tail(err.strip(), 600)}")
         self.last_ps = out
@@ -620,7 +633,8 @@ class ServiceMonitor:
     async def _engine_outputs(self, containers: list[Container]) -> None:
         ids = [c.id for c in containers]
         fmt = "{{.Id}} {{json .State.Health}}"
-        _code, out, _err = await self.run([*self.engine, "inspect", "--format", fmt, *ids])
+        argv = [*self.engine, "inspect", "--format", fmt, *ids]
+        _code, out, _err = await call(self.run, argv, CALL_TIMEOUT, "inspect")
         _codes, outputs = parse_check_results(out)
         for container in containers:
             text = tail(str(_by_id(outputs, container.id) or ""))
@@ -718,16 +732,25 @@ async def wait_ready(
     poll_interval: float = 0.5,
     settle_polls: int = 2,
     timeout: float = 290.0,
+    started: float | None = None,
 ) -> list[str]:
     """Poll until every expected service is running (and healthy, with a healthcheck)
     on `settle_polls` polls in a row; returns the service names. An exited service
-    fails at once; past `timeout` seconds the error names every service not ready."""
+    fails at once; `timeout` seconds after `started` (the monitor's clock; default
+    now) the error names every service not ready. A poll held up by a slow
+    healthcheck is cut off at the deadline, so the error beats the hook's timeout."""
     settle = max(settle_polls, 1)
-    deadline = monitor.clock() + timeout
+    deadline = (monitor.clock() if started is None else started) + timeout
     streak = 0
     last = ""
+    statuses: list[ServiceStatus] = []
     while True:
-        statuses = await monitor.poll()
+        try:
+            remaining = max(deadline - monitor.clock(), 0.5)
+            statuses = await asyncio.wait_for(monitor.poll(), remaining)
+        except TimeoutError:
+            report = not_ready_report(statuses, monitor.specs) or "the engine did not answer"
+            raise ExtensionError(f"services not ready after {timeout:g}s: {report}") from None
         for status in statuses:
             if status.state in DEAD:
                 code = "" if status.exit_code is None else f" (exit code {status.exit_code})"
@@ -762,7 +785,7 @@ async def build_monitor(
     # The first `ps` goes out beside `config` (one round trip less before ready).
     specs, (code, out, _err) = await asyncio.gather(
         resolve_services(run, compose, project, compose_files(handle), directory),
-        run(ps_argv(engine, project)),
+        call(run, ps_argv(engine, project), CALL_TIMEOUT, "ps"),
     )
     monitor = ServiceMonitor(
         run, engine, project, specs, run_healthchecks=run_healthchecks, clock=clock

@@ -285,6 +285,7 @@ class ComposeSSH:
     async def wait_ready(self, ctx: StepContext, handle: Handle) -> list[str]:
         """Every service of the resolved configuration running, each with a
         healthcheck healthy (see extensions.compose_services)."""
+        started = time.monotonic()
         monitor = await self._monitor(ctx, handle)
         return await compose_services.wait_ready(
             monitor,
@@ -292,6 +293,7 @@ class ComposeSSH:
             poll_interval=float(ctx.config.get("poll_interval", 0.5)),
             settle_polls=int(ctx.config.get("settle_polls", 2)),
             timeout=float(ctx.config.get("ready_timeout", 290)),
+            started=started,
         )
 
     # ---- watching --------------------------------------------------------------------
@@ -304,7 +306,8 @@ class ComposeSSH:
             pool, target = self.pool, host.target
 
             async def run(argv: list[str]) -> tuple[int, str, str]:
-                result = await pool.run(target, argv, timeout=120, check=False)
+                # compose_services puts its own limit on each call
+                result = await pool.run(target, argv, timeout=600, check=False)
                 return result.exit_status, result.stdout, result.stderr
 
             monitor = await compose_services.build_monitor(

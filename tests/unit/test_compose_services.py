@@ -3,7 +3,9 @@ ps, the health state machine) and the monitor driven by a scripted engine and cl
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -656,3 +658,18 @@ async def test_docker_unhealthy_output_is_read_once_per_container() -> None:
     await monitor.poll()
     assert sum(1 for c in engine.calls if "inspect" in c) == 1
     assert engine.checks_run() == 0
+
+
+async def test_a_hanging_healthcheck_does_not_hold_wait_ready_past_its_deadline() -> None:
+    class Hanging(ScriptedEngine):
+        async def __call__(self, argv: list[str]) -> tuple[int, str, str]:
+            if argv[2:3] == [RUN_CHECKS]:
+                await asyncio.Event().wait()  # a check that never comes back
+            return await super().__call__(argv)
+
+    engine = Hanging([podman_container("db", "d1"), podman_container("web", "w1")])
+    monitor = ServiceMonitor(engine, ["podman"], "p", SPECS)  # the real clock
+    started = time.monotonic()
+    with pytest.raises(ExtensionError, match="services not ready after 1s: the engine did not"):
+        await wait_ready(monitor, lambda _m: None, poll_interval=0.1, timeout=1.0)
+    assert time.monotonic() - started < 5
