@@ -356,7 +356,7 @@ def container_of(item: Mapping[str, Any]) -> Container | None:
         state=state,
         exit_code=exit_code,
         engine_health=health,
-        started=str(item.get("StartedAt") or item.get("RunningFor") or ""),
+        started=str(item.get("StartedAt") or ""),  # podman's; docker's ps has none
         ports=ports,
         ports_text=raw_ports if isinstance(raw_ports, str) else "",
     )
@@ -588,7 +588,8 @@ class ServiceMonitor:
         self.clock = clock
         self.check_slack = check_slack
         self.trackers: dict[str, tuple[str, HealthTracker]] = {}  # service → (container key, …)
-        self.engine_outputs: dict[str, tuple[str, str]] = {}  # service → (container id, output)
+        self.engine_outputs: dict[str, str] = {}  # service → output when it turned unhealthy
+        self.engine_unhealthy: set[str] = set()  # services the engine said unhealthy last poll
         self.last_ps = ""
         self.prefetched: str | None = None  # a `ps` taken as the monitor was built
 
@@ -602,7 +603,7 @@ class ServiceMonitor:
         )
         if code != 0:
             raise ExtensionError(f"engine ps failed (exit {code}): {tail(err.strip(), 600)}")
-        self.last_ps = out
+        self.last_ps, self.prefetched = out, None
         return out
 
     def _tracker(self, container: Container, check: Healthcheck, now: float) -> HealthTracker:
@@ -637,8 +638,7 @@ class ServiceMonitor:
         _code, out, _err = await call(self.run, argv, CALL_TIMEOUT, "inspect")
         _codes, outputs = parse_check_results(out)
         for container in containers:
-            text = tail(str(_by_id(outputs, container.id) or ""))
-            self.engine_outputs[container.service] = (container.id, text)
+            self.engine_outputs[container.service] = tail(str(_by_id(outputs, container.id) or ""))
 
     async def poll(self) -> list[ServiceStatus]:
         """Every expected service, now: one `ps`, then the due healthchecks."""
@@ -660,14 +660,14 @@ class ServiceMonitor:
             if due:
                 await self._run_checks(due)
         else:
-            fresh = [
-                c
+            unhealthy = {
+                name
                 for name, c in containers.items()
-                if name in self.specs
-                and c.engine_health == "unhealthy"
-                and self.engine_outputs.get(name, ("", ""))[0] != c.id
-            ]
-            if fresh:
+                if name in self.specs and c.state == RUNNING and c.engine_health == "unhealthy"
+            }
+            fresh = [containers[name] for name in sorted(unhealthy - self.engine_unhealthy)]
+            self.engine_unhealthy = unhealthy
+            if fresh:  # newly unhealthy: keep what its last check said
                 await self._engine_outputs(fresh)
         return [self._status(name, containers.get(name)) for name in self.specs]
 
@@ -685,7 +685,7 @@ class ServiceMonitor:
             return ServiceStatus(name, container.state, health, container.exit_code, output)
         if self.engine_checks:
             health = container.engine_health if container.engine_health != "none" else "starting"
-            output = self.engine_outputs.get(name, ("", ""))[1] if health == "unhealthy" else ""
+            output = self.engine_outputs.get(name, "") if health == "unhealthy" else ""
             return ServiceStatus(name, container.state, health, container.exit_code, output)
         known = self.trackers.get(name)
         if known is None:

@@ -656,8 +656,35 @@ async def test_docker_unhealthy_output_is_read_once_per_container() -> None:
     first = await monitor.poll()
     assert first == [ServiceStatus("web", "running", "unhealthy", None, "abc123 says no")]
     await monitor.poll()
-    assert sum(1 for c in engine.calls if "inspect" in c) == 1
+    assert sum(1 for c in engine.calls if "inspect" in c) == 1, "once while it stays unhealthy"
+    web["Status"] = "Up 2 minutes (healthy)"
+    assert (await monitor.poll())[0] == ServiceStatus("web", "running", "healthy")
+    web["Status"] = "Up 3 minutes (unhealthy)"
+    await monitor.poll()
+    assert sum(1 for c in engine.calls if "inspect" in c) == 2, "and again when it turns again"
     assert engine.checks_run() == 0
+
+
+async def test_docker_checks_run_by_us_keep_their_state_between_polls() -> None:
+    """docker's ps has no start time (only "RunningFor", which changes): the health
+    of a container we check must not start over on every poll."""
+    web = {
+        "ID": "abc123",
+        "Labels": "com.docker.compose.service=web",
+        "RunningFor": "3 seconds ago",
+        "State": "running",
+        "Status": "Up 3 seconds",
+    }
+    engine = ScriptedEngine([web])
+    engine.passing["abc123"] = True
+    specs = parse_config("services:\n  web:\n    healthcheck: {test: 'true'}\n")
+    clock = Clock()
+    monitor = ServiceMonitor(engine, ["docker"], "p", specs, run_healthchecks="always", clock=clock)
+    assert (await monitor.poll())[0].health == "healthy"
+    web["RunningFor"] = "4 seconds ago"
+    clock.now += 1
+    assert (await monitor.poll())[0].health == "healthy"
+    assert engine.checks_run() == 1
 
 
 async def test_a_hanging_healthcheck_does_not_hold_wait_ready_past_its_deadline() -> None:
