@@ -2,8 +2,9 @@
 
 provision: SSH to the placed host → an isolated directory `<root>/<sandbox id>` →
 rsync the `repo` input into it → `<compose> -p sandboxer-<id> up -d`.
-wait_ready: every service of the project has a running container (compose `ps`);
-no HTTP health checks: the validator owns those.
+wait_ready: every service of the resolved configuration running, healthy where it
+has a healthcheck (extensions.compose_services); the validator owns HTTP checks.
+services / endpoints: the services' state and health, the published ports.
 teardown: compose down (volumes, orphans) and remove the directory; idempotent.
 """
 
