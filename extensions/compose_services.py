@@ -592,12 +592,14 @@ class ServiceMonitor:
         self.engine_unhealthy: set[str] = set()  # services the engine said unhealthy last poll
         self.last_ps = ""
         self.prefetched: str | None = None  # a `ps` taken as the monitor was built
+        self.ps_at = clock()  # when the last `ps` was sent (the monitor's clock)
 
     @property
     def expected(self) -> list[str]:
         return list(self.specs)
 
     async def ps(self) -> str:
+        self.ps_at = self.clock()
         code, out, err = await call(
             self.run, ps_argv(self.engine, self.project), CALL_TIMEOUT, "ps"
         )
@@ -767,7 +769,9 @@ async def wait_ready(
         if monitor.clock() >= deadline:
             report = not_ready_report(statuses, monitor.specs)
             raise ExtensionError(f"services not ready after {timeout:g}s: {report}")
-        await asyncio.sleep(poll_interval)  # polling the engine, under the deadline above
+        # polls `poll_interval` apart, counted from when the last `ps` was sent
+        pause = poll_interval - (monitor.clock() - monitor.ps_at)
+        await asyncio.sleep(max(pause, 0.0))  # polling the engine, under the deadline above
 
 
 async def build_monitor(
@@ -782,7 +786,9 @@ async def build_monitor(
     clock: Clock = time.monotonic,
 ) -> ServiceMonitor:
     """A monitor for a sandbox: its resolved services, then the engine's view."""
-    # The first `ps` goes out beside `config` (one round trip less before ready).
+    # The first `ps` goes out beside `config`: the first poll, so the slower `config`
+    # overlaps the pause before the second.
+    sent = clock()
     specs, (code, out, _err) = await asyncio.gather(
         resolve_services(run, compose, project, compose_files(handle), directory),
         call(run, ps_argv(engine, project), CALL_TIMEOUT, "ps"),
@@ -791,5 +797,5 @@ async def build_monitor(
         run, engine, project, specs, run_healthchecks=run_healthchecks, clock=clock
     )
     if code == 0:
-        monitor.prefetched = out
+        monitor.prefetched, monitor.ps_at = out, sent
     return monitor
