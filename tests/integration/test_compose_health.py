@@ -100,12 +100,15 @@ services:
 """
 
 
+def discover(tmp_path: Path, environ: dict[str, str]) -> ExtensionRegistry:
+    return ExtensionRegistry.discover(
+        RuntimeInfo(tmp_path, (tmp_path.resolve(),)), entry_points=False, environ=environ
+    )
+
+
 @pytest.fixture
 def extension(tmp_path: Path, compose_env: Callable[..., dict[str, str]]) -> LoadedExtension:
-    registry = ExtensionRegistry.discover(
-        RuntimeInfo(tmp_path, (tmp_path.resolve(),)), entry_points=False, environ=compose_env()
-    )
-    return registry.get("compose-ssh")
+    return discover(tmp_path, compose_env()).get("compose-ssh")
 
 
 class Sandboxes:
@@ -146,6 +149,8 @@ class Sandboxes:
         for ctx, handle in self.made:
             await self.extension.adapter.teardown(ctx, handle)
             assert self.podman.containers(project_name(ctx.sandbox_id)) == []
+            monitors = getattr(self.extension.adapter, "_monitors", {})
+            assert ctx.sandbox_id not in monitors, "the monitor is dropped at teardown"
 
 
 @pytest.fixture
@@ -164,7 +169,10 @@ def by_service(statuses: list[ServiceStatus]) -> dict[str, ServiceStatus]:
 
 
 async def test_ready_waits_for_the_healthcheck_and_skips_profiles(
-    sandboxes: Sandboxes, podman: Podman
+    sandboxes: Sandboxes,
+    podman: Podman,
+    tmp_path: Path,
+    compose_env: Callable[..., dict[str, str]],
 ) -> None:
     ctx = sandboxes.context("sbx-health", HEALTH)
     handle = await sandboxes.provision(ctx)
@@ -186,6 +194,14 @@ async def test_ready_waits_for_the_healthcheck_and_skips_profiles(
     # podman itself never moved it off "starting": the adapter ran the checks
     engine_view = podman("inspect", "--format", "{{.State.Health.Status}}", f"{project}_db_1")
     assert engine_view.stdout.strip() == "healthy"
+    # After a restart of the service (a new adapter, no monitor in memory): rebuilt
+    # from the handle, it runs the check at once and finds db healthy again.
+    restarted = discover(tmp_path, compose_env())
+    try:
+        fresh = cast(Watching, restarted.get("compose-ssh").adapter)
+        assert by_service(await fresh.services(ctx, handle))["db"].health == "healthy"
+    finally:
+        await restarted.close()
 
 
 async def test_a_service_of_an_inactive_profile_is_not_waited_for(sandboxes: Sandboxes) -> None:
