@@ -50,6 +50,7 @@ SERVICE_LABEL = "com.docker.compose.service"
 DEFAULT_INTERVAL = 30.0
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRIES = 3
+DEFAULT_START_INTERVAL = 5.0
 
 
 def tail(text: str, keep: int = OUTPUT_TAIL) -> str:
@@ -111,6 +112,7 @@ class Healthcheck:
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
     start_period: float = 0.0
+    start_interval: float = DEFAULT_START_INTERVAL  # between checks in the start period
 
 
 def parse_healthcheck(raw: object) -> Healthcheck | None:
@@ -138,6 +140,8 @@ def parse_healthcheck(raw: object) -> Healthcheck | None:
         timeout=parse_duration(raw.get("timeout"), DEFAULT_TIMEOUT) or DEFAULT_TIMEOUT,
         retries=int(retries) if isinstance(retries, int | str) and int(retries) > 0 else 3,
         start_period=parse_duration(raw.get("start_period"), 0.0),
+        start_interval=parse_duration(raw.get("start_interval"), DEFAULT_START_INTERVAL)
+        or DEFAULT_START_INTERVAL,
     )
 
 
@@ -518,8 +522,9 @@ def _by_id(table: Mapping[str, Any], ident: str) -> Any:
 @dataclass
 class HealthTracker:
     """The health of one container whose checks we run, as the engine would keep it:
-    a check is due at once when it is first seen running, then every `interval`;
-    `retries` failures in a row make it unhealthy, one success healthy. Failures in
+    a check is due at once when it is first seen running, then every `interval`
+    (every `start_interval` in the start period until a first success); `retries`
+    failures in a row make it unhealthy, one success healthy. Failures in
     `start_period` do not count (until a first success), as compose defines it."""
 
     check: Healthcheck
@@ -538,12 +543,14 @@ class HealthTracker:
 
     def record(self, ok: bool, output: str, now: float) -> None:
         self.output = tail(output)
+        starting = not self.passed_once and now < self.started + self.check.start_period
         self.next_due = now + self.check.interval
         if ok:
             self.health, self.failures, self.passed_once = "healthy", 0, True
             return
-        if not self.passed_once and now < self.started + self.check.start_period:
-            return  # still starting: a failure in the start period does not count
+        if starting:  # a failure in the start period does not count
+            self.next_due = now + min(self.check.start_interval, self.check.interval)
+            return
         self.failures += 1
         if self.failures >= self.check.retries:
             self.health = "unhealthy"

@@ -411,10 +411,27 @@ def test_failures_in_the_start_period_do_not_count() -> None:
     assert (tracker.health, tracker.failures) == ("starting", 0)
     tracker.record(False, "broken", 15.0)  # the start period is over
     assert tracker.health == "unhealthy"
+    assert tracker.next_due == 16.0  # the interval once the start period is over
     early = HealthTracker(check, started=0.0)
     early.record(True, "", 1.0)
     early.record(False, "", 2.0)  # after a first success, failures count at once
     assert early.health == "unhealthy"
+
+
+def test_start_interval_paces_checks_in_the_start_period() -> None:
+    check = parse_healthcheck(
+        {"test": "true", "interval": "30s", "start_period": "20s", "start_interval": "2s"}
+    )
+    assert check is not None and check.start_interval == 2.0
+    tracker = HealthTracker(check, started=0.0)
+    tracker.record(False, "", 0.0)
+    assert tracker.next_due == 2.0  # not 30 s: the service is still starting
+    tracker.record(True, "", 2.0)
+    assert tracker.next_due == 32.0  # healthy: the interval
+    assert parse_healthcheck({"test": "true"}) == Healthcheck(("CMD-SHELL", "true"))
+    default = HealthTracker(Healthcheck(("CMD", "x"), interval=30.0), started=0.0)
+    default.record(False, "", 0.0)
+    assert default.next_due == 30.0  # no start period: the interval from the start
 
 
 def test_output_is_kept_to_its_tail() -> None:
