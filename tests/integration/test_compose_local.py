@@ -263,7 +263,7 @@ def compose_processes(projects: set[str]) -> list[str]:
 async def test_kill_during_provisioning_then_restart_leaves_nothing(
     local_env: dict[str, str], podman: Podman, tmp_path: Path
 ) -> None:
-    """SIGKILL serve while five compose-local sandboxes provision (one in compose up,
+    """SIGKILL serve while ten compose-local sandboxes provision (one in compose up,
     building its image), restart: each is recovered (failed and torn down, or ready);
     after destroy nothing is left, images included, even from a compose process the
     dead serve had started."""
@@ -278,11 +278,12 @@ async def test_kill_during_provisioning_then_restart_leaves_nothing(
         "inputs": {"repo": str(repo), "compose_file": "compose.ci.yml"},
     }
     async with aiohttp.ClientSession() as http:
-        first = ServeProcess(data_dir, free_port(), **local_env)
+        env = {**local_env, "SANDBOXER_COMPOSE_LOCAL_CAPACITY": "10"}
+        first = ServeProcess(data_dir, free_port(), **env)
         try:
             await first.wait_healthy(http)
             ids = []
-            for _ in range(5):
+            for _ in range(10):
                 async with http.post(f"{first.url}/v1/sandboxes", json=body) as resp:
                     assert resp.status == 202, await resp.text()
                     ids.append((await resp.json())["id"])
@@ -296,7 +297,7 @@ async def test_kill_during_provisioning_then_restart_leaves_nothing(
         finally:
             first.kill()
 
-        second = ServeProcess(data_dir, free_port(), **local_env)
+        second = ServeProcess(data_dir, free_port(), **env)
         try:
             await second.wait_healthy(http)
             for sandbox_id in ids:
