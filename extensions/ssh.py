@@ -29,14 +29,21 @@ class SSHError(ExtensionError):
     """The connection failed (unreachable, auth, unknown or changed host key)."""
 
 
-class RemoteCommandFailed(ExtensionError):
+class CommandFailed(ExtensionError):
+    """A command (on a host or on this machine) exited non-zero; `stderr` is all of
+    its error output, the message its tail."""
+
+    where = "command"
+
     def __init__(self, command: str, exit_status: int | None, stderr: str) -> None:
         tail = stderr.strip().splitlines()[-5:]
-        super().__init__(
-            f"remote command exited {exit_status}: {command[:200]}: " + " | ".join(tail)
-        )
+        super().__init__(f"{self.where} exited {exit_status}: {command[:200]}: " + " | ".join(tail))
         self.exit_status = exit_status
         self.stderr = stderr
+
+
+class RemoteCommandFailed(CommandFailed):
+    where = "remote command"
 
 
 @dataclass(frozen=True)
@@ -356,27 +363,85 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-async def rsync(
-    target: SSHTarget,
+def rsync_argv(
     source: Path,
-    remote_dir: str,
+    destination: str,
     *,
+    target: SSHTarget | None = None,
+    includes: Sequence[str] = (),
     excludes: Sequence[str] = (),
     filters: Sequence[str] = (),
-    timeout: float = 600.0,
-    progress: Callable[[str], None] | None = None,
-) -> None:
-    """Mirror `source/` into `remote_dir/` with rsync over OpenSSH (same key rules)."""
+    dry_run: bool = False,
+) -> list[str]:
+    """The rsync invocation mirroring `source/` into `destination/`: on `target` over
+    OpenSSH (same identity and host-key rules), or a local directory (`target` None).
+    Rule order is rsync's first match: `includes` win over `filters` (the .gitignore
+    merge) and `excludes`."""
     # --safe-links: a link in the repo that points out of it is not copied (-a copies
     # links as links, never what they point to).
     argv = ["rsync", "-a", "--safe-links", "--delete", "--protect-args"]
-    argv += ["--info=progress2", "--no-inc-recursive"]
+    if dry_run:
+        argv += ["--dry-run", "--out-format=%n"]
+    else:
+        argv += ["--info=progress2", "--no-inc-recursive", "--stats"]
+    for pattern in includes:
+        argv += ["--include", pattern]
     for rule in filters:
         argv += ["--filter", rule]
     for pattern in excludes:
         argv += ["--exclude", pattern]
-    argv += ["-e", shlex.join(target.ssh_command())]
-    argv += [f"{source}/", f"{target.destination}:{remote_dir}/"]
+    if target is not None:
+        argv += ["-e", shlex.join(target.ssh_command())]
+        argv += [f"{source}/", f"{target.destination}:{destination}/"]
+    else:
+        argv += [f"{source}/", f"{destination}/"]
+    return argv
+
+
+def human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{count} B"  # unreachable
+
+
+def parse_progress2(line: str) -> tuple[int, str] | None:
+    """`      52,428,800  42%   10.00MB/s    0:00:04 (xfr#3, to-chk=1/5)` → (bytes
+    transferred so far, "42%"); None for any other line."""
+    fields = line.split()
+    if len(fields) >= 2 and fields[1].endswith("%"):
+        try:
+            return int(fields[0].replace(",", "")), fields[1]
+        except ValueError:
+            return None
+    return None
+
+
+def parse_stats(text: str) -> dict[str, int]:
+    """rsync --stats: "Total transferred file size: 52,428,800 bytes" → its numbers."""
+    stats: dict[str, int] = {}
+    for line in text.splitlines():
+        name, sep, rest = line.partition(":")
+        words = rest.split()
+        if sep and words:
+            try:
+                stats[name.strip()] = int(words[0].replace(",", ""))
+            except ValueError:
+                continue
+    return stats
+
+
+async def run_rsync(
+    argv: Sequence[str],
+    where: str,
+    *,
+    timeout: float = 600.0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, int]:
+    """Run an rsync built by `rsync_argv`, reporting progress as bytes actually
+    transferred (`rsync 42%: 22.0 MB`) and, at the end, the totals; returns --stats."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdout=asyncio.subprocess.PIPE,
@@ -384,17 +449,26 @@ async def rsync(
         env={**os.environ, "LC_ALL": "C"},
     )
     assert proc.stdout is not None and proc.stderr is not None
+    rest: list[str] = []
 
     async def read_progress() -> None:
         assert proc.stdout is not None
         buffer = b""
+        last = ""
         while chunk := await proc.stdout.read(4096):
             buffer += chunk
             *lines, buffer = buffer.replace(b"\r", b"\n").split(b"\n")
-            for line in lines:
-                fields = line.decode(errors="replace").split()
-                if progress is not None and len(fields) >= 2 and fields[1].endswith("%"):
-                    progress(f"rsync {fields[1]} of {fields[0]} bytes")
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                parsed = parse_progress2(line)
+                if parsed is None:
+                    rest.append(line)
+                    continue
+                message = f"rsync {parsed[1]}: {human_bytes(parsed[0])}"
+                if progress is not None and message != last:
+                    last = message
+                    progress(message)
+        rest.append(buffer.decode(errors="replace"))
 
     try:
         async with asyncio.timeout(timeout):
@@ -407,6 +481,30 @@ async def rsync(
         raise
     if status != 0:
         raise ExtensionError(
-            f"rsync to {target.host}:{remote_dir} failed ({status}): "
-            + stderr.decode(errors="replace").strip()[-500:]
+            f"rsync to {where} failed ({status}): " + stderr.decode(errors="replace").strip()[-500:]
         )
+    stats = parse_stats("\n".join(rest))
+    if progress is not None and "Total transferred file size" in stats:
+        progress(
+            f"rsync 100%: {human_bytes(stats['Total transferred file size'])} transferred"
+            f" ({human_bytes(stats.get('Total bytes sent', 0))} sent)"
+        )
+    return stats
+
+
+async def rsync(
+    target: SSHTarget,
+    source: Path,
+    remote_dir: str,
+    *,
+    includes: Sequence[str] = (),
+    excludes: Sequence[str] = (),
+    filters: Sequence[str] = (),
+    timeout: float = 600.0,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Mirror `source/` into `remote_dir/` with rsync over OpenSSH (same key rules)."""
+    argv = rsync_argv(
+        source, remote_dir, target=target, includes=includes, excludes=excludes, filters=filters
+    )
+    await run_rsync(argv, f"{target.host}:{remote_dir}", timeout=timeout, progress=progress)

@@ -84,6 +84,32 @@ class Podman:
     def networks(self) -> list[str]:
         return self("network", "ls", "--format", "{{.Name}}").stdout.split()
 
+    def leftovers(self, project: str) -> list[str]:
+        """Everything of a compose project the engine still holds: containers, the
+        pod, networks and volumes (by the project label), images named for it (built
+        by compose: `<project>_<service>`, `<project>-<service>`; loaded by a
+        checkpoint restore: `sandboxer-ckpt/<project>-<service>`)."""
+        label = f"label=com.docker.compose.project={project}"
+        found = [f"container {c['Names']}" for c in self.containers(project)]
+        pods = self("pod", "ps", "--format", "{{.Name}}").stdout.split()
+        found += [f"pod {p}" for p in pods if p == f"pod_{project}"]
+        nets = self("network", "ls", "--filter", label, "--format", "{{.Name}}").stdout.split()
+        found += [f"network {n}" for n in nets]
+        vols = self("volume", "ls", "--filter", label, "--format", "{{.Name}}").stdout.split()
+        found += [f"volume {v}" for v in vols]
+        found += [f"image {i}" for i in self.images(project)]
+        return found
+
+    def images(self, project: str) -> list[str]:
+        """Images named for the project (see `leftovers`)."""
+        names = self("images", "--format", "{{.Repository}}").stdout.split()
+        prefixes = (
+            f"localhost/{project}_",
+            f"localhost/{project}-",
+            f"localhost/sandboxer-ckpt/{project}-",
+        )
+        return sorted({n for n in names if n.startswith(prefixes)})
+
     @classmethod
     def prepare(cls, folder: Path) -> Podman:
         folder.mkdir(parents=True, exist_ok=True)
@@ -428,3 +454,96 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(30)
+
+
+# ---- compose project shapes (real files in a repo folder) -------------------------------
+
+BUILD_FILE = f"FROM {IMAGE}\nCOPY greeting /greeting\n"
+
+# A compose file in a subfolder: `build:` and `env_file` relative to deploy/, a named
+# volume; busybox ignores SIGTERM, so SIGKILL.
+SUBFOLDER_REPO = {
+    "deploy/compose.yml": (
+        "services:\n"
+        "  app:\n"
+        "    build: ./app\n"
+        "    env_file: app.env\n"
+        '    command: ["sleep", "3600"]\n'
+        "    stop_signal: SIGKILL\n"
+        "    volumes: [data:/data]\n"
+        "volumes:\n"
+        "  data: {}\n"
+    ),
+    "deploy/app.env": "GREETING=from deploy/app.env\n",
+    "deploy/app/Dockerfile": BUILD_FILE,
+    "deploy/app/greeting": "built from deploy/app\n",
+}
+
+# Only a non-default file name: nothing compose would discover by itself.
+CI_REPO = {
+    "compose.ci.yml": (
+        "services:\n"
+        "  web:\n"
+        f"    image: {IMAGE}\n"
+        '    command: ["httpd", "-f", "-p", "8080", "-h", "/cache"]\n'
+        "    stop_signal: SIGKILL\n"
+        "    volumes: [cache:/cache]\n"
+        "  built:\n"
+        "    build: .\n"
+        '    command: ["sleep", "3600"]\n'
+        "    stop_signal: SIGKILL\n"
+        "volumes:\n"
+        "  cache: {}\n"
+    ),
+    "Dockerfile": BUILD_FILE,
+    "greeting": "built from the repo root\n",
+}
+
+# compose.yml plus compose.override.yml beside it (compose applies both).
+OVERRIDE_REPO = {
+    "compose.yml": (
+        "services:\n"
+        "  web:\n"
+        f"    image: {IMAGE}\n"
+        '    command: ["sleep", "3600"]\n'
+        "    stop_signal: SIGKILL\n"
+    ),
+    "compose.override.yml": (
+        "services:\n"
+        "  web:\n"
+        "    environment: {FROM_OVERRIDE: 'yes'}\n"
+        "  sidecar:\n"
+        f"    image: {IMAGE}\n"
+        '    command: ["sleep", "3600"]\n'
+        "    stop_signal: SIGKILL\n"
+    ),
+    "compose.extra.yml": (
+        "services:\n"
+        "  extra:\n"
+        f"    image: {IMAGE}\n"
+        '    command: ["sleep", "3600"]\n'
+        "    stop_signal: SIGKILL\n"
+    ),
+}
+
+# A .env the repo's .gitignore excludes, which compose needs (env_file).
+DOTENV_REPO = {
+    ".gitignore": ".env\n",
+    ".env": "SECRET_ISH=from the ignored .env\n",
+    "compose.yml": (
+        "services:\n"
+        "  app:\n"
+        f"    image: {IMAGE}\n"
+        "    env_file: .env\n"
+        '    command: ["sleep", "3600"]\n'
+        "    stop_signal: SIGKILL\n"
+    ),
+}
+
+
+def write_repo(folder: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return folder

@@ -4,21 +4,44 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import aiohttp
 import pytest
 
-from extensions import Commanding, ExtensionRegistry, LoadedExtension, RuntimeInfo, StepContext
+from extensions import (
+    Commanding,
+    ExtensionError,
+    ExtensionRegistry,
+    Handle,
+    LoadedExtension,
+    Reconciling,
+    RuntimeInfo,
+    Snapshotting,
+    StepContext,
+)
 from extensions.compose_ssh import project_name
 from extensions.conformance import ExtensionConformance, Leftovers
 from tests.conftest import StartService
 from tests.helpers import create, destroy, event_types, wait_state
-from tests.infra import Podman, ServeProcess, SSHHost, free_port
+from tests.infra import (
+    CI_REPO,
+    DOTENV_REPO,
+    IMAGE,
+    OVERRIDE_REPO,
+    SUBFOLDER_REPO,
+    Podman,
+    ServeProcess,
+    SSHHost,
+    free_port,
+    write_repo,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -429,3 +452,266 @@ async def test_kill_during_compose_up_then_restart_leaves_no_orphans(
         finally:
             if second.proc.poll() is None:
                 second.kill()
+
+
+# ---- compose files, teardown of everything, the repo transfer (issue 18) --------------
+
+
+@pytest.fixture
+async def ssh_ext(
+    tmp_path: Path, compose_env: Callable[..., dict[str, str]]
+) -> AsyncIterator[LoadedExtension]:
+    registry = ExtensionRegistry.discover(
+        RuntimeInfo(tmp_path, (tmp_path.resolve(),)), entry_points=False, environ=compose_env()
+    )
+    yield registry.get("compose-ssh")
+    await registry.close()
+
+
+def step(
+    ext: LoadedExtension,
+    sandbox_id: str,
+    repo: Path,
+    config: dict[str, Any] | None = None,
+    inputs: dict[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    checkpoint_id: str | None = None,
+) -> StepContext:
+    extra: dict[str, Any] = {} if progress is None else {"progress": progress}
+    return StepContext(
+        sandbox_id=sandbox_id,
+        profile="profile.compose-e2e",
+        inputs={"repo": str(repo), **(inputs or {})},
+        config=ext.config_for(config or {}),
+        host="host0",
+        checkpoint_id=checkpoint_id,
+        **extra,
+    )
+
+
+async def in_service(ext: LoadedExtension, ctx: StepContext, handle: Handle, *argv: str) -> str:
+    adapter = cast(Commanding, ext.adapter)
+    result = await adapter.run_command(ctx, handle, list(argv), service=argv_service(handle))
+    assert result.exit_code == 0, result
+    return result.stdout
+
+
+def argv_service(handle: Handle) -> str:
+    return handle["services"].split(",")[0]
+
+
+async def test_profile_with_compose_ci_yml_is_destroyed_cleanly(
+    start_service: StartService,
+    compose_env: Callable[..., dict[str, str]],
+    podman: Podman,
+    tmp_path: Path,
+) -> None:
+    """The leak of issue 18: `compose_file: compose.ci.yml` in a profile's config.
+    Destroy removes the containers, the pod, the network, the named volume and the
+    image built for the project, and the handle recorded exactly that file."""
+    repo = write_repo(tmp_path / "ci-repo", CI_REPO)
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "profile.compose-ci.yaml").write_text(
+        "name: profile.compose-ci\nextension: compose-ssh\n"
+        "inputs:\n  repo: {required: true}\nconfig:\n  compose_file: compose.ci.yml\n"
+    )
+    svc = await start_service(**compose_env(), SANDBOXER_PROFILES_PATH=str(profiles))
+    made = await create(svc.http, svc.url, profile="profile.compose-ci", inputs={"repo": str(repo)})
+    ready = await wait_state(svc.http, svc.url, made["id"], {"ready"}, timeout=180)
+    project = project_name(made["id"])
+    assert ready["handle"]["compose_file"] == "compose.ci.yml"
+    assert ready["handle"]["compose_files"] == "compose.ci.yml"
+    made_things = podman.leftovers(project)
+    for kind in ("container", "pod", "network", "volume", "image"):
+        assert any(t.startswith(kind) for t in made_things), (kind, made_things)
+    assert f"image localhost/{project}_built" in made_things
+    await destroy(svc.http, svc.url, made["id"])
+    await wait_state(svc.http, svc.url, made["id"], {"destroyed"}, timeout=120)
+    assert podman.leftovers(project) == []
+    assert_nothing_left(podman, tmp_path, made["id"])
+    assert podman("image", "exists", IMAGE).returncode == 0, "a used image is kept"
+
+
+async def test_subfolder_compose_file_with_build_and_env_file(
+    ssh_ext: LoadedExtension, podman: Podman, tmp_path: Path
+) -> None:
+    """`deploy/compose.yml`: `build: ./app` and `env_file: app.env` are relative to
+    deploy/ (the compose spec); destroy removes the built image and the volume."""
+    repo = write_repo(tmp_path / "sub-repo", SUBFOLDER_REPO)
+    ctx = step(ssh_ext, "sbx-subfolder", repo, {"compose_file": "./deploy//compose.yml"})
+    handle = await ssh_ext.adapter.provision(ctx)
+    try:
+        assert handle["compose_files"] == "deploy/compose.yml"
+        assert await ssh_ext.adapter.wait_ready(ctx, handle) == ["app"]
+        assert await in_service(ssh_ext, ctx, handle, "cat", "/greeting") == (
+            "built from deploy/app\n"
+        )
+        said = await in_service(ssh_ext, ctx, handle, "sh", "-c", 'echo "$GREETING"')
+        assert said == "from deploy/app.env\n"
+        assert podman.images(project_name("sbx-subfolder")) == [
+            "localhost/sandboxer-sbx-subfolder_app"
+        ]
+    finally:
+        await ssh_ext.adapter.teardown(ctx, handle)
+    assert podman.leftovers(project_name("sbx-subfolder")) == []
+    assert_nothing_left(podman, tmp_path, "sbx-subfolder")
+
+
+@pytest.mark.parametrize("bad", ["../compose.yml", "/etc/compose.yml", "deploy/../../x.yml"])
+async def test_compose_file_outside_the_repo_is_refused(
+    ssh_ext: LoadedExtension, tmp_path: Path, bad: str
+) -> None:
+    repo = write_repo(tmp_path / "sub-repo", SUBFOLDER_REPO)
+    with pytest.raises(ExtensionError, match="compose_file"):
+        await ssh_ext.adapter.provision(step(ssh_ext, "sbx-escape", repo, {"compose_file": bad}))
+    assert remote_dirs(tmp_path) == []
+
+
+async def test_override_file_is_applied_by_default_discovery_and_lists_work(
+    ssh_ext: LoadedExtension, podman: Podman, tmp_path: Path
+) -> None:
+    repo = write_repo(tmp_path / "override-repo", OVERRIDE_REPO)
+    ctx = step(ssh_ext, "sbx-override", repo)
+    handle = await ssh_ext.adapter.provision(ctx)
+    try:
+        assert handle["compose_files"] == "compose.yml\ncompose.override.yml"
+        assert await ssh_ext.adapter.wait_ready(ctx, handle) == ["sidecar", "web"]
+        adapter = cast(Commanding, ssh_ext.adapter)
+        env = await adapter.run_command(
+            ctx, handle, ["sh", "-c", "echo $FROM_OVERRIDE"], service="web"
+        )
+        assert env.stdout == "yes\n"
+    finally:
+        await ssh_ext.adapter.teardown(ctx, handle)
+    assert podman.leftovers(project_name("sbx-override")) == []
+
+    # A list (the input, comma-separated): exactly those files, in order, no override.
+    listed = step(
+        ssh_ext, "sbx-list", repo, inputs={"compose_file": "compose.yml,compose.extra.yml"}
+    )
+    handle = await ssh_ext.adapter.provision(listed)
+    try:
+        assert handle["compose_files"] == "compose.yml\ncompose.extra.yml"
+        assert await ssh_ext.adapter.wait_ready(listed, handle) == ["extra", "web"]
+        services = {
+            c["Labels"]["com.docker.compose.service"]
+            for c in podman.containers(project_name("sbx-list"))
+        }
+        assert services == {"extra", "web"}
+        # Teardown uses the recorded list: the workspace's own discovery would name
+        # compose.override.yml's sidecar, never extra.
+    finally:
+        await ssh_ext.adapter.teardown(listed, handle)
+    assert podman.leftovers(project_name("sbx-list")) == []
+    assert_nothing_left(podman, tmp_path, "sbx-list")
+
+
+async def test_teardown_without_a_handle_removes_a_non_default_project(
+    ssh_ext: LoadedExtension, podman: Podman, tmp_path: Path
+) -> None:
+    """A crash lost the handle: the sandbox id alone finds everything by the label."""
+    repo = write_repo(tmp_path / "ci-repo", CI_REPO)
+    ctx = step(ssh_ext, "sbx-nohandle", repo, {"compose_file": "compose.ci.yml"})
+    await ssh_ext.adapter.provision(ctx)
+    assert podman.leftovers(project_name("sbx-nohandle"))
+    await ssh_ext.adapter.teardown(ctx, None)
+    assert podman.leftovers(project_name("sbx-nohandle")) == []
+    assert_nothing_left(podman, tmp_path, "sbx-nohandle")
+
+
+async def test_restore_loaded_images_are_removed_on_teardown(
+    ssh_ext: LoadedExtension, podman: Podman, compose_repo: Path, tmp_path: Path
+) -> None:
+    """A clone comes up on the checkpoint's images, tagged for its own project; its
+    teardown removes them (and the source's teardown its own)."""
+    adapter = cast(Snapshotting, ssh_ext.adapter)
+    source = step(ssh_ext, "sbx-ckpt-src", compose_repo, checkpoint_id="ckpt-one")
+    handle = await ssh_ext.adapter.provision(source)
+    archive = tmp_path / "ckpt.tar"
+    clone = step(ssh_ext, "sbx-ckpt-clone", compose_repo, checkpoint_id="ckpt-one")
+    try:
+        await ssh_ext.adapter.wait_ready(source, handle)
+        metadata = await adapter.snapshot(source, handle, archive)
+        assert podman.images(project_name("sbx-ckpt-src")) == [], "snapshot keeps no tags"
+        cloned = await adapter.restore(clone, None, archive, metadata)
+        assert await ssh_ext.adapter.wait_ready(clone, cloned) == ["web", "worker"]
+        assert podman.images(project_name("sbx-ckpt-clone")) == [
+            f"localhost/sandboxer-ckpt/{project_name('sbx-ckpt-clone')}-web",
+            f"localhost/sandboxer-ckpt/{project_name('sbx-ckpt-clone')}-worker",
+        ]
+        await ssh_ext.adapter.teardown(clone, cloned)
+        assert podman.leftovers(project_name("sbx-ckpt-clone")) == []
+        # restore into the source itself: loaded, used, removed on its teardown
+        await adapter.restore(source, handle, archive, metadata)
+        assert len(podman.images(project_name("sbx-ckpt-src"))) == 2
+    finally:
+        await ssh_ext.adapter.teardown(clone, None)
+        await ssh_ext.adapter.teardown(source, handle)
+    assert podman.leftovers(project_name("sbx-ckpt-src")) == []
+    assert_nothing_left(podman, tmp_path, "sbx-ckpt-src")
+    assert_nothing_left(podman, tmp_path, "sbx-ckpt-clone")
+
+
+async def test_reconcile_finds_and_removes_an_orphan_image(
+    ssh_ext: LoadedExtension, podman: Podman, tmp_path: Path
+) -> None:
+    """What a crash can leave: the image built for a sandbox, its containers and
+    workspace gone. Inventory lists it (kind `image`) under the sandbox id."""
+    adapter = cast(Reconciling, ssh_ext.adapter)
+    repo = write_repo(tmp_path / "ci-repo", CI_REPO)
+    ctx = step(ssh_ext, "sbx-orphan-img", repo, {"compose_file": "compose.ci.yml"})
+    await ssh_ext.adapter.provision(ctx)
+    project = project_name("sbx-orphan-img")
+    podman("rm", "-f", *[c["Id"] for c in podman.containers(project)])
+    shutil.rmtree(tmp_path / "remote0" / "sbx-orphan-img")
+    assert podman.images(project) == [f"localhost/{project}_built"]
+    found = [r for r in await adapter.inventory(ctx.config) if r.sandbox_id == "sbx-orphan-img"]
+    assert [(r.kind, r.detail) for r in found if r.kind == "image"] == [
+        ("image", f"localhost/{project}_built:latest")
+    ]
+    for resource in found:
+        await adapter.remove_orphan(ctx.config, resource)
+        await adapter.remove_orphan(ctx.config, resource)  # idempotent
+    assert podman.leftovers(project) == []
+    after = [r for r in await adapter.inventory(ctx.config) if r.sandbox_id == "sbx-orphan-img"]
+    assert after == []
+
+
+async def test_ignored_dotenv_fails_naming_it_and_includes_copies_it(
+    ssh_ext: LoadedExtension, podman: Podman, tmp_path: Path
+) -> None:
+    repo = write_repo(tmp_path / "dotenv-repo", DOTENV_REPO)
+    ctx = step(ssh_ext, "sbx-dotenv", repo)
+    with pytest.raises(ExtensionError) as failed:
+        await ssh_ext.adapter.provision(ctx)
+    message = str(failed.value)
+    assert "filter dropped .env" in message and "includes" in message, message
+    await ssh_ext.adapter.teardown(ctx, None)
+    assert_nothing_left(podman, tmp_path, "sbx-dotenv")
+
+    included = step(ssh_ext, "sbx-dotenv", repo, {"includes": [".env"]})
+    handle = await ssh_ext.adapter.provision(included)
+    try:
+        await ssh_ext.adapter.wait_ready(included, handle)
+        said = await in_service(ssh_ext, included, handle, "sh", "-c", 'echo "$SECRET_ISH"')
+        assert said == "from the ignored .env\n"
+    finally:
+        await ssh_ext.adapter.teardown(included, handle)
+    assert podman.leftovers(project_name("sbx-dotenv")) == []
+
+
+async def test_rsync_progress_shows_the_bytes_transferred(
+    ssh_ext: LoadedExtension, compose_repo: Path, podman: Podman, tmp_path: Path
+) -> None:
+    (compose_repo / "big.bin").write_bytes(os.urandom(50 * 1024 * 1024))
+    seen: list[str] = []
+    ctx = step(ssh_ext, "sbx-big", compose_repo, progress=seen.append)
+    handle = await ssh_ext.adapter.provision(ctx)
+    try:
+        done = [m for m in seen if m.startswith("rsync 100%")]
+        assert done and "52.4 MB transferred" in done[-1], seen
+        assert not any("0% of" in m for m in seen), seen
+    finally:
+        await ssh_ext.adapter.teardown(ctx, handle)
+    assert_nothing_left(podman, tmp_path, "sbx-big")

@@ -1,0 +1,870 @@
+"""The compose adapter, written once against `Transport` (extensions/transport.py).
+
+ext.compose-ssh (a pool of SSH hosts) and ext.compose-local (this machine) differ only
+in how they find their host(s) and which transport each gets; every hook is here.
+
+provision: an isolated workspace `<root>/<sandbox id>` → the `repo` input copied into
+it (rsync: includes, .gitignore, excludes) → `<compose> -p sandboxer-<id> -f <file>...
+up -d`. The compose files are resolved once (config, input or compose's own
+discovery) and recorded in the handle; teardown and checkpoints use that list.
+teardown: compose down with the recorded files, then everything labelled with the
+project (containers, pod, networks, volumes), the images built for it or loaded by a
+restore, and the workspace; idempotent, and complete from the sandbox id alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import posixpath
+import re
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from extensions.hosts import (
+    ID_RE,
+    LIST_WORKSPACES,
+    PREPARE_WORKSPACE,
+    REMOVE_WORKSPACE,
+    check_sandbox_id,
+    local_repo,
+)
+from extensions.sdk import (
+    CommandRefused,
+    CommandResult,
+    ExtensionError,
+    Handle,
+    OutputBuffer,
+    OutputFn,
+    Resource,
+    RuntimeInfo,
+    StepContext,
+    check_command,
+)
+from extensions.transport import CommandFailed, Transport
+
+# compose's own discovery (compose-go's order): the first default file that exists,
+# and beside it the first override file that exists.
+COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")
+OVERRIDE_FILES = (
+    "compose.override.yml",
+    "compose.override.yaml",
+    "docker-compose.override.yml",
+    "docker-compose.override.yaml",
+)
+RUNNING = {"running"}
+DEAD = {"exited", "dead", "stopped", "removing"}
+
+PROJECT_PREFIX = "sandboxer-"
+CHECKPOINT_REPO = "sandboxer-ckpt"
+RESTORE_OVERRIDE = ".sandboxer-restore.yml"
+FILES_SEPARATOR = "\n"  # never in a validated relative path
+
+# Moves a restored workspace into place (replacing the old one, never via a symlink).
+REPLACE_WORKSPACE = r"""
+set -eu
+new=$1; dir=$2
+[ -d "$new" ] && [ ! -L "$new" ] || { echo "archive has no workspace" >&2; exit 3; }
+if [ -L "$dir" ]; then rm -f -- "$dir"; fi
+rm -rf -- "$dir"
+mv -- "$new" "$dir"
+"""
+
+# Removes every container, network and volume of one compose project, and
+# podman-compose's pod, whatever made them (by the project label). Idempotent.
+REMOVE_PROJECT = r"""
+set -u
+project=$1; shift
+label="label=com.docker.compose.project=$project"
+ids=$("$@" ps -aq --filter "$label") || exit 1
+if [ -n "$ids" ]; then "$@" rm -f $ids >/dev/null || exit 1; fi
+"$@" pod rm -f "pod_$project" >/dev/null 2>&1 || true  # podman-compose's pod; docker has none
+for n in $("$@" network ls -q --filter "$label"); do "$@" network rm "$n" >/dev/null; done
+for v in $("$@" volume ls -q --filter "$label"); do "$@" volume rm -f "$v" >/dev/null; done
+left=$("$@" ps -aq --filter "$label") || exit 1
+[ -z "$left" ] || { echo "containers of $project are left: $left" >&2; exit 1; }
+exit 0
+"""
+
+# Runs a command in the workspace, if the workspace is still there (else nothing).
+IN_WORKSPACE = r"""
+set -u
+dir=$1; shift
+if [ -L "$dir" ] || [ ! -d "$dir" ]; then exit 0; fi
+cd -- "$dir" || exit 0
+exec "$@"
+"""
+
+
+# ---- names ----------------------------------------------------------------------------
+
+
+def project_name(sandbox_id: str) -> str:
+    return f"{PROJECT_PREFIX}{check_sandbox_id(sandbox_id)}"
+
+
+def checkpoint_tag(project: str, service: str, checkpoint: str) -> str:
+    return f"{CHECKPOINT_REPO}/{project}-{service}:{checkpoint}"
+
+
+# ---- the compose files ----------------------------------------------------------------
+
+
+def check_compose_path(raw: str) -> str:
+    """A compose file as the profile names it: a relative path inside the repo
+    (subfolders allowed), normalised (`./a//b.yml` → `a/b.yml`); anything that could
+    leave the repo is an ExtensionError naming `compose_file`."""
+    name = raw.strip()
+    if not name:
+        raise ExtensionError("compose_file: empty path")
+    if any(c in name for c in "\x00\n\r\\"):
+        raise ExtensionError(f"compose_file {name[:200]!r}: contains a control character or \\")
+    path = PurePosixPath(name)
+    if path.is_absolute():
+        raise ExtensionError(f"compose_file {name!r}: must be relative to the repo, not absolute")
+    if ".." in path.parts:
+        raise ExtensionError(f"compose_file {name!r}: must stay inside the repo (no '..')")
+    normal = posixpath.normpath(name)
+    if normal in (".", "") or normal.startswith("-"):
+        raise ExtensionError(f"compose_file {name!r}: not a file path")
+    return normal
+
+
+def configured_compose_files(
+    inputs: Mapping[str, str], config: Mapping[str, Any]
+) -> list[str] | None:
+    """The files the sandbox asks for: the `compose_file` input (comma-separated),
+    else config `compose_files` (a list), else config `compose_file`; None: discover."""
+    raw_input = str(inputs.get("compose_file") or "").strip()
+    if raw_input:
+        names: list[str] = [n for n in raw_input.split(",") if n.strip()]
+    elif config.get("compose_files"):
+        names = [str(n) for n in config.get("compose_files") or []]
+    elif config.get("compose_file"):
+        names = [str(config["compose_file"])]
+    else:
+        return None
+    files = [check_compose_path(n) for n in names]
+    if len(set(files)) != len(files):
+        raise ExtensionError(f"compose_file: a file is named twice in {', '.join(files)}")
+    return files
+
+
+def discover_compose_files(repo: Path) -> list[str]:
+    """compose's own discovery in the repo's top folder: the first of the default
+    names, plus the first override file beside it."""
+    for name in COMPOSE_FILES:
+        if (repo / name).is_file():
+            overrides = [o for o in OVERRIDE_FILES if (repo / o).is_file()][:1]
+            return [name, *overrides]
+    raise ExtensionError(f"no compose file in repo (looked for {', '.join(COMPOSE_FILES)})")
+
+
+def read_services(repo: Path, files: Sequence[str]) -> list[str]:
+    """The services the files define together (each file read inside the repo only)."""
+    services: set[str] = set()
+    for name in files:
+        path = repo / name
+        if not path.resolve().is_relative_to(repo):
+            # rsync would not copy such a link (--safe-links); never read it here
+            raise ExtensionError(f"compose_file {name!r}: a link out of the repo")
+        if not path.is_file():
+            raise ExtensionError(f"compose_file {name!r}: no such file in the repo")
+        try:
+            doc = yaml.safe_load(path.read_text())
+            services.update((doc or {}).get("services") or {})
+        except (yaml.YAMLError, AttributeError, UnicodeDecodeError) as exc:
+            raise ExtensionError(f"{name}: not a compose file: {exc}") from exc
+    if not services:
+        raise ExtensionError(f"{', '.join(files)}: defines no services")
+    return sorted(services)
+
+
+def resolve_compose_files(
+    inputs: Mapping[str, str], config: Mapping[str, Any], repo: Path
+) -> tuple[list[str], list[str]]:
+    """(the compose files, in `-f` order; the services they define)."""
+    files = configured_compose_files(inputs, config) or discover_compose_files(repo)
+    return files, read_services(repo, files)
+
+
+def handle_files(handle: Mapping[str, str] | None) -> list[str]:
+    """The compose files a handle (or checkpoint metadata) recorded: `compose_files`,
+    else the older single `compose_file`; each validated again."""
+    if not handle:
+        return []
+    raw = handle.get("compose_files") or handle.get("compose_file") or ""
+    return [check_compose_path(n) for n in raw.split(FILES_SEPARATOR) if n.strip()]
+
+
+# ---- command construction (pure: docker compose v2 and podman-compose alike) -----------
+
+
+def compose_argv(
+    compose_cmd: Sequence[str], project: str, files: Sequence[str], *args: str
+) -> list[str]:
+    """`<compose> -p <project> -f <file>... <args>`. The project directory is compose's
+    default for both tools, the first file's folder, so relative paths in a file in
+    a subfolder (`build:`, `env_file`, volumes) are relative to that file as the
+    compose spec says (docker's `--project-directory` would change that; podman-compose
+    1.6 has no such option)."""
+    argv = [*compose_cmd, "-p", project]
+    for name in files:
+        argv += ["-f", name]
+    return [*argv, *args]
+
+
+def up_argv(compose_cmd: Sequence[str], project: str, files: Sequence[str]) -> list[str]:
+    return compose_argv(compose_cmd, project, files, "up", "-d")
+
+
+def down_argv(
+    compose_cmd: Sequence[str], project: str, files: Sequence[str], stop_timeout: int
+) -> list[str]:
+    return compose_argv(
+        compose_cmd, project, files, "down", "-v", "--remove-orphans", "-t", str(stop_timeout)
+    )
+
+
+def ps_argv(engine_cmd: Sequence[str], project: str | None = None) -> list[str]:
+    """The engine's `ps` of one project (or of every compose project), as JSON."""
+    label = "label=com.docker.compose.project" + (f"={project}" if project else "")
+    return [*engine_cmd, "ps", "-a", "--filter", label, "--format", "json"]
+
+
+def images_argv(engine_cmd: Sequence[str]) -> list[str]:
+    return [*engine_cmd, "images", "--format", "json"]
+
+
+def exec_argv(
+    engine_cmd: Sequence[str],
+    container: str,
+    argv: Sequence[str],
+    *,
+    workdir: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> list[str]:
+    command = [*engine_cmd, "exec"]
+    if workdir:
+        command += ["-w", workdir]
+    for name, value in (env or {}).items():
+        command += ["-e", f"{name}={value}"]
+    return [*command, container, *argv]
+
+
+def remove_project_argv(engine_cmd: Sequence[str], project: str) -> list[str]:
+    return ["sh", "-c", REMOVE_PROJECT, "sh", project, *engine_cmd]
+
+
+# ---- what the engine answers ----------------------------------------------------------
+
+
+def container_labels(item: Mapping[str, Any]) -> dict[str, str]:
+    labels = item.get("Labels") or {}
+    if isinstance(labels, str):  # docker: "k=v,k=v"
+        labels = dict(p.split("=", 1) for p in labels.split(",") if "=" in p)
+    return {str(k): str(v) for k, v in labels.items()}
+
+
+def ps_items(output: str) -> list[dict[str, Any]]:
+    text = output.strip()
+    if not text:
+        return []
+    try:
+        data = json.loads(text)
+        return list(data) if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+
+
+def service_of(item: Mapping[str, Any]) -> str | None:
+    service = item.get("Service") or container_labels(item).get("com.docker.compose.service")
+    return str(service) if service else None
+
+
+def _name(item: Mapping[str, Any]) -> str | None:
+    raw = item.get("Names") or item.get("Name")
+    name = raw[0] if isinstance(raw, list) and raw else raw
+    return name if isinstance(name, str) else None
+
+
+def container_names(output: str) -> dict[str, str]:
+    """Service → the name of its (first) container, from `ps --format json`."""
+    names: dict[str, str] = {}
+    for item in ps_items(output):
+        service, name = service_of(item), _name(item)
+        if service and name and service not in names:
+            names[service] = name
+    return names
+
+
+def running_container(output: str, service: str) -> str | None:
+    """The name of a running container of `service`, from `ps --format json` of the
+    project (found by the compose labels, whatever the engine named it)."""
+    for item in ps_items(output):
+        name = _name(item)
+        state = str(item.get("State") or "").lower()
+        if service_of(item) == service and state in RUNNING and name:
+            return name
+    return None
+
+
+def parse_ps(output: str) -> dict[str, str]:
+    """Service → state, from `ps --format json` of docker compose (JSON lines or an
+    array) or podman-compose (podman's array, services in compose labels)."""
+    states: dict[str, str] = {}
+    for item in ps_items(output):
+        service = service_of(item)
+        state = str(item.get("State") or "").lower()
+        # Any running container of a service counts; otherwise keep the worst.
+        if service and states.get(service) not in RUNNING:
+            states[service] = state
+    return states
+
+
+def image_refs(output: str) -> list[str]:
+    """Every `repository:tag` of `images --format json`: podman's array (`Names`) or
+    docker's JSON lines (`Repository`, `Tag`); untagged images are left out."""
+    refs: list[str] = []
+    for item in ps_items(output):
+        names = item.get("Names")
+        if isinstance(names, list):
+            refs += [str(n) for n in names]
+        elif item.get("Repository") and item.get("Repository") != "<none>":
+            refs.append(f"{item['Repository']}:{item.get('Tag') or 'latest'}")
+    return sorted(set(refs))
+
+
+def _short(ref: str) -> str:
+    """The repository of a reference without the registry our engines add to local
+    names (`localhost/`, `docker.io/library/`) and without its tag."""
+    name = ref.rsplit(":", 1)[0] if ":" in ref.rsplit("/", 1)[-1] else ref
+    for prefix in ("localhost/", "docker.io/library/", "docker.io/"):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def project_images(refs: Iterable[str], project: str, services: Iterable[str] = ()) -> list[str]:
+    """The images named for `project`: built by compose for a service without an
+    `image:` (`<project>_<service>` by podman-compose, `<project>-<service>` by docker
+    compose v2) and loaded by a checkpoint restore (`sandboxer-ckpt/<project>-<service>`).
+    With the services known the `-` names are matched exactly; without them by prefix
+    (a sandbox id may itself contain `-`: see docs/compose.md). An image the project
+    only pulled or used keeps its own name and is never matched."""
+    known = set(services)
+    found = []
+    for ref in refs:
+        name = _short(ref)
+        for prefix in (f"{project}-", f"{CHECKPOINT_REPO}/{project}-"):
+            rest = name[len(prefix) :]
+            # unknown services: not `<project>-x_y`, podman-compose's name for project `-x`
+            if name.startswith(prefix) and (rest in known if known else "_" not in rest):
+                found.append(ref)
+        if name.startswith(f"{project}_"):  # `_` is in no sandbox id: exact already
+            found.append(ref)
+    return sorted(set(found))
+
+
+def image_sandbox_id(ref: str, known_ids: Iterable[str] = ()) -> str | None:
+    """Which sandbox an image is named for, if any (see `project_images`). A `-`
+    name is ambiguous when sandbox ids contain `-`: an id the host knows (a workspace
+    or a project) wins, else the longest id that fits."""
+    name = _short(ref).removeprefix(f"{CHECKPOINT_REPO}/")
+    if not name.startswith(PROJECT_PREFIX):
+        return None
+    rest = name[len(PROJECT_PREFIX) :]
+    head, sep, _ = rest.partition("_")
+    if sep and ID_RE.fullmatch(head):
+        return head
+    candidates = [
+        rest[:i]
+        for i, c in enumerate(rest)
+        if c == "-" and i + 1 < len(rest) and ID_RE.fullmatch(rest[:i])
+    ]
+    if not candidates:
+        return None
+    for candidate in sorted(candidates, key=len, reverse=True):
+        if candidate in set(known_ids):
+            return candidate
+    return max(candidates, key=len)
+
+
+# ---- the repo transfer ------------------------------------------------------------------
+
+PATH_RE = re.compile(r"(?:\.{0,2}/)?[\w.@+-]+(?:/[\w.@+-]+)*")
+
+
+def transfer_rules(config: Mapping[str, Any]) -> dict[str, list[str]]:
+    """rsync rules from the config: `includes` win over `.gitignore` and `excludes`."""
+    return {
+        "includes": [str(p) for p in config.get("includes") or []],
+        "excludes": [str(p) for p in config.get("excludes") or []],
+        "filters": [":- .gitignore"] if config.get("gitignore", True) else [],
+    }
+
+
+def dropped_files(error: str, directory: str, repo: Path) -> list[str]:
+    """Files an error names that are in the local repo but were not copied (the
+    transfer's filter dropped them: .gitignore or `excludes`). Paths are taken as
+    absolute under the workspace, or relative to it; only the local repo is looked at."""
+    found: list[str] = []
+    for token in PATH_RE.findall(error):
+        path = token
+        if path.startswith(directory.rstrip("/") + "/"):
+            path = path[len(directory.rstrip("/")) + 1 :]
+        elif path.startswith("/"):
+            continue
+        path = posixpath.normpath(path)
+        if path.startswith("..") or path in (".", ""):
+            continue
+        local = repo / path
+        try:
+            inside = local.resolve().is_relative_to(repo)
+        except (OSError, RuntimeError):
+            continue
+        if inside and local.is_file() and path not in found:
+            found.append(path)
+    return found
+
+
+def explain_dropped(error: str, directory: str, repo: Path, wanted: Iterable[str]) -> str:
+    """A sentence for a compose failure that names a file the filter dropped."""
+    missing = [p for p in dropped_files(error, directory, repo) if p not in set(wanted)]
+    if not missing:
+        return ""
+    names = ", ".join(missing)
+    first = missing[0]
+    return (
+        f"; the repo transfer's filter dropped {names} (not copied: .gitignore or "
+        f"'excludes'); add it to the profile's config 'includes' (e.g. includes: "
+        f'["{first}"]) to copy it'
+    )
+
+
+# ---- the adapter ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComposeHost:
+    """A machine that runs compose projects, and how to reach it."""
+
+    name: str  # recorded in RouteChosen and in the handle
+    address: str  # where clients reach its published ports
+    root: str  # one workspace per sandbox below it
+    transport: Transport
+    compose_cmd: tuple[str, ...]
+    engine_cmd: tuple[str, ...]
+
+    def workspace(self, sandbox_id: str) -> str:
+        return f"{self.root}/{check_sandbox_id(sandbox_id)}"
+
+
+class ComposeAdapter:
+    """Every hook of a compose extension; subclasses say where the hosts are."""
+
+    what = "compose"  # the extension's name in messages
+
+    def __init__(self, config: dict[str, Any], runtime: RuntimeInfo) -> None:
+        self.runtime = runtime
+        self.base_config = config
+
+    # ---- what subclasses provide --------------------------------------------------------
+
+    def hosts(self, config: Mapping[str, Any]) -> dict[str, ComposeHost]:
+        raise NotImplementedError
+
+    def host(self, ctx: StepContext) -> ComposeHost:
+        hosts = self.hosts(ctx.config)
+        if ctx.host is None or ctx.host not in hosts:
+            raise ExtensionError(f"{self.what} host {ctx.host!r} is not configured")
+        return hosts[ctx.host]
+
+    def placed(self, ctx: StepContext) -> bool:
+        """Whether the sandbox may have anything on a host (it was placed)."""
+        return ctx.host is not None
+
+    async def prepare_root(self, host: ComposeHost) -> None:
+        """Before the first workspace on a host (compose-local makes its root 0700)."""
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _repo(self, ctx: StepContext) -> Path:
+        raw = ctx.inputs.get("repo")
+        if not raw:
+            raise ExtensionError(f"{self.what}: input 'repo' is required")
+        return local_repo(raw, self.what, self.runtime.repo_roots)
+
+    async def _ps(self, host: ComposeHost, project: str) -> str:
+        """The project's containers as the engine's `ps --format json`, by the compose
+        project label: asking the engine takes a fraction of a compose tool's `ps`
+        (podman-compose is a Python program: ~0.7 s a call, two calls per readiness)."""
+        result = await host.transport.run(ps_argv(host.engine_cmd, project), timeout=60)
+        return result.stdout
+
+    @staticmethod
+    def _handle(
+        host: ComposeHost, directory: str, project: str, files: Sequence[str], services: str
+    ) -> Handle:
+        return {
+            "host": host.name,
+            "address": host.address,
+            "directory": directory,
+            "project": project,
+            "compose_file": files[0],
+            "compose_files": FILES_SEPARATOR.join(files),
+            "services": services,
+        }
+
+    # ---- hooks ---------------------------------------------------------------------------
+
+    async def provision(self, ctx: StepContext) -> Handle:
+        host = self.host(ctx)
+        repo = self._repo(ctx)
+        files, services = resolve_compose_files(ctx.inputs, ctx.config, repo)
+        directory = host.workspace(ctx.sandbox_id)
+        project = project_name(ctx.sandbox_id)
+        await self.prepare_root(host)
+        ctx.progress(f"preparing {directory} on {host.name}")
+        await host.transport.run(
+            ["sh", "-c", PREPARE_WORKSPACE, "sh", host.root, directory], timeout=60
+        )
+        ctx.progress("rsync 0%")
+        rules = transfer_rules(ctx.config)
+        await host.transport.copy_repo(
+            repo,
+            directory,
+            **rules,
+            progress=ctx.progress,
+            timeout=float(ctx.config.get("rsync_timeout", 600)),
+        )
+        ctx.progress(f"compose up ({len(services)} services)")
+        try:
+            await host.transport.run(
+                up_argv(host.compose_cmd, project, files),
+                cwd=directory,
+                timeout=float(ctx.config.get("up_timeout", 600)),
+            )
+        except CommandFailed as exc:
+            hint = explain_dropped(exc.stderr, directory, repo, rules["includes"])
+            if not hint:
+                raise
+            raise ExtensionError(f"{exc}{hint}") from exc
+        return self._handle(host, directory, project, files, ",".join(services))
+
+    async def wait_ready(self, ctx: StepContext, handle: Handle) -> list[str]:
+        host = self.host(ctx)
+        project = handle.get("project") or project_name(ctx.sandbox_id)
+        expected = [s for s in handle.get("services", "").split(",") if s]
+        poll = float(ctx.config.get("poll_interval", 0.5))
+        # All services running on this many polls in a row: a service that dies at
+        # once (a crashing entrypoint) is caught instead of reported ready.
+        settle = max(int(ctx.config.get("settle_polls", 2)), 1)
+        streak = 0
+        while True:
+            states = parse_ps(await self._ps(host, project))
+            for service in expected:
+                if states.get(service) in DEAD:
+                    raise ExtensionError(f"service {service!r} is {states[service]}")
+            waiting = [s for s in expected if states.get(s) not in RUNNING]
+            streak = 0 if waiting else streak + 1
+            if streak >= settle:
+                return expected
+            if waiting:
+                ctx.progress(f"waiting for {', '.join(waiting)}")
+            await asyncio.sleep(poll)  # polling the engine; the hook has a timeout
+
+    async def teardown(self, ctx: StepContext, handle: Handle | None) -> None:
+        """compose down with the files the handle recorded (never a re-discovery: a
+        profile's `compose.ci.yml` is what was brought up), then by the project label
+        whatever is left, the project's images and the workspace. Without a handle
+        (a crash), the label sweep alone removes everything."""
+        sandbox_id = check_sandbox_id(ctx.sandbox_id)
+        if not self.placed(ctx):
+            return  # never placed: nothing was made
+        host = self.host(ctx)
+        directory = host.workspace(sandbox_id)
+        project = project_name(sandbox_id)
+        timeout = float(ctx.config.get("down_timeout", 300))
+        services = {s for s in (handle or {}).get("services", "").split(",") if s}
+        services |= set(container_names(await self._ps(host, project)))
+        files = handle_files(handle)
+        ctx.progress("compose down")
+        if files:
+            stop = int(ctx.config.get("stop_timeout", 10))
+            # Its failure is not final: the label sweep below removes what it left.
+            await host.transport.run(
+                [
+                    "sh",
+                    "-c",
+                    IN_WORKSPACE,
+                    "sh",
+                    directory,
+                    *down_argv(host.compose_cmd, project, files, stop),
+                ],
+                timeout=timeout,
+                check=False,
+            )
+        await host.transport.run(remove_project_argv(host.engine_cmd, project), timeout=timeout)
+        await self._remove_images(host, project, services, timeout)
+        await host.transport.run(["sh", "-c", REMOVE_WORKSPACE, "sh", directory], timeout=timeout)
+
+    async def _images(self, host: ComposeHost) -> list[str]:
+        return image_refs((await host.transport.run(images_argv(host.engine_cmd))).stdout)
+
+    async def _remove_images(
+        self, host: ComposeHost, project: str, services: Iterable[str], timeout: float
+    ) -> None:
+        """The images named for the project (built for it, loaded by a restore). Not
+        forced: an image a container still uses stays and the step fails saying so."""
+        refs = project_images(await self._images(host), project, services)
+        if not refs:
+            return
+        await host.transport.run([*host.engine_cmd, "rmi", *refs], timeout=timeout, check=False)
+        left = project_images(await self._images(host), project, services)
+        if left:
+            raise ExtensionError(f"{self.what}: images of {project} could not be removed: {left}")
+
+    # ---- commands -----------------------------------------------------------------------
+
+    async def run_command(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        argv: Sequence[str],
+        *,
+        service: str | None = None,
+        workdir: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+        on_output: OutputFn | None = None,
+    ) -> CommandResult:
+        """On the host, in the sandbox's workspace (`service` None), or inside a
+        running container of a service through `<engine> exec`; every argument
+        quoted (SSH) or passed as a list (this machine)."""
+        variables = check_command(argv, env)
+        host = self.host(ctx)
+        directory = host.workspace(ctx.sandbox_id)
+        output = OutputBuffer(on_output)
+        started = time.monotonic()
+        async with asyncio.timeout(timeout):
+            if service is None:
+                cwd = posixpath.join(directory, workdir) if workdir else directory
+                code = await host.transport.run_streaming(
+                    argv, output, cwd=cwd, env=variables, timeout=timeout
+                )
+            else:
+                project = handle.get("project") or project_name(ctx.sandbox_id)
+                container = running_container(await self._ps(host, project), service)
+                if container is None:
+                    raise CommandRefused(
+                        f"{self.what}: service {service!r} has no running container "
+                        f"in project {project}"
+                    )
+                command = exec_argv(
+                    host.engine_cmd, container, argv, workdir=workdir, env=variables
+                )
+                code = await host.transport.run_streaming(command, output, timeout=timeout)
+        return output.result(code, time.monotonic() - started)
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    async def snapshot(self, ctx: StepContext, handle: Handle, target: Path) -> dict[str, str]:
+        """Pause the services, commit and save each container's filesystem, stream the
+        workspace and the images as one tar into `target`, unpause."""
+        host = self.host(ctx)
+        run = host.transport.run
+        directory = host.workspace(ctx.sandbox_id)
+        project = handle.get("project") or project_name(ctx.sandbox_id)
+        checkpoint = ctx.checkpoint_id or ""
+        if not ID_RE.fullmatch(checkpoint):
+            raise ExtensionError(f"invalid checkpoint id {checkpoint!r}")
+        files = handle_files(handle) or [COMPOSE_FILES[1]]
+        engine = list(host.engine_cmd)
+        scratch = f"{host.root}/.ckpt-{checkpoint}"
+        names = container_names(await self._ps(host, project))
+        tags = {service: checkpoint_tag(project, service, checkpoint) for service in names}
+        timeout = float(ctx.config.get("checkpoint_timeout", 1800))
+        ctx.progress("pausing services")
+        await run(
+            compose_argv(host.compose_cmd, project, files, "pause"), cwd=directory, timeout=120
+        )
+        try:
+            await run(["mkdir", "-p", "--", f"{scratch}/images"])
+            for service, name in sorted(names.items()):
+                ctx.progress(f"committing {service}")
+                await run([*engine, "commit", name, tags[service]], timeout=timeout)
+                await run(
+                    [*engine, "save", "-o", f"{scratch}/images/{service}.tar", tags[service]],
+                    timeout=timeout,
+                )
+            ctx.progress("streaming the archive")
+            await host.transport.stream_to_file(
+                ["tar", "-cf", "-", "-C", host.root, ctx.sandbox_id, "-C", scratch, "images"],
+                target,
+                timeout=timeout,
+                progress=lambda n: ctx.progress(f"streamed {n // (1024 * 1024)} MiB"),
+            )
+        finally:
+            await run(
+                compose_argv(host.compose_cmd, project, files, "unpause"),
+                cwd=directory,
+                timeout=120,
+                check=False,
+            )
+            await run(["rm", "-rf", "--", scratch], check=False)
+            if tags:
+                await run([*engine, "rmi", *tags.values()], check=False, timeout=120)
+        return {
+            "source_sandbox": ctx.sandbox_id,
+            "project": project,
+            "compose_file": files[0],
+            "compose_files": FILES_SEPARATOR.join(files),
+            "services": ",".join(sorted(names)),
+            "images": ",".join(f"{s}={t}" for s, t in sorted(tags.items())),
+        }
+
+    async def restore(
+        self, ctx: StepContext, handle: Handle | None, source: Path, metadata: dict[str, str]
+    ) -> Handle:
+        """Put a checkpoint back: into this sandbox (its project is stopped first), or
+        into a fresh one (a clone, `handle` None). The project comes up on the images
+        committed at checkpoint time, tagged for this sandbox's project
+        (`sandboxer-ckpt/<project>-<service>:<checkpoint>`) so its teardown removes them."""
+        host = self.host(ctx)
+        run = host.transport.run
+        directory = host.workspace(ctx.sandbox_id)
+        project = project_name(ctx.sandbox_id)
+        old = check_sandbox_id(metadata["source_sandbox"])
+        files = handle_files(metadata) or [COMPOSE_FILES[1]]
+        engine = list(host.engine_cmd)
+        staging = f"{host.root}/.restore-{ctx.sandbox_id}"
+        timeout = float(ctx.config.get("checkpoint_timeout", 1800))
+        stop = int(ctx.config.get("stop_timeout", 10))
+        if handle is not None:
+            ctx.progress("stopping the project")
+            await run(down_argv(host.compose_cmd, project, files, stop), cwd=directory, timeout=300)
+        await self.prepare_root(host)
+        await run(["sh", "-c", PREPARE_WORKSPACE, "sh", host.root, staging], timeout=60)
+        images: dict[str, str] = dict(
+            pair.split("=", 1) for pair in metadata.get("images", "").split(",") if pair
+        )
+        ours: dict[str, str] = {}
+        try:
+            ctx.progress("streaming the archive back")
+            await host.transport.stream_from_file(
+                ["tar", "-xf", "-", "-C", staging], source, timeout=timeout
+            )
+            await run(
+                ["sh", "-c", REPLACE_WORKSPACE, "sh", f"{staging}/{old}", directory],
+                timeout=300,
+            )
+            for service in sorted(images):
+                ctx.progress(f"loading the image of {service}")
+                loaded = images[service]
+                existed = (
+                    await run([*engine, "image", "inspect", loaded], check=False)
+                ).exit_status == 0
+                await run(
+                    [*engine, "load", "-i", f"{staging}/images/{service}.tar"], timeout=timeout
+                )
+                tag = loaded.rsplit(":", 1)[1] if ":" in loaded else "latest"
+                ours[service] = checkpoint_tag(project, service, tag)
+                if ours[service] != loaded:
+                    await run([*engine, "tag", loaded, ours[service]], timeout=120)
+                    if not existed:  # the loaded name is not ours to keep
+                        await run([*engine, "rmi", loaded], timeout=120)
+        finally:
+            await run(["rm", "-rf", "--", staging], check=False)
+        override = {"services": {s: {"image": tag} for s, tag in ours.items()}}
+        await run(
+            ["sh", "-c", 'cat > "$1"', "sh", f"{directory}/{RESTORE_OVERRIDE}"],
+            stdin=yaml.safe_dump(override),
+        )
+        ctx.progress("compose up on the checkpoint's images")
+        await run(
+            up_argv(host.compose_cmd, project, [*files, RESTORE_OVERRIDE]),
+            cwd=directory,
+            timeout=float(ctx.config.get("up_timeout", 600)),
+        )
+        return self._handle(host, directory, project, files, metadata.get("services", ""))
+
+    # ---- reconciliation -----------------------------------------------------------------
+
+    async def inventory(self, config: Mapping[str, Any]) -> list[Resource]:
+        """Per host: workspaces under the root, compose projects named like ours
+        (`sandboxer-<id>`) that have containers, with or without their workspace, and
+        images named for such a project (built for it, or loaded by a restore)."""
+        found: list[Resource] = []
+        for host in self.hosts(config).values():
+            listed = await host.transport.run(
+                ["sh", "-c", LIST_WORKSPACES, "sh", host.root], timeout=60
+            )
+            workspaces = [n for n in listed.stdout.split() if ID_RE.fullmatch(n)]
+            for sandbox_id in workspaces:
+                found.append(
+                    Resource(sandbox_id, host.name, "workspace", host.workspace(sandbox_id))
+                )
+            result = await host.transport.run(ps_argv(host.engine_cmd), timeout=60)
+            projects = {
+                container_labels(item).get("com.docker.compose.project", "")
+                for item in ps_items(result.stdout)
+            }
+            ids = set(workspaces)
+            for project in sorted(projects):
+                sandbox_id = project.removeprefix(PROJECT_PREFIX)
+                if project.startswith(PROJECT_PREFIX) and ID_RE.fullmatch(sandbox_id):
+                    ids.add(sandbox_id)
+                    found.append(Resource(sandbox_id, host.name, "compose_project", project))
+            for ref in await self._images(host):
+                owner = image_sandbox_id(ref, ids)
+                if owner is not None:
+                    found.append(Resource(owner, host.name, "image", ref))
+        return found
+
+    async def remove_orphan(self, config: Mapping[str, Any], resource: Resource) -> None:
+        hosts = self.hosts(config)
+        if resource.host not in hosts:
+            raise ExtensionError(f"{self.what} host {resource.host!r} is not configured")
+        host = hosts[resource.host]
+        sandbox_id = check_sandbox_id(resource.sandbox_id)
+        timeout = float(config.get("down_timeout", 300))
+        if resource.kind == "workspace":
+            # everything of the sandbox, as a teardown without a handle does
+            await self.teardown(StepContext(sandbox_id, "", {}, config, host=resource.host), None)
+        elif resource.kind == "compose_project":
+            await host.transport.run(
+                remove_project_argv(host.engine_cmd, project_name(sandbox_id)), timeout=timeout
+            )
+        elif resource.kind == "image":
+            if image_sandbox_id(resource.detail) is None or resource.detail.startswith("-"):
+                raise ExtensionError(f"{self.what}: {resource.detail!r} is not one of our images")
+            # Its containers first (an orphan's), then the image; gone already is success.
+            await host.transport.run(
+                remove_project_argv(host.engine_cmd, project_name(sandbox_id)), timeout=timeout
+            )
+            if resource.detail in await self._images(host):
+                await host.transport.run(
+                    [*host.engine_cmd, "rmi", resource.detail], timeout=timeout
+                )
+        else:
+            raise ExtensionError(f"{self.what}: no such resource kind {resource.kind!r}")
+
+    async def close(self) -> None:
+        return None
+
+
+def default_cmd(candidates: Sequence[tuple[str, str]]) -> str:
+    """The first command whose program is on PATH (`(program, command)` pairs); else
+    the last command."""
+    for program, command in candidates:
+        if shutil.which(program, path=os.environ.get("PATH")):
+            return command
+    return candidates[-1][1]

@@ -1,0 +1,237 @@
+"""ext.compose-local: the compose core on this machine, no SSH. Real rsync, real
+podman-compose and containers; the same conformance suite as compose-ssh."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+import pytest
+
+from extensions import (
+    Commanding,
+    ExtensionError,
+    ExtensionRegistry,
+    LoadedExtension,
+    RuntimeInfo,
+    Snapshotting,
+    StepContext,
+)
+from extensions.compose import project_name
+from extensions.conformance import ExtensionConformance, Leftovers
+from tests.conftest import StartService
+from tests.helpers import create, destroy, event_types, wait_state
+from tests.infra import CI_REPO, DOTENV_REPO, SUBFOLDER_REPO, Podman, write_repo
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def local_env(podman: Podman, tmp_path: Path) -> dict[str, str]:
+    return {
+        "SANDBOXER_COMPOSE_LOCAL_CMD": podman.compose_cmd,
+        "SANDBOXER_COMPOSE_LOCAL_ENGINE_CMD": podman.engine_cmd,
+        "SANDBOXER_COMPOSE_LOCAL_STOP_TIMEOUT": "1",
+        "SANDBOXER_REPO_ROOTS": str(tmp_path),
+    }
+
+
+def workspaces(data_dir: Path) -> Path:
+    return data_dir / "compose-local" / "workspaces"
+
+
+def local_leftovers(podman: Podman, data_dir: Path, sandbox_id: str) -> list[str]:
+    found = podman.leftovers(project_name(sandbox_id))
+    if (workspaces(data_dir) / sandbox_id).exists():
+        found.append(f"workspace {sandbox_id}")
+    return found
+
+
+@pytest.fixture
+async def local_ext(tmp_path: Path, local_env: dict[str, str]) -> AsyncIterator[LoadedExtension]:
+    registry = ExtensionRegistry.discover(
+        RuntimeInfo(tmp_path / "data", (tmp_path.resolve(),)),
+        entry_points=False,
+        environ=local_env,
+    )
+    yield registry.get("compose-local")
+    await registry.close()
+
+
+def step(
+    ext: LoadedExtension,
+    sandbox_id: str,
+    repo: Path,
+    config: dict[str, Any] | None = None,
+    inputs: dict[str, str] | None = None,
+    checkpoint_id: str | None = None,
+) -> StepContext:
+    return StepContext(
+        sandbox_id=sandbox_id,
+        profile="profile.compose-local",
+        inputs={"repo": str(repo), **(inputs or {})},
+        config=ext.config_for(config or {}),
+        host="local",
+        checkpoint_id=checkpoint_id,
+    )
+
+
+class TestComposeLocalConformance(ExtensionConformance):
+    failing_config: ClassVar[dict[str, Any] | None] = {"compose_file": "broken.yml"}
+
+    @pytest.fixture
+    def extension(self, local_ext: LoadedExtension) -> LoadedExtension:
+        return local_ext
+
+    @pytest.fixture
+    def make_context(
+        self, extension: LoadedExtension, compose_repo: Path
+    ) -> Callable[[str, dict[str, Any]], StepContext]:
+        return lambda sandbox_id, overrides: step(extension, sandbox_id, compose_repo, overrides)
+
+    @pytest.fixture
+    def leftovers(self, podman: Podman, tmp_path: Path) -> Leftovers:
+        async def left(sandbox_id: str) -> list[str]:
+            return local_leftovers(podman, tmp_path / "data", sandbox_id)
+
+        return left
+
+    async def test_workspace_is_private_and_commands_run_in_it(
+        self,
+        extension: LoadedExtension,
+        make_context: Callable[[str, dict[str, Any]], StepContext],
+        leftovers: Leftovers,
+        tmp_path: Path,
+    ) -> None:
+        adapter = cast(Commanding, extension.adapter)
+        ctx = make_context("sbx-local-cmd", {})
+        handle = await extension.adapter.provision(ctx)
+        try:
+            root = workspaces(tmp_path / "data")
+            assert stat.S_IMODE(root.stat().st_mode) == 0o700
+            assert handle["host"] == "local" and handle["directory"] == str(
+                (root / "sbx-local-cmd").resolve()
+            )
+            await extension.adapter.wait_ready(ctx, handle)
+            here = await adapter.run_command(ctx, handle, ["pwd"])
+            assert here.stdout.strip() == handle["directory"]
+            page = await adapter.run_command(ctx, handle, ["cat", "index.html"], workdir="site")
+            get = ["wget", "-q", "-O", "-", "http://127.0.0.1:8080/index.html"]
+            served = await adapter.run_command(ctx, handle, get, service="web")
+            assert (served.exit_code, served.stdout) == (0, page.stdout)
+            missing = await adapter.run_command(ctx, handle, ["no-such-program-here"])
+            assert missing.exit_code == 127
+        finally:
+            await extension.adapter.teardown(ctx, handle)
+        assert await leftovers("sbx-local-cmd") == []
+
+
+async def test_placement_refuses_beyond_capacity(
+    local_ext: LoadedExtension, compose_repo: Path
+) -> None:
+    from extensions import NoCapacity, Placing
+
+    adapter = cast(Placing, local_ext.adapter)
+    ctx = step(local_ext, "sbx-place", compose_repo, {"capacity": 2})
+    assert adapter.place(ctx, {"local": 1}).host == "local"
+    with pytest.raises(NoCapacity, match=r"local 2/2"):
+        adapter.place(ctx, {"local": 2})
+
+
+async def test_subfolder_build_volume_and_checkpoint_leave_nothing(
+    local_ext: LoadedExtension, podman: Podman, tmp_path: Path
+) -> None:
+    """The shapes of issue 18 through compose-local: a subfolder compose file with a
+    relative build: and env_file, a named volume, a checkpoint restored into a clone;
+    teardown of both leaves no container, pod, network, volume or image."""
+    repo = write_repo(tmp_path / "sub-repo", SUBFOLDER_REPO)
+    data = tmp_path / "data"
+    adapter = cast(Snapshotting, local_ext.adapter)
+    commands = cast(Commanding, local_ext.adapter)
+    ctx = step(local_ext, "sbx-local-sub", repo, inputs={"compose_file": "deploy/compose.yml"})
+    clone = step(local_ext, "sbx-local-clone", repo, checkpoint_id="ckpt-local")
+    handle = await local_ext.adapter.provision(ctx)
+    try:
+        assert await local_ext.adapter.wait_ready(ctx, handle) == ["app"]
+        said = await commands.run_command(
+            ctx, handle, ["sh", "-c", 'cat /greeting; echo "$GREETING"'], service="app"
+        )
+        assert said.stdout == "built from deploy/app\nfrom deploy/app.env\n"
+        archive = tmp_path / "local.tar"
+        snap_ctx = step(
+            local_ext,
+            "sbx-local-sub",
+            repo,
+            inputs={"compose_file": "deploy/compose.yml"},
+            checkpoint_id="ckpt-local",
+        )
+        metadata = await adapter.snapshot(snap_ctx, handle, archive)
+        assert metadata["compose_files"] == "deploy/compose.yml"
+        cloned = await adapter.restore(clone, None, archive, metadata)
+        assert await local_ext.adapter.wait_ready(clone, cloned) == ["app"]
+        assert podman.images(project_name("sbx-local-clone")) == [
+            "localhost/sandboxer-ckpt/sandboxer-sbx-local-clone-app"
+        ]
+    finally:
+        await local_ext.adapter.teardown(clone, None)
+        await local_ext.adapter.teardown(ctx, handle)
+    assert local_leftovers(podman, data, "sbx-local-sub") == []
+    assert local_leftovers(podman, data, "sbx-local-clone") == []
+
+
+async def test_ignored_dotenv_is_named_then_included(
+    local_ext: LoadedExtension, podman: Podman, tmp_path: Path
+) -> None:
+    repo = write_repo(tmp_path / "dotenv-repo", DOTENV_REPO)
+    with pytest.raises(ExtensionError, match=r"filter dropped \.env.*includes"):
+        await local_ext.adapter.provision(step(local_ext, "sbx-local-env", repo))
+    await local_ext.adapter.teardown(step(local_ext, "sbx-local-env", repo), None)
+    ctx = step(local_ext, "sbx-local-env", repo, {"includes": [".env"]})
+    handle = await local_ext.adapter.provision(ctx)
+    await local_ext.adapter.teardown(ctx, handle)
+    assert local_leftovers(podman, tmp_path / "data", "sbx-local-env") == []
+
+
+async def test_profile_compose_local_through_the_service_leaves_nothing(
+    start_service: StartService,
+    local_env: dict[str, str],
+    podman: Podman,
+    tmp_path: Path,
+) -> None:
+    """profile.compose-local with its `compose_file` input: create → ready → destroy;
+    the repo input is confined to the repo roots as for compose-ssh."""
+    repo = write_repo(tmp_path / "ci-repo", CI_REPO)
+    svc = await start_service(**local_env)
+    made = await create(
+        svc.http,
+        svc.url,
+        profile="profile.compose-local",
+        inputs={"repo": str(repo), "compose_file": "compose.ci.yml"},
+    )
+    ready = await wait_state(svc.http, svc.url, made["id"], {"ready"}, timeout=180)
+    assert ready["host"] == "local"
+    assert ready["handle"]["compose_files"] == "compose.ci.yml"
+    assert sorted(ready["services"]) == ["built", "web"]
+    project = project_name(made["id"])
+    assert podman.leftovers(project)
+    await destroy(svc.http, svc.url, made["id"])
+    await wait_state(svc.http, svc.url, made["id"], {"destroyed"}, timeout=120)
+    assert local_leftovers(podman, svc.data_dir, made["id"]) == []
+    assert await event_types(svc.http, svc.url, made["id"]) == [
+        "SandboxRequested",
+        "RouteChosen",
+        "Provisioned",
+        "BecameReady",
+        "DestroyRequested",
+        "TornDown",
+    ]
+
+    outside = tmp_path.parent / f"outside-{os.getpid()}"
+    body = {"profile": "profile.compose-local", "inputs": {"repo": str(outside)}}
+    async with svc.http.post(f"{svc.url}/v1/sandboxes", json=body) as resp:
+        error = await resp.json()
+        assert resp.status == 400, error
+    assert error["error"]["field"] == "inputs.repo"
