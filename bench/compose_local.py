@@ -20,10 +20,14 @@ import os
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from bench.common import REPO_ROOT, Figure, Options, Section, Stopwatch, alternate, scratch
 from bench.compose import COMPOSE_APP, ServiceRig
 from sandboxer.bootstrap import Service
 from tests.infra import IMAGE
+
+PROFILES = REPO_ROOT / "profiles"
 
 EXAMPLE = REPO_ROOT / "examples" / "compose-hello"
 
@@ -65,8 +69,22 @@ class LocalRig(ServiceRig):
 
     profile = "profile.compose-local"
 
-    def __init__(self, folder: Path, project: Path, services: int, healthchecked: str) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        project: Path,
+        services: int,
+        healthchecked: str,
+        settle_polls: int | None = None,
+    ) -> None:
         super().__init__(folder, project)
+        self.profiles = folder / "profiles"
+        if settle_polls is not None:  # the shipped profile with one config key changed
+            shipped = yaml.safe_load((PROFILES / "profile.compose-local.yaml").read_text())
+            shipped["name"] = self.profile = "profile.bench-compose-local"
+            shipped["config"] = {**shipped.get("config", {}), "settle_polls": settle_polls}
+            self.profiles.mkdir(parents=True, exist_ok=True)
+            (self.profiles / f"{self.profile}.yaml").write_text(yaml.safe_dump(shipped))
         self.services = services
         self.healthchecked = healthchecked  # services with a healthcheck, space-separated
         self.workspaces = folder / "script"
@@ -79,6 +97,7 @@ class LocalRig(ServiceRig):
             "SANDBOXER_COMPOSE_LOCAL_CMD": self.compose,
             "SANDBOXER_COMPOSE_LOCAL_ENGINE_CMD": self.podman.engine_cmd,
             "SANDBOXER_COMPOSE_LOCAL_STOP_TIMEOUT": "1",
+            "SANDBOXER_PROFILES_PATH": str(self.profiles),
         }
 
     def script_env(self) -> dict[str, str]:
@@ -124,10 +143,16 @@ class LocalRig(ServiceRig):
 
 
 async def measure(
-    options: Options, section: Section, folder: Path, project: Path, label: str, health: str
+    options: Options,
+    section: Section,
+    folder: Path,
+    project: Path,
+    label: str,
+    health: str,
+    settle_polls: int | None = None,
 ) -> None:
     services = 2
-    rig = LocalRig(folder, project, services, health)
+    rig = LocalRig(folder, project, services, health, settle_polls)
     service = await rig.start()
     try:
         if not options.quick:  # warm up: podman's caches, the first compose run
@@ -146,6 +171,9 @@ async def measure(
         note = ""
         if health and not same_done:
             note = "ours did not wait for the healthcheck: not the same definition of done"
+        if settle_polls is not None:
+            label = f"{label}, settle_polls: {settle_polls}"
+            note = "the shipped profile but one readiness poll instead of two in a row"
         section.add(
             Figure(
                 f"provision one sandbox: {label}",
@@ -154,10 +182,12 @@ async def measure(
                 base,
                 "script (cp -a + compose up + poll)",
                 higher_is_better=False,
-                target_ratio=1.0 if same_done else None,
+                target_ratio=1.0 if same_done and settle_polls is None else None,
                 note=note,
             )
         )
+        if settle_polls is not None:
+            return
         section.add(
             Figure(
                 f"{label}, until `Provisioned` (no readiness check)",
@@ -188,7 +218,17 @@ async def run(options: Options) -> Section:
         "script until its poll (0.5 s apart, once) sees every service running, and healthy "
         "where the compose file has a healthcheck (`podman healthcheck run`)."
     )
+    section.notes.append(
+        "compose-app with `settle_polls: 1`: a bench-only copy of profile.compose-local "
+        "with that one config key, to show what the second readiness poll costs (no target: "
+        "not what ships). compose-hello: ours is held to the same definition of done (db "
+        "healthy) only when its view records db `healthy` at ready; otherwise the figure "
+        "says so and has no target."
+    )
     with scratch(options, "compose-local") as folder:
         await measure(options, section, folder / "app", COMPOSE_APP, "compose-app", "")
+        await measure(
+            options, section, folder / "app1", COMPOSE_APP, "compose-app", "", settle_polls=1
+        )
         await measure(options, section, folder / "hello", EXAMPLE, "compose-hello", "db")
     return section
