@@ -93,6 +93,32 @@ left=$("$@" ps -aq --filter "$label") || exit 1
 exit 0
 """
 
+# Runs a command holding the sandbox's lock file (flock, where the host has it). The
+# lock's file descriptor is inherited by everything the command starts, so a compose
+# up whose caller died (serve killed) holds it until its last process ends.
+LOCKED = r"""
+lock=$1; shift
+if command -v flock >/dev/null 2>&1; then exec flock "$lock" "$@"; fi
+exec "$@"
+"""
+
+# Waits until nothing holds the sandbox's lock file (a missing one: nothing to wait for).
+WAIT_FOR_LOCK = r"""
+lock=$1
+[ -f "$lock" ] && [ ! -L "$lock" ] || exit 0
+if command -v flock >/dev/null 2>&1; then exec flock "$lock" true; fi
+"""
+
+# Lists the sandbox ids of `<root>/.lock-<id>` files, one per line.
+LIST_LOCKS = r"""
+set -eu
+root=$1
+[ -d "$root" ] || exit 0
+for f in "$root"/.lock-*; do
+  if [ -f "$f" ] && [ ! -L "$f" ]; then printf '%s\n' "${f##*/.lock-}"; fi
+done
+"""
+
 # Runs a command in the workspace, if the workspace is still there (else nothing).
 IN_WORKSPACE = r"""
 set -u
@@ -257,6 +283,11 @@ def exec_argv(
     for name, value in (env or {}).items():
         command += ["-e", f"{name}={value}"]
     return [*command, container, *argv]
+
+
+def locked_argv(lock: str, argv: Sequence[str]) -> list[str]:
+    """argv run holding `lock` (see LOCKED)."""
+    return ["sh", "-c", LOCKED, "sh", lock, *argv]
 
 
 def remove_project_argv(engine_cmd: Sequence[str], project: str) -> list[str]:
@@ -466,11 +497,20 @@ class ComposeHost:
     def workspace(self, sandbox_id: str) -> str:
         return f"{self.root}/{check_sandbox_id(sandbox_id)}"
 
+    def lock(self, sandbox_id: str) -> str:
+        """Held by a running `compose up` of the sandbox (see LOCKED); beside the
+        workspace, which teardown removes."""
+        return f"{self.root}/.lock-{check_sandbox_id(sandbox_id)}"
+
 
 class ComposeAdapter:
     """Every hook of a compose extension; subclasses say where the hosts are."""
 
     what = "compose"  # the extension's name in messages
+    # Inventory only what this adapter's roots show it made (workspaces, lock files,
+    # projects whose compose working_dir is under the root): for an engine shared with
+    # other users (this machine), never another service's `sandboxer-*` projects.
+    scoped = False
 
     def __init__(self, config: dict[str, Any], runtime: RuntimeInfo) -> None:
         self.runtime = runtime
@@ -493,6 +533,10 @@ class ComposeAdapter:
 
     async def prepare_root(self, host: ComposeHost) -> None:
         """Before the first workspace on a host (compose-local makes its root 0700)."""
+
+    def engine_present(self, host: ComposeHost) -> bool:
+        """Whether the host has its container engine (compose-local may have none)."""
+        return True
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -548,7 +592,7 @@ class ComposeAdapter:
         ctx.progress(f"compose up ({len(services)} services)")
         try:
             await host.transport.run(
-                up_argv(host.compose_cmd, project, files),
+                locked_argv(host.lock(ctx.sandbox_id), up_argv(host.compose_cmd, project, files)),
                 cwd=directory,
                 timeout=float(ctx.config.get("up_timeout", 600)),
             )
@@ -593,6 +637,10 @@ class ComposeAdapter:
         directory = host.workspace(sandbox_id)
         project = project_name(sandbox_id)
         timeout = float(ctx.config.get("down_timeout", 300))
+        lock = host.lock(sandbox_id)
+        # A compose up that a killed serve started may still be making things: wait
+        # until its last process let go of the lock, so the sweep sees all it made.
+        await host.transport.run(["sh", "-c", WAIT_FOR_LOCK, "sh", lock], timeout=timeout)
         services = {s for s in (handle or {}).get("services", "").split(",") if s}
         services |= set(container_names(await self._ps(host, project)))
         files = handle_files(handle)
@@ -615,6 +663,7 @@ class ComposeAdapter:
         await host.transport.run(remove_project_argv(host.engine_cmd, project), timeout=timeout)
         await self._remove_images(host, project, services, timeout)
         await host.transport.run(["sh", "-c", REMOVE_WORKSPACE, "sh", directory], timeout=timeout)
+        await host.transport.run(["rm", "-f", "--", lock], timeout=60)
 
     async def _images(self, host: ComposeHost) -> list[str]:
         return image_refs((await host.transport.run(images_argv(host.engine_cmd))).stdout)
@@ -808,25 +857,36 @@ class ComposeAdapter:
                 ["sh", "-c", LIST_WORKSPACES, "sh", host.root], timeout=60
             )
             workspaces = [n for n in listed.stdout.split() if ID_RE.fullmatch(n)]
-            for sandbox_id in workspaces:
-                found.append(
-                    Resource(sandbox_id, host.name, "workspace", host.workspace(sandbox_id))
-                )
+            here: list[Resource] = [
+                Resource(sandbox_id, host.name, "workspace", host.workspace(sandbox_id))
+                for sandbox_id in workspaces
+            ]
+            locks = await host.transport.run(["sh", "-c", LIST_LOCKS, "sh", host.root], timeout=60)
+            ours = set(workspaces) | {n for n in locks.stdout.split() if ID_RE.fullmatch(n)}
+            if not self.engine_present(host):
+                found += here
+                continue
             result = await host.transport.run(ps_argv(host.engine_cmd), timeout=60)
-            projects = {
-                container_labels(item).get("com.docker.compose.project", "")
-                for item in ps_items(result.stdout)
-            }
+            projects: dict[str, bool] = {}
+            for item in ps_items(result.stdout):
+                labels = container_labels(item)
+                project = labels.get("com.docker.compose.project", "")
+                workdir = labels.get("com.docker.compose.project.working_dir", "")
+                inside = workdir.startswith(host.root.rstrip("/") + "/")
+                projects[project] = projects.get(project, False) or inside
             ids = set(workspaces)
-            for project in sorted(projects):
+            for project, inside in sorted(projects.items()):
                 sandbox_id = project.removeprefix(PROJECT_PREFIX)
                 if project.startswith(PROJECT_PREFIX) and ID_RE.fullmatch(sandbox_id):
                     ids.add(sandbox_id)
-                    found.append(Resource(sandbox_id, host.name, "compose_project", project))
+                    if inside:
+                        ours.add(sandbox_id)
+                    here.append(Resource(sandbox_id, host.name, "compose_project", project))
             for ref in await self._images(host):
-                owner = image_sandbox_id(ref, ids)
+                owner = image_sandbox_id(ref, ids | ours)
                 if owner is not None:
-                    found.append(Resource(owner, host.name, "image", ref))
+                    here.append(Resource(owner, host.name, "image", ref))
+            found += [r for r in here if not self.scoped or r.sandbox_id in ours]
         return found
 
     async def remove_orphan(self, config: Mapping[str, Any], resource: Resource) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ def local_engine_cmd(config: Mapping[str, Any]) -> list[str]:
 
 class ComposeLocal(ComposeAdapter):
     what = "compose-local"
+    scoped = True  # this machine's engine is shared: only what our data dir shows
 
     def __init__(self, config: dict[str, Any], runtime: RuntimeInfo) -> None:
         super().__init__(config, runtime)
@@ -70,6 +72,9 @@ class ComposeLocal(ComposeAdapter):
             os.chmod(self.root, 0o700)
 
         await asyncio.to_thread(make)
+
+    def engine_present(self, host: ComposeHost) -> bool:
+        return shutil.which(host.engine_cmd[0]) is not None if host.engine_cmd else False
 
     def place(self, ctx: StepContext, load: Mapping[str, int]) -> Placement:
         capacity = int(ctx.config.get("capacity", 8))

@@ -3,8 +3,12 @@ podman-compose and containers; the same conformance suite as compose-ssh."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shlex
+import shutil
 import stat
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -23,7 +27,7 @@ from extensions import (
 from extensions.compose import project_name
 from extensions.conformance import ExtensionConformance, Leftovers
 from tests.conftest import StartService
-from tests.helpers import create, destroy, event_types, wait_state
+from tests.helpers import create, destroy, event_types, get, wait_state
 from tests.infra import CI_REPO, DOTENV_REPO, SUBFOLDER_REPO, Podman, write_repo
 
 pytestmark = pytest.mark.timeout(300)
@@ -235,3 +239,118 @@ async def test_profile_compose_local_through_the_service_leaves_nothing(
         error = await resp.json()
         assert resp.status == 400, error
     assert error["error"]["field"] == "inputs.repo"
+
+
+def compose_processes(projects: set[str]) -> list[str]:
+    """Command lines of processes on this machine that name one of the projects."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            words = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue  # ended meanwhile
+        if projects & set(words):
+            found.append(" ".join(words))
+    return found
+
+
+async def test_kill_during_provisioning_then_restart_leaves_nothing(
+    local_env: dict[str, str], podman: Podman, tmp_path: Path
+) -> None:
+    """SIGKILL serve while five compose-local sandboxes provision (one in compose up,
+    building its image), restart: each is recovered (failed and torn down, or ready);
+    after destroy nothing is left, images included, even from a compose process the
+    dead serve had started."""
+    import aiohttp
+
+    from tests.infra import ServeProcess, free_port
+
+    repo = write_repo(tmp_path / "ci-repo", CI_REPO)
+    data_dir = tmp_path / "serve-data"
+    body = {
+        "profile": "profile.compose-local",
+        "inputs": {"repo": str(repo), "compose_file": "compose.ci.yml"},
+    }
+    async with aiohttp.ClientSession() as http:
+        first = ServeProcess(data_dir, free_port(), **local_env)
+        try:
+            await first.wait_healthy(http)
+            ids = []
+            for _ in range(5):
+                async with http.post(f"{first.url}/v1/sandboxes", json=body) as resp:
+                    assert resp.status == 202, await resp.text()
+                    ids.append((await resp.json())["id"])
+            async with asyncio.timeout(120):
+                while True:
+                    views = [await get(http, first.url, i) for i in ids]
+                    messages = [(v.get("progress") or {}).get("message") or "" for v in views]
+                    if any(m.startswith("compose up") for m in messages):
+                        break
+                    await asyncio.sleep(0.05)  # polling a condition, under a deadline
+        finally:
+            first.kill()
+
+        second = ServeProcess(data_dir, free_port(), **local_env)
+        try:
+            await second.wait_healthy(http)
+            for sandbox_id in ids:
+                final = await wait_state(
+                    http, second.url, sandbox_id, {"ready", "failed"}, timeout=180
+                )
+                if final["state"] == "ready":
+                    await destroy(http, second.url, sandbox_id)
+                    await wait_state(http, second.url, sandbox_id, {"destroyed"}, timeout=120)
+            projects = {project_name(i) for i in ids}
+            async with asyncio.timeout(120):
+                while compose_processes(projects):
+                    await asyncio.sleep(0.1)  # the dead serve's compose runs: wait it out
+            for sandbox_id in ids:
+                assert local_leftovers(podman, data_dir, sandbox_id) == [], sandbox_id
+            assert second.terminate() == 0
+        finally:
+            if second.proc.poll() is None:
+                second.kill()
+
+
+async def test_inventory_lists_only_what_this_data_dir_made(
+    local_ext: LoadedExtension, podman: Podman, compose_repo: Path, tmp_path: Path
+) -> None:
+    """The machine's engine is shared (another service, compose-ssh on loopback): a
+    `sandboxer-*` project compose-local did not make is never listed, so a sweep
+    cannot remove it. Its own headless project and orphan image are."""
+    from extensions import Reconciling
+
+    adapter = cast(Reconciling, local_ext.adapter)
+    foreign = project_name("sbx-foreign-one")
+    made = subprocess.run(
+        [*shlex.split(podman.compose_cmd), "-p", foreign, "-f", "compose.yml", "up", "-d"],
+        cwd=compose_repo,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    repo = write_repo(tmp_path / "ci-repo", CI_REPO)
+    ctx = step(local_ext, "sbx-local-orphan", repo, {"compose_file": "compose.ci.yml"})
+    try:
+        await local_ext.adapter.provision(ctx)
+        shutil.rmtree(workspaces(tmp_path / "data") / "sbx-local-orphan")
+        found = await adapter.inventory(ctx.config)
+        assert "sbx-foreign-one" not in {r.sandbox_id for r in found}
+        mine = sorted((r.kind, r.detail) for r in found if r.sandbox_id == "sbx-local-orphan")
+        assert mine == [
+            ("compose_project", project_name("sbx-local-orphan")),
+            ("image", f"localhost/{project_name('sbx-local-orphan')}_built:latest"),
+        ]
+        for resource in [r for r in found if r.sandbox_id == "sbx-local-orphan"]:
+            await adapter.remove_orphan(ctx.config, resource)
+        assert podman.leftovers(project_name("sbx-local-orphan")) == []
+        assert podman.containers(foreign), "the foreign project is untouched"
+    finally:
+        await local_ext.adapter.teardown(ctx, None)
+        podman("rm", "-f", *[c["Id"] for c in podman.containers(foreign)])
+        podman("pod", "rm", "-f", f"pod_{foreign}")
+        podman("network", "rm", f"{foreign}_default")
+    assert podman.leftovers(foreign) == []
