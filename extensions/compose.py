@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from extensions import compose_services
 from extensions.hosts import (
     ID_RE,
     LIST_WORKSPACES,
@@ -39,12 +40,14 @@ from extensions.hosts import (
 from extensions.sdk import (
     CommandRefused,
     CommandResult,
+    Endpoint,
     ExtensionError,
     Handle,
     OutputBuffer,
     OutputFn,
     Resource,
     RuntimeInfo,
+    ServiceStatus,
     StepContext,
     check_command,
 )
@@ -93,12 +96,13 @@ left=$("$@" ps -aq --filter "$label") || exit 1
 exit 0
 """
 
-# Runs a command holding the sandbox's lock file (flock, where the host has it). The
-# lock's file descriptor is inherited by everything the command starts, so a compose
-# up whose caller died (serve killed) holds it until its last process ends.
+# Runs a command holding the sandbox's lock file (flock, where the host has it) until
+# the command ends, also when its caller died (serve killed): flock waits for it.
+# `-o`: the command does not inherit the lock, or the engine's long-lived container
+# monitors (podman's conmon) would hold it as long as the containers run.
 LOCKED = r"""
 lock=$1; shift
-if command -v flock >/dev/null 2>&1; then exec flock "$lock" "$@"; fi
+if command -v flock >/dev/null 2>&1; then exec flock -o "$lock" "$@"; fi
 exec "$@"
 """
 
@@ -106,7 +110,7 @@ exec "$@"
 WAIT_FOR_LOCK = r"""
 lock=$1
 [ -f "$lock" ] && [ ! -L "$lock" ] || exit 0
-if command -v flock >/dev/null 2>&1; then exec flock "$lock" true; fi
+if command -v flock >/dev/null 2>&1; then exec flock -o "$lock" true; fi
 """
 
 # Lists the sandbox ids of `<root>/.lock-<id>` files, one per line.
@@ -515,6 +519,7 @@ class ComposeAdapter:
     def __init__(self, config: dict[str, Any], runtime: RuntimeInfo) -> None:
         self.runtime = runtime
         self.base_config = config
+        self._monitors: dict[str, compose_services.ServiceMonitor] = {}
 
     # ---- what subclasses provide --------------------------------------------------------
 
@@ -604,26 +609,54 @@ class ComposeAdapter:
         return self._handle(host, directory, project, files, ",".join(services))
 
     async def wait_ready(self, ctx: StepContext, handle: Handle) -> list[str]:
-        host = self.host(ctx)
-        project = handle.get("project") or project_name(ctx.sandbox_id)
-        expected = [s for s in handle.get("services", "").split(",") if s]
-        poll = float(ctx.config.get("poll_interval", 0.5))
-        # All services running on this many polls in a row: a service that dies at
-        # once (a crashing entrypoint) is caught instead of reported ready.
-        settle = max(int(ctx.config.get("settle_polls", 2)), 1)
-        streak = 0
-        while True:
-            states = parse_ps(await self._ps(host, project))
-            for service in expected:
-                if states.get(service) in DEAD:
-                    raise ExtensionError(f"service {service!r} is {states[service]}")
-            waiting = [s for s in expected if states.get(s) not in RUNNING]
-            streak = 0 if waiting else streak + 1
-            if streak >= settle:
-                return expected
-            if waiting:
-                ctx.progress(f"waiting for {', '.join(waiting)}")
-            await asyncio.sleep(poll)  # polling the engine; the hook has a timeout
+        """Every service of the resolved configuration running, each with a
+        healthcheck healthy (see extensions.compose_services)."""
+        started = time.monotonic()
+        monitor = await self._monitor(ctx, handle)
+        return await compose_services.wait_ready(
+            monitor,
+            ctx.progress,
+            poll_interval=float(ctx.config.get("poll_interval", 0.5)),
+            settle_polls=int(ctx.config.get("settle_polls", 2)),
+            timeout=float(ctx.config.get("ready_timeout", 290)),
+            started=started,
+        )
+
+    # ---- watching ------------------------------------------------------------------------
+
+    async def _monitor(self, ctx: StepContext, handle: Handle) -> compose_services.ServiceMonitor:
+        """The sandbox's service monitor, kept in memory (rebuilt after a restart)."""
+        monitor = self._monitors.get(ctx.sandbox_id)
+        if monitor is None:
+            host = self.host(ctx)
+            transport = host.transport
+
+            async def run(argv: list[str]) -> tuple[int, str, str]:
+                # compose_services puts its own limit on each call
+                result = await transport.run(argv, timeout=600, check=False)
+                return result.exit_status, result.stdout, result.stderr
+
+            monitor = await compose_services.build_monitor(
+                run,
+                compose=host.compose_cmd,
+                engine=host.engine_cmd,
+                project=handle.get("project") or project_name(ctx.sandbox_id),
+                directory=handle.get("directory") or host.workspace(ctx.sandbox_id),
+                handle=handle,
+                run_healthchecks=str(ctx.config.get("run_healthchecks", "auto")),
+            )
+            self._monitors[ctx.sandbox_id] = monitor
+        return monitor
+
+    async def services(self, ctx: StepContext, handle: Handle) -> list[ServiceStatus]:
+        """One poll: each service's state and health (running the due healthchecks)."""
+        return await (await self._monitor(ctx, handle)).poll()
+
+    async def endpoints(self, ctx: StepContext, handle: Handle) -> list[Endpoint]:
+        """The published ports, `host` the compose host's address for a wildcard bind."""
+        monitor = await self._monitor(ctx, handle)
+        await monitor.ps()
+        return monitor.endpoints(handle.get("address") or self.host(ctx).address)
 
     async def teardown(self, ctx: StepContext, handle: Handle | None) -> None:
         """compose down with the files the handle recorded (never a re-discovery: a
@@ -631,6 +664,7 @@ class ComposeAdapter:
         whatever is left, the project's images and the workspace. Without a handle
         (a crash), the label sweep alone removes everything."""
         sandbox_id = check_sandbox_id(ctx.sandbox_id)
+        self._monitors.pop(sandbox_id, None)
         if not self.placed(ctx):
             return  # never placed: nothing was made
         host = self.host(ctx)

@@ -120,6 +120,10 @@ class TestComposeLocalConformance(ExtensionConformance):
                 (root / "sbx-local-cmd").resolve()
             )
             await extension.adapter.wait_ready(ctx, handle)
+            # compose up is over: its lock is free (no container monitor inherited it)
+            lock = root / ".lock-sbx-local-cmd"
+            assert lock.is_file()
+            assert subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0
             here = await adapter.run_command(ctx, handle, ["pwd"])
             assert here.stdout.strip() == handle["directory"]
             page = await adapter.run_command(ctx, handle, ["cat", "index.html"], workdir="site")
