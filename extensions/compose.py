@@ -447,9 +447,10 @@ def transfer_rules(config: Mapping[str, Any]) -> dict[str, list[str]]:
 
 
 def dropped_files(error: str, directory: str, repo: Path) -> list[str]:
-    """Files an error names that are in the local repo but were not copied (the
-    transfer's filter dropped them: .gitignore or `excludes`). Paths are taken as
-    absolute under the workspace, or relative to it; only the local repo is looked at."""
+    """Files an error names that are in the local repo: candidates for what the
+    transfer's filter dropped (.gitignore or `excludes`), once the workspace shows
+    they are missing there (`MISSING_FILES`). Paths are taken as absolute under the
+    workspace, or relative to it; only the local repo is looked at."""
     found: list[str] = []
     for token in PATH_RE.findall(error):
         path = token
@@ -470,9 +471,15 @@ def dropped_files(error: str, directory: str, repo: Path) -> list[str]:
     return found
 
 
-def explain_dropped(error: str, directory: str, repo: Path, wanted: Iterable[str]) -> str:
-    """A sentence for a compose failure that names a file the filter dropped."""
-    missing = [p for p in dropped_files(error, directory, repo) if p not in set(wanted)]
+# Prints those of its arguments (paths relative to the cwd) that do not exist.
+MISSING_FILES = r"""
+for f; do [ -e "$f" ] || [ -L "$f" ] || printf '%s\n' "$f"; done
+"""
+
+
+def explain_dropped(missing: Sequence[str]) -> str:
+    """A sentence for a compose failure that names files the filter dropped (in the
+    local repo, missing in the workspace)."""
     if not missing:
         return ""
     names = ", ".join(missing)
@@ -602,7 +609,13 @@ class ComposeAdapter:
                 timeout=float(ctx.config.get("up_timeout", 600)),
             )
         except CommandFailed as exc:
-            hint = explain_dropped(exc.stderr, directory, repo, rules["includes"])
+            named = dropped_files(exc.stderr, directory, repo)
+            if not named:
+                raise
+            absent = await host.transport.run(
+                ["sh", "-c", MISSING_FILES, "sh", *named], cwd=directory, check=False
+            )
+            hint = explain_dropped([p for p in named if p in absent.stdout.splitlines()])
             if not hint:
                 raise
             raise ExtensionError(f"{exc}{hint}") from exc

@@ -252,7 +252,8 @@ def compose_processes(projects: set[str]) -> list[str]:
         if not entry.name.isdigit():
             continue
         try:
-            words = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            raw = (entry / "cmdline").read_bytes().decode(errors="replace")
+            words = [w for w in raw.split("\0") if w]
         except OSError:
             continue  # ended meanwhile
         if projects & set(words):
@@ -263,7 +264,7 @@ def compose_processes(projects: set[str]) -> list[str]:
 async def test_kill_during_provisioning_then_restart_leaves_nothing(
     local_env: dict[str, str], podman: Podman, tmp_path: Path
 ) -> None:
-    """SIGKILL serve while five compose-local sandboxes provision (one in compose up,
+    """SIGKILL serve while ten compose-local sandboxes provision (one in compose up,
     building its image), restart: each is recovered (failed and torn down, or ready);
     after destroy nothing is left, images included, even from a compose process the
     dead serve had started."""
@@ -278,11 +279,12 @@ async def test_kill_during_provisioning_then_restart_leaves_nothing(
         "inputs": {"repo": str(repo), "compose_file": "compose.ci.yml"},
     }
     async with aiohttp.ClientSession() as http:
-        first = ServeProcess(data_dir, free_port(), **local_env)
+        env = {**local_env, "SANDBOXER_COMPOSE_LOCAL_CAPACITY": "10"}
+        first = ServeProcess(data_dir, free_port(), **env)
         try:
             await first.wait_healthy(http)
             ids = []
-            for _ in range(5):
+            for _ in range(10):
                 async with http.post(f"{first.url}/v1/sandboxes", json=body) as resp:
                     assert resp.status == 202, await resp.text()
                     ids.append((await resp.json())["id"])
@@ -296,7 +298,7 @@ async def test_kill_during_provisioning_then_restart_leaves_nothing(
         finally:
             first.kill()
 
-        second = ServeProcess(data_dir, free_port(), **local_env)
+        second = ServeProcess(data_dir, free_port(), **env)
         try:
             await second.wait_healthy(http)
             for sandbox_id in ids:
@@ -358,3 +360,57 @@ async def test_inventory_lists_only_what_this_data_dir_made(
         podman("pod", "rm", "-f", f"pod_{foreign}")
         podman("network", "rm", f"{foreign}_default")
     assert podman.leftovers(foreign) == []
+
+
+async def test_teardown_waits_for_a_compose_up_its_caller_left_running(
+    local_ext: LoadedExtension, podman: Podman, compose_repo: Path, tmp_path: Path
+) -> None:
+    """A compose up started by a serve that died holds the sandbox's lock; teardown
+    waits for it, then removes what it made. The orphaned up is held on a FIFO until
+    teardown is seen waiting on the lock, so without the wait it would create its
+    containers after the sweep."""
+    ctx = step(local_ext, "sbx-local-late", compose_repo)
+    handle = await local_ext.adapter.provision(ctx)
+    await local_ext.adapter.teardown(ctx, handle)
+    root = workspaces(tmp_path / "data")
+    workspace = root / "sbx-local-late"
+    shutil.copytree(compose_repo, workspace)
+    lock = root / ".lock-sbx-local-late"
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    up = [
+        *shlex.split(podman.compose_cmd),
+        "-p",
+        project_name("sbx-local-late"),
+        "-f",
+        "compose.yml",
+    ]
+    script = 'read go < "$1"; shift; exec "$@"'
+    orphan = subprocess.Popen(
+        ["flock", "-o", str(lock), "sh", "-c", script, "sh", str(fifo), *up, "up", "-d"],
+        cwd=workspace,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        async with asyncio.timeout(30):
+            while not lock.exists():
+                await asyncio.sleep(0.02)  # polling a condition, under a deadline
+        teardown = asyncio.ensure_future(local_ext.adapter.teardown(ctx, None))
+        async with asyncio.timeout(30):
+            # teardown is waiting on the lock: its `flock <lock> true` runs
+            while not [c for c in compose_processes({str(lock)}) if c.endswith(" true")]:
+                assert not teardown.done(), "teardown did not wait for the lock"
+                await asyncio.sleep(0.02)  # polling a condition, under a deadline
+        await asyncio.to_thread(fifo.write_text, "go\n")
+        async with asyncio.timeout(120):
+            await teardown
+        assert orphan.wait(30) == 0
+    finally:
+        if orphan.poll() is None:
+            os.killpg(orphan.pid, 9)
+            orphan.wait()
+        await local_ext.adapter.teardown(ctx, None)
+    assert local_leftovers(podman, tmp_path / "data", "sbx-local-late") == []
+    assert not lock.exists()
