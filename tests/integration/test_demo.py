@@ -48,7 +48,12 @@ def test_demo_brings_the_example_up_answers_and_leaves_nothing(tmp_path: Path) -
     found = re.search(r"^== get (sbx-[0-9a-f]+)", out, re.M)
     assert found, out[:2000]
     sandbox_id = found.group(1)
-    # The page web serves from examples/compose-hello/site, fetched from the host port.
+    # db's healthcheck held web back; the endpoint is the one the view recorded, and
+    # the page web serves from examples/compose-hello/site answered on it.
+    assert "db running (healthy)" in out
+    assert re.search(
+        r"^== the web endpoint recorded for sbx-\w+: http://127\.0\.0\.1:\d+/$", out, re.M
+    )
     page = (ROOT / "examples" / "compose-hello" / "site" / "index.html").read_text()
     assert page.strip() in out
     assert re.search(r"^ckpt-[0-9a-f]+: created", proc.stderr + out, re.M)
