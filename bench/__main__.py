@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "peer": "the same append and replay with the eventsourcing library (SQLite)",
     "api": "GET /v1/sandboxes[/{id}] under wrk vs a bare aiohttp handler",
     "compose": "compose-ssh provision (1 and 10 at once) vs ssh + rsync + compose up",
+    "compose-local": "compose-local provision vs cp -a + compose up + poll (this machine)",
     "memory": "peak RSS of serve with 10,000 sandboxes and while streaming a checkpoint",
 }
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_all(names: list[str], options: Options, results: Path) -> None:
     for name in names:
         print(f"== {name}: {BENCHMARKS[name]}", flush=True)
-        module = importlib.import_module(f"bench.{name}")
+        module = importlib.import_module(f"bench.{name.replace('-', '_')}")
         run: Callable[[Options], Coroutine[Any, Any, Section]] = module.run
         began = time.monotonic()
         section = asyncio.run(run(options))

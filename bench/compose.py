@@ -53,40 +53,31 @@ ssh $SSH_OPTS "$TARGET" "cd $dir && $COMPOSE -p $project -f compose.yml down -t 
 """
 
 
-class ComposeRig:
-    """sshd + podman + the service with one compose host of capacity `capacity`."""
+class ServiceRig:
+    """podman + the in-process service; creates `profile` sandboxes from `repo` and
+    times them until ready (the compose benchmarks' common part)."""
 
-    def __init__(self, folder: Path, capacity: int) -> None:
+    profile = "profile.compose-e2e"
+
+    def __init__(self, folder: Path, project: Path = COMPOSE_APP) -> None:
         self.folder = folder
-        self.capacity = capacity
         self.podman = Podman.prepare(folder / "podman")
-        self.host = SSHHost(folder / "sshd")
         self.repo = folder / "repo"
-        shutil.copytree(COMPOSE_APP, self.repo)
-        self.remote = folder / "remote"
+        shutil.copytree(project, self.repo)
         self.service: Service | None = None
         self.waiting: dict[str, tuple[set[str], asyncio.Future[str]]] = {}
         self.provisioned: dict[str, float] = {}  # when each Provisioned was applied
         self.until_provisioned: list[float] = []  # per provision(): seconds to the last
         self.counter = 0
+        self.last_ids: list[str] = []
 
     def env(self) -> dict[str, str]:
-        hosts = [
-            self.host.host_config(
-                "h1", self.remote, self.podman.compose_cmd, capacity=self.capacity
-            )
-        ]
         return {
-            "SANDBOXER_COMPOSE_HOSTS": json.dumps(hosts),
-            "SANDBOXER_COMPOSE_CMD": self.podman.compose_cmd,
-            "SANDBOXER_COMPOSE_ENGINE_CMD": self.podman.engine_cmd,
-            "SANDBOXER_COMPOSE_STOP_TIMEOUT": "1",
             "SANDBOXER_RECONCILE": "off",
             "SANDBOXER_REPO_ROOTS": str(self.folder.resolve()),
         }
 
     async def start(self, **extra: str) -> Service:
-        self.host.start()
         settings = service_settings(str(self.folder / "data"), "always", **self.env(), **extra)
         self.service = Service(settings)
         await self.service.start()
@@ -97,7 +88,6 @@ class ComposeRig:
     async def stop(self) -> None:
         if self.service is not None:
             await self.service.stop()
-        self.host.stop()
 
     def _observe(self, recorded: RecordedEvent) -> None:
         assert self.service is not None and self.service.runner is not None
@@ -126,7 +116,7 @@ class ComposeRig:
         )
         await self.service.manager.create(
             CreateRequest(
-                profile="profile.compose-e2e",
+                profile=self.profile,
                 inputs={"repo": str(self.repo), **inputs},
                 sandbox_id=sandbox_id,
             ),
@@ -137,6 +127,7 @@ class ComposeRig:
         """Create `count` sandboxes at once; seconds until all are ready. Then tear
         them down (untimed)."""
         ids = [self.next_id() for _ in range(count)]
+        self.last_ids = ids
         watch = Stopwatch()
 
         async def one(sandbox_id: str) -> None:
@@ -168,6 +159,38 @@ class ComposeRig:
                 raise RuntimeError(f"{sandbox_id} ended {state}")
 
         await asyncio.gather(*(one(i) for i in ids))
+
+
+class ComposeRig(ServiceRig):
+    """sshd + podman + the service with one compose host of capacity `capacity`."""
+
+    def __init__(self, folder: Path, capacity: int) -> None:
+        super().__init__(folder)
+        self.capacity = capacity
+        self.host = SSHHost(folder / "sshd")
+        self.remote = folder / "remote"
+
+    def env(self) -> dict[str, str]:
+        hosts = [
+            self.host.host_config(
+                "h1", self.remote, self.podman.compose_cmd, capacity=self.capacity
+            )
+        ]
+        return {
+            **super().env(),
+            "SANDBOXER_COMPOSE_HOSTS": json.dumps(hosts),
+            "SANDBOXER_COMPOSE_CMD": self.podman.compose_cmd,
+            "SANDBOXER_COMPOSE_ENGINE_CMD": self.podman.engine_cmd,
+            "SANDBOXER_COMPOSE_STOP_TIMEOUT": "1",
+        }
+
+    async def start(self, **extra: str) -> Service:
+        self.host.start()
+        return await super().start(**extra)
+
+    async def stop(self) -> None:
+        await super().stop()
+        self.host.stop()
 
     # ---- the script ---------------------------------------------------------------
 
