@@ -602,6 +602,12 @@ class ComposeAdapter:
             timeout=float(ctx.config.get("rsync_timeout", 600)),
         )
         ctx.progress(f"compose up ({len(services)} services)")
+        # The resolved configuration (what readiness waits for) is read while `up`
+        # runs: `compose config` costs a compose tool's start, off the critical path.
+        run = self._run(host)
+        resolving = asyncio.ensure_future(
+            compose_services.resolve_services(run, host.compose_cmd, project, files, directory)
+        )
         try:
             await host.transport.run(
                 locked_argv(host.lock(ctx.sandbox_id), up_argv(host.compose_cmd, project, files)),
@@ -609,6 +615,7 @@ class ComposeAdapter:
                 timeout=float(ctx.config.get("up_timeout", 600)),
             )
         except CommandFailed as exc:
+            resolving.cancel()
             named = dropped_files(exc.stderr, directory, repo)
             if not named:
                 raise
@@ -619,6 +626,21 @@ class ComposeAdapter:
             if not hint:
                 raise
             raise ExtensionError(f"{exc}{hint}") from exc
+        except BaseException:
+            resolving.cancel()
+            raise
+        try:
+            specs = await resolving
+        except ExtensionError:
+            pass  # wait_ready reads it again, and fails saying why
+        else:
+            self._monitors[ctx.sandbox_id] = compose_services.ServiceMonitor(
+                run,
+                host.engine_cmd,
+                project,
+                specs,
+                run_healthchecks=str(ctx.config.get("run_healthchecks", "auto")),
+            )
         return self._handle(host, directory, project, files, ",".join(services))
 
     async def wait_ready(self, ctx: StepContext, handle: Handle) -> list[str]:
@@ -633,6 +655,7 @@ class ComposeAdapter:
             settle_polls=int(ctx.config.get("settle_polls", 2)),
             timeout=float(ctx.config.get("ready_timeout", 290)),
             started=started,
+            settle_interval=float(ctx.config.get("settle_interval", 0.2)),
         )
 
     # ---- watching ------------------------------------------------------------------------
@@ -642,15 +665,8 @@ class ComposeAdapter:
         monitor = self._monitors.get(ctx.sandbox_id)
         if monitor is None:
             host = self.host(ctx)
-            transport = host.transport
-
-            async def run(argv: list[str]) -> tuple[int, str, str]:
-                # compose_services puts its own limit on each call
-                result = await transport.run(argv, timeout=600, check=False)
-                return result.exit_status, result.stdout, result.stderr
-
             monitor = await compose_services.build_monitor(
-                run,
+                self._run(host),
                 compose=host.compose_cmd,
                 engine=host.engine_cmd,
                 project=handle.get("project") or project_name(ctx.sandbox_id),
@@ -661,14 +677,30 @@ class ComposeAdapter:
             self._monitors[ctx.sandbox_id] = monitor
         return monitor
 
+    @staticmethod
+    def _run(host: ComposeHost) -> compose_services.Run:
+        transport = host.transport
+
+        async def run(argv: list[str]) -> tuple[int, str, str]:
+            # compose_services puts its own limit on each call
+            result = await transport.run(argv, timeout=600, check=False)
+            return result.exit_status, result.stdout, result.stderr
+
+        return run
+
     async def services(self, ctx: StepContext, handle: Handle) -> list[ServiceStatus]:
-        """One poll: each service's state and health (running the due healthchecks)."""
-        return await (await self._monitor(ctx, handle)).poll()
+        """One poll: each service's state and health (running the due healthchecks).
+        Asked right after wait_ready, the poll that found it ready is the answer."""
+        monitor = await self._monitor(ctx, handle)
+        ready, monitor.ready_statuses = monitor.ready_statuses, None
+        return ready if ready is not None else await monitor.poll()
 
     async def endpoints(self, ctx: StepContext, handle: Handle) -> list[Endpoint]:
-        """The published ports, `host` the compose host's address for a wildcard bind."""
+        """The published ports, `host` the compose host's address for a wildcard bind
+        (from the last `ps` if it is under a second old: ports do not move)."""
         monitor = await self._monitor(ctx, handle)
-        await monitor.ps()
+        if not monitor.last_ps or monitor.clock() - monitor.ps_at > 1.0:
+            await monitor.ps()
         return monitor.endpoints(handle.get("address") or self.host(ctx).address)
 
     async def teardown(self, ctx: StepContext, handle: Handle | None) -> None:

@@ -409,7 +409,7 @@ def _endpoints_of(container: Container, address: str) -> list[Endpoint]:
             for i in range(count)
         ]
     for piece in container.ports_text.split(","):  # docker: "0.0.0.0:49153->80/tcp"
-        match = _DOCKER_PORT_RE.match(piece.strip())
+        match = _DOCKER_PORT_RE.fullmatch(piece.strip())
         if match is None:
             continue  # "80/tcp": exposed, not published
         host_first, ctr_first = int(match["host"]), int(match["ctr"])
@@ -599,6 +599,8 @@ class ServiceMonitor:
         self.engine_unhealthy: set[str] = set()  # services the engine said unhealthy last poll
         self.last_ps = ""
         self.prefetched: str | None = None  # a `ps` taken as the monitor was built
+        # What the poll that found the sandbox ready saw: its first report, unasked.
+        self.ready_statuses: list[ServiceStatus] | None = None
         self.ps_at = clock()  # when the last `ps` was sent (the monitor's clock)
 
     @property
@@ -742,9 +744,11 @@ async def wait_ready(
     settle_polls: int = 2,
     timeout: float = 290.0,
     started: float | None = None,
+    settle_interval: float | None = None,
 ) -> list[str]:
     """Poll until every expected service is running (and healthy, with a healthcheck)
-    on `settle_polls` polls in a row; returns the service names. An exited service
+    on `settle_polls` polls in a row (after the first ready look, `settle_interval`
+    apart); returns the service names. An exited service
     fails at once; `timeout` seconds after `started` (the monitor's clock; default
     now) the error names every service not ready. A poll held up by a slow
     healthcheck is cut off at the deadline, so the error beats the hook's timeout."""
@@ -767,6 +771,7 @@ async def wait_ready(
         waiting = [s for s in statuses if not is_ready(s, monitor.specs[s.service])]
         streak = 0 if waiting else streak + 1
         if streak >= settle:
+            monitor.ready_statuses = statuses
             return monitor.expected
         if waiting:
             message = "waiting for " + ", ".join(describe(s) for s in waiting)
@@ -776,8 +781,10 @@ async def wait_ready(
         if monitor.clock() >= deadline:
             report = not_ready_report(statuses, monitor.specs)
             raise ExtensionError(f"services not ready after {timeout:g}s: {report}")
-        # polls `poll_interval` apart, counted from when the last `ps` was sent
-        pause = poll_interval - (monitor.clock() - monitor.ps_at)
+        # polls `poll_interval` apart, counted from when the last `ps` was sent; the
+        # polls that confirm a ready look come `settle_interval` apart
+        gap = poll_interval if waiting or settle_interval is None else settle_interval
+        pause = gap - (monitor.clock() - monitor.ps_at)
         await asyncio.sleep(max(pause, 0.0))  # polling the engine, under the deadline above
 
 

@@ -28,6 +28,7 @@ import pytest
 
 from extensions.registry import LoadedExtension
 from extensions.sdk import (
+    HEALTH,
     OPTIONAL_HOOKS,
     REQUIRED_HOOKS,
     Commanding,
@@ -37,6 +38,7 @@ from extensions.sdk import (
     Handle,
     Reconciling,
     StepContext,
+    Watching,
 )
 
 MakeContext = Callable[[str, dict[str, Any]], StepContext]
@@ -219,6 +221,36 @@ class ExtensionConformance:
             # the sandbox still answers afterwards
             after = await self._run(adapter.run_command(ctx, handle, ["echo", "still here"]))
             assert after.stdout == "still here\n"
+
+    async def test_services_and_endpoints_of_a_ready_sandbox(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        """With `services` + `endpoints`: every service wait_ready named is reported,
+        running, with a health from the vocabulary, and asking again answers the same;
+        every published port is a real port with the address a client uses."""
+        if not extension.manifest.has("services"):
+            pytest.skip("no services capability")
+        assert extension.manifest.has("endpoints"), "services and endpoints go together"
+        adapter = cast(Watching, extension.adapter)
+        sandbox_id = _new_id()
+        ctx = make_context(sandbox_id, {})
+        handle = await self._run(extension.adapter.provision(ctx))
+        try:
+            named = await self._run(extension.adapter.wait_ready(ctx, handle))
+            for _ in range(2):
+                statuses = await self._run(adapter.services(ctx, handle))
+                assert sorted(s.service for s in statuses) == sorted(named)
+                for status in statuses:
+                    assert status.state == "running", status
+                    assert status.health in HEALTH and status.health != "unhealthy", status
+                    assert status.exit_code is None, status
+            for port in await self._run(adapter.endpoints(ctx, handle)):
+                assert port.service in named, port
+                assert 0 < port.container_port < 65536 and 0 < port.host_port < 65536, port
+                assert port.protocol in ("tcp", "udp", "sctp") and port.host, port
+        finally:
+            await self._run(extension.adapter.teardown(ctx, handle))
+        assert await leftovers(sandbox_id) == []
 
     def test_capabilities_honoured(self, extension: LoadedExtension) -> None:
         adapter = extension.adapter
