@@ -13,7 +13,6 @@ import ipaddress
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,15 +24,11 @@ from typing import Any
 
 import aiohttp
 
+from tests.paths import ROOT
+
 IMAGE = "localhost/sbx-busybox:latest"
-BUSYBOX_APPLETS = ("sh", "httpd", "sleep", "wget", "cat", "echo", "ls", "mkdir", "touch", "rm")
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits = []
-[engine]
-cgroup_manager = "cgroupfs"
-runtime = "runc"
-"""
+# The podman settings that work on these machines (runc, cgroupfs), as shipped.
+CONTAINERS_CONF = (ROOT / "scripts" / "podman-containers.conf").read_text()
 
 
 def free_port() -> int:
@@ -117,17 +112,15 @@ class Podman:
         conf.write_text(CONTAINERS_CONF)
         podman = cls(conf)
         if podman("image", "exists", IMAGE).returncode != 0:
-            root = folder / "image"
-            (root / "bin").mkdir(parents=True, exist_ok=True)
-            busybox = shutil.which("busybox") or "/bin/busybox"
-            shutil.copy(busybox, root / "bin" / "busybox")
-            for applet in BUSYBOX_APPLETS:
-                (root / "bin" / applet).unlink(missing_ok=True)
-                (root / "bin" / applet).symlink_to("busybox")
-            tar = folder / "image.tar"
-            run(["tar", "-C", str(root), "-cf", str(tar), "."])
-            imported = podman("import", str(tar), IMAGE)
-            assert imported.returncode == 0, imported.stderr
+            # the image scripts/setup builds on machines without a registry
+            built = subprocess.run(
+                [str(ROOT / "scripts" / "busybox-image"), IMAGE],
+                capture_output=True,
+                text=True,
+                env=podman.env,
+                check=False,
+            )
+            assert built.returncode == 0, built.stderr
         return podman
 
 
