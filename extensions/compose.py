@@ -15,7 +15,6 @@ restore, and the workspace; idempotent, and complete from the sandbox id alone.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import posixpath
 import re
@@ -29,6 +28,7 @@ from typing import Any
 import yaml
 
 from extensions import compose_services
+from extensions.compose_services import labels_of, ps_items
 from extensions.hosts import (
     ID_RE,
     LIST_WORKSPACES,
@@ -301,26 +301,8 @@ def remove_project_argv(engine_cmd: Sequence[str], project: str) -> list[str]:
 # ---- what the engine answers ----------------------------------------------------------
 
 
-def container_labels(item: Mapping[str, Any]) -> dict[str, str]:
-    labels = item.get("Labels") or {}
-    if isinstance(labels, str):  # docker: "k=v,k=v"
-        labels = dict(p.split("=", 1) for p in labels.split(",") if "=" in p)
-    return {str(k): str(v) for k, v in labels.items()}
-
-
-def ps_items(output: str) -> list[dict[str, Any]]:
-    text = output.strip()
-    if not text:
-        return []
-    try:
-        data = json.loads(text)
-        return list(data) if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
-        return [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
-
-
 def service_of(item: Mapping[str, Any]) -> str | None:
-    service = item.get("Service") or container_labels(item).get("com.docker.compose.service")
+    service = item.get("Service") or labels_of(item).get("com.docker.compose.service")
     return str(service) if service else None
 
 
@@ -948,7 +930,7 @@ class ComposeAdapter:
             result = await host.transport.run(ps_argv(host.engine_cmd), timeout=60)
             projects: dict[str, bool] = {}
             for item in ps_items(result.stdout):
-                labels = container_labels(item)
+                labels = labels_of(item)
                 project = labels.get("com.docker.compose.project", "")
                 workdir = labels.get("com.docker.compose.project.working_dir", "")
                 inside = workdir.startswith(host.root.rstrip("/") + "/")
