@@ -540,3 +540,19 @@ def write_repo(folder: Path, files: dict[str, str]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return folder
+
+
+def compose_processes(projects: set[str]) -> list[str]:
+    """Command lines of processes on this machine that name one of the projects."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes().decode(errors="replace")
+            words = [w for w in raw.split("\0") if w]
+        except OSError:
+            continue  # ended meanwhile
+        if projects & set(words):
+            found.append(" ".join(words))
+    return found

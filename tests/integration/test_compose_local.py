@@ -28,7 +28,14 @@ from extensions.compose import project_name
 from extensions.conformance import ExtensionConformance, Leftovers
 from tests.conftest import StartService
 from tests.helpers import create, destroy, event_types, get, wait_state
-from tests.infra import CI_REPO, DOTENV_REPO, SUBFOLDER_REPO, Podman, write_repo
+from tests.infra import (
+    CI_REPO,
+    DOTENV_REPO,
+    SUBFOLDER_REPO,
+    Podman,
+    compose_processes,
+    write_repo,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -243,22 +250,6 @@ async def test_profile_compose_local_through_the_service_leaves_nothing(
         error = await resp.json()
         assert resp.status == 400, error
     assert error["error"]["field"] == "inputs.repo"
-
-
-def compose_processes(projects: set[str]) -> list[str]:
-    """Command lines of processes on this machine that name one of the projects."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "cmdline").read_bytes().decode(errors="replace")
-            words = [w for w in raw.split("\0") if w]
-        except OSError:
-            continue  # ended meanwhile
-        if projects & set(words):
-            found.append(" ".join(words))
-    return found
 
 
 async def test_kill_during_provisioning_then_restart_leaves_nothing(

@@ -39,6 +39,7 @@ from tests.infra import (
     Podman,
     ServeProcess,
     SSHHost,
+    compose_processes,
     free_port,
     write_repo,
 )
@@ -448,6 +449,64 @@ async def test_kill_during_compose_up_then_restart_leaves_no_orphans(
             types = await event_types(http, second.url, sandbox_id)
             assert types == ["SandboxRequested", "RouteChosen", "StepFailed", "TornDown"]
             assert_nothing_left(podman, tmp_path, sandbox_id)
+            assert second.terminate() == 0
+        finally:
+            if second.proc.poll() is None:
+                second.kill()
+
+
+async def test_kill_while_ten_provision_then_restart_leaves_nothing(
+    compose_env: Callable[..., dict[str, str]], podman: Podman, tmp_path: Path
+) -> None:
+    """SIGKILL serve while ten compose-ssh sandboxes provision (one in compose up,
+    building its image), restart: each ends failed (torn down) or ready; after
+    destroy nothing is left on the host, images included."""
+    repo = write_repo(tmp_path / "ci-repo", CI_REPO)
+    data_dir = tmp_path / "data"
+    env = compose_env(capacities=(10,))
+    body = {
+        "profile": "profile.compose-e2e",
+        "inputs": {"repo": str(repo), "compose_file": "compose.ci.yml"},
+    }
+    async with aiohttp.ClientSession() as http:
+        first = ServeProcess(data_dir, free_port(), **env)
+        try:
+            await first.wait_healthy(http)
+            ids = []
+            for _ in range(10):
+                async with http.post(f"{first.url}/v1/sandboxes", json=body) as resp:
+                    assert resp.status == 202, await resp.text()
+                    ids.append((await resp.json())["id"])
+            async with asyncio.timeout(120):
+                while True:
+                    views = []
+                    for sandbox_id in ids:
+                        async with http.get(f"{first.url}/v1/sandboxes/{sandbox_id}") as resp:
+                            views.append(await resp.json())
+                    messages = [(v.get("progress") or {}).get("message") or "" for v in views]
+                    if any(m.startswith("compose up") for m in messages):
+                        break
+                    await asyncio.sleep(0.05)  # polling a condition, under a deadline
+        finally:
+            first.kill()
+
+        second = ServeProcess(data_dir, free_port(), **env)
+        try:
+            await second.wait_healthy(http)
+            for sandbox_id in ids:
+                final = await wait_state(
+                    http, second.url, sandbox_id, {"ready", "failed"}, timeout=180
+                )
+                if final["state"] == "ready":
+                    await destroy(http, second.url, sandbox_id)
+                    await wait_state(http, second.url, sandbox_id, {"destroyed"}, timeout=120)
+            projects = {project_name(i) for i in ids}
+            async with asyncio.timeout(120):
+                while compose_processes(projects):
+                    await asyncio.sleep(0.1)  # the dead serve's compose runs: wait it out
+            for sandbox_id in ids:
+                assert podman.leftovers(project_name(sandbox_id)) == [], sandbox_id
+                assert sandbox_id not in remote_dirs(tmp_path, 0)
             assert second.terminate() == 0
         finally:
             if second.proc.poll() is None:
