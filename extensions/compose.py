@@ -616,6 +616,7 @@ class ComposeAdapter:
         except ExtensionError:
             pass  # wait_ready reads it again, and fails saying why
         else:
+            services = sorted(specs)  # those `up` ran (profiles and overrides applied)
             self._monitors[ctx.sandbox_id] = compose_services.ServiceMonitor(
                 run,
                 host.engine_cmd,

@@ -184,6 +184,8 @@ async def test_sandbox_page_timeline_checkpoint_restore_and_ledger(
     assert page.url.endswith(f"#/sandboxes/{sandbox_id}")
     head = page.locator("section.head")
     await expect(head.locator('[data-col="state"]')).to_have_text("ready")
+    # each service with its state, as BecameReady reported it
+    await expect(head.locator('[data-col="services"]')).to_have_text("instance running")
     timeline = page.locator("section", has=page.get_by_role("heading", name="Events"))
     await expect(timeline.locator("tbody tr")).to_have_count(5)  # requested .. BecameReady
     await expect(timeline).to_contain_text("BecameReady")
