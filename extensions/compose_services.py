@@ -337,6 +337,8 @@ def container_of(item: Mapping[str, Any]) -> Container | None:
     raw_name = item.get("Names") or item.get("Name") or ""
     name = raw_name[0] if isinstance(raw_name, list) and raw_name else raw_name
     state = str(item.get("State") or "").lower()
+    if state == "stopped":
+        state = "exited"  # podman's passing state between the exit and its clean-up
     status = str(item.get("Status") or "")
     exit_code: int | None = None
     if state in DEAD or item.get("Exited") is True:

@@ -717,3 +717,11 @@ async def test_a_hanging_healthcheck_does_not_hold_wait_ready_past_its_deadline(
     with pytest.raises(ExtensionError, match="services not ready after 1s: the engine did not"):
         await wait_ready(monitor, lambda _m: None, poll_interval=0.1, timeout=1.0)
     assert time.monotonic() - started < 5
+
+
+def test_podmans_passing_stopped_state_is_an_exit() -> None:
+    """Between a container's exit and its clean-up podman says `stopped`: reported as
+    the exit it is, with its code, so a watcher sees one change, not two."""
+    stopping = {**PODMAN_PS[1], "State": "stopped", "Status": "Stopped"}
+    (quit_,) = parse_containers(json.dumps([stopping])).values()
+    assert (quit_.state, quit_.exit_code) == ("exited", 1)
