@@ -556,3 +556,55 @@ def compose_processes(projects: set[str]) -> list[str]:
         if projects & set(words):
             found.append(" ".join(words))
     return found
+
+
+async def kill_while_provisioning(
+    http: aiohttp.ClientSession,
+    data_dir: Path,
+    env: dict[str, str],
+    body: dict[str, Any],
+    count: int = 10,
+) -> list[str]:
+    """SIGKILL a serve while `count` sandboxes of `body` provision (one of them in
+    compose up), start another on the same data dir and take each to its end:
+    recovered as failed (torn down), or ready and then destroyed. Returns their ids
+    once no compose process the dead serve started is left; the second serve has
+    stopped cleanly."""
+    from extensions.compose import project_name
+    from tests.helpers import destroy, get, wait_state
+
+    first = ServeProcess(data_dir, free_port(), **env)
+    try:
+        await first.wait_healthy(http)
+        ids = []
+        for _ in range(count):
+            async with http.post(f"{first.url}/v1/sandboxes", json=body) as resp:
+                assert resp.status == 202, await resp.text()
+                ids.append((await resp.json())["id"])
+        async with asyncio.timeout(120):
+            while True:
+                views = [await get(http, first.url, i) for i in ids]
+                messages = [(v.get("progress") or {}).get("message") or "" for v in views]
+                if any(m.startswith("compose up") for m in messages):
+                    break
+                await asyncio.sleep(0.05)  # polling a condition, under a deadline
+    finally:
+        first.kill()
+
+    second = ServeProcess(data_dir, free_port(), **env)
+    try:
+        await second.wait_healthy(http)
+        for sandbox_id in ids:
+            final = await wait_state(http, second.url, sandbox_id, {"ready", "failed"}, timeout=180)
+            if final["state"] == "ready":
+                await destroy(http, second.url, sandbox_id)
+                await wait_state(http, second.url, sandbox_id, {"destroyed"}, timeout=120)
+        projects = {project_name(i) for i in ids}
+        async with asyncio.timeout(120):
+            while compose_processes(projects):
+                await asyncio.sleep(0.1)  # the dead serve's compose runs: wait it out
+        assert second.terminate() == 0
+    finally:
+        if second.proc.poll() is None:
+            second.kill()
+    return ids

@@ -27,13 +27,14 @@ from extensions import (
 from extensions.compose import project_name
 from extensions.conformance import ExtensionConformance, Leftovers
 from tests.conftest import StartService
-from tests.helpers import create, destroy, event_types, get, wait_state
+from tests.helpers import create, destroy, event_types, wait_state
 from tests.infra import (
     CI_REPO,
     DOTENV_REPO,
     SUBFOLDER_REPO,
     Podman,
     compose_processes,
+    kill_while_provisioning,
     write_repo,
 )
 
@@ -261,54 +262,17 @@ async def test_kill_during_provisioning_then_restart_leaves_nothing(
     dead serve had started."""
     import aiohttp
 
-    from tests.infra import ServeProcess, free_port
-
     repo = write_repo(tmp_path / "ci-repo", CI_REPO)
     data_dir = tmp_path / "serve-data"
     body = {
         "profile": "profile.compose-local",
         "inputs": {"repo": str(repo), "compose_file": "compose.ci.yml"},
     }
+    env = {**local_env, "SANDBOXER_COMPOSE_LOCAL_CAPACITY": "10"}
     async with aiohttp.ClientSession() as http:
-        env = {**local_env, "SANDBOXER_COMPOSE_LOCAL_CAPACITY": "10"}
-        first = ServeProcess(data_dir, free_port(), **env)
-        try:
-            await first.wait_healthy(http)
-            ids = []
-            for _ in range(10):
-                async with http.post(f"{first.url}/v1/sandboxes", json=body) as resp:
-                    assert resp.status == 202, await resp.text()
-                    ids.append((await resp.json())["id"])
-            async with asyncio.timeout(120):
-                while True:
-                    views = [await get(http, first.url, i) for i in ids]
-                    messages = [(v.get("progress") or {}).get("message") or "" for v in views]
-                    if any(m.startswith("compose up") for m in messages):
-                        break
-                    await asyncio.sleep(0.05)  # polling a condition, under a deadline
-        finally:
-            first.kill()
-
-        second = ServeProcess(data_dir, free_port(), **env)
-        try:
-            await second.wait_healthy(http)
-            for sandbox_id in ids:
-                final = await wait_state(
-                    http, second.url, sandbox_id, {"ready", "failed"}, timeout=180
-                )
-                if final["state"] == "ready":
-                    await destroy(http, second.url, sandbox_id)
-                    await wait_state(http, second.url, sandbox_id, {"destroyed"}, timeout=120)
-            projects = {project_name(i) for i in ids}
-            async with asyncio.timeout(120):
-                while compose_processes(projects):
-                    await asyncio.sleep(0.1)  # the dead serve's compose runs: wait it out
-            for sandbox_id in ids:
-                assert local_leftovers(podman, data_dir, sandbox_id) == [], sandbox_id
-            assert second.terminate() == 0
-        finally:
-            if second.proc.poll() is None:
-                second.kill()
+        ids = await kill_while_provisioning(http, data_dir, env, body)
+    for sandbox_id in ids:
+        assert local_leftovers(podman, data_dir, sandbox_id) == [], sandbox_id
 
 
 async def test_inventory_lists_only_what_this_data_dir_made(

@@ -39,8 +39,8 @@ from tests.infra import (
     Podman,
     ServeProcess,
     SSHHost,
-    compose_processes,
     free_port,
+    kill_while_provisioning,
     write_repo,
 )
 
@@ -469,48 +469,10 @@ async def test_kill_while_ten_provision_then_restart_leaves_nothing(
         "inputs": {"repo": str(repo), "compose_file": "compose.ci.yml"},
     }
     async with aiohttp.ClientSession() as http:
-        first = ServeProcess(data_dir, free_port(), **env)
-        try:
-            await first.wait_healthy(http)
-            ids = []
-            for _ in range(10):
-                async with http.post(f"{first.url}/v1/sandboxes", json=body) as resp:
-                    assert resp.status == 202, await resp.text()
-                    ids.append((await resp.json())["id"])
-            async with asyncio.timeout(120):
-                while True:
-                    views = []
-                    for sandbox_id in ids:
-                        async with http.get(f"{first.url}/v1/sandboxes/{sandbox_id}") as resp:
-                            views.append(await resp.json())
-                    messages = [(v.get("progress") or {}).get("message") or "" for v in views]
-                    if any(m.startswith("compose up") for m in messages):
-                        break
-                    await asyncio.sleep(0.05)  # polling a condition, under a deadline
-        finally:
-            first.kill()
-
-        second = ServeProcess(data_dir, free_port(), **env)
-        try:
-            await second.wait_healthy(http)
-            for sandbox_id in ids:
-                final = await wait_state(
-                    http, second.url, sandbox_id, {"ready", "failed"}, timeout=180
-                )
-                if final["state"] == "ready":
-                    await destroy(http, second.url, sandbox_id)
-                    await wait_state(http, second.url, sandbox_id, {"destroyed"}, timeout=120)
-            projects = {project_name(i) for i in ids}
-            async with asyncio.timeout(120):
-                while compose_processes(projects):
-                    await asyncio.sleep(0.1)  # the dead serve's compose runs: wait it out
-            for sandbox_id in ids:
-                assert podman.leftovers(project_name(sandbox_id)) == [], sandbox_id
-                assert sandbox_id not in remote_dirs(tmp_path, 0)
-            assert second.terminate() == 0
-        finally:
-            if second.proc.poll() is None:
-                second.kill()
+        ids = await kill_while_provisioning(http, data_dir, env, body)
+    for sandbox_id in ids:
+        assert podman.leftovers(project_name(sandbox_id)) == [], sandbox_id
+        assert sandbox_id not in remote_dirs(tmp_path, 0)
 
 
 # ---- compose files, teardown of everything, the repo transfer (issue 18) --------------
