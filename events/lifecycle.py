@@ -105,6 +105,17 @@ TABLE: tuple[tuple[str, tuple[str, ...], str, Guard | None], ...] = (
     ("ServiceExited", (State.READY,), SAME, None),
     ("ServiceUnhealthy", (State.READY,), SAME, None),
     ("ServiceRecovered", (State.READY,), SAME, None),
+    # What callers do in a ready sandbox (exec, files). A command that was running
+    # when a checkpoint began or a destroy stopped it still records how it ended.
+    ("CommandStarted", (State.READY,), SAME, None),
+    (
+        "CommandFinished",
+        (State.READY, State.CHECKPOINTING, State.RESTORING, State.TEARING_DOWN),
+        SAME,
+        None,
+    ),
+    ("FileUploaded", (State.READY, State.CHECKPOINTING, State.RESTORING), SAME, None),
+    ("FileDownloaded", (State.READY, State.CHECKPOINTING, State.RESTORING), SAME, None),
     # An artifact can be deleted whatever the sandbox is doing, also after its end.
     ("CheckpointDeleted", tuple(s for s in State if s != State.NEW), SAME, None),
 )

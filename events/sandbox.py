@@ -25,10 +25,11 @@ class SandboxRequested(Event, frozen=True, kw_only=True):
     """Version 2 (same meaning as 1): `route`, `checkpoint_policy` and
     `from_checkpoint` were added to version 1 with defaults, so early version-1
     records lack them; from version 2 on every field is written. The upcaster from 1
-    fills in the defaults, which is what such a record meant."""
+    fills in the defaults, which is what such a record meant. Version 3 adds the
+    caller's `labels`; a version-2 sandbox had none."""
 
-    VERSION: ClassVar[int] = 2
-    schema_version: int = 2
+    VERSION: ClassVar[int] = 3
+    schema_version: int = 3
 
     profile: str
     extension: str  # the profile's extension, or its first route candidate
@@ -40,6 +41,7 @@ class SandboxRequested(Event, frozen=True, kw_only=True):
     route: list[RouteCandidate] = []  # empty: `extension` with `config`, no choice
     checkpoint_policy: CheckpointPolicy | None = None
     from_checkpoint: CheckpointSource | None = None
+    labels: dict[str, str] = {}
 
 
 class CheckpointPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -211,6 +213,57 @@ class CheckpointDeleted(Event, frozen=True, kw_only=True):
     reason: str
 
 
+class CommandStarted(Event, frozen=True, kw_only=True):
+    """A caller runs a command in a ready sandbox (exec): `argv` as given, or `shell`,
+    a script for `sh -c`; a value of one of the sandbox's secret inputs appears as
+    `***`. `env_names` are the variables it sets (their values are not recorded).
+    `service` None: the sandbox's workspace. Its output is never an event."""
+
+    command_id: str
+    argv: list[str] = []
+    shell: str | None = None
+    service: str | None = None
+    workdir: str | None = None
+    env_names: list[str] = []
+    timeout_seconds: float
+
+
+class CommandFinished(Event, frozen=True, kw_only=True):
+    """How a command ended. `outcome`: exited (`exit_code` set), timeout, disconnected
+    (the caller went away), destroyed (the sandbox was), error (`error` says why it
+    could not run). Each stream's byte count and sha256 let a caller check the output
+    it kept; the service keeps none of it."""
+
+    command_id: str
+    outcome: str
+    exit_code: int | None = None
+    duration_seconds: float
+    stdout_bytes: int
+    stdout_sha256: str
+    stderr_bytes: int
+    stderr_sha256: str
+    error: str | None = None
+
+
+class FileUploaded(Event, frozen=True, kw_only=True):
+    """A file was written into the sandbox (`service` None: its workspace)."""
+
+    path: str
+    service: str | None = None
+    size: int
+    sha256: str
+
+
+class FileDownloaded(Event, frozen=True, kw_only=True):
+    """A file was read out of the sandbox, all of it (a transfer the caller broke off
+    is not recorded)."""
+
+    path: str
+    service: str | None = None
+    size: int
+    sha256: str
+
+
 SANDBOX_EVENTS: tuple[type[Event], ...] = (
     SandboxRequested,
     RouteChosen,
@@ -233,4 +286,8 @@ SANDBOX_EVENTS: tuple[type[Event], ...] = (
     Restored,
     RestoreFailed,
     CheckpointDeleted,
+    CommandStarted,
+    CommandFinished,
+    FileUploaded,
+    FileDownloaded,
 )

@@ -98,6 +98,13 @@ REJECT_CODES = ["no_capacity", "no_route", "insufficient_credits", "rejected"]
 RELEASE_REASONS = ["remainder of the reservation", "create failed"]
 ORPHAN_WHY = ["finished", "unknown"]
 ORPHAN_ACTIONS = ["report", "remove"]
+# exec and files (sandboxer/ids.py and extensions/sdk.py check the same patterns)
+COMMAND_ID = r"^cmd-[a-f0-9]{16}$"
+COMMAND_OUTCOMES = ["exited", "timeout", "disconnected", "destroyed", "error"]
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+SHA256 = r"^[a-f0-9]{64}$"
+LABEL_KEY = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$"
+LABEL_VALUE = r"^([A-Za-z0-9]([A-Za-z0-9._:/@+-]{0,126}[A-Za-z0-9])?)?$"
 ADMISSION_RULES = ["always", "credits_cover_estimate"]
 
 FREE: dict[str, Any] = {}  # decided: free text (or any value of the declared type)
@@ -203,6 +210,27 @@ FIELD_RULES: dict[tuple[str, str], Rule] = {
         "required": ["capped_at_reservation"],
     },
     ("CreditsReserved", "basis"): FREE,  # the extension's account of its estimate
+    # exec and files
+    ("*", "command_id"): _pattern(COMMAND_ID),
+    ("CommandStarted", "argv"): FREE,  # as the caller gave it, secret values as ***
+    ("CommandStarted", "shell"): FREE,
+    ("CommandStarted", "workdir"): FREE,
+    ("CommandStarted", "env_names"): {"items": {"pattern": ENV_NAME}},
+    ("CommandStarted", "timeout_seconds"): {"exclusiveMinimum": 0},
+    ("CommandFinished", "outcome"): _enum(COMMAND_OUTCOMES),
+    ("*", "stdout_bytes"): _at_least(0),
+    ("*", "stderr_bytes"): _at_least(0),
+    ("*", "stdout_sha256"): _pattern(SHA256),
+    ("*", "stderr_sha256"): _pattern(SHA256),
+    ("*", "sha256"): _pattern(SHA256),
+    ("*", "path"): FREE,  # inside the container, or the workspace
+    (
+        "SandboxRequested",
+        "labels",
+    ): {
+        "propertyNames": {"pattern": LABEL_KEY},
+        "additionalProperties": {"pattern": LABEL_VALUE},
+    },
 }
 
 ENVELOPE = ("type", "event_id", "aggregate_id", "schema_version")
@@ -280,7 +308,10 @@ def _debit_v1(definition: dict[str, Any]) -> None:
 # Older versions a stream may hold, each as the current definition changed back to
 # what that version's records may look like (see events/upcasters.py).
 LEGACY_VERSIONS: dict[str, list[tuple[int, Callable[[dict[str, Any]], None]]]] = {
-    "SandboxRequested": [(1, _without_required("route", "checkpoint_policy", "from_checkpoint"))],
+    "SandboxRequested": [
+        (1, _without_required("route", "checkpoint_policy", "from_checkpoint", "labels")),
+        (2, _without_required("labels")),
+    ],
     "WebhookRegistered": [(1, _without_required("start_seq"))],
     "CreditsDebited": [(1, _debit_v1)],
     "BecameReady": [(1, _without_required("service_states", "endpoints"))],

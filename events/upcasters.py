@@ -46,8 +46,15 @@ def no_service_report_v1(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def sandbox_requested_v2(raw: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 sandbox had no labels."""
+    raw.setdefault("labels", {})
+    return raw
+
+
 UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("SandboxRequested", 1): sandbox_requested_v1,
+    ("SandboxRequested", 2): sandbox_requested_v2,
     ("WebhookRegistered", 1): webhook_registered_v1,
     ("CreditsDebited", 1): credits_debited_v1,
     ("BecameReady", 1): no_service_report_v1,

@@ -8,9 +8,13 @@ import msgspec
 
 from events import (
     BecameReady,
+    CommandFinished,
+    CommandStarted,
     CreditsHeld,
     DestroyRequested,
     Event,
+    FileDownloaded,
+    FileUploaded,
     Provisioned,
     PublishedPort,
     Restored,
@@ -29,6 +33,24 @@ from events import (
 )
 from events.lifecycle import TERMINAL, failing_after, next_state
 from events.subjects import SANDBOX_SUBJECTS, VALIDATION_SUBJECTS
+
+RECENT_COMMANDS = 20  # commands a view keeps (the events keep them all)
+
+
+class CommandSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One command run in the sandbox, as its two events tell it (finished_at None:
+    still running, or its end was never recorded)."""
+
+    command_id: str
+    argv: list[str]
+    shell: str | None
+    service: str | None
+    actor: str
+    started_at: dt.datetime
+    finished_at: dt.datetime | None = None
+    outcome: str | None = None
+    exit_code: int | None = None
+    duration_seconds: float | None = None
 
 
 class SandboxView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -68,6 +90,37 @@ class SandboxView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     validation_exit_code: int | None = None
     validation_output: str | None = None
     validation_reason: str | None = None
+    labels: dict[str, str] = {}
+    # The last RECENT_COMMANDS commands, oldest first; how many ran; files moved.
+    commands: list[CommandSummary] = []
+    commands_run: int = 0
+    files_uploaded: int = 0
+    files_downloaded: int = 0
+
+
+def _commands(view: SandboxView, event: CommandStarted | CommandFinished) -> list[CommandSummary]:
+    if isinstance(event, CommandStarted):
+        started = CommandSummary(
+            command_id=event.command_id,
+            argv=event.argv,
+            shell=event.shell,
+            service=event.service,
+            actor=event.actor,
+            started_at=event.occurred_at,
+        )
+        return [*view.commands, started][-RECENT_COMMANDS:]
+    return [
+        msgspec.structs.replace(
+            c,
+            finished_at=event.occurred_at,
+            outcome=event.outcome,
+            exit_code=event.exit_code,
+            duration_seconds=event.duration_seconds,
+        )
+        if c.command_id == event.command_id
+        else c
+        for c in view.commands
+    ]
 
 
 def _reason(view: SandboxView, event: Event) -> str | None:
@@ -113,6 +166,7 @@ def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | No
             expires_at=event.occurred_at + dt.timedelta(seconds=event.ttl_seconds),
             last_seq=seq,
             correlation_id=event.correlation_id,
+            labels=event.labels,
         )
     state = next_state(view.state, view.failing, event)
     if state is None:
@@ -142,6 +196,14 @@ def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | No
         changes = {"service_states": _service_change(view.service_states, event)}
     elif isinstance(event, TeardownFailed) and event.final:
         changes = {"needs_reconciliation": True}
+    elif isinstance(event, CommandStarted):
+        changes = {"commands": _commands(view, event), "commands_run": view.commands_run + 1}
+    elif isinstance(event, CommandFinished):
+        changes = {"commands": _commands(view, event)}
+    elif isinstance(event, FileUploaded):
+        changes = {"files_uploaded": view.files_uploaded + 1}
+    elif isinstance(event, FileDownloaded):
+        changes = {"files_downloaded": view.files_downloaded + 1}
     if state in TERMINAL:
         changes["ended_at"] = event.occurred_at
     if state in TERMINAL and view.state not in TERMINAL:
@@ -215,14 +277,21 @@ class SandboxesProjection:
         return self.sandboxes.get(sandbox_id)
 
     def list(
-        self, *, state: str | None = None, account: str | None = None, live_only: bool = False
+        self,
+        *,
+        state: str | None = None,
+        account: str | None = None,
+        live_only: bool = False,
+        labels: dict[str, str] | None = None,
     ) -> list[SandboxView]:
+        wanted = list((labels or {}).items())
         rows = [
             v
             for v in self.sandboxes.values()
             if (state is None or v.state == state)
             and (account is None or v.account == account)
             and not (live_only and v.state in TERMINAL)
+            and all(v.labels.get(k) == want for k, want in wanted)
         ]
         rows.sort(key=lambda v: v.created_at)
         return rows

@@ -13,7 +13,7 @@ import re
 import secrets
 import uuid
 
-from sandboxer.errors import InvalidInput
+from sandboxer.errors import ApiError, InvalidInput
 
 SANDBOX_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 ACCOUNT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -53,3 +53,41 @@ def check_sandbox_id(value: str) -> str:
 
 def check_account(value: str) -> str:
     return check("account", ACCOUNT_RE, value)
+
+
+# Labels (E2B's metadata, Modal's tags): a few short key=value pairs a caller attaches
+# at create and filters lists on (`?label=team=ci`).
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._:/@+-]{0,126}[A-Za-z0-9])?)?$")
+MAX_LABELS = 32
+COMMAND_ID_RE = re.compile(r"^cmd-[a-f0-9]{16}$")
+
+
+def _bad_label(message: str, field: str) -> ApiError:
+    return ApiError(400, "invalid_request", message, field)
+
+
+def check_labels(labels: object) -> dict[str, str]:
+    """The labels if each key and value matches whole; else a 400 naming
+    `labels.<key>` (or `labels`)."""
+    if not isinstance(labels, dict):
+        raise _bad_label("labels must be an object of string values", "labels")
+    if len(labels) > MAX_LABELS:
+        raise _bad_label(f"at most {MAX_LABELS} labels", "labels")
+    checked: dict[str, str] = {}
+    for key, value in labels.items():
+        if not isinstance(key, str) or LABEL_KEY_RE.fullmatch(key) is None:
+            raise _bad_label(
+                f"label key {str(key)[:80]!r} must match {LABEL_KEY_RE.pattern}", "labels"
+            )
+        if not isinstance(value, str) or LABEL_VALUE_RE.fullmatch(value) is None:
+            raise _bad_label(
+                f"label {key}: value {str(value)[:80]!r} must match {LABEL_VALUE_RE.pattern}",
+                f"labels.{key}",
+            )
+        checked[key] = value
+    return checked
+
+
+def new_command_id() -> str:
+    return f"cmd-{secrets.token_hex(8)}"

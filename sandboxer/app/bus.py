@@ -162,6 +162,7 @@ def _request(command: CreateSandbox) -> CreateRequest:
         account=command.account,
         from_checkpoint=command.from_checkpoint,
         sandbox_id=command.sandbox_id,
+        labels=command.labels,
     )
 
 

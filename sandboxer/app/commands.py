@@ -25,6 +25,7 @@ class CreateSandbox(Command, frozen=True, kw_only=True):
     account: str = "default"
     from_checkpoint: str | None = None
     sandbox_id: str | None = None  # from an idempotency key; None: a fresh random id
+    labels: dict[str, str] = {}
 
 
 class DestroySandbox(Command, frozen=True, kw_only=True):

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ from sandboxer.app.sandbox import (
 from sandboxer.app.settlement import Settlement
 from sandboxer.app.steps import Steps
 from sandboxer.app.watch import ServiceWatch, check_watch_config
-from sandboxer.ids import check_account, new_sandbox_id
+from sandboxer.ids import check_account, check_labels, new_sandbox_id
 from sandboxer.profiles import ProfileCatalog, ProfileError
 from sandboxer.store.event_store import ConcurrencyConflict, EventRecorder
 from sandboxer.store.leases import Leases, OwnerUnavailable
@@ -89,6 +89,7 @@ class CreateRequest:
     account: str = "default"
     from_checkpoint: str | None = None
     sandbox_id: str | None = None  # from an idempotency key; None: a fresh random id
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 class SandboxManager:
@@ -195,6 +196,7 @@ class SandboxManager:
         except ValueError as exc:
             raise ProfileError(str(exc), "account") from exc
         inputs = profile.resolve_inputs(request.inputs)
+        labels = check_labels(dict(request.labels))
         for name in profile.path_inputs():
             if name in inputs:
                 self._confine(name, inputs[name])
@@ -254,6 +256,7 @@ class SandboxManager:
                         ],
                         checkpoint_policy=profile.checkpoint,
                         from_checkpoint=source,
+                        labels=labels,
                     ),
                     meta,
                     event_id=f"{sandbox_id}.requested" if request.sandbox_id else None,
@@ -319,6 +322,7 @@ class SandboxManager:
             "account": request.account,
             "ttl_seconds": profile.resolve_ttl(request.ttl_seconds),
             "from_checkpoint": request.from_checkpoint,
+            "labels": dict(request.labels),
         }
         was: dict[str, object] = {
             "profile": recorded.profile,
@@ -327,6 +331,7 @@ class SandboxManager:
             "from_checkpoint": recorded.from_checkpoint.checkpoint_id
             if recorded.from_checkpoint
             else None,
+            "labels": recorded.labels,
         }
         for name in sorted(set(inputs) | set(recorded.inputs) | set(recorded.secret_inputs)):
             secret = name in secret_keys or name in recorded.secret_inputs
@@ -337,9 +342,9 @@ class SandboxManager:
                 was[f"inputs.{name}"] = "(secret)"
             else:
                 was[f"inputs.{name}"] = recorded.inputs.get(name)
-        for field, value in given.items():
-            if was.get(field) != value:
-                raise IdempotencyMismatch(sandbox_id, field, was.get(field), value)
+        for name, value in given.items():
+            if was.get(name) != value:
+                raise IdempotencyMismatch(sandbox_id, name, was.get(name), value)
 
     def get(self, sandbox_id: str) -> Sandbox | None:
         return self._sandboxes.get(sandbox_id)

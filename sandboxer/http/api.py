@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -15,7 +14,7 @@ import msgspec.inspect
 from aiohttp import web
 
 import events.schema as events_schema
-from events import Event, EventMeta, PublishedPort, ServiceState
+from events import Event, EventMeta
 from events.subjects import (
     LEDGER_SUBJECTS,
     SANDBOX_SUBJECTS,
@@ -46,7 +45,7 @@ from sandboxer.app.reconcile import Reconciler, SweepReport
 from sandboxer.app.webhooks import WebhookOut, Webhooks
 from sandboxer.errors import ApiError, SandboxerError
 from sandboxer.http import dashboard
-from sandboxer.http.auth import Principal, Role, TokenBook
+from sandboxer.http.auth import Principal, TokenBook
 from sandboxer.http.routes import (
     Access,
     Answer,
@@ -60,9 +59,12 @@ from sandboxer.http.routes import (
 from sandboxer.ids import (
     ACCOUNT_RE,
     IDEMPOTENCY_KEY_RE,
+    LABEL_KEY_RE,
+    LABEL_VALUE_RE,
     SANDBOX_ID_RE,
     InvalidId,
     check_account,
+    check_labels,
     check_sandbox_id,
     idempotent_sandbox_id,
     new_correlation_id,
@@ -70,10 +72,33 @@ from sandboxer.ids import (
 from sandboxer.profiles import (
     INPUT_NAME_RE,
     MAX_INPUT_LENGTH,
-    PROFILE_NAME_RE,
     ProfileCatalog,
 )
 from sandboxer.store.event_store import EventRecorder, RecordedEvent, is_transient
+from sandboxer.wire import (
+    CHECKPOINT_ID_RE,
+    PLAIN_TEXT,
+    AccountList,
+    AccountOut,
+    CheckpointList,
+    CheckpointOut,
+    CreateBody,
+    ErrorBody,
+    ErrorDetail,
+    EventList,
+    EventOut,
+    GrantBody,
+    Health,
+    Identity,
+    InputOut,
+    LedgerPage,
+    ProfileList,
+    ProfileOut,
+    Progress,
+    RestoreBody,
+    SandboxList,
+    SandboxOut,
+)
 
 MAX_BODY_BYTES = 64 * 1024
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -84,17 +109,13 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 PROJECTION_WAIT = 10.0
 # Limits of what a request may carry (the OpenAPI document states each one).
 MAX_SEQ = 2**63 - 1  # stream sequences are compared as signed 64-bit numbers
-MAX_GRANT = 10**12
 MAX_TTL_GRACE = 30 * 24 * 3600.0
-MAX_REASON = 500
 MAX_URL = 2000
 MAX_HEADER_BYTES = 8190  # one request line or header line (431 above: http_server.py)
 MAX_HEADERS = 64
-CHECKPOINT_ID_RE = re.compile(r"^ckpt-[a-f0-9]{12}$")
 WEBHOOK_ID_RE = re.compile(r"^wh-[a-f0-9]{12}$")
 # Text fields and input values: no NUL and no control characters but tab and newline.
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-PLAIN_TEXT = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]*$"
 URL_PATTERN = r"^https?://[^\s/?#\x00-\x1f\x7f]+([/?#][^\s\x00-\x1f\x7f]*)?$"
 LIVE_VALUES = ("0", "1", "true", "false")
 
@@ -102,24 +123,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-ProfileName = Annotated[
-    str,
-    msgspec.Meta(
-        pattern=f"^({PROFILE_NAME_RE.pattern[1:-1]})?$",
-        description="a profile (GET /v1/profiles); empty or omitted with from_checkpoint: "
-        "the checkpoint's profile",
-    ),
-]
-AccountName = Annotated[str, msgspec.Meta(pattern=ACCOUNT_RE.pattern)]
-CheckpointId = Annotated[str, msgspec.Meta(pattern=CHECKPOINT_ID_RE.pattern)]
-
-
-class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
-    profile: ProfileName = ""  # may be omitted with from_checkpoint: the checkpoint's profile
-    inputs: dict[str, Any] = {}  # checked per key below, so errors can name the input
-    ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    account: AccountName = "default"
-    from_checkpoint: CheckpointId | None = None
+# The bodies and answers are sandboxer/wire.py's (the client library shares them).
 
 
 class WebhookBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -129,163 +133,8 @@ class WebhookBody(msgspec.Struct, forbid_unknown_fields=True):
     from_: Literal["new", "beginning"] = msgspec.field(default="new", name="from")
 
 
-class RestoreBody(msgspec.Struct, forbid_unknown_fields=True):
-    checkpoint: CheckpointId
-
-
 class WebhookList(msgspec.Struct):
     webhooks: list[WebhookOut]
-
-
-class CheckpointOut(msgspec.Struct):
-    id: str
-    sandbox_id: str
-    status: str
-    requested_at: dt.datetime
-    created_at: dt.datetime | None
-    size: int | None
-    digest: str | None
-    store_key: str | None
-    error: str | None
-    deleted_reason: str | None
-    last_seq: int
-
-
-class CheckpointList(msgspec.Struct):
-    checkpoints: list[CheckpointOut]
-
-
-class Progress(msgspec.Struct):
-    step: str
-    since: dt.datetime
-    message: str | None = None
-
-
-class SandboxOut(msgspec.Struct):
-    """A sandbox as the API shows it: the projection row plus the live step, if any."""
-
-    id: str
-    state: str
-    profile: str
-    extension: str
-    account: str
-    inputs: dict[str, str]
-    ttl_seconds: int
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    expires_at: dt.datetime
-    last_seq: int
-    events: int
-    host: str | None
-    handle: dict[str, str]
-    services: list[str]
-    # Each service's state and health as last reported, and where its ports are.
-    service_states: list[ServiceState]
-    endpoints: list[PublishedPort]
-    route_reason: str | None
-    reason: str | None
-    needs_reconciliation: bool
-    terminal: bool
-    metered: bool
-    credits_held: int
-    validation: str | None = None
-    validation_exit_code: int | None = None
-    validation_output: str | None = None
-    validation_reason: str | None = None
-    progress: Progress | None = None
-
-
-class SandboxList(msgspec.Struct):
-    sandboxes: list[SandboxOut]
-    count: int
-
-
-class EventOut(msgspec.Struct):
-    seq: int
-    subject: str
-    event: dict[str, Any]
-
-
-class EventList(msgspec.Struct):
-    events: list[EventOut]
-    last_seq: int
-
-
-class InputOut(msgspec.Struct):
-    name: str
-    description: str
-    required: bool
-    default: str | None
-    secret: bool
-    choices: list[str] | None
-
-
-class ProfileOut(msgspec.Struct):
-    name: str
-    description: str
-    extension: str
-    ttl_seconds: int
-    max_ttl_seconds: int
-    inputs: list[InputOut]
-
-
-class ProfileList(msgspec.Struct):
-    profiles: list[ProfileOut]
-
-
-class GrantBody(msgspec.Struct, forbid_unknown_fields=True):
-    amount: Annotated[int, msgspec.Meta(ge=1, le=MAX_GRANT)]
-    reason: Annotated[str, msgspec.Meta(max_length=MAX_REASON, pattern=PLAIN_TEXT)] = ""
-
-
-class AccountOut(msgspec.Struct):
-    account: str
-    last_seq: int
-    granted: int
-    reserved: int
-    debited: int
-    released: int
-    available: int
-    rejected: int
-    entries: int
-    open_reservations: dict[str, int]
-
-
-class AccountList(msgspec.Struct):
-    accounts: list[AccountOut]
-
-
-class LedgerPage(msgspec.Struct):
-    account: str
-    entries: list[EventOut]
-    next_after_seq: int | None
-
-
-class Health(msgspec.Struct):
-    status: str
-    last_seq: int
-    live_sandboxes: int
-
-
-class Identity(msgspec.Struct):
-    """Who the caller is, so a client (the dashboard) can offer only what it may do.
-    Without tokens the API is open: anyone may do everything."""
-
-    auth: bool
-    name: str
-    account: str | None
-    role: Role
-
-
-class ErrorDetail(msgspec.Struct):
-    status: int
-    code: str
-    message: str
-    field: str | None = None
-
-
-class ErrorBody(msgspec.Struct):
-    error: ErrorDetail
 
 
 _encoder = msgspec.json.Encoder()
@@ -472,7 +321,7 @@ class Api:
         # sandbox id -> (the view, its encoded row): see `_row`
         self._rows: dict[str, tuple[SandboxView, bytes]] = {}
         # whole list bodies by filter, while the projection stays at `_lists_seq`
-        self._lists: dict[tuple[str | None, str | None, bool], bytes] = {}
+        self._lists: dict[tuple[Any, ...], bytes] = {}
         self._lists_seq = -1
 
     def app(self) -> web.Application:
@@ -655,6 +504,11 @@ class Api:
             validation_output=view.validation_output,
             validation_reason=view.validation_reason,
             progress=progress,
+            labels=view.labels,
+            commands=view.commands,
+            commands_run=view.commands_run,
+            files_uploaded=view.files_uploaded,
+            files_downloaded=view.files_downloaded,
         )
 
     async def _caught_up(self, seq: int) -> None:
@@ -950,6 +804,7 @@ class Api:
     async def create(self, request: web.Request) -> web.Response:
         body = await self._body(request, _create_decoder)
         _check_inputs(body.inputs)
+        labels = check_labels(body.labels)
         meta = self._meta(request)
         profile = body.profile
         if body.from_checkpoint is not None:
@@ -985,6 +840,7 @@ class Api:
             account=account,
             from_checkpoint=body.from_checkpoint,
             sandbox_id=sandbox_id,
+            labels=labels,
             meta=meta,
         )
         if sandbox_id is not None and self.runner.projection.get(sandbox_id) is not None:
@@ -1029,16 +885,19 @@ class Api:
             raise ApiError(
                 400, "invalid_query", f"live must be one of {', '.join(LIVE_VALUES)}", "live"
             )
+        labels = _label_query(request)
         principal = self._principal(request)
         if principal is not None and not principal.admin:
             account = principal.account
-        key = (state, account, live in ("1", "true"))
+        key = (state, account, live in ("1", "true"), tuple(sorted(labels.items())))
         if self._lists_seq != self.runner.last_seq or len(self._lists) >= MAX_CACHED_LISTS:
             self._lists.clear()
             self._lists_seq = self.runner.last_seq
         body = self._lists.get(key)
         if body is None:
-            rows = self.runner.projection.list(state=key[0], account=key[1], live_only=key[2])
+            rows = self.runner.projection.list(
+                state=state, account=account, live_only=key[2], labels=labels
+            )
             body = b"".join(
                 (b'{"sandboxes":[', b",".join(map(self._row, rows)), b'],"count":%d}' % len(rows))
             )
@@ -1271,6 +1130,20 @@ class Api:
         return json_response(openapi_document(auth=self.tokens.enabled, profiles=self.profiles))
 
 
+def _label_query(request: web.Request) -> dict[str, str]:
+    """`?label=k=v`, repeatable: the sandboxes carrying every one of them."""
+    wanted: dict[str, str] = {}
+    for raw in request.query.getall("label", []):
+        key, sep, value = raw.partition("=")
+        if not sep:
+            raise ApiError(400, "invalid_query", "label must be key=value", "label")
+        wanted[key] = value
+    try:
+        return check_labels(wanted)
+    except ApiError as exc:
+        raise ApiError(400, "invalid_query", str(exc), "label") from None
+
+
 def _check_inputs(inputs: dict[str, Any]) -> None:
     """Input names and values, before the profile sees them: names are identifiers,
     values are strings of at most MAX_INPUT_LENGTH characters with no control
@@ -1446,6 +1319,14 @@ ROUTES: tuple[Route, ...] = (
                 "live",
                 {"type": "string", "enum": list(LIVE_VALUES)},
                 "1 or true: only sandboxes that are not terminal",
+            ),
+            query(
+                "label",
+                {
+                    "type": "string",
+                    "pattern": f"^{LABEL_KEY_RE.pattern[1:-1]}={LABEL_VALUE_RE.pattern[1:-1]}$",
+                },
+                "key=value: only sandboxes with this label (repeat the parameter for several)",
             ),
         ),
         answers=(Answer(200, body=SandboxList),),

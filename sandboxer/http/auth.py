@@ -13,14 +13,12 @@ import hashlib
 import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 
 import msgspec
 import yaml
 
 from sandboxer.ids import ACCOUNT_RE
-
-Role = Literal["admin", "member"]
+from sandboxer.wire import Role
 
 
 class AuthConfigError(ValueError):

@@ -18,7 +18,8 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from sandboxer.http.api import MAX_HEADER_BYTES, MAX_HEADERS, ErrorBody, ErrorDetail, json_response
+from sandboxer.http.api import MAX_HEADER_BYTES, MAX_HEADERS, json_response
+from sandboxer.wire import ErrorBody, ErrorDetail
 
 log = logging.getLogger(__name__)
 

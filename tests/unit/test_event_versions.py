@@ -36,6 +36,7 @@ from events.schema import (
 )
 from events.subjects import STREAM_NAME, SUBJECT_TOKENS
 from extensions.manifest import NAME_RE
+from extensions.sdk import ENV_NAME_RE
 from sandboxer import ids
 from sandboxer.http.api import CHECKPOINT_ID_RE, WEBHOOK_ID_RE
 from sandboxer.profiles import INPUT_NAME_RE, PROFILE_NAME_RE
@@ -106,8 +107,36 @@ def test_sandbox_requested_v1_before_routing_decodes() -> None:
     event = decode_event(json.dumps(v1).encode())
     assert isinstance(event, SandboxRequested)
     assert (event.route, event.checkpoint_policy, event.from_checkpoint) == ([], None, None)
-    assert event.schema_version == 2
+    assert event.labels == {}
+    assert event.schema_version == 3
     assert errors(v1) == []
+    assert errors(as_json(event)) == []
+
+
+def test_sandbox_requested_v2_decodes_without_labels() -> None:
+    v2 = {
+        "type": "SandboxRequested",
+        "event_id": "0123456789abcdef0123456789abcdef",
+        "aggregate_id": "sbx-0123456789ab",
+        **ENVELOPE,
+        "actor": "api:anonymous",
+        "schema_version": 2,
+        "profile": "profile.saas-stub",
+        "extension": "saas-stub",
+        "inputs": {},
+        "secret_inputs": [],
+        "account": "default",
+        "ttl_seconds": 600,
+        "config": {},
+        "route": [],
+        "checkpoint_policy": None,
+        "from_checkpoint": None,
+    }
+    event = decode_event(json.dumps(v2).encode())
+    assert isinstance(event, SandboxRequested) and event.labels == {}
+    assert event.schema_version == 3
+    assert errors(v2) == []
+    assert errors({**v2, "schema_version": 3}) != []  # version 3 must write its labels
     assert errors(as_json(event)) == []
 
 
@@ -212,6 +241,12 @@ def test_the_patterns_are_the_rules_where_the_ids_are_made() -> None:
     props = SCHEMA["$defs"]["SandboxRequested"]["properties"]
     assert props["profile"]["pattern"] == PROFILE_NAME_RE.pattern
     assert props["inputs"]["propertyNames"]["pattern"] == INPUT_NAME_RE.pattern
+    assert props["labels"]["propertyNames"]["pattern"] == ids.LABEL_KEY_RE.pattern
+    assert props["labels"]["additionalProperties"]["pattern"] == ids.LABEL_VALUE_RE.pattern
+    started = SCHEMA["$defs"]["CommandStarted"]["properties"]
+    assert started["command_id"]["pattern"] == ids.COMMAND_ID_RE.pattern
+    assert re.fullmatch(ids.COMMAND_ID_RE, ids.new_command_id())
+    assert started["env_names"]["items"]["pattern"] == ENV_NAME_RE.pattern
     # Every id format the code makes matches its type's pattern (and the generic one).
     sandbox = ids.idempotent_sandbox_id("acme", "k-1")
     made = {
