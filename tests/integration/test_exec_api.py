@@ -38,7 +38,7 @@ async def sandbox_events(api: RunningService, sandbox_id: str) -> list[dict[str,
 async def test_exec_streams_frames_and_records_start_and_end(api: RunningService) -> None:
     sandbox_id = await ready(api)
     frames = await exec_frames(api, sandbox_id, argv=["echo", "hello", "world"])
-    assert [f["type"] for f in frames][0] == "started"
+    assert frames[0]["type"] == "started"
     assert frames[-1]["type"] == "exit"
     out = "".join(f["data"] for f in frames if f["type"] == "stdout")
     assert out == "hello world\n"
