@@ -874,3 +874,48 @@ async def test_logs_panel_follows_a_compose_service(
         await browser.check_clean()
     finally:
         await end_compose(svc, sid)
+
+
+async def test_logs_panel_keeps_2000_lines_and_aborts_when_unfollowed_or_left(
+    api: RunningService, browser: Browser
+) -> None:
+    made = await create(api.http, api.url)
+    sid = made["id"]
+    await wait_state(api.http, api.url, sid, {"ready"})
+    held: list[Route] = []
+
+    async def logs(route: Route) -> None:
+        if "service=instance" in route.request.url:
+            lines = (
+                {"service": "instance", "stream": "stdout", "line": f"n{i}"} for i in range(2100)
+            )
+            body = "".join(json.dumps(line) + "\n" for line in lines)
+            await route.fulfill(status=200, content_type="application/x-ndjson", body=body)
+        else:
+            held.append(route)  # never answered: the page is still waiting when it aborts
+
+    page = browser.page
+    await page.route(re.compile(rf"/v1/sandboxes/{sid}/logs\?"), logs)
+    page = await open_sandbox(browser, api.url, sid)
+    status = page.locator('[data-col="log-status"]')
+    await expect(status).to_have_text("connecting")
+    async with page.expect_event("requestfailed") as unfollowed:
+        await page.get_by_label("Follow").uncheck()
+    assert "/logs?" in (await unfollowed.value).url
+    await expect(status).to_have_text("stopped")
+
+    await page.get_by_label("service").select_option("instance")
+    pre = page.locator("pre.logs")
+    await expect(pre.locator(".log-line").last).to_have_text("n2099")
+    await expect(pre.locator(".log-line")).to_have_count(2000)
+    await expect(pre.locator(".log-line").first).to_have_text("n100")
+    at_bottom = "p => p.scrollTop + p.clientHeight >= p.scrollHeight - 4"
+    assert await pre.evaluate(at_bottom), "it follows the end"
+
+    await page.get_by_label("service").select_option("")  # "all" again: held open
+    await expect(status).to_have_text("connecting")
+    async with page.expect_event("requestfailed") as left:
+        await page.get_by_role("link", name="← Sandboxes").click()
+    assert "/logs?" in (await left.value).url
+    await expect(page.locator("#sandboxes")).to_be_visible()
+    await browser.check_clean()
