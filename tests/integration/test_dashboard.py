@@ -399,7 +399,7 @@ async def test_screenshot_of_several_states(
     await wait_state(http, url, slow["id"], {"provisioning"})
     ready = []
     for size in ("small", "medium"):
-        made = await create(http, url, inputs={"size": size})
+        made = await create(http, url, inputs={"size": size}, labels={"team": "ci", "size": size})
         ready.append(await wait_state(http, url, made["id"], {"ready"}))
 
     await browser.page.set_viewport_size({"width": 1280, "height": 480})

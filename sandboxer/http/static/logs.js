@@ -2,7 +2,7 @@
 // an application/x-ndjson answer ({"service", "stream", "line"} a line) read with fetch()
 // and a streaming body reader as it comes. Log text only ever goes in as text nodes.
 
-import { authHeaders, errorOf } from "./api.js";
+import { ApiError, authHeaders, errorOf } from "./api.js";
 import { h, showError } from "./dom.js";
 
 const TAIL = 200;
@@ -61,7 +61,7 @@ export class LogsPanel {
       if (generation !== this.generation || err.name === "AbortError") return;
       this.status.textContent = "stopped";
       this.follow.checked = false;
-      showError(err);
+      showError(err instanceof ApiError ? err : new ApiError(0, "network", `logs: cannot read from the server (${err.message})`));
     });
   }
 
