@@ -23,10 +23,14 @@ MAX_REASON = 500
 # Text fields and input values: no NUL and no control characters but tab and newline.
 PLAIN_TEXT = r"^[^\x00-\x08\x0b-\x1f\x7f-\x9f]*$"
 # exec: what one command may carry (the body itself is bounded too)
-MAX_ARGS = 1024
-MAX_ARG_LENGTH = 32 * 1024
+# Together they stay under MAX_EXEC_BODY, so a body past a limit is a 400 naming it.
+MAX_ARGS = 256
+MAX_ARG_LENGTH = 4096
+MAX_SHELL = 64 * 1024
 MAX_ENV = 128
+MAX_ENV_VALUE = 4096
 MAX_WORKDIR = 4096
+MAX_EXEC_BODY = 4 * 1024 * 1024
 MAX_EXEC_TIMEOUT = 24 * 3600.0
 SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ServiceName = Annotated[str, msgspec.Meta(pattern=SERVICE_NAME_RE.pattern)]
@@ -228,9 +232,13 @@ class ExecBody(msgspec.Struct, forbid_unknown_fields=True):
         ]
         | None
     ) = None
-    shell: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ARG_LENGTH)] | None = None
+    shell: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SHELL)] | None = None
     service: ServiceName | None = None
-    env: dict[str, str] = {}  # names checked per key (the error names `env.<name>`)
+    # names checked per key (the error names `env.<name>`)
+    env: Annotated[
+        dict[str, Annotated[str, msgspec.Meta(max_length=MAX_ENV_VALUE)]],
+        msgspec.Meta(max_length=MAX_ENV),
+    ] = {}
     workdir: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_WORKDIR)] | None = None
     timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=MAX_EXEC_TIMEOUT)] = 60.0
 

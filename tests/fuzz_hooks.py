@@ -8,6 +8,8 @@ Used by tests/integration/test_fuzz_api.py and by the longer CLI run (docs/relia
   listens there): the server delivers to every registered webhook, and generated URLs
   name arbitrary hosts. Without this, fuzzing would make the server resolve and
   connect to them.
+- exec's `timeout_seconds` is cut to 1 s and logs are not followed: a generated
+  `sleep 80000` or a follow would hold the run as long as it asks to.
 - A valid long-poll `wait` is cut to 0.2 s: waiting is correct behaviour, but a run
   that waits up to 60 s per request cannot be bounded.
 """
@@ -45,6 +47,13 @@ def before_call(ctx: HookContext, case: Case, **kwargs: Any) -> None:
         url = case.body.get("url")
         if isinstance(url, str) and len(url) <= MAX_URL and _URL_RE.search(url):
             case.body["url"] = loopback_url(url)
+    if operation.path == "/v1/sandboxes/{id}/exec" and isinstance(case.body, dict):
+        timeout = case.body.get("timeout_seconds")
+        if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 1:
+            case.body["timeout_seconds"] = 1  # a generated `sleep` must not hold the run
+    if isinstance(case.query, dict) and operation.path == "/v1/sandboxes/{id}/logs":
+        if case.query.get("follow") in ("1", "true"):
+            case.query["follow"] = "0"  # following is endless by design
     if isinstance(case.query, dict):
         wait = case.query.get("wait")
         if (

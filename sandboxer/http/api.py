@@ -21,7 +21,6 @@ from events.subjects import (
     VALIDATION_SUBJECTS,
     Aggregate,
 )
-from extensions.sdk import MAX_PATH_BYTES
 from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
 from projections.sandboxes import SandboxView
@@ -81,6 +80,7 @@ from sandboxer.profiles import (
 from sandboxer.store.event_store import EventRecorder, RecordedEvent, is_transient
 from sandboxer.wire import (
     CHECKPOINT_ID_RE,
+    MAX_EXEC_BODY,
     PLAIN_TEXT,
     SERVICE_NAME_RE,
     AccountList,
@@ -118,6 +118,9 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 SSE_KEEPALIVE = 15.0
 MAX_INPUTS = 64
 MAX_WAIT_SECONDS = 60.0
+# A file path in a query: at most this many characters, so that the request line stays
+# under MAX_HEADER_BYTES however each is percent-encoded (12 bytes for 4-byte UTF-8).
+MAX_FILE_PATH = 512
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 PROJECTION_WAIT = 10.0
 # Limits of what a request may carry (the OpenAPI document states each one).
@@ -561,8 +564,10 @@ class Api:
     # ---- handlers ----------------------------------------------------------------
 
     @staticmethod
-    async def _body(request: web.Request, decoder: msgspec.json.Decoder[T]) -> T:
-        raw = await request.read()
+    async def _body(
+        request: web.Request, decoder: msgspec.json.Decoder[T], limit: int = MAX_BODY_BYTES
+    ) -> T:
+        raw = await request.read() if limit == MAX_BODY_BYTES else await _read(request, limit)
         if not raw:
             raise ApiError(400, "invalid_body", "request body is empty; expected a JSON object")
         deep, where = _too_deep(raw)
@@ -993,7 +998,7 @@ class Api:
         """Run one command; the answer streams its output as NDJSON frames (started,
         stdout/stderr chunks, exit). Errors before it starts are plain JSON."""
         sandbox_id = self._sandbox_id(request)
-        body = await self._body(request, _exec_decoder)
+        body = await self._body(request, _exec_decoder, MAX_EXEC_BODY)
         meta = self._meta(request)
         prepared = await self.use.commands.prepare(sandbox_id, body)
         started = await self.use.commands.start(prepared, meta)
@@ -1011,6 +1016,10 @@ class Api:
         path = request.query.get("path")
         if not path:
             raise ApiError(400, "invalid_query", "path is required", "path")
+        if len(path) > MAX_FILE_PATH:
+            raise ApiError(
+                400, "invalid_query", f"path is longer than {MAX_FILE_PATH} characters", "path"
+            )
         return path, self._service_query(request)
 
     @staticmethod
@@ -1243,6 +1252,21 @@ class Api:
         return json_response(openapi_document(auth=self.tokens.enabled, profiles=self.profiles))
 
 
+async def _read(request: web.Request, limit: int) -> bytes:
+    """The whole body, refused past `limit` (a route whose body may be larger than
+    the app's `client_max_size`)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "body_too_large", f"body exceeds {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"body exceeds {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 async def _ndjson(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
@@ -1380,7 +1404,7 @@ IDEMPOTENCY_KEY = Param(
 FILE_PATH = Param(
     "path",
     "query",
-    {"type": "string", "minLength": 1, "maxLength": MAX_PATH_BYTES},
+    {"type": "string", "minLength": 1, "maxLength": MAX_FILE_PATH},
     "the file: absolute inside the service's container, or in the workspace (its root "
     "is /); no `..` part",
     required=True,
@@ -1415,7 +1439,8 @@ ERROR_STATUSES = {
     404: "no such resource (also: an id that does not have the id format)",
     409: "the resource is not in a state that allows this (or the account has as "
     "many webhooks as allowed)",
-    413: f"the body is larger than allowed: {MAX_BODY_BYTES} bytes of JSON, a file "
+    413: f"the body is larger than allowed: {MAX_BODY_BYTES} bytes of JSON ({MAX_EXEC_BODY} "
+    "for exec), a file "
     "SANDBOXER_MAX_FILE_BYTES (default 1 GiB)",
     422: "the Idempotency-Key was used before with another request (the field "
     "names the first difference)",
