@@ -304,3 +304,36 @@ async def test_leaving_or_destroying_stops_the_process_in_the_container(
         if e["event"]["type"] == "CommandFinished"
     }
     assert finished == {started["command_id"]: "disconnected", rest[-1]["command_id"]: "destroyed"}
+
+
+async def test_exec_and_files_over_ssh(
+    start_service: StartService, compose_env: Any, tmp_path: Path
+) -> None:
+    """The same through compose-ssh: the host's pooled SSH connection carries the
+    engine's exec and copy, every argument quoted."""
+    svc = await start_service(**compose_env())
+    repo = write_repo(tmp_path / "repo", REPO)
+    made = await create(
+        svc.http, svc.url, profile="profile.compose-e2e", inputs={"repo": str(repo)}
+    )
+    sandbox_id = made["id"]
+    await wait_state(svc.http, svc.url, sandbox_id, ["ready"], timeout=120)
+    hostile = ["a b", "'q'", "; touch /owned", "$(id)", "x\ny"]
+    literal = await run(
+        svc, sandbox_id, argv=["sh", "-c", 'printf "%s|" "$@"; exit 5', "sh", *hostile],
+        service="app",
+    )  # fmt: skip
+    assert literal.stdout == "".join(f"{a}|" for a in hostile)
+    assert literal.end["exit_code"] == 5
+    files = f"{svc.url}/v1/sandboxes/{sandbox_id}/files"
+    data = b"over ssh\n" * 100_000
+    params = {"path": "/data/ssh.txt", "service": "app"}
+    async with svc.http.put(files, params=params, data=data) as resp:
+        assert resp.status == 201, await resp.text()
+    async with svc.http.get(files, params=params) as resp:
+        assert await resp.read() == data
+    async with svc.http.get(
+        f"{svc.url}/v1/sandboxes/{sandbox_id}/logs", params={"service": "app"}
+    ) as resp:
+        lines = [json.loads(line)["line"] async for line in resp.content if line.strip()]
+    assert "app started" in lines

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import nats
 import pytest
 from nats.js.errors import KeyNotFoundError
@@ -124,3 +126,32 @@ def test_settings_defaults_for_workers_and_reconciliation() -> None:
         300.0,
     )
     assert Settings.from_env({}, worker_name="w-1").worker_name == "w-1"
+
+
+async def test_exec_on_a_worker_that_does_not_drive_the_sandbox(
+    start_service: StartService, nats_server: EmbeddedNats, tmp_path: object
+) -> None:
+    """The command runs where the caller is; its start and end are recorded by the
+    driving worker (forwarded through the bus), in order with its other events."""
+    vendor = f"{tmp_path}/vendor"  # one vendor for both workers, as a real SaaS is
+    a, b = [
+        await start_service(
+            SANDBOXER_DATA_DIR=f"{tmp_path}/{name}",
+            SANDBOXER_WORKER_NAME=name,
+            SANDBOXER_SAAS_STUB_STATE_DIR=vendor,
+        )
+        for name in ("wa", "wb")
+    ]
+    sandbox_id = (await create(a.http, a.url))["id"]
+    await wait_state(b.http, b.url, sandbox_id, {"ready"})
+    assert b.service.manager is not None and sandbox_id in b.service.manager.foreign
+    async with b.http.post(
+        f"{b.url}/v1/sandboxes/{sandbox_id}/exec", json={"argv": ["echo", "from b"]}
+    ) as resp:
+        assert resp.status == 200
+        frames = [json.loads(line) async for line in resp.content if line.strip()]
+    assert frames[-1]["exit_code"] == 0 and frames[-1]["seq"] > frames[0]["seq"] > 0
+    assert "".join(f["data"] for f in frames if f["type"] == "stdout") == "from b\n"
+    types = await event_types(a.http, a.url, sandbox_id)
+    assert types[-2:] == ["CommandStarted", "CommandFinished"]
+    assert b.service.manager is not None and sandbox_id not in b.service.manager.sandboxes
