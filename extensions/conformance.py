@@ -37,6 +37,7 @@ from extensions.sdk import (
     CommandRefused,
     Extension,
     ExtensionError,
+    FileMissing,
     FileRefused,
     FileStream,
     FileTooLarge,
@@ -354,7 +355,7 @@ class ExtensionConformance:
                 await self._run(adapter.get_file(ctx, handle, "dir", max_bytes=100))
             with pytest.raises(FileRefused):
                 await self._run(adapter.put_file(ctx, handle, "dir", small))
-            with pytest.raises(FileRefused):
+            with pytest.raises(FileMissing):
                 await self._run(adapter.get_file(ctx, handle, "no/such/file", max_bytes=100))
             with pytest.raises(FileTooLarge):
                 await self._run(adapter.get_file(ctx, handle, "deep/er/data.bin", max_bytes=10))

@@ -19,7 +19,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
-from extensions.sdk import FILE_CHUNK, ExtensionError, FileRefused, FileStream, FileTooLarge
+from extensions.sdk import (
+    FILE_CHUNK,
+    ExtensionError,
+    FileMissing,
+    FileRefused,
+    FileStream,
+    FileTooLarge,
+)
 from extensions.transport import Reader
 
 TAG_NAME = "SANDBOXER_COMMAND"
@@ -125,7 +132,7 @@ mv -f -T -- "$tmp" "$dest" || { rm -f -- "$tmp"; exit 8; }
 def refusal(path: str, code: int, stderr: str, what: str) -> ExtensionError:
     reason = REFUSALS.get(code)
     if reason is not None:
-        return FileRefused(f"{path}: {reason}")
+        return (FileMissing if code == MISSING else FileRefused)(f"{path}: {reason}")
     return ExtensionError(f"{what}: {path}: exited {code}: {stderr.strip()[-300:]}")
 
 
@@ -288,7 +295,7 @@ async def open_tar_file(reader: Reader, path: str, max_bytes: int) -> FileStream
             if "not a directory" in lowered:
                 raise FileRefused(f"{path}: its parent is not a directory")
             if "could not be found" in lowered or "no such file" in lowered:
-                raise FileRefused(f"{path}: does not exist")
+                raise FileMissing(f"{path}: does not exist")
             raise ExtensionError(f"copy of {path} failed ({code}): {stderr.strip()[-300:]}")
         if size > max_bytes:
             raise FileTooLarge(f"{path}: {size} bytes, more than {max_bytes}")

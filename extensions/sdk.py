@@ -409,6 +409,10 @@ class FileRefused(ExtensionError):
     workspace."""
 
 
+class FileMissing(FileRefused):
+    """There is no file at the path (the API answers 404)."""
+
+
 class FileTooLarge(ExtensionError):
     """The file is bigger than the caller's `max_bytes` (nothing was streamed)."""
 
@@ -458,7 +462,7 @@ def confine_file(root: Path, path: str, *, for_write: bool = False) -> Path:
     try:
         resolved = lexical.resolve(strict=True)
     except FileNotFoundError:
-        raise FileRefused(f"{path}: does not exist") from None
+        raise FileMissing(f"{path}: does not exist") from None
     except (OSError, RuntimeError) as exc:
         raise FileRefused(f"{path}: {exc.__class__.__name__}") from None
     if not resolved.is_relative_to(base):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from events import EventMeta
-from extensions.sdk import FileRefused, FileStream, FileTooLarge, check_file_path
+from extensions.sdk import FileMissing, FileRefused, FileStream, FileTooLarge, check_file_path
 from sandboxer.app.access import BadUse, SandboxAccess, Stopped, Target
 from sandboxer.app.commands import AnyCommand, Outcome, RecordFileTransfer
 from sandboxer.errors import NotFoundError, SandboxerError
@@ -37,7 +37,7 @@ class TooLarge(SandboxerError):
     field = "body"
 
 
-class FileMissing(NotFoundError):
+class NoSuchFile(NotFoundError):
     field = "path"
 
 
@@ -50,10 +50,9 @@ class FileTarget:
 def refused(exc: FileRefused) -> SandboxerError:
     """The adapter's refusal as the caller's error: a path that is not there is a 404,
     any other refusal a 400 naming `path`."""
-    message = str(exc)
-    if "does not exist" in message or "no such file" in message.lower():
-        return FileMissing(message)
-    return BadUse(message, "path")
+    if isinstance(exc, FileMissing):
+        return NoSuchFile(str(exc))
+    return BadUse(str(exc), "path")
 
 
 class FileTransfers:
