@@ -150,8 +150,23 @@ class AsyncClient:
             out = await self.wait_ready(out, timeout=wait_timeout)
         return AsyncSandbox(self, out)
 
-    async def get(self, sandbox: str | SandboxOut | AsyncSandbox) -> SandboxOut:
-        return await self._typed(SandboxOut, "GET", f"/v1/sandboxes/{c.ids_of(sandbox)}")
+    async def get(
+        self,
+        sandbox: str | SandboxOut | AsyncSandbox,
+        *,
+        wait: float | None = None,
+        after_seq: int | None = None,
+    ) -> SandboxOut:
+        """The sandbox; with `wait` (a long-poll, at most 60 s), once it has an event
+        after `after_seq`, or as it is after `wait` seconds."""
+        params = c.clean({"wait": wait, "after_seq": after_seq})
+        return await self._typed(
+            SandboxOut,
+            "GET",
+            f"/v1/sandboxes/{c.ids_of(sandbox)}",
+            params=params,
+            timeout=(wait or 0) + self.timeout,
+        )
 
     async def sandbox(self, sandbox_id: str) -> AsyncSandbox:
         return AsyncSandbox(self, await self.get(sandbox_id))
@@ -182,14 +197,9 @@ class AsyncClient:
         return out
 
     async def poll(self, sandbox: SandboxOut, wait: float) -> SandboxOut:
-        params: c.Query = [("wait", f"{wait:.1f}"), ("after_seq", sandbox.last_seq)]
-        return await self._typed(
-            SandboxOut,
-            "GET",
-            f"/v1/sandboxes/{sandbox.id}",
-            params=params,
-            timeout=wait + self.timeout,
-        )
+        """One long-poll: the sandbox once it has an event after `sandbox.last_seq`, or
+        as it is after `wait` seconds."""
+        return await self.get(sandbox.id, wait=max(0.1, round(wait, 1)), after_seq=sandbox.last_seq)
 
     async def wait(
         self,

@@ -91,6 +91,8 @@ class ApiError(SandboxerClientError):
         self, status: int, code: str, message: str, field: str | None = None, body: Any = None
     ) -> None:
         text = f"error {status}: {message}" + (f" (field: {field})" if field else "")
+        if code == "http_error":  # no ErrorBody: the status line is all there is
+            text = message
         super().__init__(text)
         self.status = status
         self.code = code

@@ -154,8 +154,23 @@ class Client:
             out = self.wait_ready(out, timeout=wait_timeout)
         return Sandbox(self, out)
 
-    def get(self, sandbox: str | SandboxOut | Sandbox) -> SandboxOut:
-        return self._typed(SandboxOut, "GET", f"/v1/sandboxes/{c.ids_of(sandbox)}")
+    def get(
+        self,
+        sandbox: str | SandboxOut | Sandbox,
+        *,
+        wait: float | None = None,
+        after_seq: int | None = None,
+    ) -> SandboxOut:
+        """The sandbox; with `wait` (a long-poll, at most 60 s), once it has an event
+        after `after_seq`, or as it is after `wait` seconds."""
+        params = c.clean({"wait": wait, "after_seq": after_seq})
+        return self._typed(
+            SandboxOut,
+            "GET",
+            f"/v1/sandboxes/{c.ids_of(sandbox)}",
+            params=params,
+            timeout=(wait or 0) + self.timeout,
+        )
 
     def sandbox(self, sandbox_id: str) -> Sandbox:
         """A handle on an existing sandbox (fetched once)."""
@@ -186,14 +201,7 @@ class Client:
     def poll(self, sandbox: SandboxOut, wait: float) -> SandboxOut:
         """One long-poll: the sandbox once it has an event after `sandbox.last_seq`, or
         as it is after `wait` seconds."""
-        params: c.Query = [("wait", f"{wait:.1f}"), ("after_seq", sandbox.last_seq)]
-        return self._typed(
-            SandboxOut,
-            "GET",
-            f"/v1/sandboxes/{sandbox.id}",
-            params=params,
-            timeout=wait + self.timeout,
-        )
+        return self.get(sandbox.id, wait=max(0.1, round(wait, 1)), after_seq=sandbox.last_seq)
 
     def wait(
         self,
