@@ -29,6 +29,18 @@ import yaml
 
 from extensions import compose_services
 from extensions.compose_services import labels_of, ps_items
+from extensions.files import (
+    GET_WORKSPACE_FILE,
+    PUT_WORKSPACE_FILE,
+    TAG_NAME,
+    file_chunks,
+    new_tag,
+    open_tar_file,
+    open_workspace_file,
+    refusal,
+    stop_tagged_argv,
+    tar_member,
+)
 from extensions.hosts import (
     ID_RE,
     LIST_WORKSPACES,
@@ -42,7 +54,10 @@ from extensions.sdk import (
     CommandResult,
     Endpoint,
     ExtensionError,
+    FileRefused,
+    FileStream,
     Handle,
+    LogFn,
     OutputBuffer,
     OutputFn,
     Resource,
@@ -50,6 +65,7 @@ from extensions.sdk import (
     ServiceStatus,
     StepContext,
     check_command,
+    check_file_path,
 )
 from extensions.transport import CommandFailed, Transport
 
@@ -68,6 +84,7 @@ DEAD = {"exited", "dead", "stopped", "removing"}
 PROJECT_PREFIX = "sandboxer-"
 CHECKPOINT_REPO = "sandboxer-ckpt"
 RESTORE_OVERRIDE = ".sandboxer-restore.yml"
+LOGS_TIMEOUT = 7 * 86400.0  # a followed log: bounded by the manifest's hook timeout
 FILES_SEPARATOR = "\n"  # never in a validated relative path
 
 # Moves a restored workspace into place (replacing the old one, never via a symlink).
@@ -745,7 +762,39 @@ class ComposeAdapter:
 
     # ---- commands -----------------------------------------------------------------------
 
-    async def run_command(
+    async def _container(
+        self, ctx: StepContext, handle: Handle, host: ComposeHost, service: str, *, running: bool
+    ) -> str:
+        """The container of `service` (a running one for `exec`; any for files and
+        logs). An unknown service is refused naming the known ones."""
+        project = handle.get("project") or project_name(ctx.sandbox_id)
+        output = await self._ps(host, project)
+        container = running_container(output, service) if running else None
+        if container is None and not running:
+            container = container_names(output).get(service)
+        if container is not None:
+            return container
+        known = sorted(
+            {*container_names(output), *filter(None, handle.get("services", "").split(","))}
+        )
+        if service in known:
+            raise CommandRefused(
+                f"{self.what}: service {service!r} has no running container in project {project}"
+            )
+        raise CommandRefused(
+            f"{self.what}: no service {service[:64]!r} in project {project} "
+            f"(services: {', '.join(known) or 'none'})"
+        )
+
+    async def _stop_tagged(self, host: ComposeHost, token: str, container: str) -> None:
+        """Stops what still runs of a cancelled or timed-out command (see STOP_TAGGED)."""
+        argv = stop_tagged_argv(token, host.engine_cmd if container else (), container)
+        try:
+            await host.transport.run(argv, timeout=10, check=False)
+        except (ExtensionError, OSError, TimeoutError):
+            pass  # the host is gone: nothing of it can be stopped from here
+
+    async def exec(
         self,
         ctx: StepContext,
         handle: Handle,
@@ -759,31 +808,145 @@ class ComposeAdapter:
     ) -> CommandResult:
         """On the host, in the sandbox's workspace (`service` None), or inside a
         running container of a service through `<engine> exec`; every argument
-        quoted (SSH) or passed as a list (this machine)."""
+        quoted (SSH) or passed as a list (this machine). The command carries a tag
+        in its environment, so a timeout or a cancellation stops it where it runs."""
         variables = check_command(argv, env)
         host = self.host(ctx)
         directory = host.workspace(ctx.sandbox_id)
         output = OutputBuffer(on_output)
+        token = new_tag()
+        tagged = {**variables, TAG_NAME: token}
         started = time.monotonic()
-        async with asyncio.timeout(timeout):
-            if service is None:
-                cwd = posixpath.join(directory, workdir) if workdir else directory
-                code = await host.transport.run_streaming(
-                    argv, output, cwd=cwd, env=variables, timeout=timeout
-                )
-            else:
-                project = handle.get("project") or project_name(ctx.sandbox_id)
-                container = running_container(await self._ps(host, project), service)
-                if container is None:
-                    raise CommandRefused(
-                        f"{self.what}: service {service!r} has no running container "
-                        f"in project {project}"
+        container = ""
+        try:
+            async with asyncio.timeout(timeout):
+                if service is None:
+                    cwd = posixpath.join(directory, workdir) if workdir else directory
+                    code = await host.transport.run_streaming(
+                        argv, output, cwd=cwd, env=tagged, timeout=timeout
                     )
-                command = exec_argv(
-                    host.engine_cmd, container, argv, workdir=workdir, env=variables
-                )
-                code = await host.transport.run_streaming(command, output, timeout=timeout)
+                else:
+                    container = await self._container(ctx, handle, host, service, running=True)
+                    command = exec_argv(
+                        host.engine_cmd, container, argv, workdir=workdir, env=tagged
+                    )
+                    code = await host.transport.run_streaming(command, output, timeout=timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            await asyncio.shield(self._stop_tagged(host, token, container))
+            raise
         return output.result(code, time.monotonic() - started)
+
+    # ---- files --------------------------------------------------------------------------
+
+    async def put_file(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        path: str,
+        source: Path,
+        *,
+        service: str | None = None,
+    ) -> None:
+        """Into a service's container through `<engine> cp - <container>:/` (a tar of
+        one member, its parents created by the engine), or into the workspace."""
+        checked = check_file_path(path)
+        host = self.host(ctx)
+        if service is None:
+            argv = ["sh", "-c", PUT_WORKSPACE_FILE, "sh", host.workspace(ctx.sandbox_id), checked]
+            try:
+                await host.transport.run_with_input(argv, file_chunks(source), timeout=3600)
+            except CommandFailed as exc:
+                raise refusal(path, exc.exit_status or 1, exc.stderr, self.what) from None
+            return
+        container = await self._container(ctx, handle, host, service, running=False)
+        argv = [*host.engine_cmd, "cp", "-", f"{container}:/"]
+        try:
+            await host.transport.run_with_input(
+                argv, tar_member(checked.lstrip("/"), source), timeout=3600
+            )
+        except CommandFailed as exc:
+            lowered = exc.stderr.lower()
+            if "directory" in lowered or "could not be found" in lowered:
+                raise FileRefused(f"{path}: {exc.stderr.strip()[-200:]}") from None
+            raise
+
+    async def get_file(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        path: str,
+        *,
+        service: str | None = None,
+        max_bytes: int,
+    ) -> FileStream:
+        """From a service's container through `<engine> cp <container>:<path> -` (its
+        tar read as it streams: the engine resolves links inside the container), or
+        from the workspace."""
+        checked = check_file_path(path)
+        host = self.host(ctx)
+        if service is None:
+            argv = ["sh", "-c", GET_WORKSPACE_FILE, "sh", host.workspace(ctx.sandbox_id), checked]
+            reader = await host.transport.open_reader(argv)
+            return await open_workspace_file(reader, path, max_bytes, self.what)
+        container = await self._container(ctx, handle, host, service, running=False)
+        reader = await host.transport.open_reader(
+            [*host.engine_cmd, "cp", f"{container}:{checked}", "-"]
+        )
+        return await open_tar_file(reader, path, max_bytes)
+
+    # ---- logs ---------------------------------------------------------------------------
+
+    async def logs(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        *,
+        service: str | None = None,
+        follow: bool = False,
+        tail: int | None = None,
+        since: float | None = None,
+        on_output: LogFn,
+    ) -> None:
+        """`<engine> logs [--follow] [--tail N] [--since T] <container>` per service,
+        concurrently; each engine process carries a tag, so a cancellation stops it
+        on the host too."""
+        host = self.host(ctx)
+        project = handle.get("project") or project_name(ctx.sandbox_id)
+        if service is not None:
+            containers = {service: await self._container(ctx, handle, host, service, running=False)}
+        else:
+            containers = container_names(await self._ps(host, project))
+        options: list[str] = []
+        if follow:
+            options.append("--follow")
+        if tail is not None:
+            options += ["--tail", str(max(int(tail), 0))]
+        if since is not None:
+            options += ["--since", str(int(since))]
+        tokens = {name: new_tag() for name in containers}
+
+        async def one(name: str, container: str) -> None:
+            async def passed(stream: str, data: bytes) -> None:
+                await on_output(name, stream, data)
+
+            argv = [*host.engine_cmd, "logs", *options, container]
+            await host.transport.run_streaming(
+                argv,
+                OutputBuffer(passed, keep=0),
+                env={TAG_NAME: tokens[name]},
+                timeout=LOGS_TIMEOUT,
+            )
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for name, container in containers.items():
+                    group.create_task(one(name, container))
+        except BaseException:
+            if follow:
+                await asyncio.shield(
+                    asyncio.gather(*(self._stop_tagged(host, t, "") for t in tokens.values()))
+                )
+            raise
 
     # ---- checkpoints --------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ Optionally override `failing_config` (config that makes provision fail half-way)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +29,7 @@ import pytest
 
 from extensions.registry import LoadedExtension
 from extensions.sdk import (
+    FILE_CHUNK,
     HEALTH,
     OPTIONAL_HOOKS,
     REQUIRED_HOOKS,
@@ -35,7 +37,12 @@ from extensions.sdk import (
     CommandRefused,
     Extension,
     ExtensionError,
+    FileRefused,
+    FileStream,
+    FileTooLarge,
+    FileTransferring,
     Handle,
+    Logging,
     Reconciling,
     StepContext,
     Watching,
@@ -149,78 +156,224 @@ class ExtensionConformance:
 
     @asynccontextmanager
     async def _ready(
-        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
-    ) -> AsyncIterator[tuple[Commanding, StepContext, Handle]]:
-        """A provisioned, ready sandbox of an extension with `run_command`; torn down after."""
-        if not extension.manifest.has("run_command"):
-            pytest.skip("no run_command capability")
+        self,
+        extension: LoadedExtension,
+        make_context: MakeContext,
+        leftovers: Leftovers,
+        capability: str = "exec",
+    ) -> AsyncIterator[tuple[Any, StepContext, Handle]]:
+        """A provisioned, ready sandbox of an extension with `capability`; torn down
+        after."""
+        if not extension.manifest.has(capability):
+            pytest.skip(f"no {capability} capability")
         sandbox_id = _new_id()
         ctx = make_context(sandbox_id, {})
         handle = await self._run(extension.adapter.provision(ctx))
         try:
             await self._run(extension.adapter.wait_ready(ctx, handle))
-            yield cast(Commanding, extension.adapter), ctx, handle
+            yield extension.adapter, ctx, handle
         finally:
             await self._run(extension.adapter.teardown(ctx, handle))
         assert await leftovers(sandbox_id) == []
 
-    async def test_run_command_results_streams_env_and_quoting(
+    async def test_exec_results_streams_env_and_quoting(
         self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
     ) -> None:
-        """With `run_command`: exit codes, each stream kept apart and streamed as it
-        arrives, env given as values (never as shell text), arguments passed as-is.
-        Only the commands every backend runs: echo, true, false, exit, sleep, sh -c."""
-        async with self._ready(extension, make_context, leftovers) as (adapter, ctx, handle):
-            said = await self._run(adapter.run_command(ctx, handle, ["echo", "hello", "world"]))
+        """With `exec`: exit codes, each stream kept apart and streamed as it arrives
+        (counted and digested), env given as values (never as shell text), arguments
+        passed as-is. Only the commands every backend runs: echo, true, false, exit,
+        sleep, sh -c."""
+        async with self._ready(extension, make_context, leftovers) as (raw, ctx, handle):
+            adapter = cast(Commanding, raw)
+            said = await self._run(adapter.exec(ctx, handle, ["echo", "hello", "world"]))
             assert (said.exit_code, said.stdout, said.stderr) == (0, "hello world\n", "")
             assert said.duration >= 0 and not said.truncated
-            assert (await self._run(adapter.run_command(ctx, handle, ["true"]))).exit_code == 0
-            assert (await self._run(adapter.run_command(ctx, handle, ["false"]))).exit_code != 0
+            assert said.stdout_bytes == 12 and said.stderr_bytes == 0
+            assert said.stdout_sha256 == hashlib.sha256(b"hello world\n").hexdigest()
+            assert said.stderr_sha256 == hashlib.sha256(b"").hexdigest()
+            assert (await self._run(adapter.exec(ctx, handle, ["true"]))).exit_code == 0
+            assert (await self._run(adapter.exec(ctx, handle, ["false"]))).exit_code != 0
 
-            pieces: list[tuple[str, str]] = []
+            pieces: list[tuple[str, bytes]] = []
+
+            async def collect(stream: str, data: bytes) -> None:
+                pieces.append((stream, data))
+
             mixed = await self._run(
-                adapter.run_command(
+                adapter.exec(
                     ctx,
                     handle,
                     ["sh", "-c", "echo out; echo err >&2; exit 3"],
-                    on_output=lambda stream, text: pieces.append((stream, text)),
+                    on_output=collect,
                 )
             )
             assert (mixed.exit_code, mixed.stdout, mixed.stderr) == (3, "out\n", "err\n")
-            assert "".join(t for s, t in pieces if s == "stdout") == "out\n"
-            assert "".join(t for s, t in pieces if s == "stderr") == "err\n"
+            assert b"".join(d for s, d in pieces if s == "stdout") == b"out\n"
+            assert b"".join(d for s, d in pieces if s == "stderr") == b"err\n"
 
             hostile = "a b; $(touch pwned) `id` 'q' \"dq\""
             from_env = await self._run(
-                adapter.run_command(
+                adapter.exec(
                     ctx, handle, ["sh", "-c", 'echo "$GREETING"'], env={"GREETING": hostile}
                 )
             )
             assert (from_env.exit_code, from_env.stdout) == (0, hostile + "\n")
-            literal = await self._run(adapter.run_command(ctx, handle, ["echo", hostile, "$HOME"]))
+            literal = await self._run(adapter.exec(ctx, handle, ["echo", hostile, "$HOME"]))
             assert literal.stdout == f"{hostile} $HOME\n"
 
-    async def test_run_command_refusals_and_timeout(
+    async def test_exec_refusals_and_timeout(
         self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
     ) -> None:
         """A service the sandbox does not have, a bad env name, an empty argv: refused
         with an ExtensionError, not run. A command past its timeout: TimeoutError, soon."""
-        async with self._ready(extension, make_context, leftovers) as (adapter, ctx, handle):
+        async with self._ready(extension, make_context, leftovers) as (raw, ctx, handle):
+            adapter = cast(Commanding, raw)
             with pytest.raises(ExtensionError):
-                await self._run(
-                    adapter.run_command(ctx, handle, ["true"], service="no-such-service")
-                )
+                await self._run(adapter.exec(ctx, handle, ["true"], service="no-such-service"))
             with pytest.raises(CommandRefused):
-                await self._run(adapter.run_command(ctx, handle, ["true"], env={"A B": "x"}))
+                await self._run(adapter.exec(ctx, handle, ["true"], env={"A B": "x"}))
             with pytest.raises(CommandRefused):
-                await self._run(adapter.run_command(ctx, handle, []))
+                await self._run(adapter.exec(ctx, handle, []))
             started = time.monotonic()
             with pytest.raises(TimeoutError):
-                await self._run(adapter.run_command(ctx, handle, ["sleep", "30"], timeout=1.0))
+                await self._run(adapter.exec(ctx, handle, ["sleep", "30"], timeout=1.0))
             assert time.monotonic() - started < 15
             # the sandbox still answers afterwards
-            after = await self._run(adapter.run_command(ctx, handle, ["echo", "still here"]))
+            after = await self._run(adapter.exec(ctx, handle, ["echo", "still here"]))
             assert after.stdout == "still here\n"
+
+    async def test_exec_cancelled_returns_soon_and_the_sandbox_answers(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        """Cancelling the awaiting task of a long command re-raises CancelledError
+        within ~5 s (the adapter stops the command where it runs)."""
+        async with self._ready(extension, make_context, leftovers) as (raw, ctx, handle):
+            adapter = cast(Commanding, raw)
+            task = asyncio.ensure_future(adapter.exec(ctx, handle, ["sleep", "60"], timeout=120))
+            await asyncio.sleep(0.5)  # let it start; cancelling earlier must work too
+            started = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await self._run(task)
+            assert time.monotonic() - started < 8
+            after = await self._run(adapter.exec(ctx, handle, ["echo", "still here"]))
+            assert after.stdout == "still here\n"
+
+    async def test_exec_slow_consumer_loses_nothing(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        """Backpressure: an `on_output` that takes its time sees every byte of each
+        stream, in order, and the counts and digests agree with what it saw."""
+        async with self._ready(extension, make_context, leftovers) as (raw, ctx, handle):
+            adapter = cast(Commanding, raw)
+            seen: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+
+            async def slow(stream: str, data: bytes) -> None:
+                await asyncio.sleep(0.01)
+                seen[stream] += data
+
+            script = "; ".join(f"echo line{i}; echo e{i} >&2" for i in range(300))
+            result = await self._run(
+                adapter.exec(ctx, handle, ["sh", "-c", script], on_output=slow)
+            )
+            assert result.exit_code == 0
+            for stream in ("stdout", "stderr"):
+                data = bytes(seen[stream])
+                assert getattr(result, f"{stream}_bytes") == len(data)
+                assert getattr(result, f"{stream}_sha256") == hashlib.sha256(data).hexdigest()
+                assert getattr(result, stream) == data.decode()
+            assert seen["stdout"].decode() == "".join(f"line{i}\n" for i in range(300))
+            assert seen["stderr"].decode() == "".join(f"e{i}\n" for i in range(300))
+
+    async def _read_all(self, stream: FileStream) -> bytes:
+        data = bytearray()
+        try:
+            async for chunk in stream.chunks:
+                assert len(chunk) <= FILE_CHUNK
+                data += chunk
+        finally:
+            await stream.aclose()
+        return bytes(data)
+
+    async def test_files_round_trip_and_refusals(
+        self,
+        extension: LoadedExtension,
+        make_context: MakeContext,
+        leftovers: Leftovers,
+        tmp_path: Any,
+    ) -> None:
+        """With `put_file` + `get_file` (the workspace as the root): a round trip keeps
+        every byte (sha256), missing parents are made, a unicode name works; '..', a
+        NUL, a directory, a missing file are `FileRefused`; a file over `max_bytes`
+        is `FileTooLarge`."""
+        if extension.manifest.has("put_file"):
+            assert extension.manifest.has("get_file"), "put_file and get_file go together"
+        async with self._ready(extension, make_context, leftovers, "put_file") as (
+            raw,
+            ctx,
+            handle,
+        ):
+            adapter = cast(FileTransferring, raw)
+            content = secrets.token_bytes(3 * 1024 * 1024 + 17)
+            source = tmp_path / "upload.bin"
+            source.write_bytes(content)
+            await self._run(adapter.put_file(ctx, handle, "/deep/er/data.bin", source))
+            stream = await self._run(
+                adapter.get_file(ctx, handle, "deep/er/data.bin", max_bytes=len(content))
+            )
+            assert stream.size == len(content)
+            got = await self._run(self._read_all(stream))
+            assert hashlib.sha256(got).hexdigest() == hashlib.sha256(content).hexdigest()
+
+            small = tmp_path / "small.txt"
+            small.write_bytes("grüße\n".encode())
+            await self._run(adapter.put_file(ctx, handle, "dir/straße ünïcode.txt", small))
+            back = await self._run(
+                adapter.get_file(ctx, handle, "/dir/straße ünïcode.txt", max_bytes=100)
+            )
+            assert await self._run(self._read_all(back)) == "grüße\n".encode()
+            await self._run(adapter.put_file(ctx, handle, "dir/straße ünïcode.txt", source))
+            replaced = await self._run(
+                adapter.get_file(ctx, handle, "dir/straße ünïcode.txt", max_bytes=len(content))
+            )
+            assert replaced.size == len(content)
+            await self._run(replaced.aclose())  # stopped early: fine
+
+            for bad in ("../x", "a/../../x", "a\x00b", ""):
+                with pytest.raises(FileRefused):
+                    await self._run(adapter.put_file(ctx, handle, bad, small))
+                with pytest.raises(FileRefused):
+                    await self._run(adapter.get_file(ctx, handle, bad, max_bytes=100))
+            with pytest.raises(FileRefused):
+                await self._run(adapter.get_file(ctx, handle, "dir", max_bytes=100))
+            with pytest.raises(FileRefused):
+                await self._run(adapter.put_file(ctx, handle, "dir", small))
+            with pytest.raises(FileRefused):
+                await self._run(adapter.get_file(ctx, handle, "no/such/file", max_bytes=100))
+            with pytest.raises(FileTooLarge):
+                await self._run(adapter.get_file(ctx, handle, "deep/er/data.bin", max_bytes=10))
+
+    async def test_logs_answer_and_refuse_unknown_services(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        """With `logs`: every service's log is passed on and the call returns (not
+        following); an unknown service is refused with CommandRefused."""
+        async with self._ready(extension, make_context, leftovers, "logs") as (
+            raw,
+            ctx,
+            handle,
+        ):
+            adapter = cast(Logging, raw)
+            pieces: list[tuple[str, str, bytes]] = []
+
+            async def collect(service: str, stream: str, data: bytes) -> None:
+                assert stream in ("stdout", "stderr")
+                pieces.append((service, stream, data))
+
+            await self._run(adapter.logs(ctx, handle, on_output=collect))
+            await self._run(adapter.logs(ctx, handle, tail=1, on_output=collect))
+            with pytest.raises(CommandRefused):
+                await self._run(adapter.logs(ctx, handle, service="no-such", on_output=collect))
 
     async def test_services_and_endpoints_of_a_ready_sandbox(
         self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers

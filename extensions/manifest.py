@@ -16,7 +16,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
-from extensions.sdk import OPTIONAL_HOOKS, REQUIRED_HOOKS
+from extensions.sdk import ALIASES, OPTIONAL_HOOKS, REQUIRED_HOOKS
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
@@ -133,9 +133,29 @@ def load_manifest(path: Path) -> Manifest:
     return manifest_from_dict(raw, source=path.name)
 
 
+def _renamed(raw: dict[Any, Any]) -> dict[Any, Any]:
+    """A manifest with old capability and hook names (`run_command`) read as the new
+    ones (`exec`); the new name wins where both are given."""
+    out = dict(raw)
+    capabilities = out.get("capabilities")
+    if isinstance(capabilities, list):
+        renamed = [ALIASES.get(c, c) if isinstance(c, str) else c for c in capabilities]
+        out["capabilities"] = list(dict.fromkeys(renamed))
+    hooks = out.get("hooks")
+    if isinstance(hooks, dict):
+        new: dict[Any, Any] = {}
+        for name, policy in hooks.items():
+            key = ALIASES.get(name, name) if isinstance(name, str) else name
+            if key not in new or key == name:
+                new[key] = policy
+        out["hooks"] = new
+    return out
+
+
 def manifest_from_dict(raw: Any, source: str) -> Manifest:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a manifest is a mapping")
+    raw = _renamed(raw)
     try:
         manifest = msgspec.convert({**raw, "source": source}, Manifest)
     except msgspec.ValidationError as exc:
@@ -158,8 +178,10 @@ def manifest_from_dict(raw: Any, source: str) -> Manifest:
     for hook in manifest.hooks:
         if hook not in known:
             raise ConfigError(f"{source}: hooks: unknown hook {hook!r}")
-    if manifest.hook("run_command").retries:
-        raise ConfigError(f"{source}: hooks.run_command: retries must be 0 (not idempotent)")
+    if manifest.hook("exec").retries:
+        raise ConfigError(f"{source}: hooks.exec: retries must be 0 (not idempotent)")
+    if manifest.has("put_file") != manifest.has("get_file"):
+        raise ConfigError(f"{source}: put_file and get_file go together")
     for key, spec in manifest.config.items():
         if spec.default is not None and not _type_ok(spec.default, spec.type):
             raise ConfigError(f"{source}: config.{key}: default is not {spec.type}")

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
 import importlib.metadata
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from extensions.manifest import ConfigError, Manifest, load_manifest, manifest_from_dict
-from extensions.sdk import OPTIONAL_HOOKS, REQUIRED_HOOKS, Extension, RuntimeInfo
+from extensions.sdk import (
+    OPTIONAL_HOOKS,
+    REQUIRED_HOOKS,
+    CommandResult,
+    Extension,
+    Handle,
+    OutputFn,
+    RuntimeInfo,
+    StepContext,
+)
 
 ENTRY_POINT_GROUP = "sandboxer.extensions"
 SHIPPED_DIR = Path(__file__).resolve().parent
@@ -105,6 +116,10 @@ class ExtensionRegistry:
         factory = _import_object(manifest.entry_point, manifest.source)
         config = manifest.resolve_config(None, self.environ)
         adapter = factory(config, self.runtime)
+        if not callable(getattr(adapter, "exec", None)) and callable(
+            getattr(adapter, "run_command", None)
+        ):
+            adapter.exec = _exec_from_run_command(adapter.run_command)
         for hook in REQUIRED_HOOKS:
             if not callable(getattr(adapter, hook, None)):
                 raise ConfigError(f"{manifest.source}: adapter has no {hook}()")
@@ -112,6 +127,42 @@ class ExtensionRegistry:
             if manifest.has(hook) and not callable(getattr(adapter, hook, None)):
                 raise ConfigError(f"{manifest.source}: declares {hook} but does not implement it")
         return LoadedExtension(manifest, adapter, config, self.environ)
+
+
+def _exec_from_run_command(run_command: Any) -> Any:
+    """An older adapter's `run_command` used as `exec`. Its `on_output` was a plain
+    function of text, so it is given none; what it kept is passed on at the end."""
+
+    async def exec(
+        ctx: StepContext,
+        handle: Handle,
+        argv: Sequence[str],
+        *,
+        service: str | None = None,
+        workdir: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+        on_output: OutputFn | None = None,
+    ) -> CommandResult:
+        result: CommandResult = await run_command(
+            ctx, handle, argv, service=service, workdir=workdir, env=env, timeout=timeout
+        )
+        out, err = result.stdout.encode(), result.stderr.encode()
+        if on_output is not None:
+            for stream, data in (("stdout", out), ("stderr", err)):
+                if data:
+                    await on_output(stream, data)
+        if result.stdout_bytes or result.stderr_bytes:
+            return result
+        return dataclasses.replace(
+            result,
+            stdout_bytes=len(out),
+            stderr_bytes=len(err),
+            stdout_sha256=hashlib.sha256(out).hexdigest(),
+            stderr_sha256=hashlib.sha256(err).hexdigest(),
+        )
+
+    return exec
 
 
 def _import_object(target: str, source: str) -> Any:

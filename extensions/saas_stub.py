@@ -9,21 +9,28 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import re
+import secrets
 import shlex
+import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from extensions.sdk import (
+    FILE_CHUNK,
     CommandRefused,
     CommandResult,
     Cost,
     Endpoint,
     ExtensionError,
+    FileStream,
+    FileTooLarge,
     Handle,
+    LogFn,
     OutputBuffer,
     OutputFn,
     Resource,
@@ -31,6 +38,7 @@ from extensions.sdk import (
     ServiceStatus,
     StepContext,
     check_command,
+    confine_file,
 )
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -56,7 +64,7 @@ async def _simulate_one(words: list[str], output: OutputBuffer) -> int:
         newline = "\n"
         if args[:1] == ["-n"]:
             args, newline = args[1:], ""
-        output.add(stream, " ".join(args) + newline)
+        output.add_text(stream, " ".join(args) + newline)
         return 0
     if name == "exit":
         raise _Exit(int(args[0]) % 256 if args and args[0].isdigit() else 0)
@@ -68,7 +76,7 @@ async def _simulate_one(words: list[str], output: OutputBuffer) -> int:
         if seconds >= 0:
             await asyncio.sleep(seconds)  # the simulated command's own run time
             return 0
-    output.add("stderr", f"saas-stub: {name}: command not found\n")
+    output.add_text("stderr", f"saas-stub: {name}: command not found\n")
     return 127
 
 
@@ -99,6 +107,12 @@ async def _simulate(argv: Sequence[str], env: Mapping[str, str], output: OutputB
     except _Exit as stop:
         return stop.code
     return code
+
+
+def _remove_extras(folder: Path, sandbox_id: str) -> None:
+    """An instance's files and log, beside its record."""
+    shutil.rmtree(folder / f"{sandbox_id}.files", ignore_errors=True)
+    (folder / f"{sandbox_id}.log").unlink(missing_ok=True)
 
 
 class SaasStub:
@@ -153,8 +167,9 @@ class SaasStub:
         await self._latency(ctx)
         self._maybe_fail(ctx, "teardown")
         path.unlink(missing_ok=True)
+        _remove_extras(path.parent, ctx.sandbox_id)
 
-    async def run_command(
+    async def exec(
         self,
         ctx: StepContext,
         handle: Handle,
@@ -167,18 +182,124 @@ class SaasStub:
         on_output: OutputFn | None = None,
     ) -> CommandResult:
         """A small simulated command set (true, false, echo, exit N, sleep S, and
-        `sh -c` scripts of them), so the path runs with no infrastructure."""
+        `sh -c` scripts of them), so the path runs with no infrastructure. Anything
+        else exits 127. Each command run is a line of the instance's log."""
         variables = check_command(argv, env)
         if service is not None:
             raise CommandRefused(f"saas-stub: an instance has no services ({service[:64]!r})")
         if not self._instance_path(ctx).exists():
             raise ExtensionError(f"saas-stub: instance {ctx.sandbox_id} does not exist")
-        output = OutputBuffer(on_output)
+        output = OutputBuffer()
         started = time.monotonic()
         async with asyncio.timeout(timeout):
             await self._latency(ctx)
             code = await _simulate(argv, variables, output)
-        return output.result(code, time.monotonic() - started)
+        result = output.result(code, time.monotonic() - started)
+        if on_output is not None:  # simulated output is made at once: handed over whole
+            for stream in ("stdout", "stderr"):
+                text = getattr(result, stream)
+                if text:
+                    await on_output(stream, text.encode())
+        line = f"{time.time():.3f} exit {code}: {shlex.join(argv)[:500]}\n"
+        with self._log_path(ctx).open("a", encoding="utf-8") as log:
+            log.write(line)
+        return result
+
+    # ---- files -----------------------------------------------------------------------
+
+    def _files_root(self, ctx: StepContext) -> Path:
+        """The instance's own folder in state_dir: its files' root."""
+        self._instance_path(ctx)  # checks the id
+        root = self.state_dir(ctx.config) / f"{ctx.sandbox_id}.files"
+        root.mkdir(exist_ok=True)
+        return root
+
+    def _log_path(self, ctx: StepContext) -> Path:
+        self._instance_path(ctx)
+        return self.state_dir(ctx.config) / f"{ctx.sandbox_id}.log"
+
+    def _no_service(self, service: str | None) -> None:
+        if service is not None:
+            raise CommandRefused(f"saas-stub: an instance has no services ({service[:64]!r})")
+
+    async def put_file(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        path: str,
+        source: Path,
+        *,
+        service: str | None = None,
+    ) -> None:
+        self._no_service(service)
+        target = confine_file(self._files_root(ctx), path, for_write=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        confine_file(self._files_root(ctx), path, for_write=True)  # no link made meanwhile
+        temporary = target.parent / f".sandboxer-put.{secrets.token_hex(4)}"
+        try:
+            with source.open("rb") as src, temporary.open("wb") as out:
+                while chunk := src.read(FILE_CHUNK):
+                    out.write(chunk)
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    async def get_file(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        path: str,
+        *,
+        service: str | None = None,
+        max_bytes: int,
+    ) -> FileStream:
+        self._no_service(service)
+        found = confine_file(self._files_root(ctx), path)
+        handle_ = found.open("rb")
+        size = os.fstat(handle_.fileno()).st_size
+        if size > max_bytes:
+            handle_.close()
+            raise FileTooLarge(f"{path}: {size} bytes, more than {max_bytes}")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                left = size
+                while left > 0 and (chunk := handle_.read(min(left, FILE_CHUNK))):
+                    left -= len(chunk)
+                    yield chunk
+            finally:
+                handle_.close()
+
+        async def close() -> None:
+            handle_.close()
+
+        return FileStream(size, chunks(), close)
+
+    # ---- logs ------------------------------------------------------------------------
+
+    async def logs(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        *,
+        service: str | None = None,
+        follow: bool = False,
+        tail: int | None = None,
+        since: float | None = None,
+        on_output: LogFn,
+    ) -> None:
+        """The simulated instance's log: a line per command it ran (service
+        `instance`); nothing runs on its own, so following ends at once."""
+        if service not in (None, "instance"):
+            raise CommandRefused(f"saas-stub: no service {service[:64]!r} (services: instance)")
+        path = self._log_path(ctx)
+        lines = path.read_text(encoding="utf-8").splitlines(True) if path.exists() else []
+        if since is not None:
+            lines = [line for line in lines if float(line.split(" ", 1)[0]) >= since]
+        if tail is not None:
+            lines = lines[-tail:] if tail > 0 else []
+        for line in lines:
+            await on_output("instance", "stdout", line.encode())
 
     # ---- watching --------------------------------------------------------------------
 
@@ -289,3 +410,4 @@ class SaasStub:
         if not _ID_RE.fullmatch(resource.sandbox_id):
             raise ExtensionError(f"invalid sandbox id {resource.sandbox_id!r}")
         (self.state_dir(config) / f"{resource.sandbox_id}.json").unlink(missing_ok=True)
+        _remove_extras(self.state_dir(config), resource.sandbox_id)

@@ -9,11 +9,10 @@ always verified: against the configured known_hosts file, or the user's default 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import os
 import shlex
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,6 +320,45 @@ class SSHPool:
         if proc.exit_status != 0:
             raise RemoteCommandFailed(command, proc.exit_status, _text(stderr))
 
+    async def open_reader(self, target: SSHTarget, argv: Sequence[str]) -> RemoteReader:
+        """Start argv (quoted) with no input; its stdout is read by the caller."""
+        command = shlex.join(argv)
+        conn = await self.connection(target)
+        try:
+            proc = await conn.create_process(command, encoding=None)
+        except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost) as exc:
+            self._connections.pop(target, None)
+            raise SSHError(f"cannot open a channel to {target.label}: {exc}") from exc
+        proc.stdin.write_eof()
+        return RemoteReader(proc, command)
+
+    async def run_with_input(
+        self,
+        target: SSHTarget,
+        argv: Sequence[str],
+        chunks: AsyncIterator[bytes],
+        *,
+        timeout: float,
+    ) -> None:
+        """Run argv (quoted) with `chunks` as its stdin, each written once the last
+        drained; a non-zero exit raises `RemoteCommandFailed`."""
+        conn = await self.connection(target)
+        command = shlex.join(argv)
+        async with asyncio.timeout(timeout):
+            async with conn.create_process(command, encoding=None) as proc:
+                errors = asyncio.ensure_future(proc.stderr.read())
+                try:
+                    async for chunk in chunks:
+                        proc.stdin.write(chunk)
+                        await proc.stdin.drain()
+                    proc.stdin.write_eof()
+                    await proc.wait()
+                    stderr = await errors
+                finally:
+                    errors.cancel()
+        if proc.exit_status != 0:
+            raise RemoteCommandFailed(command, proc.exit_status, _text(stderr))
+
     async def close(self) -> None:
         for conn in self._connections.values():
             conn.close()
@@ -330,10 +368,52 @@ class SSHPool:
 
 
 async def _pump(reader: Any, stream: str, output: OutputBuffer) -> None:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    """One stream into `output`, a chunk at a time: the next read waits until the
+    consumer took the last one (asyncssh's window then holds the remote writer)."""
     while chunk := await reader.read(CHUNK):
-        output.add(stream, decoder.decode(chunk))
-    output.add(stream, decoder.decode(b"", final=True))
+        await output.add(stream, chunk)
+
+
+class RemoteReader:
+    """A remote command's stdout, read by the caller; its stderr collected (the
+    tail). `close` stops it."""
+
+    def __init__(self, proc: Any, command: str) -> None:
+        self.proc = proc
+        self.command = command
+        self.errors = asyncio.ensure_future(_tail(proc.stderr))
+
+    async def read(self, size: int) -> bytes:
+        data: bytes = await self.proc.stdout.read(size)
+        return data
+
+    async def finish(self) -> tuple[int, str]:
+        """Waits for the end: the exit code and the error output's tail."""
+        await self.proc.wait()
+        stderr = await self.errors
+        status = self.proc.exit_status
+        return (status if status is not None else -1), stderr
+
+    async def close(self) -> None:
+        self.errors.cancel()
+        if self.proc.returncode is None:
+            try:
+                self.proc.send_signal("KILL")
+            except (OSError, asyncssh.Error):
+                pass
+        self.proc.close()
+        try:
+            await asyncio.wait_for(self.proc.wait_closed(), 5)
+        except (TimeoutError, OSError, asyncssh.Error):
+            pass
+
+
+async def _tail(reader: Any, keep: int = 64 * 1024) -> str:
+    """Everything a reader gives, its last `keep` bytes kept."""
+    kept = b""
+    while chunk := await reader.read(CHUNK):
+        kept = (kept + chunk)[-keep:]
+    return kept.decode(errors="replace")
 
 
 def command_line(

@@ -12,12 +12,11 @@ host (one connection per host, reused, keepalive, timeouts on everything);
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import os
 import shlex
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -41,6 +40,24 @@ __all__ = [
     "SSHTransport",
     "Transport",
 ]
+
+
+class Reader(Protocol):
+    """A started command whose stdout the caller reads (a file being fetched)."""
+
+    command: str
+
+    async def read(self, size: int) -> bytes:
+        """Up to `size` bytes of stdout; b"" at its end."""
+        ...
+
+    async def finish(self) -> tuple[int, str]:
+        """Wait for its end: the exit code and the tail of its error output."""
+        ...
+
+    async def close(self) -> None:
+        """Stop it (killed if still running); idempotent."""
+        ...
 
 
 class Transport(Protocol):
@@ -97,6 +114,17 @@ class Transport(Protocol):
         progress: Callable[[int], None] | None = None,
     ) -> None:
         """A local file as argv's stdin, chunk by chunk."""
+        ...
+
+    async def open_reader(self, argv: Sequence[str]) -> Reader:
+        """Start argv with no input; the caller reads its stdout (`Reader`)."""
+        ...
+
+    async def run_with_input(
+        self, argv: Sequence[str], chunks: AsyncIterator[bytes], *, timeout: float
+    ) -> None:
+        """argv with `chunks` as its stdin (each written once the last drained); a
+        non-zero exit raises `CommandFailed`."""
         ...
 
     async def copy_repo(
@@ -175,6 +203,14 @@ class SSHTransport:
         await self.pool.stream_from_file(
             self.target, argv, path, timeout=timeout, progress=progress
         )
+
+    async def open_reader(self, argv: Sequence[str]) -> Reader:
+        return await self.pool.open_reader(self.target, argv)
+
+    async def run_with_input(
+        self, argv: Sequence[str], chunks: AsyncIterator[bytes], *, timeout: float
+    ) -> None:
+        await self.pool.run_with_input(self.target, argv, chunks, timeout=timeout)
 
     async def copy_repo(
         self,
@@ -288,7 +324,7 @@ class LocalTransport:
                     stderr=asyncio.subprocess.PIPE,
                 )
             except (FileNotFoundError, PermissionError) as exc:
-                output.add("stderr", f"{argv[0]}: {exc.strerror}\n")
+                output.add_text("stderr", f"{argv[0]}: {exc.strerror}\n")
                 return 127 if isinstance(exc, FileNotFoundError) else 126
             try:
                 await asyncio.gather(
@@ -372,6 +408,45 @@ class LocalTransport:
         if code != 0:
             raise LocalCommandFailed(shlex.join(argv), code, stderr.decode(errors="replace"))
 
+    async def open_reader(self, argv: Sequence[str]) -> Reader:
+        proc = await self._start(
+            argv,
+            None,
+            None,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return LocalReader(proc, shlex.join(argv))
+
+    async def run_with_input(
+        self, argv: Sequence[str], chunks: AsyncIterator[bytes], *, timeout: float
+    ) -> None:
+        proc = await self._start(
+            argv,
+            None,
+            None,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdin is not None and proc.stderr is not None
+        errors = asyncio.ensure_future(_tail(proc.stderr))
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in chunks:
+                    proc.stdin.write(chunk)
+                    await proc.stdin.drain()
+                proc.stdin.close()
+                code = await proc.wait()
+                stderr = await errors
+        except BaseException:
+            errors.cancel()
+            await self._stop(proc)
+            raise
+        if code != 0:
+            raise LocalCommandFailed(shlex.join(argv), code, stderr)
+
     async def copy_repo(
         self,
         source: Path,
@@ -388,9 +463,38 @@ class LocalTransport:
 
 
 async def _pump(reader: asyncio.StreamReader | None, stream: str, output: OutputBuffer) -> None:
+    """One stream into `output`; the next read waits until the consumer took the
+    last chunk (the pipe then fills and holds the writer)."""
     if reader is None:
         return
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     while chunk := await reader.read(CHUNK):
-        output.add(stream, decoder.decode(chunk))
-    output.add(stream, decoder.decode(b"", final=True))
+        await output.add(stream, chunk)
+
+
+class LocalReader:
+    """A local process's stdout, read by the caller; its stderr's tail collected."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, command: str) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self.proc = proc
+        self.stdout = proc.stdout
+        self.command = command
+        self.errors = asyncio.ensure_future(_tail(proc.stderr))
+
+    async def read(self, size: int) -> bytes:
+        return await self.stdout.read(size)
+
+    async def finish(self) -> tuple[int, str]:
+        code = await self.proc.wait()
+        return (code if code >= 0 else 128 - code), await self.errors
+
+    async def close(self) -> None:
+        self.errors.cancel()
+        await LocalTransport._stop(self.proc)
+
+
+async def _tail(reader: asyncio.StreamReader, keep: int = 64 * 1024) -> str:
+    kept = b""
+    while chunk := await reader.read(CHUNK):
+        kept = (kept + chunk)[-keep:]
+    return kept.decode(errors="replace")

@@ -14,8 +14,19 @@ import posixpath
 import shlex
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from extensions.files import (
+    GET_WORKSPACE_FILE,
+    PUT_WORKSPACE_FILE,
+    TAG_NAME,
+    file_chunks,
+    new_tag,
+    open_workspace_file,
+    refusal,
+    stop_tagged_argv,
+)
 from extensions.hosts import (
     PREPARE_WORKSPACE,
     REMOVE_WORKSPACE,
@@ -32,6 +43,7 @@ from extensions.sdk import (
     CommandRefused,
     CommandResult,
     ExtensionError,
+    FileStream,
     Handle,
     OutputBuffer,
     OutputFn,
@@ -40,8 +52,9 @@ from extensions.sdk import (
     RuntimeInfo,
     StepContext,
     check_command,
+    check_file_path,
 )
-from extensions.ssh import SSHPool, command_line, rsync
+from extensions.ssh import CommandFailed, SSHPool, command_line, rsync
 
 
 def parse_vms(config: Mapping[str, Any]) -> dict[str, PoolHost]:
@@ -137,7 +150,7 @@ class VmPacker:
             timeout=float(ctx.config.get("remove_timeout", 300)),
         )
 
-    async def run_command(
+    async def exec(
         self,
         ctx: StepContext,
         handle: Handle,
@@ -150,23 +163,74 @@ class VmPacker:
         on_output: OutputFn | None = None,
     ) -> CommandResult:
         """On the VM, in the sandbox's workspace, over the VM's pooled SSH connection.
-        A VM sandbox has no services: `service` is refused."""
+        A VM sandbox has no services: `service` is refused. The command carries a tag
+        in its environment: a timeout or a cancellation stops it on the VM."""
         variables = check_command(argv, env)
-        if service is not None:
-            raise CommandRefused(
-                f"vm-packer: a VM sandbox has no services (asked for {service[:64]!r}); "
-                "commands run in its workspace"
-            )
+        self._no_service(service)
         vm = self._vm(ctx)
         workspace = self.workspace(vm, ctx.sandbox_id)
         cwd = posixpath.join(workspace, workdir) if workdir else workspace
         output = OutputBuffer(on_output)
+        token = new_tag()
+        command = command_line(argv, cwd=cwd, env={**variables, TAG_NAME: token})
         started = time.monotonic()
-        async with asyncio.timeout(timeout):
-            code = await self.pool.run_streaming(
-                vm.target, command_line(argv, cwd=cwd, env=variables), output, timeout=timeout
-            )
+        try:
+            async with asyncio.timeout(timeout):
+                code = await self.pool.run_streaming(vm.target, command, output, timeout=timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            await asyncio.shield(self._stop_tagged(vm, token))
+            raise
         return output.result(code, time.monotonic() - started)
+
+    async def _stop_tagged(self, vm: PoolHost, token: str) -> None:
+        try:
+            await self.pool.run(vm.target, stop_tagged_argv(token), timeout=10, check=False)
+        except (ExtensionError, OSError, TimeoutError):
+            pass
+
+    @staticmethod
+    def _no_service(service: str | None) -> None:
+        if service is not None:
+            raise CommandRefused(
+                f"vm-packer: a VM sandbox has no services (asked for {service[:64]!r}); "
+                "commands and files are in its workspace"
+            )
+
+    # ---- files (the workspace is the root) --------------------------------------------
+
+    async def put_file(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        path: str,
+        source: Path,
+        *,
+        service: str | None = None,
+    ) -> None:
+        checked = check_file_path(path)
+        self._no_service(service)
+        vm = self._vm(ctx)
+        argv = ["sh", "-c", PUT_WORKSPACE_FILE, "sh", self.workspace(vm, ctx.sandbox_id), checked]
+        try:
+            await self.pool.run_with_input(vm.target, argv, file_chunks(source), timeout=3600)
+        except CommandFailed as exc:
+            raise refusal(path, exc.exit_status or 1, exc.stderr, "vm-packer") from None
+
+    async def get_file(
+        self,
+        ctx: StepContext,
+        handle: Handle,
+        path: str,
+        *,
+        service: str | None = None,
+        max_bytes: int,
+    ) -> FileStream:
+        checked = check_file_path(path)
+        self._no_service(service)
+        vm = self._vm(ctx)
+        argv = ["sh", "-c", GET_WORKSPACE_FILE, "sh", self.workspace(vm, ctx.sandbox_id), checked]
+        reader = await self.pool.open_reader(vm.target, argv)
+        return await open_workspace_file(reader, path, max_bytes, "vm-packer")
 
     # ---- reconciliation --------------------------------------------------------------
 

@@ -12,20 +12,25 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from events import CommandFinished, CommandStarted, FileDownloaded, FileUploaded
 from sandboxer.app.commands import (
     AnyCommand,
     Command,
     CreateSandbox,
     DeleteCheckpoint,
     DestroySandbox,
+    FinishCommand,
     GrantCredits,
     Outcome,
+    RecordFileTransfer,
     RequestCheckpoint,
     RestoreCheckpoint,
+    StartCommand,
     decode_command,
     encode_command,
 )
 from sandboxer.app.manager import CreateRequest, NotFound, SandboxManager
+from sandboxer.app.sandbox import redact
 from sandboxer.errors import SandboxerError
 from sandboxer.store.leases import OwnerUnavailable
 
@@ -42,6 +47,9 @@ class MessageBus:
             RestoreCheckpoint: self._restore,
             DeleteCheckpoint: self._delete_checkpoint,
             GrantCredits: self._grant,
+            StartCommand: self._start_command,
+            FinishCommand: self._finish_command,
+            RecordFileTransfer: self._file_transfer,
         }
 
     async def handle(self, command: AnyCommand) -> Outcome:
@@ -81,7 +89,17 @@ class MessageBus:
         if isinstance(command, DeleteCheckpoint):
             view = self.manager.runner.checkpoints.get(command.checkpoint_id)
             return view.sandbox_id if view is not None else None
-        if isinstance(command, (DestroySandbox, RequestCheckpoint, RestoreCheckpoint)):
+        if isinstance(
+            command,
+            (
+                DestroySandbox,
+                RequestCheckpoint,
+                RestoreCheckpoint,
+                StartCommand,
+                FinishCommand,
+                RecordFileTransfer,
+            ),
+        ):
             return command.sandbox_id
         return None
 
@@ -152,6 +170,59 @@ class MessageBus:
             command.account, command.amount, command.meta, reason=command.reason
         )
         return Outcome(seq=view.last_seq)
+
+    async def _start_command(self, command: StartCommand) -> Outcome:
+        sbx = self.manager.get(command.sandbox_id)
+        secrets = sbx.secrets if sbx is not None else {}
+        seq = await self.manager.record_step(
+            command.sandbox_id,
+            lambda e: CommandStarted(
+                **e,
+                command_id=command.command_id,
+                argv=[redact(a, secrets) for a in command.argv],
+                shell=None if command.shell is None else redact(command.shell, secrets),
+                service=command.service,
+                workdir=command.workdir,
+                env_names=command.env_names,
+                timeout_seconds=command.timeout_seconds,
+            ),
+            command.meta,
+        )
+        return Outcome(seq=seq, sandbox_id=command.sandbox_id)
+
+    async def _finish_command(self, command: FinishCommand) -> Outcome:
+        seq = await self.manager.record_step(
+            command.sandbox_id,
+            lambda e: CommandFinished(
+                **e,
+                command_id=command.command_id,
+                outcome=command.outcome,
+                exit_code=command.exit_code,
+                duration_seconds=command.duration_seconds,
+                stdout_bytes=command.stdout_bytes,
+                stdout_sha256=command.stdout_sha256,
+                stderr_bytes=command.stderr_bytes,
+                stderr_sha256=command.stderr_sha256,
+                error=command.error,
+            ),
+            command.meta,
+        )
+        return Outcome(seq=seq, sandbox_id=command.sandbox_id)
+
+    async def _file_transfer(self, command: RecordFileTransfer) -> Outcome:
+        kind = FileUploaded if command.direction == "upload" else FileDownloaded
+        seq = await self.manager.record_step(
+            command.sandbox_id,
+            lambda e: kind(
+                **e,
+                path=command.path,
+                service=command.service,
+                size=command.size,
+                sha256=command.sha256,
+            ),
+            command.meta,
+        )
+        return Outcome(seq=seq, sandbox_id=command.sandbox_id)
 
 
 def _request(command: CreateSandbox) -> CreateRequest:

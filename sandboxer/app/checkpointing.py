@@ -39,6 +39,7 @@ from projections.checkpoints import CheckpointsProjection, CheckpointView
 from projections.sandboxes import SandboxView
 from sandboxer.app.lifecycle import InvalidTransition
 from sandboxer.app.read_model import ProjectionRunner
+from sandboxer.app.sandbox import NotCapable
 from sandboxer.app.watch import report
 from sandboxer.errors import Conflict
 from sandboxer.store.event_store import EventRecorder, append_decided
@@ -87,14 +88,6 @@ log = logging.getLogger(__name__)
 
 ACTOR_POLICY = "system:checkpoint-policy"
 ACTOR_RETENTION = "system:retention"
-
-
-class NotCapable(Conflict):
-    """The sandbox's extension cannot do this (HTTP 409 with the reason)."""
-
-    code = "not_capable"
-    field = "extension"
-    wire = "not_capable"
 
 
 class UnknownCheckpoint(Conflict, LookupError):

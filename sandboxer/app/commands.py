@@ -7,7 +7,7 @@ the same Struct (JSON, tagged by `command`) and runs in the same handler there.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -53,6 +53,42 @@ class GrantCredits(Command, frozen=True, kw_only=True):
     reason: str = ""
 
 
+class StartCommand(Command, frozen=True, kw_only=True):
+    """Record that a command starts in a ready sandbox (the exec itself runs on the
+    worker the caller reached; the sandbox's own worker records it)."""
+
+    sandbox_id: str
+    command_id: str
+    argv: list[str] = []
+    shell: str | None = None
+    service: str | None = None
+    workdir: str | None = None
+    env_names: list[str] = []
+    timeout_seconds: float
+
+
+class FinishCommand(Command, frozen=True, kw_only=True):
+    sandbox_id: str
+    command_id: str
+    outcome: str
+    exit_code: int | None = None
+    duration_seconds: float
+    stdout_bytes: int
+    stdout_sha256: str
+    stderr_bytes: int
+    stderr_sha256: str
+    error: str | None = None
+
+
+class RecordFileTransfer(Command, frozen=True, kw_only=True):
+    sandbox_id: str
+    direction: Literal["upload", "download"]
+    path: str
+    service: str | None = None
+    size: int
+    sha256: str
+
+
 AnyCommand = (
     CreateSandbox
     | DestroySandbox
@@ -60,6 +96,9 @@ AnyCommand = (
     | RestoreCheckpoint
     | DeleteCheckpoint
     | GrantCredits
+    | StartCommand
+    | FinishCommand
+    | RecordFileTransfer
 )
 
 

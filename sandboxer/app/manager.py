@@ -37,7 +37,7 @@ from events.subjects import Aggregate
 from extensions import ExtensionRegistry, PathRefused, StepContext, confine_path
 from extensions.manifest import ConfigError
 from projections.sandboxes import evolve
-from sandboxer.app.checkpointing import Checkpoints, NotCapable, UnknownCheckpoint
+from sandboxer.app.checkpointing import Checkpoints, UnknownCheckpoint
 from sandboxer.app.cluster import Cluster
 from sandboxer.app.driver import Driver
 from sandboxer.app.expiry import Expiry
@@ -51,6 +51,7 @@ from sandboxer.app.sandbox import (
     AlreadyCreated,
     Build,
     IdempotencyMismatch,
+    NotCapable,
     NotFound,
     Sandbox,
     StepProgress,

@@ -59,6 +59,14 @@ class NotFound(NotFoundError, LookupError):
         return cls(str(answer.get("message") or answer.get("sandbox_id", "")))
 
 
+class NotCapable(Conflict):
+    """The sandbox's extension cannot do this (HTTP 409 with the reason)."""
+
+    code = "not_capable"
+    field = "extension"
+    wire = "not_capable"
+
+
 class AlreadyCreated(Conflict):
     """A create with the same idempotency key got there first (the API answers with it)."""
 

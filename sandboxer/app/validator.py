@@ -2,7 +2,7 @@
 
 It subscribes (durable, at least once) to every sandbox's `BecameReady`, runs the
 profile's health checks and test_command in the sandbox through its extension's
-`run_command` capability (the SDK's `Commanding`: it knows no adapter, host or
+`exec` capability (the SDK's `Commanding`: it knows no adapter, host or
 engine, so a third-party extension is validated like a shipped one), and publishes
 `ValidationStarted` and then `ValidationPassed` or `ValidationFailed` on
 `sandboxer.validation.<sandbox_id>.<Type>`. The result's event id derives from
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 ACTOR = "system:validator"
 READY_SUBJECT = type_filter(BecameReady)
 OUTPUT_TAIL = 2000
-CAPABILITY = "run_command"
+CAPABILITY = "exec"
 HEALTH_CHECK_TIMEOUT = 60.0
 # An HTTP GET made on the sandbox host, with whichever client it has.
 HOST_GET = (
@@ -181,7 +181,7 @@ class Validator:
         async def run(argv: list[str], service: str | None, timeout: float) -> CommandResult | str:
             """The result, or why the command could not be run."""
             try:
-                return await adapter.run_command(
+                return await adapter.exec(
                     ctx, handle, argv, service=service, timeout=min(timeout, limit)
                 )
             except TimeoutError:

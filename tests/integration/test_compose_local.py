@@ -132,13 +132,13 @@ class TestComposeLocalConformance(ExtensionConformance):
             lock = root / ".lock-sbx-local-cmd"
             assert lock.is_file()
             assert subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0
-            here = await adapter.run_command(ctx, handle, ["pwd"])
+            here = await adapter.exec(ctx, handle, ["pwd"])
             assert here.stdout.strip() == handle["directory"]
-            page = await adapter.run_command(ctx, handle, ["cat", "index.html"], workdir="site")
+            page = await adapter.exec(ctx, handle, ["cat", "index.html"], workdir="site")
             get = ["wget", "-q", "-O", "-", "http://127.0.0.1:8080/index.html"]
-            served = await adapter.run_command(ctx, handle, get, service="web")
+            served = await adapter.exec(ctx, handle, get, service="web")
             assert (served.exit_code, served.stdout) == (0, page.stdout)
-            missing = await adapter.run_command(ctx, handle, ["no-such-program-here"])
+            missing = await adapter.exec(ctx, handle, ["no-such-program-here"])
             assert missing.exit_code == 127
         finally:
             await extension.adapter.teardown(ctx, handle)
@@ -172,7 +172,7 @@ async def test_subfolder_build_volume_and_checkpoint_leave_nothing(
     handle = await local_ext.adapter.provision(ctx)
     try:
         assert await local_ext.adapter.wait_ready(ctx, handle) == ["app"]
-        said = await commands.run_command(
+        said = await commands.exec(
             ctx, handle, ["sh", "-c", 'cat /greeting; echo "$GREETING"'], service="app"
         )
         assert said.stdout == "built from deploy/app\nfrom deploy/app.env\n"

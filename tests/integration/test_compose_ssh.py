@@ -336,7 +336,7 @@ class TestComposeSSHConformance(ExtensionConformance):
         assert (outside / "keep").read_text() == "keep"
         assert not (root / "sbx-link").exists()
 
-    async def test_run_command_on_the_host_and_in_a_service(
+    async def test_exec_on_the_host_and_in_a_service(
         self,
         extension: LoadedExtension,
         make_context: Callable[[str, dict[str, Any]], StepContext],
@@ -350,15 +350,15 @@ class TestComposeSSHConformance(ExtensionConformance):
         handle = await extension.adapter.provision(ctx)
         try:
             await extension.adapter.wait_ready(ctx, handle)
-            here = await adapter.run_command(ctx, handle, ["pwd"])
+            here = await adapter.exec(ctx, handle, ["pwd"])
             assert here.stdout.strip() == str(tmp_path / "remote0" / "sbx-commands")
-            page = await adapter.run_command(ctx, handle, ["cat", "index.html"], workdir="site")
+            page = await adapter.exec(ctx, handle, ["cat", "index.html"], workdir="site")
             expected = (tmp_path / "repo" / "site" / "index.html").read_text()
             assert (page.exit_code, page.stdout) == (0, expected)
             get = ["wget", "-q", "-O", "-", "http://127.0.0.1:8080/index.html"]
-            served = await adapter.run_command(ctx, handle, get, service="web")
+            served = await adapter.exec(ctx, handle, get, service="web")
             assert (served.exit_code, served.stdout) == (0, page.stdout)
-            inside = await adapter.run_command(
+            inside = await adapter.exec(
                 ctx,
                 handle,
                 ["sh", "-c", 'echo "$WHO" in $(pwd)'],
@@ -368,7 +368,7 @@ class TestComposeSSHConformance(ExtensionConformance):
             )
             assert inside.stdout == "me; id in /bin\n", inside
             get[-1] = "http://127.0.0.1:8080/nope.html"
-            missing = await adapter.run_command(ctx, handle, get, service="web")
+            missing = await adapter.exec(ctx, handle, get, service="web")
             assert missing.exit_code != 0
         finally:
             await extension.adapter.teardown(ctx, handle)
@@ -512,7 +512,7 @@ def step(
 
 async def in_service(ext: LoadedExtension, ctx: StepContext, handle: Handle, *argv: str) -> str:
     adapter = cast(Commanding, ext.adapter)
-    result = await adapter.run_command(ctx, handle, list(argv), service=argv_service(handle))
+    result = await adapter.exec(ctx, handle, list(argv), service=argv_service(handle))
     assert result.exit_code == 0, result
     return result.stdout
 
@@ -599,9 +599,7 @@ async def test_override_file_is_applied_by_default_discovery_and_lists_work(
         assert handle["compose_files"] == "compose.yml\ncompose.override.yml"
         assert await ssh_ext.adapter.wait_ready(ctx, handle) == ["sidecar", "web"]
         adapter = cast(Commanding, ssh_ext.adapter)
-        env = await adapter.run_command(
-            ctx, handle, ["sh", "-c", "echo $FROM_OVERRIDE"], service="web"
-        )
+        env = await adapter.exec(ctx, handle, ["sh", "-c", "echo $FROM_OVERRIDE"], service="web")
         assert env.stdout == "yes\n"
     finally:
         await ssh_ext.adapter.teardown(ctx, handle)

@@ -218,7 +218,8 @@ def acme_env(
     tmp_path: Path, nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, str]:
     """A third-party extension (tests/data/acme_local) from SANDBOXER_EXTENSIONS_PATH,
-    once with run_command (acme-local) and once without (acme-mute)."""
+    once with run_command, the old name of exec (acme-local), and once without
+    (acme-mute)."""
     folder = tmp_path / "third-party"
     folder.mkdir()
     for name, extra in (("acme-local", ["run_command"]), ("acme-mute", [])):
@@ -263,7 +264,7 @@ async def validated(svc: Any, profile: str, **inputs: str) -> dict[str, Any]:
     return view
 
 
-async def test_a_third_party_extension_is_validated_through_run_command(
+async def test_a_third_party_extension_is_validated_through_its_old_run_command(
     start_service: StartService, acme_env: dict[str, str]
 ) -> None:
     svc = await start_service(**acme_env)
@@ -283,7 +284,7 @@ async def test_a_third_party_extension_is_validated_through_run_command(
         assert running.stop() == 0
 
 
-async def test_an_extension_without_run_command_fails_validation_naming_it(
+async def test_an_extension_without_exec_fails_validation_naming_it(
     start_service: StartService, acme_env: dict[str, str]
 ) -> None:
     svc = await start_service(**acme_env)
@@ -291,7 +292,7 @@ async def test_an_extension_without_run_command_fails_validation_naming_it(
     try:
         view = await validated(svc, "profile.acme-mute")
         assert view["validation"] == "failed"
-        assert "lacks the run_command capability" in view["validation_reason"]
+        assert "lacks the exec capability" in view["validation_reason"]
         assert "acme-mute" in view["validation_reason"]
     finally:
         assert running.stop() == 0  # a missing capability is a result, not a crash

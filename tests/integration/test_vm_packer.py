@@ -261,7 +261,7 @@ class TestVmPackerConformance(ExtensionConformance):
         assert not (vm_root / "build" / "sbx-link").exists()
         assert sentinels_intact(vm_root)
 
-    async def test_run_command_in_the_workspace_and_no_services(
+    async def test_exec_in_the_workspace_and_no_services(
         self,
         extension: LoadedExtension,
         make_context: Callable[[str, dict[str, Any]], StepContext],
@@ -272,12 +272,12 @@ class TestVmPackerConformance(ExtensionConformance):
         ctx = make_context("sbx-commands", {})
         handle = await extension.adapter.provision(ctx)
         try:
-            here = await adapter.run_command(ctx, handle, ["pwd"])
+            here = await adapter.exec(ctx, handle, ["pwd"])
             assert here.stdout.strip() == str(vm_root / "build" / "sbx-commands")
-            page = await adapter.run_command(ctx, handle, ["cat", "index.html"], workdir="site")
+            page = await adapter.exec(ctx, handle, ["cat", "index.html"], workdir="site")
             assert page.exit_code == 0 and page.stdout
             with pytest.raises(CommandRefused, match="no services"):
-                await adapter.run_command(ctx, handle, ["true"], service="web")
+                await adapter.exec(ctx, handle, ["true"], service="web")
         finally:
             await extension.adapter.teardown(ctx, handle)
         assert await leftovers("sbx-commands") == []

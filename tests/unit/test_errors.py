@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from sandboxer.app.checkpointing import NotCapable, UnknownCheckpoint
+from sandboxer.app.checkpointing import UnknownCheckpoint
 from sandboxer.app.lifecycle import InvalidTransition
 from sandboxer.app.manager import IdempotencyMismatch, NotFound
+from sandboxer.app.sandbox import NotCapable
 from sandboxer.app.webhooks import WebhookError
 from sandboxer.errors import SandboxerError
 from sandboxer.ids import InvalidId

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from extensions import ConfigError, ExtensionRegistry, RuntimeInfo
+from extensions import CommandResult, ConfigError, ExtensionRegistry, RuntimeInfo, StepContext
 from extensions.manifest import load_manifest, manifest_from_dict
 
 MINIMAL = {
@@ -65,7 +66,12 @@ def test_bad_config_names_the_field(
         ({"capabilities": ["provision", "wait_ready"]}, "capability 'teardown' is required"),
         ({"capabilities": ["provision", "wait_ready", "teardown", "fly"]}, "unknown capability"),
         ({"hooks": {"launch": {"timeout": 1}}}, "unknown hook 'launch'"),
-        ({"hooks": {"run_command": {"retries": 1}}}, "run_command: retries must be 0"),
+        ({"hooks": {"exec": {"retries": 1}}}, "exec: retries must be 0"),
+        ({"hooks": {"run_command": {"retries": 1}}}, "exec: retries must be 0"),  # old name
+        (
+            {"capabilities": ["provision", "wait_ready", "teardown", "put_file"]},
+            "put_file and get_file go together",
+        ),
         ({"surprise": 1}, "unknown field `surprise`"),
         ({"config": {"x": {"type": "int", "default": "one"}}}, "config.x: default is not int"),
     ],
@@ -113,3 +119,58 @@ def test_third_party_extension_from_entry_point_group(
     assert loaded.manifest.source == "entry point acme"
     assert callable(loaded.adapter.provision)
     sys.modules.pop("acme_ext", None)
+
+
+def test_run_command_is_read_as_exec() -> None:
+    """A third-party manifest written before the rename still declares `exec`."""
+    old = {
+        **MINIMAL,
+        "capabilities": ["provision", "wait_ready", "teardown", "run_command"],
+        "hooks": {"run_command": {"timeout": 42}},
+    }
+    manifest = manifest_from_dict(old, "test")
+    assert manifest.has("exec") and not manifest.has("run_command")
+    assert manifest.hook("exec").timeout == 42
+
+
+class OldStyle:
+    """An adapter written before the rename: `run_command`, no `exec`."""
+
+    def __init__(self, config: dict[str, object], runtime: RuntimeInfo) -> None:
+        self.calls: list[list[str]] = []
+
+    async def provision(self, ctx: StepContext) -> dict[str, str]:
+        return {}
+
+    async def wait_ready(self, ctx: StepContext, handle: dict[str, str]) -> list[str]:
+        return ["it"]
+
+    async def teardown(self, ctx: StepContext, handle: dict[str, str] | None) -> None:
+        return None
+
+    async def run_command(
+        self, ctx: StepContext, handle: dict[str, str], argv: list[str], **_: object
+    ) -> CommandResult:
+        self.calls.append(list(argv))
+        return CommandResult(0, "said\n", "", 0.0)
+
+
+async def test_an_adapter_with_only_run_command_gets_it_used_as_exec(tmp_path: Path) -> None:
+    old = {
+        **MINIMAL,
+        "entry_point": f"{__name__}:OldStyle",
+        "capabilities": ["provision", "wait_ready", "teardown", "run_command"],
+    }
+    registry = ExtensionRegistry(RuntimeInfo(tmp_path), [manifest_from_dict(old, "test")])
+    adapter = registry.get("demo").adapter
+    seen: list[tuple[str, bytes]] = []
+
+    async def collect(stream: str, data: bytes) -> None:
+        seen.append((stream, data))
+
+    ctx = StepContext("sbx-1", "p", {}, {})
+    result = await adapter.exec(ctx, {}, ["echo", "said"], on_output=collect)  # type: ignore[attr-defined]
+    assert result.stdout == "said\n" and result.stdout_bytes == 5
+    assert result.stdout_sha256 == hashlib.sha256(b"said\n").hexdigest()
+    assert seen == [("stdout", b"said\n")]
+    assert adapter.calls == [["echo", "said"]]  # type: ignore[attr-defined]
