@@ -1,0 +1,233 @@
+"""sandboxer.client against the real service (in-process serve, real nats-server): the
+sync Client (run in a thread, since the service shares this test's event loop) and the
+AsyncClient. exec, files and logs are tested against the API's contract; they skip,
+saying so, while the server does not publish those routes in its OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sandboxer.client import (
+    AsyncClient,
+    Client,
+    Conflict,
+    ExecResult,
+    InvalidRequest,
+    NotFound,
+    SandboxFailed,
+    Unauthorized,
+)
+from sandboxer.wire import ExecExit, ExecStarted, ExecStdout, SandboxOut
+from tests.conftest import RunningService, StartService
+
+STUB = "profile.saas-stub"
+EXEC = "/v1/sandboxes/{id}/exec"
+FILES = "/v1/sandboxes/{id}/files"
+TOKENS = [
+    {"name": "ops", "token": "admin-token-0123456789", "account": "default", "role": "admin"},
+    {"name": "acme-ci", "token": "acme-token-0123456789", "account": "acme"},
+]
+
+
+async def has_route(api: RunningService, path: str) -> bool:
+    async with AsyncClient(api.url) as client:
+        return path in (await client.openapi())["paths"]
+
+
+async def need_route(api: RunningService, path: str) -> None:
+    if not await has_route(api, path):
+        pytest.skip(f"the server does not publish {path} yet (OpenAPI document)")
+
+
+async def test_sync_create_get_list_with_labels_destroy(api: RunningService) -> None:
+    def scenario() -> None:
+        with Client(api.url) as client:
+            with client.create(STUB, labels={"team": "ci", "run": "1"}, wait=True) as sbx:
+                assert isinstance(sbx.info, SandboxOut)
+                assert sbx.state == "ready" and sbx.info.labels == {"team": "ci", "run": "1"}
+                assert client.get(sbx.id).state == "ready"
+                other = client.create(STUB, labels={"team": "web"}, wait=True)
+                assert [s.id for s in client.list(label="team=ci")] == [sbx.id]
+                assert [s.id for s in client.list(label=["team=ci", "run=1"])] == [sbx.id]
+                assert client.list(label=["team=ci", "run=2"]) == []
+                ready = {s.id for s in client.list(state="ready")}
+                assert {sbx.id, other.id} <= ready
+                gone = client.destroy(other.id, wait=True)
+                assert gone.state == "destroyed" and gone.terminal
+            # leaving the block destroyed it and waited until it was terminal
+            assert sbx.info.state == "destroyed"
+            assert client.get(sbx.id).state == "destroyed"
+            with pytest.raises(Conflict) as exc:
+                client.destroy(sbx.id)
+            assert exc.value.status == 409 and "already" in exc.value.message
+
+    await asyncio.to_thread(scenario)
+
+
+async def test_async_create_wait_destroy_and_idempotency(api: RunningService) -> None:
+    async with AsyncClient(api.url) as client:
+        async with await client.create(
+            STUB, labels={"team": "async"}, idempotency_key="key-0123456789", wait=True
+        ) as sbx:
+            assert sbx.state == "ready"
+            again = await client.create(
+                STUB, labels={"team": "async"}, idempotency_key="key-0123456789"
+            )
+            assert again.id == sbx.id, "the same Idempotency-Key answers the same sandbox"
+            listed = await client.list(label="team=async")
+            assert [s.id for s in listed] == [sbx.id]
+        assert (await client.get(sbx.id)).state == "destroyed"
+        events = await client.sandbox_events(sbx.id)
+        types = [e.event["type"] for e in events]
+        assert types[0] == "SandboxRequested" and "TornDown" in types
+
+
+async def test_errors_are_mapped(start_service: StartService) -> None:
+    api = await start_service(SANDBOXER_TOKENS=yaml.safe_dump(TOKENS))
+    async with AsyncClient(api.url, token=str(TOKENS[0]["token"])) as client:
+        with pytest.raises(NotFound) as missing:
+            await client.get("sbx-000000000000")
+        assert missing.value.status == 404 and missing.value.field == "id"
+        with pytest.raises(InvalidRequest) as bad:
+            await client.create("profile.nope")
+        assert bad.value.status in (400, 422) and bad.value.field == "profile"
+        with pytest.raises(InvalidRequest) as bad_label:
+            await client.create(STUB, labels={"bad key!": "x"})
+        assert (bad_label.value.field or "").startswith("labels")
+        me = await client.whoami()
+        assert me.auth and me.name == "ops" and me.role == "admin"
+    async with AsyncClient(api.url, token="") as anonymous:
+        with pytest.raises(Unauthorized) as denied:
+            await anonymous.list()
+        assert denied.value.status == 401 and denied.value.code == "unauthorized"
+        assert (await anonymous.health()).status == "ok"
+
+
+async def test_wait_raises_sandbox_failed_with_its_reason(start_service: StartService) -> None:
+    api = await start_service(SANDBOXER_SAAS_STUB_FAIL_HOOK="provision")
+    async with AsyncClient(api.url) as client:
+        with pytest.raises(SandboxFailed) as failed:
+            await client.create(STUB, wait=True)
+        assert failed.value.state == "failed"
+        assert "provision failed" in (failed.value.reason or "")
+        assert failed.value.sandbox.terminal
+
+
+async def test_events_paging_then_follow(api: RunningService) -> None:
+    async with AsyncClient(api.url) as client:
+        sbx = await client.create(STUB, wait=True)
+        paged = [e async for e in client.events(sandbox=sbx.id)]
+        assert paged and all(e.event["aggregate_id"] == sbx.id for e in paged)
+        assert [e.seq for e in paged] == sorted(e.seq for e in paged)
+        seen: list[str] = []
+        follow = client.events(sandbox=sbx.id, follow=True, after_seq=paged[-1].seq)
+        destroying = asyncio.ensure_future(client.destroy(sbx.id))
+        async for event in follow:
+            seen.append(event.event["type"])
+            assert event.seq > paged[-1].seq
+            if event.event["type"] == "TornDown":
+                break
+        await follow.aclose()
+        await destroying
+        assert "DestroyRequested" in seen and seen[-1] == "TornDown"
+
+
+async def test_checkpoints_with_the_stub(api: RunningService) -> None:
+    def scenario() -> None:
+        with Client(api.url) as client, client.create(STUB, wait=True) as sbx:
+            ckpt = sbx.checkpoint(wait=True)
+            assert ckpt.status == "created" and ckpt.sandbox_id == sbx.id
+            assert [c.id for c in sbx.checkpoints()] == [ckpt.id]
+            assert client.get_checkpoint(ckpt.id).status == "created"
+            restored = sbx.restore(ckpt.id, wait=True)
+            assert restored.state == "ready"
+            with client.create(from_checkpoint=ckpt.id, wait=True) as clone:
+                assert clone.info.profile == STUB
+            assert client.delete_checkpoint(ckpt.id).status in ("deleted", "deleting")
+
+    await asyncio.to_thread(scenario)
+
+
+async def test_ledger_calls(api: RunningService) -> None:
+    def scenario() -> None:
+        with Client(api.url) as client:
+            account = client.grant("acme", 25, "for the client test")
+            assert account.granted == 25 and account.available == 25
+            assert client.balance("acme").granted == 25
+            assert "acme" in {a.account for a in client.accounts()}
+            history = list(client.history("acme"))
+            assert history[-1].event["type"] == "CreditsGranted"
+            assert client.audit()["ok"] is True
+            assert {p.name for p in client.profiles()} >= {STUB}
+
+    await asyncio.to_thread(scenario)
+
+
+# ---- exec, files, logs (the API's contract) ------------------------------------------
+
+
+async def test_exec_argv_shell_streaming_and_outcomes(api: RunningService) -> None:
+    await need_route(api, EXEC)
+
+    def scenario() -> None:
+        with Client(api.url) as client, client.create(STUB, wait=True) as sbx:
+            chunks: list[str] = []
+            r = sbx.exec(["echo", "hello", "world"], on_stdout=chunks.append)
+            assert isinstance(r, ExecResult)
+            assert r.outcome == "exited" and r.exit_code == 0 and r.ok
+            assert r.stdout == "hello world\n" and "".join(chunks) == r.stdout
+            assert r.stdout_bytes == len(r.stdout_raw)
+            assert r.stdout_sha256 == hashlib.sha256(r.stdout_raw).hexdigest()
+            assert r.command_id.startswith("cmd-")
+            assert sbx.exec(["exit", "3"]).exit_code == 3
+            assert sbx.exec("exit 4").exit_code == 4, "a str is a shell script"
+            timed = sbx.exec(["sleep", "5"], timeout_seconds=0.5)
+            assert timed.outcome == "timeout" and timed.exit_code is None
+            frames = list(sbx.exec_stream(["echo", "framed"]))
+            assert isinstance(frames[0], ExecStarted) and isinstance(frames[-1], ExecExit)
+            assert any(isinstance(f, ExecStdout) and "framed" in f.data for f in frames)
+            with pytest.raises(InvalidRequest) as bad:
+                client.request("POST", f"/v1/sandboxes/{sbx.id}/exec", json={"argv": []})
+            assert bad.value.field == "argv"
+            assert client.get(sbx.id).commands_run >= 5
+        with pytest.raises(Conflict):
+            sbx.exec(["true"])  # destroyed: not ready
+
+    await asyncio.to_thread(scenario)
+
+
+async def test_async_exec(api: RunningService) -> None:
+    await need_route(api, EXEC)
+    async with AsyncClient(api.url) as client:
+        async with await client.create(STUB, wait=True) as sbx:
+            r = await sbx.exec(["echo", "async"])
+            assert r.stdout == "async\n"
+            frames = [f async for f in sbx.exec_stream(["false"])]
+            assert isinstance(frames[-1], ExecExit) and frames[-1].exit_code == 1
+
+
+async def test_files_up_and_down(api: RunningService, tmp_path: Path) -> None:
+    await need_route(api, FILES)
+
+    def scenario() -> None:
+        with Client(api.url) as client, client.create(STUB, wait=True) as sbx:
+            out = sbx.put_file("/data/a.txt", b"abc\n")
+            assert out.size == 4 and out.sha256 == hashlib.sha256(b"abc\n").hexdigest()
+            assert sbx.get_file("/data/a.txt") == b"abc\n"
+            big = tmp_path / "big.bin"
+            big.write_bytes(bytes(range(256)) * 4096)  # 1 MiB, streamed from the file
+            assert sbx.put_file("/data/big.bin", big).size == big.stat().st_size
+            assert sbx.put_file("/data/c.bin", io.BytesIO(b"\x00\xff")).size == 2
+            dest = tmp_path / "back.bin"
+            assert sbx.download("/data/big.bin", dest) == big.stat().st_size
+            assert dest.read_bytes() == big.read_bytes()
+            with pytest.raises(NotFound):
+                sbx.get_file("/data/missing")
+
+    await asyncio.to_thread(scenario)
