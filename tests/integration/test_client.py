@@ -29,6 +29,7 @@ from tests.conftest import RunningService, StartService
 STUB = "profile.saas-stub"
 EXEC = "/v1/sandboxes/{id}/exec"
 FILES = "/v1/sandboxes/{id}/files"
+LOGS = "/v1/sandboxes/{id}/logs"
 TOKENS = [
     {"name": "ops", "token": "admin-token-0123456789", "account": "default", "role": "admin"},
     {"name": "acme-ci", "token": "acme-token-0123456789", "account": "acme"},
@@ -231,3 +232,18 @@ async def test_files_up_and_down(api: RunningService, tmp_path: Path) -> None:
                 sbx.get_file("/data/missing")
 
     await asyncio.to_thread(scenario)
+
+
+async def test_logs_of_the_stub(api: RunningService) -> None:
+    """The stub's log: a line per command it ran, of its one service `instance`."""
+    await need_route(api, LOGS)
+    async with AsyncClient(api.url) as client:
+        async with await client.create(STUB, wait=True) as sbx:
+            await sbx.exec(["echo", "one"])
+            await sbx.exec(["exit", "2"])
+            lines = [line async for line in sbx.logs()]
+            assert [line.service for line in lines] == ["instance", "instance"]
+            assert "exit 2" in lines[-1].line
+            assert len([line async for line in sbx.logs(tail=1)]) == 1
+            followed = [line async for line in sbx.logs(follow=True)]  # ends: nothing runs
+            assert len(followed) == 2
