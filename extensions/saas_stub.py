@@ -185,7 +185,7 @@ class SaasStub:
         `sh -c` scripts of them), so the path runs with no infrastructure. Anything
         else exits 127. Each command run is a line of the instance's log."""
         variables = check_command(argv, env)
-        if service is not None:
+        if service not in (None, "instance"):
             raise CommandRefused(f"saas-stub: an instance has no services ({service[:64]!r})")
         if not self._instance_path(ctx).exists():
             raise ExtensionError(f"saas-stub: instance {ctx.sandbox_id} does not exist")
@@ -219,7 +219,7 @@ class SaasStub:
         return self.state_dir(ctx.config) / f"{ctx.sandbox_id}.log"
 
     def _no_service(self, service: str | None) -> None:
-        if service is not None:
+        if service not in (None, "instance"):
             raise CommandRefused(f"saas-stub: an instance has no services ({service[:64]!r})")
 
     async def put_file(

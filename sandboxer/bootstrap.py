@@ -19,6 +19,7 @@ from sandboxer.app.bus import MessageBus
 from sandboxer.app.manager import SandboxManager
 from sandboxer.app.read_model import ProjectionRunner
 from sandboxer.app.reconcile import Reconciler
+from sandboxer.app.use import SandboxUse
 from sandboxer.app.webhooks import Webhooks
 from sandboxer.config import Settings
 from sandboxer.http.api import Api
@@ -140,6 +141,12 @@ class Service:
             TokenBook.from_env(settings.environ),
             self.reconciler,
             self.bus,
+            SandboxUse.build(
+                self.manager,
+                self.bus.handle,
+                settings.data_dir / "spool" / "transfers",
+                settings.max_file_bytes,
+            ),
         )
 
     async def stop(self) -> None:

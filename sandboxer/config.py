@@ -97,6 +97,7 @@ class Settings:
     reconcile: str = "report"  # off | report | remove
     reconcile_interval: float = 300.0
     repo_roots: tuple[Path, ...] = ()
+    max_file_bytes: int = 1024**3  # the largest file PUT or GET .../files moves
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -152,9 +153,18 @@ class Settings:
                 "SANDBOXER_NATS_USER and SANDBOXER_NATS_PASSWORD go with a SANDBOXER_NATS_URL "
                 "that names no user (the embedded server has its own credentials)"
             )
+        max_file_bytes = _number(
+            env,
+            "SANDBOXER_MAX_FILE_BYTES",
+            str(1024**3),
+            int,
+            lambda n: 1 <= n <= 2**50,
+            "a byte count between 1 and 2**50",
+        )
         allow_mutable = _choice(env, "SANDBOXER_ALLOW_MUTABLE_STREAM", ("0", "1")) == "1"
         values: dict[str, object] = {
             "repo_roots": repo_roots_from_env(env),
+            "max_file_bytes": max_file_bytes,
             "reconcile": reconcile,
             "reconcile_interval": interval,
             "lease_ttl": lease_ttl,

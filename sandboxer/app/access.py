@@ -10,8 +10,9 @@ through the bus to the driving worker (`StartCommand`, `FinishCommand`,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,6 +31,7 @@ from sandboxer.store.event_store import EventRecorder, RecordedEvent
 # The states in which a sandbox's containers answer commands and copies.
 USABLE = (State.READY,)
 REQUESTS_CACHED = 256  # SandboxRequested of sandboxes other workers drive, by id
+DRAIN_SECONDS = 10.0  # the longest a teardown waits for the calls it stops
 CALLER_POLL = 0.25  # seconds between looks at whether a streaming caller is still there
 T = TypeVar("T")
 
@@ -81,6 +83,8 @@ class InFlight:
 
     def __init__(self) -> None:
         self._calls: dict[str, set[_Call]] = {}
+        self._busy: dict[str, int] = {}
+        self._idle: dict[str, asyncio.Event] = {}
 
     async def run(
         self,
@@ -119,6 +123,29 @@ class InFlight:
         for call in calls:
             call.stop(outcome)
         return len(calls)
+
+    @contextlib.asynccontextmanager
+    async def busy(self, sandbox_id: str) -> AsyncIterator[None]:
+        """Around a whole call, its record of how it ended included: what `drain`
+        waits for."""
+        self._busy[sandbox_id] = self._busy.get(sandbox_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._busy[sandbox_id] -= 1
+            if not self._busy[sandbox_id]:
+                del self._busy[sandbox_id]
+                idle = self._idle.pop(sandbox_id, None)
+                if idle is not None:
+                    idle.set()
+
+    async def drain(self, sandbox_id: str, timeout: float = DRAIN_SECONDS) -> None:
+        """Stop the sandbox's calls and wait (a bounded time) until they are over."""
+        self.stop(sandbox_id, "destroyed")
+        if sandbox_id in self._busy:
+            idle = self._idle.setdefault(sandbox_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(idle.wait(), timeout)
 
     def on_event(self, recorded: RecordedEvent) -> None:
         """A runner listener: a destroy stops every call to the sandbox."""
@@ -205,9 +232,12 @@ class SandboxAccess:
             )
         return None
 
-    async def target(self, sandbox_id: str, capability: str, service: str | None) -> Target:
+    async def target(
+        self, sandbox_id: str, capability: str, service: str | None, *, every: bool = False
+    ) -> Target:
+        """`every`: service None stands for all of the sandbox's services (logs)."""
         view, loaded = self.check(sandbox_id, capability)
-        chosen = self.service(view, service)
+        chosen = None if every and service is None else self.service(view, service)
         request, secrets = await self._request(sandbox_id)
         ctx = self.steps.context_for(request, view, secrets, view.extension)
         return Target(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from events import EventMeta
 from extensions.sdk import ENV_NAME_RE, CommandResult, ExtensionError
 from sandboxer.app.access import BadUse, SandboxAccess, Stopped, Target
-from sandboxer.app.commands import Command, FinishCommand, Outcome, StartCommand
+from sandboxer.app.commands import AnyCommand, FinishCommand, Outcome, StartCommand
 from sandboxer.errors import SandboxerError
 from sandboxer.ids import new_command_id
 from sandboxer.wire import ExecBody, ExecExit, ExecFrame, ExecStarted, ExecStderr, ExecStdout
@@ -29,7 +29,7 @@ from sandboxer.wire import ExecBody, ExecExit, ExecFrame, ExecStarted, ExecStder
 log = logging.getLogger(__name__)
 
 SendFrame = Callable[[ExecFrame], Awaitable[None]]
-Handle = Callable[[Command], Awaitable[Outcome]]
+Handle = Callable[[AnyCommand], Awaitable[Outcome]]
 Alive = Callable[[], bool]
 STOPPED = {"destroyed": "the sandbox was destroyed", "disconnected": "the caller went away"}
 
@@ -106,17 +106,12 @@ class CommandRunner:
             timeout=min(body.timeout_seconds, target.policy.timeout),
         )
 
-    async def run(
-        self, command: PreparedCommand, meta: EventMeta, send: SendFrame, alive: Alive
-    ) -> ExecExit:
-        """Record the start, run, stream, record the end; the exit frame is sent last
-        (and returned). A caller that is gone gets nothing more, but the end is
-        still recorded."""
+    async def start(self, command: PreparedCommand, meta: EventMeta) -> int:
+        """Record `CommandStarted` (on the sandbox's worker); its stream sequence."""
         target = command.target
-        sandbox_id = target.view.id
         started = await self.handle(
             StartCommand(
-                sandbox_id=sandbox_id,
+                sandbox_id=target.view.id,
                 command_id=command.command_id,
                 argv=command.argv,
                 shell=command.shell,
@@ -127,6 +122,32 @@ class CommandRunner:
                 meta=meta,
             )
         )
+        return started.seq
+
+    async def run(
+        self,
+        command: PreparedCommand,
+        started_seq: int,
+        meta: EventMeta,
+        send: SendFrame,
+        alive: Alive,
+    ) -> ExecExit:
+        """Run the started command and stream it, record the end; the exit frame is
+        sent last (and returned). A caller that is gone gets nothing more, but the end
+        is still recorded."""
+        async with self.access.inflight.busy(command.target.view.id):
+            return await self._run(command, started_seq, meta, send, alive)
+
+    async def _run(
+        self,
+        command: PreparedCommand,
+        started_seq: int,
+        meta: EventMeta,
+        send: SendFrame,
+        alive: Alive,
+    ) -> ExecExit:
+        target = command.target
+        sandbox_id = target.view.id
         digests = {"stdout": StreamDigest(), "stderr": StreamDigest()}
         argv = command.argv or ["sh", "-c", str(command.shell)]
 
@@ -149,7 +170,7 @@ class CommandRunner:
                     kind = ExecStdout if stream == "stdout" else ExecStderr
                     await deliver(kind(data=text, b64=b64))
 
-            await deliver(ExecStarted(command_id=command.command_id, seq=started.seq))
+            await deliver(ExecStarted(command_id=command.command_id, seq=started_seq))
             result: CommandResult = await target.adapter.exec(
                 target.ctx,
                 target.handle,

@@ -67,6 +67,9 @@ class Steps:
         self.checkpoints = checkpoints
         self.ledger = ledger
         self._load = load  # sandboxes per host of an extension, across workers
+        # Awaited with the sandbox id before its teardown (exec, files, logs in flight
+        # here are stopped and record their end while the sandbox can still take it).
+        self.before_teardown: list[Callable[[str], Awaitable[None]]] = []
         self._placement_locks: dict[str, asyncio.Lock] = {}
         self.by_state: dict[str, Step] = {
             State.REQUESTED: self.route,
@@ -301,6 +304,8 @@ class Steps:
         )
 
     async def teardown(self, sbx: Sandbox) -> None:
+        for drain in self.before_teardown:  # commands running in it end first
+            await drain(sbx.sandbox_id)
         loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
         policy = loaded.manifest.hook("teardown")
         handle = dict(sbx.view.handle) if sbx.view and sbx.view.handle else None

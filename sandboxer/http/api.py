@@ -21,6 +21,7 @@ from events.subjects import (
     VALIDATION_SUBJECTS,
     Aggregate,
 )
+from extensions.sdk import MAX_PATH_BYTES
 from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
 from projections.sandboxes import SandboxView
@@ -34,7 +35,9 @@ from sandboxer.app.commands import (
     RequestCheckpoint,
     RestoreCheckpoint,
 )
+from sandboxer.app.files import FILE_CHUNK
 from sandboxer.app.lifecycle import TERMINAL, State
+from sandboxer.app.logs import MAX_TAIL
 from sandboxer.app.manager import (
     AlreadyCreated,
     NotFound,
@@ -42,6 +45,7 @@ from sandboxer.app.manager import (
 )
 from sandboxer.app.read_model import ProjectionRunner, VerifyReport
 from sandboxer.app.reconcile import Reconciler, SweepReport
+from sandboxer.app.use import SandboxUse
 from sandboxer.app.webhooks import WebhookOut, Webhooks
 from sandboxer.errors import ApiError, SandboxerError
 from sandboxer.http import dashboard
@@ -78,6 +82,7 @@ from sandboxer.store.event_store import EventRecorder, RecordedEvent, is_transie
 from sandboxer.wire import (
     CHECKPOINT_ID_RE,
     PLAIN_TEXT,
+    SERVICE_NAME_RE,
     AccountList,
     AccountOut,
     CheckpointList,
@@ -87,11 +92,19 @@ from sandboxer.wire import (
     ErrorDetail,
     EventList,
     EventOut,
+    ExecBody,
+    ExecExit,
+    ExecFrame,
+    ExecStarted,
+    ExecStderr,
+    ExecStdout,
+    FileOut,
     GrantBody,
     Health,
     Identity,
     InputOut,
     LedgerPage,
+    LogLine,
     ProfileList,
     ProfileOut,
     Progress,
@@ -140,6 +153,7 @@ class WebhookList(msgspec.Struct):
 _encoder = msgspec.json.Encoder()
 MAX_CACHED_LISTS = 64  # list bodies kept per projection position (filters differ)
 _create_decoder = msgspec.json.Decoder(CreateBody)
+_exec_decoder = msgspec.json.Decoder(ExecBody)
 _grant_decoder = msgspec.json.Decoder(GrantBody)
 _restore_decoder = msgspec.json.Decoder(RestoreBody)
 _webhook_decoder = msgspec.json.Decoder(WebhookBody)
@@ -308,8 +322,13 @@ class Api:
         tokens: TokenBook | None = None,
         reconciler: Reconciler | None = None,
         bus: MessageBus | None = None,
+        use: SandboxUse | None = None,
     ) -> None:
         self.bus = bus or MessageBus(manager)  # every command goes through it
+        # exec, files, logs: what they record goes through the same bus
+        self.use = use or SandboxUse.build(
+            manager, self.bus.handle, manager.checkpoints.spool.parent / "transfers"
+        )
         self.reconciler = reconciler
         self.webhooks = webhooks
         self.tokens = tokens or TokenBook([])
@@ -968,6 +987,100 @@ class Api:
             EventList(events=[_event_out(r) for r in recorded], last_seq=self.runner.last_seq)
         )
 
+    # ---- using a sandbox: exec, files, logs -----------------------------------------
+
+    async def exec_command(self, request: web.Request) -> web.StreamResponse:
+        """Run one command; the answer streams its output as NDJSON frames (started,
+        stdout/stderr chunks, exit). Errors before it starts are plain JSON."""
+        sandbox_id = self._sandbox_id(request)
+        body = await self._body(request, _exec_decoder)
+        meta = self._meta(request)
+        prepared = await self.use.commands.prepare(sandbox_id, body)
+        started = await self.use.commands.start(prepared, meta)
+        response = await _ndjson(request)
+
+        async def send(frame: ExecFrame) -> None:
+            await response.write(_encoder.encode(frame) + b"\n")
+
+        await self.use.commands.run(prepared, started, meta, send, _connected(request))
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write_eof()
+        return response
+
+    def _file_query(self, request: web.Request) -> tuple[str, str | None]:
+        path = request.query.get("path")
+        if not path:
+            raise ApiError(400, "invalid_query", "path is required", "path")
+        return path, self._service_query(request)
+
+    @staticmethod
+    def _service_query(request: web.Request) -> str | None:
+        service = request.query.get("service")
+        if service is not None and not SERVICE_NAME_RE.fullmatch(service):
+            raise ApiError(
+                400, "invalid_query", f"service must match {SERVICE_NAME_RE.pattern}", "service"
+            )
+        return service
+
+    async def put_file(self, request: web.Request) -> web.Response:
+        """Write the body (raw bytes, streamed) to `path` in the sandbox."""
+        sandbox_id = self._sandbox_id(request)
+        path, service = self._file_query(request)
+        meta = self._meta(request)
+        file = await self.use.files.prepare(sandbox_id, path, service, "put_file")
+        out = await self.use.files.upload(
+            file, request.content.iter_chunked(FILE_CHUNK), request.content_length, meta
+        )
+        return json_response(out, 201)
+
+    async def get_file(self, request: web.Request) -> web.StreamResponse:
+        """The file at `path`, streamed (Content-Length set)."""
+        sandbox_id = self._sandbox_id(request)
+        path, service = self._file_query(request)
+        meta = self._meta(request)
+        file = await self.use.files.prepare(sandbox_id, path, service, "get_file")
+        stream = await self.use.files.open(file)
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = stream.size
+        try:
+            await response.prepare(request)
+        except BaseException:
+            await stream.aclose()
+            raise
+        await self.use.files.send(file, stream, response.write, _connected(request), meta)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write_eof()
+        return response
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        """The services' log lines as NDJSON; `follow` keeps the answer open."""
+        sandbox_id = self._sandbox_id(request)
+        service = self._service_query(request)
+        follow = request.query.get("follow", "0")
+        if follow not in LIVE_VALUES:
+            raise ApiError(
+                400, "invalid_query", f"follow must be one of {', '.join(LIVE_VALUES)}", "follow"
+            )
+        tail = self._int_query(request, "tail", -1, MAX_TAIL) if "tail" in request.query else None
+        since = self._float_query(request, "since", 0.0, 1e11) if "since" in request.query else None
+        target = await self.use.logs.prepare(sandbox_id, service)
+        response = await _ndjson(request)
+
+        async def send(line: LogLine) -> None:
+            await response.write(_encoder.encode(line) + b"\n")
+
+        await self.use.logs.read(
+            target,
+            send,
+            _connected(request),
+            follow=follow in ("1", "true"),
+            tail=tail,
+            since=since,
+        )
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write_eof()
+        return response
+
     async def events(self, request: web.Request) -> web.Response:
         """Events after `after_seq` (long-polls up to `wait` seconds when there are none)."""
         after = self._int_query(request, "after_seq", 0, MAX_SEQ)
@@ -1130,6 +1243,28 @@ class Api:
         return json_response(openapi_document(auth=self.tokens.enabled, profiles=self.profiles))
 
 
+async def _ndjson(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "application/x-ndjson",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    return response
+
+
+def _connected(request: web.Request) -> Callable[[], bool]:
+    """Whether the caller of a streaming answer is still there."""
+
+    def connected() -> bool:
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+
+    return connected
+
+
 def _label_query(request: web.Request) -> dict[str, str]:
     """`?label=k=v`, repeatable: the sandboxes carrying every one of them."""
     wanted: dict[str, str] = {}
@@ -1242,6 +1377,19 @@ IDEMPOTENCY_KEY = Param(
     "another, also while the first is in flight on any node; another request with "
     "the key answers 422",
 )
+FILE_PATH = Param(
+    "path",
+    "query",
+    {"type": "string", "minLength": 1, "maxLength": MAX_PATH_BYTES},
+    "the file: absolute inside the service's container, or in the workspace (its root "
+    "is /); no `..` part",
+    required=True,
+)
+FILE_SERVICE = query(
+    "service",
+    {"type": "string", "pattern": SERVICE_NAME_RE.pattern},
+    "the service whose container holds the file (default: the only one)",
+)
 WAIT = query(
     "wait",
     {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS},
@@ -1267,7 +1415,8 @@ ERROR_STATUSES = {
     404: "no such resource (also: an id that does not have the id format)",
     409: "the resource is not in a state that allows this (or the account has as "
     "many webhooks as allowed)",
-    413: f"the body is larger than {MAX_BODY_BYTES} bytes",
+    413: f"the body is larger than allowed: {MAX_BODY_BYTES} bytes of JSON, a file "
+    "SANDBOXER_MAX_FILE_BYTES (default 1 GiB)",
     422: "the Idempotency-Key was used before with another request (the field "
     "names the first difference)",
     503: "not ready: the projection lags, the sandbox's worker does not answer, or "
@@ -1364,6 +1513,94 @@ ROUTES: tuple[Route, ...] = (
         params=(SANDBOX_PARAM,),
         answers=(Answer(200, body=EventList),),
         errors=(403, 404),
+    ),
+    Route(
+        "POST",
+        "/v1/sandboxes/{id}/exec",
+        "exec_command",
+        "execCommand",
+        "Run a command in a ready sandbox; its output streams back as it comes",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM, REQUEST_ID),
+        body=ExecBody,
+        answers=(
+            Answer(
+                200,
+                "NDJSON, one frame per line: `started`, then `stdout`/`stderr` chunks as "
+                "they come, then one `exit`. Closing the connection stops the command.",
+                frames=(ExecStarted, ExecStdout, ExecStderr, ExecExit),
+                content_type="application/x-ndjson",
+            ),
+        ),
+        errors=(400, 403, 404, 409, 413, 422, 503),
+    ),
+    Route(
+        "PUT",
+        "/v1/sandboxes/{id}/files",
+        "put_file",
+        "putFile",
+        "Write a file into a ready sandbox (the body, streamed; parents are created)",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM, FILE_PATH, FILE_SERVICE, REQUEST_ID),
+        raw_body="application/octet-stream",
+        answers=(Answer(201, "Written", FileOut),),
+        errors=(400, 403, 404, 409, 413, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/sandboxes/{id}/files",
+        "get_file",
+        "getFile",
+        "Read a file out of a ready sandbox, streamed",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM, FILE_PATH, FILE_SERVICE, REQUEST_ID),
+        answers=(
+            Answer(
+                200,
+                "the file's bytes (Content-Length set)",
+                schema={"type": "string", "format": "binary"},
+                content_type="application/octet-stream",
+            ),
+        ),
+        errors=(400, 403, 404, 409, 413, 503),
+    ),
+    Route(
+        "GET",
+        "/v1/sandboxes/{id}/logs",
+        "logs",
+        "sandboxLogs",
+        "The services' logs, one line per frame; follow=1 keeps the answer open",
+        Access.SANDBOX,
+        params=(
+            SANDBOX_PARAM,
+            query(
+                "service",
+                {"type": "string", "pattern": SERVICE_NAME_RE.pattern},
+                "one service (default: every service)",
+            ),
+            query(
+                "follow", {"type": "string", "enum": list(LIVE_VALUES)}, "1 or true: keep following"
+            ),
+            query(
+                "tail",
+                {"type": "integer", "minimum": 0, "maximum": MAX_TAIL},
+                "only the last N lines of each service",
+            ),
+            query(
+                "since",
+                {"type": "number", "minimum": 0, "maximum": 1e11},
+                "only lines after this unix time",
+            ),
+        ),
+        answers=(
+            Answer(
+                200,
+                "NDJSON: one line of a service's log per frame",
+                frames=(LogLine,),
+                content_type="application/x-ndjson",
+            ),
+        ),
+        errors=(400, 403, 404, 409),
     ),
     Route(
         "GET",

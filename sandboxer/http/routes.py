@@ -73,11 +73,13 @@ class Answer:
     schema: Mapping[str, Any] | None = None  # when the body is no msgspec type
     content_type: str = "application/json"
     links: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # A stream of JSON lines (application/x-ndjson), each one of these msgspec types.
+    frames: tuple[type, ...] = ()
 
 
 @dataclass(frozen=True)
 class Route:
-    method: Literal["GET", "POST", "DELETE"]
+    method: Literal["GET", "POST", "PUT", "DELETE"]
     path: str
     handler: str  # the name of the Api method
     operation_id: str
@@ -87,6 +89,7 @@ class Route:
     errors: tuple[int, ...] = ()  # the error statuses it may answer (401: see Access)
     params: tuple[Param, ...] = ()
     body: type | None = None  # the request body, a msgspec Struct
+    raw_body: str | None = None  # or a body of this content type, streamed as it is
 
     def __post_init__(self) -> None:
         names = {p.name for p in self.params if p.where == "path"}
@@ -107,6 +110,8 @@ def component_types(routes: Iterable[Route]) -> list[type]:
         for answer in route.answers:
             if answer.body is not None:
                 seen.setdefault(answer.body)
+            for frame in answer.frames:
+                seen.setdefault(frame)
     return list(seen)
 
 
@@ -132,6 +137,8 @@ def openapi_paths(
         for answer in route.answers:
             out: dict[str, Any] = {"description": answer.description}
             schema = ref(answer.body.__name__) if answer.body is not None else answer.schema
+            if answer.frames:
+                schema = {"oneOf": [ref(frame.__name__) for frame in answer.frames]}
             if schema is not None:
                 out["content"] = {answer.content_type: {"schema": dict(schema)}}
             if answer.links:
@@ -148,6 +155,11 @@ def openapi_paths(
             operation["requestBody"] = {
                 "required": True,
                 "content": {"application/json": {"schema": ref(route.body.__name__)}},
+            }
+        elif route.raw_body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {route.raw_body: {"schema": {"type": "string", "format": "binary"}}},
             }
         operation["responses"] = responses
         operation["operationId"] = route.operation_id
