@@ -16,6 +16,8 @@ import yaml
 from sandboxer.client import (
     AsyncClient,
     Client,
+    CommandFailed,
+    CommandTimedOut,
     Conflict,
     ExecResult,
     InvalidRequest,
@@ -177,7 +179,11 @@ async def test_exec_argv_shell_streaming_and_outcomes(api: RunningService) -> No
     await need_route(api, EXEC)
 
     def scenario() -> None:
-        with Client(api.url) as client, client.create(STUB, wait=True) as sbx:
+        with Client(api.url) as client:
+            scenario_in(client)
+
+    def scenario_in(client: Client) -> None:
+        with client.create(STUB, wait=True) as sbx:
             chunks: list[str] = []
             r = sbx.exec(["echo", "hello", "world"], on_stdout=chunks.append)
             assert isinstance(r, ExecResult)
@@ -186,10 +192,15 @@ async def test_exec_argv_shell_streaming_and_outcomes(api: RunningService) -> No
             assert r.stdout_bytes == len(r.stdout_raw)
             assert r.stdout_sha256 == hashlib.sha256(r.stdout_raw).hexdigest()
             assert r.command_id.startswith("cmd-")
-            assert sbx.exec(["exit", "3"]).exit_code == 3
+            assert sbx.exec(["false"]).exit_code == 1
             assert sbx.exec("exit 4").exit_code == 4, "a str is a shell script"
             timed = sbx.exec(["sleep", "5"], timeout_seconds=0.5)
             assert timed.outcome == "timeout" and timed.exit_code is None
+            with pytest.raises(CommandTimedOut):
+                timed.check()
+            with pytest.raises(CommandFailed) as failed:
+                sbx.exec("exit 4").check()
+            assert failed.value.result.exit_code == 4
             frames = list(sbx.exec_stream(["echo", "framed"]))
             assert isinstance(frames[0], ExecStarted) and isinstance(frames[-1], ExecExit)
             assert any(isinstance(f, ExecStdout) and "framed" in f.data for f in frames)
@@ -240,7 +251,7 @@ async def test_logs_of_the_stub(api: RunningService) -> None:
     async with AsyncClient(api.url) as client:
         async with await client.create(STUB, wait=True) as sbx:
             await sbx.exec(["echo", "one"])
-            await sbx.exec(["exit", "2"])
+            await sbx.exec("exit 2")
             lines = [line async for line in sbx.logs()]
             assert [line.service for line in lines] == ["instance", "instance"]
             assert "exit 2" in lines[-1].line
