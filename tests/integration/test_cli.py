@@ -479,3 +479,70 @@ def _drain(leader: int) -> Iterator[bytes]:
         if not chunk:
             return
         yield chunk
+
+
+def test_exec_cp_logs_and_labels(server: Server, tmp_path: Path) -> None:
+    """exec passes output and the exit code through; cp copies both ways (and through
+    stdin/stdout); logs prints the lines; labels filter the list."""
+    if not has_route(server.url, "/v1/sandboxes/{id}/exec"):
+        pytest.skip("the server does not publish exec yet (OpenAPI document)")
+    made = run_json(
+        server,
+        "create",
+        "--profile",
+        "profile.saas-stub",
+        "--label",
+        "team=cli",
+        "--wait",
+        "--json",
+    )
+    sid = made["id"]
+    assert made["labels"] == {"team": "cli"}
+    assert [s["id"] for s in run_json(server, "list", "--label", "team=cli", "--json")] == [sid]
+    assert run_json(server, "list", "--label", "team=other", "--json") == []
+    assert cli(server.url, "create", "--profile", "x", "--label", "novalue").returncode == 2
+
+    out = cli(server.url, "exec", sid, "--", "echo", "hello", "-n")
+    assert out.returncode == 0 and out.stdout == "hello -n\n", out.stderr
+    err = cli(server.url, "exec", sid, "--", "echo", "oops", ">&2")
+    assert err.returncode == 0 and err.stderr == "oops\n" and err.stdout == ""
+    assert cli(server.url, "exec", sid, "--shell", "exit 7").returncode == 7
+    assert cli(server.url, "exec", sid, "--", "false").returncode == 1
+    slow = cli(server.url, "exec", sid, "--timeout", "0.3", "--", "sleep", "5")
+    assert slow.returncode == 124 and "timeout" in slow.stderr
+    record = run_json(server, "exec", sid, "--json", "--", "echo", "json")
+    assert record["outcome"] == "exited" and record["stdout"] == "json\n"
+    assert cli(server.url, "exec", sid).returncode == 2, "no command: usage"
+    missing = cli(server.url, "exec", "sbx-000000000000", "--", "true")
+    assert missing.returncode == 3 and "error 404" in missing.stderr
+
+    local = tmp_path / "up.bin"
+    local.write_bytes(b"\x00\x01binary\xff" * 1000)
+    up = cli(server.url, "cp", str(local), f"{sid}:/data/up.bin")
+    assert up.returncode == 0, up.stderr
+    back = tmp_path / "back.bin"
+    assert cli(server.url, "cp", f"{sid}:/data/up.bin", str(back)).returncode == 0
+    assert back.read_bytes() == local.read_bytes()
+    piped = subprocess.run(
+        [sys.executable, "-m", "sandboxer", "--url", server.url, "cp", "-", f"{sid}:/data/in"],
+        input=b"from stdin\n",
+        capture_output=True,
+        timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr
+    cat = subprocess.run(
+        [sys.executable, "-m", "sandboxer", "--url", server.url, "cp", f"{sid}:/data/in", "-"],
+        capture_output=True,
+        timeout=120,
+    )
+    assert cat.returncode == 0 and cat.stdout == b"from stdin\n"
+    assert cli(server.url, "cp", str(local), str(back)).returncode == 2, "one side remote"
+    gone = cli(server.url, "cp", f"{sid}:/data/nothing", str(back))
+    assert gone.returncode == 3 and "error 404" in gone.stderr
+
+    logs = cli(server.url, "logs", sid)
+    assert logs.returncode == 0, logs.stderr
+    assert "echo hello -n" in logs.stdout and "exit 7" in logs.stdout
+    assert len(cli(server.url, "logs", sid, "--tail", "1").stdout.splitlines()) == 1
+    assert cli(server.url, "logs", sid, "-f", "--since", "3600").returncode == 0
+    assert cli(server.url, "destroy", sid, "--wait").returncode == 0
