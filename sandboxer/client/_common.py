@@ -3,6 +3,7 @@ decoding answers with the wire Structs, error mapping and the SSE parser."""
 
 from __future__ import annotations
 
+import codecs
 import os
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -157,6 +158,10 @@ def exec_body(
 def exec_read_timeout(timeout_seconds: float | None) -> float:
     """A command may be silent for its whole timeout: wait that long, plus a margin."""
     return (timeout_seconds if timeout_seconds is not None else 60.0) + DEFAULT_TIMEOUT
+
+
+def utf8_decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
 def decode_frame(line: bytes) -> AnyExecFrame:

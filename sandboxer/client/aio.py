@@ -374,13 +374,23 @@ class AsyncClient:
             workdir=workdir,
             timeout_seconds=timeout_seconds,
         )
+        # text: decoded incrementally, so a character split across chunks stays whole
+        decoders = {"out": c.utf8_decoder(), "err": c.utf8_decoder()}
         async for frame in frames:
             data = collector.feed(frame)
             if data is None:
                 continue
-            callback = on_stdout if isinstance(frame, ExecStdout) else on_stderr
+            out = isinstance(frame, ExecStdout)
+            callback = on_stdout if out else on_stderr
             if callback is not None:
-                callback(data if not text else data.decode(errors="replace"))  # type: ignore[arg-type]
+                chunk = decoders["out" if out else "err"].decode(data) if text else data
+                if chunk:
+                    callback(chunk)  # type: ignore[arg-type]
+        if text:
+            for key, callback in (("out", on_stdout), ("err", on_stderr)):
+                rest = decoders[key].decode(b"", final=True)
+                if rest and callback is not None:
+                    callback(rest)  # type: ignore[arg-type]
         return collector.result()
 
     async def put_file(

@@ -22,6 +22,7 @@ from sandboxer.client import (
     ExecResult,
     InvalidRequest,
     NotFound,
+    PayloadTooLarge,
     SandboxFailed,
     Unauthorized,
 )
@@ -258,3 +259,53 @@ async def test_logs_of_the_stub(api: RunningService) -> None:
             assert len([line async for line in sbx.logs(tail=1)]) == 1
             followed = [line async for line in sbx.logs(follow=True)]  # ends: nothing runs
             assert len(followed) == 2
+
+
+async def test_closing_the_exec_stream_stops_the_command(api: RunningService) -> None:
+    await need_route(api, EXEC)
+    async with AsyncClient(api.url) as client:
+        async with await client.create(STUB, wait=True) as sbx:
+            frames = sbx.exec_stream(["sleep", "30"])
+            first = await anext(frames)
+            assert isinstance(first, ExecStarted)
+            await frames.aclose()  # the client goes away mid-command
+            info = await client.get(sbx.id)
+            while not info.commands or info.commands[-1].finished_at is None:
+                info = await client.get(sbx.id, wait=10, after_seq=info.last_seq)
+            summary = info.commands[-1]
+            assert summary.command_id == first.command_id
+            assert summary.outcome == "disconnected"
+            assert (summary.duration_seconds or 0) < 30
+
+
+async def test_async_files_logs_and_the_size_limit(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    api = await start_service(SANDBOXER_MAX_FILE_BYTES="1000")
+    await need_route(api, FILES)
+    async with AsyncClient(api.url) as client:
+        async with await client.create(STUB, wait=True) as sbx:
+            out = await sbx.put_file("/x/a.txt", b"async\n")
+            assert out.size == 6 and out.path.endswith("a.txt")
+            assert await sbx.get_file("/x/a.txt") == b"async\n"
+            local = tmp_path / "small.bin"
+            local.write_bytes(b"s" * 900)
+            assert (await sbx.put_file("/x/small.bin", local)).size == 900
+            assert await sbx.download("/x/small.bin", tmp_path / "back") == 900
+            with pytest.raises(PayloadTooLarge) as big:
+                await sbx.put_file("/x/big.bin", b"b" * 5000)
+            assert big.value.status == 413
+            info = await client.get(sbx.id)
+            assert info.files_uploaded == 2 and info.files_downloaded == 2
+
+
+async def test_text_callbacks_keep_characters_split_across_chunks(api: RunningService) -> None:
+    await need_route(api, EXEC)
+    async with AsyncClient(api.url) as client:
+        async with await client.create(STUB, wait=True) as sbx:
+            seen: list[str] = []
+            r = await sbx.exec(["echo", "h\u00e9llo w\u00f6rld \u2713"], on_stdout=seen.append)
+            assert "".join(seen) == r.stdout == "h\u00e9llo w\u00f6rld \u2713\n"
+            raw: list[bytes] = []
+            await sbx.exec(["echo", "bytes"], on_stdout=raw.append, text=False)
+            assert b"".join(raw) == b"bytes\n"
