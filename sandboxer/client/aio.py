@@ -14,7 +14,7 @@ from typing import IO, Any, TypeVar
 
 import httpx
 
-from sandboxer.client import _common as c
+import sandboxer.client._common as c
 from sandboxer.client.errors import (
     Conflict,
     InvalidRequest,

@@ -19,11 +19,23 @@ SandboxerClientError
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from sandboxer.client.result import ExecResult
     from sandboxer.wire import CheckpointOut, SandboxOut
+
+
+class FinishedCommand(Protocol):
+    """What CommandFailed tells of its command: an ExecResult (sandboxer.client.result)."""
+
+    @property
+    def command_id(self) -> str: ...
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def exit_code(self) -> int | None: ...
+    @property
+    def message(self) -> str | None: ...
 
 
 class SandboxerClientError(Exception):
@@ -70,7 +82,7 @@ class SandboxFailed(SandboxerClientError):
 class CommandFailed(SandboxerClientError):
     """Raised by `ExecResult.check()`: the command did not exit 0."""
 
-    def __init__(self, result: ExecResult) -> None:
+    def __init__(self, result: FinishedCommand) -> None:
         if result.outcome == "exited":
             what = f"exited {result.exit_code}"
         else:

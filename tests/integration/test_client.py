@@ -86,6 +86,9 @@ async def test_async_create_wait_destroy_and_idempotency(api: RunningService) ->
             assert again.id == sbx.id, "the same Idempotency-Key answers the same sandbox"
             listed = await client.list(label="team=async")
             assert [s.id for s in listed] == [sbx.id]
+            short = await client.create(STUB, ttl_seconds=120, wait=True)
+            assert short.info.ttl_seconds == 120 and short.info.account == "default"
+            assert (await short.destroy()).state == "destroyed"
         assert (await client.get(sbx.id)).state == "destroyed"
         events = await client.sandbox_events(sbx.id)
         types = [e.event["type"] for e in events]
