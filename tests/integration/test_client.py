@@ -28,6 +28,7 @@ from sandboxer.client import (
 )
 from sandboxer.wire import ExecExit, ExecStarted, ExecStdout, SandboxOut
 from tests.conftest import RunningService, StartService
+from tests.infra import Podman
 
 STUB = "profile.saas-stub"
 EXEC = "/v1/sandboxes/{id}/exec"
@@ -312,3 +313,35 @@ async def test_text_callbacks_keep_characters_split_across_chunks(api: RunningSe
             raw: list[bytes] = []
             await sbx.exec(["echo", "bytes"], on_stdout=raw.append, text=False)
             assert b"".join(raw) == b"bytes\n"
+
+
+@pytest.mark.timeout(300)
+async def test_compose_local_exec_files_and_logs(
+    start_service: StartService, podman: Podman, compose_repo: Path, tmp_path: Path
+) -> None:
+    """Real containers: exec in a named service (argv and shell), files in a service,
+    and the services' logs, through the async client."""
+    api = await start_service(
+        SANDBOXER_COMPOSE_LOCAL_CMD=podman.compose_cmd,
+        SANDBOXER_COMPOSE_LOCAL_ENGINE_CMD=podman.engine_cmd,
+        SANDBOXER_COMPOSE_LOCAL_STOP_TIMEOUT="1",
+        SANDBOXER_REPO_ROOTS=str(tmp_path),
+    )
+    await need_route(api, EXEC)
+    async with AsyncClient(api.url) as client:
+        async with await client.create(
+            "profile.compose-local", inputs={"repo": str(compose_repo)}, wait=True
+        ) as sbx:
+            assert set(sbx.info.services) == {"web", "worker"}
+            r = await sbx.exec(["echo", "from", "worker"], service="worker")
+            assert (r.exit_code, r.stdout) == (0, "from worker\n")
+            shell = await sbx.exec(
+                "echo $GREETING >&2; exit 3", service="worker", env={"GREETING": "hi"}
+            )
+            assert (shell.exit_code, shell.stderr) == (3, "hi\n")
+            await sbx.put_file("/tmp/note.txt", b"note\n", service="worker")
+            assert await sbx.get_file("/tmp/note.txt", service="worker") == b"note\n"
+            cat = await sbx.exec(["cat", "/tmp/note.txt"], service="worker")
+            assert cat.stdout == "note\n"
+            lines = [line async for line in sbx.logs(tail=50)]
+            assert all(line.service in ("web", "worker") for line in lines)
