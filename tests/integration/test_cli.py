@@ -47,8 +47,8 @@ SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 class Server:
     """`python -m sandboxer serve` with its own data dir (so its own embedded NATS)."""
 
-    def __init__(self, folder: Path, **env: str) -> None:
-        self.port = free_port()
+    def __init__(self, folder: Path, port: int | None = None, **env: str) -> None:
+        self.port = port or free_port()  # a port: restart where a client reconnects
         self.unsettled: list[str] = []  # sandboxes to see terminal before stopping
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_env = {"SANDBOXER_DATA_DIR": str(folder / "data")}

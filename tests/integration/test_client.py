@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import queue
+import threading
 from pathlib import Path
 
 import pytest
@@ -345,3 +347,47 @@ async def test_compose_local_exec_files_and_logs(
             assert cat.stdout == "note\n"
             lines = [line async for line in sbx.logs(tail=50)]
             assert all(line.service in ("web", "worker") for line in lines)
+
+
+def test_the_event_stream_resumes_across_a_server_restart(tmp_path: Path) -> None:
+    """A followed stream whose server goes away reconnects with Last-Event-ID to the
+    server that comes back on the same address: nothing missed, nothing twice."""
+    from tests.integration.test_cli import Server
+
+    first = Server(tmp_path)
+    second: Server | None = None
+    try:
+        with Client(first.url) as client:
+            sid = client.create(STUB, wait=True).id
+            follow = client.events(sandbox=sid, follow=True)
+            seen = [next(follow) for _ in range(len(client.sandbox_events(sid)))]
+            got: queue.Queue[object] = queue.Queue()
+
+            def reader() -> None:
+                try:
+                    for event in follow:
+                        got.put(event)
+                        if event.event["type"] == "TornDown":
+                            return
+                except Exception as exc:
+                    got.put(exc)
+
+            thread = threading.Thread(target=reader, daemon=True)
+            thread.start()  # on the live stream now, waiting for the next event
+            assert first.stop() == 0
+            second = Server(tmp_path, port=first.port)
+            with Client(second.url) as other:
+                other.destroy(sid)
+            later = []
+            while not later or later[-1].event["type"] != "TornDown":
+                item = got.get(timeout=60)
+                assert not isinstance(item, Exception), item
+                later.append(item)
+            thread.join(10)
+        seqs = [e.seq for e in seen + later]
+        assert seqs == sorted(set(seqs)), "every event once, in order"
+        assert "DestroyRequested" in [e.event["type"] for e in later]
+    finally:
+        for server in (first, second):
+            if server is not None and server.proc.poll() is None:
+                server.stop()
