@@ -70,6 +70,7 @@ _CKPT = CHECKPOINT_ID[1:-1]
 EVENT_ID = f"^{_ANY_ID}$"
 RANDOM_EVENT_ID = f"^{_HEX32}$"
 # Deterministic ids, per type (every format the code has produced):
+COMMAND_ID = r"^cmd-[a-f0-9]{16}$"
 EVENT_IDS: dict[str, str] = {
     "SandboxRequested": f"^({_HEX32}|{_SBX}\\.requested)$",  # an Idempotency-Key
     "CreditsReserved": f"^{_SBX}\\.reserve$",
@@ -80,6 +81,9 @@ EVENT_IDS: dict[str, str] = {
     "CheckpointDeleted": f"^({_HEX32}|{_CKPT}\\.deleted)$",  # .deleted: a finished one
     "WebhookDeliveryAttempted": f"^{_WH}\\.{_ANY_ID}\\.[1-9][0-9]*$",
     "WebhookDisabled": f"^{_WH}\\.disabled$",
+    # A command's two events name it: the end follows its start.
+    "CommandStarted": f"^{COMMAND_ID[1:-1]}\\.started$",
+    "CommandFinished": f"^{COMMAND_ID[1:-1]}\\.finished$",
     # Validators publish these; the reference one derives them from the ready event.
     "ValidationStarted": EVENT_ID,
     "ValidationPassed": f"^{_ANY_ID}\\.result$",
@@ -99,7 +103,6 @@ RELEASE_REASONS = ["remainder of the reservation", "create failed"]
 ORPHAN_WHY = ["finished", "unknown"]
 ORPHAN_ACTIONS = ["report", "remove"]
 # exec and files (sandboxer/ids.py and extensions/sdk.py check the same patterns)
-COMMAND_ID = r"^cmd-[a-f0-9]{16}$"
 COMMAND_OUTCOMES = ["exited", "timeout", "disconnected", "destroyed", "error"]
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 SHA256 = r"^[a-f0-9]{64}$"
@@ -229,7 +232,7 @@ FIELD_RULES: dict[tuple[str, str], Rule] = {
         "labels",
     ): {
         "propertyNames": {"pattern": LABEL_KEY},
-        "additionalProperties": {"pattern": LABEL_VALUE},
+        "additionalProperties": {"type": "string", "pattern": LABEL_VALUE},
     },
 }
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
+
 from events import CommandFinished, CommandStarted, FileDownloaded, FileUploaded
 from sandboxer.app.commands import (
     AnyCommand,
@@ -187,6 +189,7 @@ class MessageBus:
                 timeout_seconds=command.timeout_seconds,
             ),
             command.meta,
+            event_id=f"{command.command_id}.started",
         )
         return Outcome(seq=seq, sandbox_id=command.sandbox_id)
 
@@ -205,7 +208,8 @@ class MessageBus:
                 stderr_sha256=command.stderr_sha256,
                 error=command.error,
             ),
-            command.meta,
+            msgspec.structs.replace(command.meta, causation_id=f"{command.command_id}.started"),
+            event_id=f"{command.command_id}.finished",
         )
         return Outcome(seq=seq, sandbox_id=command.sandbox_id)
 

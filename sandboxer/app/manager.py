@@ -453,13 +453,15 @@ class SandboxManager:
         sandbox_id: str,
         build: Build,
         meta: EventMeta | None = None,
+        *,
+        event_id: str | None = None,
     ) -> int:
         """Record the next event of a live sandbox through the one save path (for the
-        steps other modules run: checkpoint and restore)."""
+        steps other modules run: checkpoint and restore, a command's start and end)."""
         sbx = self._sandboxes.get(sandbox_id)
         if sbx is None:
             raise InvalidTransition(sandbox_id, "finished", "the step's event")
-        return await self.record(sbx, build, meta)
+        return await self.record(sbx, build, meta, event_id=event_id)
 
     def step_context(self, sandbox_id: str) -> StepContext:
         """The context the sandbox's running step hands to its extension."""

@@ -5,6 +5,7 @@ API, auth is the API's, and the page never asks for anything beyond the server."
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 import tomllib
 from collections.abc import AsyncIterator
@@ -26,12 +27,22 @@ from playwright.async_api import (
     expect,
 )
 
-from events import Event, EventMeta, ValidationFailed, ValidationPassed, envelope
+from events import (
+    CommandFinished,
+    CommandStarted,
+    Event,
+    EventMeta,
+    ValidationFailed,
+    ValidationPassed,
+    envelope,
+)
 from events.subjects import Aggregate
+from sandboxer.http.api import openapi_document
 from sandboxer.http.dashboard import CSP, STATIC_DIR
 from sandboxer.store.event_store import JetStreamEventStore
 from tests.conftest import RunningService, StartService
-from tests.helpers import create, event_types, get, wait_state
+from tests.helpers import create, destroy, event_types, get, wait_state
+from tests.infra import IMAGE, Podman, write_repo
 from tests.paths import ROOT
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/setup); no Playwright download
@@ -185,7 +196,9 @@ async def test_sandbox_page_timeline_checkpoint_restore_and_ledger(
     head = page.locator("section.head")
     await expect(head.locator('[data-col="state"]')).to_have_text("ready")
     # each service with its state, as BecameReady reported it
-    await expect(head.locator('[data-col="services"]')).to_have_text("instance running")
+    instance = page.locator('section.services tr[data-service="instance"]')
+    await expect(instance.locator('[data-col="state"]')).to_have_text("running")
+    await expect(instance.locator('[data-col="state"]')).to_have_class(re.compile("pill-ok"))
     timeline = page.locator("section", has=page.get_by_role("heading", name="Events"))
     await expect(timeline.locator("tbody tr")).to_have_count(5)  # requested .. BecameReady
     await expect(timeline).to_contain_text("BecameReady")
@@ -386,7 +399,7 @@ async def test_screenshot_of_several_states(
     await wait_state(http, url, slow["id"], {"provisioning"})
     ready = []
     for size in ("small", "medium"):
-        made = await create(http, url, inputs={"size": size})
+        made = await create(http, url, inputs={"size": size}, labels={"team": "ci", "size": size})
         ready.append(await wait_state(http, url, made["id"], {"ready"}))
 
     await browser.page.set_viewport_size({"width": 1280, "height": 480})
@@ -436,3 +449,473 @@ async def test_whoami_without_tokens(api: RunningService) -> None:
     async with api.http.get(f"{api.url}/v1/whoami") as resp:
         identity = await resp.json()
     assert identity == {"auth": False, "name": "anonymous", "account": None, "role": "admin"}
+
+
+# ---- how a sandbox is used: labels, services, endpoints, commands, logs -----------------
+
+
+def has_route(method: str, path: str) -> bool:
+    """Whether the service's OpenAPI document (generated from its routes) has it."""
+    paths: dict[str, Any] = openapi_document(auth=False)["paths"]
+    return method.lower() in paths.get(path, {})
+
+
+needs_exec = pytest.mark.skipif(
+    not has_route("POST", "/v1/sandboxes/{id}/exec"), reason="no exec route in the API yet"
+)
+needs_logs = pytest.mark.skipif(
+    not has_route("GET", "/v1/sandboxes/{id}/logs"), reason="no logs route in the API yet"
+)
+
+
+async def open_sandbox(browser: Browser, url: str, sandbox_id: str) -> Page:
+    page = await open_dashboard(browser, url)
+    await page.get_by_role("link", name=sandbox_id).click()
+    await expect(page.locator("section.head [data-col=state]")).to_have_text("ready")
+    return page
+
+
+async def test_labels_show_as_chips_in_the_list_and_on_the_page(
+    api: RunningService, browser: Browser
+) -> None:
+    made = await create(api.http, api.url, labels={"team": "ci", "branch": "main"})
+    await wait_state(api.http, api.url, made["id"], {"ready"})
+    page = await open_dashboard(browser, api.url)
+    chips = row(page, made["id"]).locator('[data-col="labels"] .chip')
+    await expect(chips).to_have_text(["branch=main", "team=ci"])
+    await page.get_by_role("link", name=made["id"]).click()
+    head = page.locator("section.head")
+    await expect(head.locator('[data-col="labels"] .chip')).to_have_text(["branch=main", "team=ci"])
+    await browser.check_clean()
+
+
+def watched_profile(folder: Path) -> Path:
+    """profile.saas-watched: the saas-stub, its services looked at every 0.1 s."""
+    folder.mkdir()
+    base = yaml.safe_load((ROOT / "profiles" / "profile.saas-stub.yaml").read_text())
+    profile = {
+        **base,
+        "name": "profile.saas-watched",
+        "config": {"watch_interval": 0.1, "on_service_exit": "report"},
+    }
+    (folder / "profile.saas-watched.yaml").write_text(yaml.safe_dump(profile))
+    return folder
+
+
+def tell(svc: RunningService, sandbox_id: str, **told: Any) -> None:
+    """What the stub's vendor says of the instance from now on (written atomically)."""
+    record = svc.data_dir / "saas-stub" / f"{sandbox_id}.json"
+    changed = {**json.loads(record.read_text()), "services": {"instance": told}}
+    scratch = record.with_suffix(".tmp")
+    scratch.write_text(json.dumps(changed))
+    scratch.replace(record)
+
+
+async def test_services_table_follows_exit_unhealthy_and_recovery(
+    start_service: StartService, browser: Browser, tmp_path: Path
+) -> None:
+    svc = await start_service(SANDBOXER_PROFILES_PATH=str(watched_profile(tmp_path / "p")))
+    made = await create(svc.http, svc.url, profile="profile.saas-watched")
+    sid = made["id"]
+    await wait_state(svc.http, svc.url, sid, {"ready"})
+    page = await open_sandbox(browser, svc.url, sid)
+    instance = page.locator('section.services tr[data-service="instance"]')
+    state, health = instance.locator('[data-col="state"]'), instance.locator('[data-col="health"]')
+    await expect(state).to_have_text("running")
+    await expect(state).to_have_class(re.compile("pill-ok"))
+    timeline = page.locator("section", has=page.get_by_role("heading", name="Events"))
+
+    tell(svc, sid, state="exited", exit_code=3)  # ServiceExited, live from the stream
+    await expect(timeline).to_contain_text("ServiceExited")
+    await expect(state).to_have_text("exited")
+    await expect(state).to_have_class(re.compile("pill-bad"))
+    await expect(instance.locator('[data-col="exit"]')).to_have_text("3")
+
+    tell(svc, sid, state="running", health="healthy")  # ServiceRecovered
+    await expect(timeline).to_contain_text("ServiceRecovered")
+    await expect(state).to_have_text("running")
+    await expect(health).to_have_text("healthy")
+    await expect(health).to_have_class(re.compile("pill-ok"))
+
+    tell(svc, sid, state="running", health="unhealthy", output="check failed")
+    await expect(timeline).to_contain_text("ServiceUnhealthy")
+    await expect(health).to_have_text("unhealthy")
+    await expect(health).to_have_class(re.compile("pill-bad"))
+    await expect(state).to_have_class(re.compile("pill-bad"))
+    await browser.check_clean()
+
+
+# web publishes 8080 (an ephemeral host port); talker writes a line to stdout and one to
+# stderr every 0.3 s, for the logs panel.
+USED_REPO = {
+    "compose.yml": (
+        "services:\n"
+        "  web:\n"
+        f"    image: {IMAGE}\n"
+        '    command: ["httpd", "-f", "-p", "8080", "-h", "/srv"]\n'
+        "    stop_signal: SIGKILL\n"
+        '    volumes: ["./site:/srv:ro"]\n'
+        '    ports: ["8080"]\n'
+        "  talker:\n"
+        f"    image: {IMAGE}\n"
+        "    command:\n"
+        '      ["sh", "-c", "i=0; while :; do echo tick $$i; echo warn $$i >&2;'
+        ' i=$$((i+1)); sleep 0.3; done"]\n'
+        "    stop_signal: SIGKILL\n"
+    ),
+    "site/index.html": "<h1>used</h1>\n",
+}
+
+
+async def compose_sandbox(
+    start_service: StartService, podman: Podman, tmp_path: Path
+) -> tuple[RunningService, dict[str, Any]]:
+    repo = write_repo(tmp_path / "repo", USED_REPO)
+    svc = await start_service(
+        SANDBOXER_COMPOSE_LOCAL_CMD=podman.compose_cmd,
+        SANDBOXER_COMPOSE_LOCAL_ENGINE_CMD=podman.engine_cmd,
+        SANDBOXER_COMPOSE_LOCAL_STOP_TIMEOUT="1",
+        SANDBOXER_REPO_ROOTS=str(tmp_path),
+    )
+    made = await create(
+        svc.http, svc.url, profile="profile.compose-local", inputs={"repo": str(repo)}
+    )
+    ready = await wait_state(svc.http, svc.url, made["id"], {"ready"}, timeout=180)
+    return svc, ready
+
+
+async def end_compose(svc: RunningService, sandbox_id: str) -> None:
+    await destroy(svc.http, svc.url, sandbox_id)
+    await wait_state(svc.http, svc.url, sandbox_id, {"destroyed"}, timeout=120)
+
+
+@pytest.mark.timeout(300)
+async def test_compose_services_and_endpoint_links(
+    start_service: StartService, podman: Podman, browser: Browser, tmp_path: Path
+) -> None:
+    svc, ready = await compose_sandbox(start_service, podman, tmp_path)
+    sid = ready["id"]
+    try:
+        (port,) = ready["endpoints"]
+        page = await open_sandbox(browser, svc.url, sid)
+        services = page.locator("section.services")
+        for name in ("talker", "web"):
+            state = services.locator(f'tr[data-service="{name}"] [data-col="state"]')
+            await expect(state).to_have_text("running")
+        endpoint = services.locator('li[data-endpoint="web:8080"]')
+        href = f"http://{port['host']}:{port['host_port']}"
+        await expect(endpoint).to_have_text(f"web:8080 → {href}")
+        link = endpoint.get_by_role("link")
+        await expect(link).to_have_attribute("href", href)
+        await expect(link).to_have_attribute("target", "_blank")
+        await expect(link).to_have_attribute("rel", re.compile(r"\bnoopener\b"))
+        await browser.screenshot("dashboard-services.png")
+        await browser.check_clean()
+    finally:
+        await end_compose(svc, sid)
+
+
+async def test_endpoint_links_bracket_ipv6_and_udp_is_text(
+    api: RunningService, browser: Browser
+) -> None:
+    """The link builder (usage.js) on its own, in the page's own module."""
+    page = await open_dashboard(browser, api.url)
+    made = await page.evaluate(
+        """async () => {
+          const { endpointUrl, endpointList } = await import("/ui/usage.js");
+          const list = endpointList({ endpoints: [
+            { service: "dns", container_port: 53, protocol: "udp", host: "::1", host_port: 5353 },
+            { service: "web", container_port: 80, protocol: "tcp", host: "::1", host_port: 8080 },
+            { service: "odd", container_port: 80, protocol: "tcp", host: "a/b@c", host_port: 1 },
+          ] });
+          return {
+            v6: endpointUrl({ host: "fd00::5", host_port: 80 }),
+            v4: endpointUrl({ host: "10.0.0.2", host_port: 443 }),
+            badPort: endpointUrl({ host: "10.0.0.2", host_port: 70000 }),
+            items: [...list.querySelectorAll("li")].map((li) => li.textContent),
+            links: [...list.querySelectorAll("a")].map((a) => a.getAttribute("href")),
+          };
+        }"""
+    )
+    assert made == {
+        "v6": "http://[fd00::5]:80",
+        "v4": "http://10.0.0.2:443",
+        "badPort": None,
+        "items": [
+            "dns:53 → [::1]:5353/udp",
+            "web:80 → http://[::1]:8080",
+            "odd:80 → a/b@c:1/tcp",
+        ],
+        "links": ["http://[::1]:8080"],
+    }
+    await browser.check_clean()
+
+
+async def record_command(
+    store: JetStreamEventStore,
+    sandbox_id: str,
+    command_id: str,
+    *,
+    argv: list[str] | None = None,
+    shell: str | None = None,
+    exit_code: int | None = None,
+    outcome: str | None = None,
+) -> None:
+    """CommandStarted, or (with an outcome) CommandFinished, as the exec route records
+    them, appended at the sandbox's current version."""
+    meta = EventMeta(actor="token:ci", correlation_id="dashboard-test")
+    event: Event
+    if outcome is None:
+        event = CommandStarted(
+            **envelope(sandbox_id, meta),
+            command_id=command_id,
+            argv=argv or [],
+            shell=shell,
+            timeout_seconds=60.0,
+        )
+    else:
+        event = CommandFinished(
+            **envelope(sandbox_id, meta),
+            command_id=command_id,
+            outcome=outcome,
+            exit_code=exit_code,
+            duration_seconds=1.25,
+            stdout_bytes=3,
+            stdout_sha256="0" * 64,
+            stderr_bytes=0,
+            stderr_sha256="0" * 64,
+        )
+    await store.append([event], await store.version(Aggregate.of(event)))
+
+
+async def test_recent_commands_follow_the_stream(
+    api: RunningService, browser: Browser, store: JetStreamEventStore
+) -> None:
+    made = await create(api.http, api.url)
+    sid = made["id"]
+    await wait_state(api.http, api.url, sid, {"ready"})
+    page = await open_sandbox(browser, api.url, sid)
+    commands = page.locator("section.commands")
+    await expect(commands.locator("tbody")).to_contain_text("no commands run")
+
+    await record_command(store, sid, "cmd-1", argv=["make", "test"])
+    first = commands.locator('tr[data-command="cmd-1"]')
+    await expect(first.locator('[data-col="command"]')).to_have_text("make test")
+    await expect(first.locator('[data-col="exit"]')).to_have_text("running…")
+    await expect(first).to_contain_text("token:ci")
+    await record_command(store, sid, "cmd-1", outcome="exited", exit_code=0)
+    await expect(first.locator('[data-col="exit"]')).to_have_text("0")
+    await expect(first.locator('[data-col="exit"]')).to_have_class(re.compile("pill-ok"))
+    await expect(first).to_contain_text("1.25 s")
+
+    script = "for i in 1 2 3; do echo step $i; done; " + "x" * 200
+    await record_command(store, sid, "cmd-2", shell=script)
+    await record_command(store, sid, "cmd-2", outcome="exited", exit_code=3)
+    await record_command(store, sid, "cmd-3", argv=["sleep", "99"])
+    await record_command(store, sid, "cmd-3", outcome="timeout")
+    second = commands.locator('tr[data-command="cmd-2"]')
+    await expect(second.locator('[data-col="exit"]')).to_have_text("3")
+    await expect(second.locator('[data-col="exit"]')).to_have_class(re.compile("pill-bad"))
+    await expect(second.locator('[data-col="command"]')).to_have_attribute("title", script)
+    shown = await second.locator('[data-col="command"]').inner_text()
+    assert shown.endswith("…") and len(shown) == 80 and script.startswith(shown[:-1])
+    third = commands.locator('tr[data-command="cmd-3"]')
+    await expect(third.locator('[data-col="exit"]')).to_have_text("timeout")
+    # newest first, and the count of every command run
+    await expect(commands.locator("tbody tr")).to_have_count(3)
+    assert await commands.locator("tbody tr").evaluate_all(
+        "rows => rows.map((r) => r.dataset.command)"
+    ) == ["cmd-3", "cmd-2", "cmd-1"]
+    await expect(commands.locator('[data-col="commands-run"]')).to_have_text("(3 run)")
+    await browser.check_clean()
+
+
+LOG_LINES = [
+    {"service": "web", "stream": "stdout", "line": "GET / 200"},
+    {"service": "web", "stream": "stderr", "line": "<b>not markup</b>"},
+    {"service": "db", "stream": "stdout", "line": "ready to accept connections"},
+]
+
+
+async def test_logs_panel_reads_ndjson_with_the_token_and_says_when_there_are_none(
+    api: RunningService, browser: Browser
+) -> None:
+    """The panel against the logs contract (the answer played by the browser, so this
+    runs whatever the server has): lines as text, stderr marked, the service as a prefix
+    for "all", the query and the bearer token; 409 not_capable says there are no logs."""
+    made = await create(api.http, api.url)
+    sid = made["id"]
+    await wait_state(api.http, api.url, sid, {"ready"})
+    asked: list[Request] = []
+    capable = True
+
+    async def logs(route: Route) -> None:
+        asked.append(route.request)
+        if capable:
+            body = "".join(json.dumps(line) + "\n" for line in LOG_LINES)
+            await route.fulfill(status=200, content_type="application/x-ndjson", body=body)
+        else:
+            error = {"status": 409, "code": "not_capable", "message": "no logs"}
+            await route.fulfill(status=409, json={"error": error})
+
+    page = browser.page
+    await page.route(re.compile(rf"/v1/sandboxes/{sid}/logs\?"), logs)
+    page = await open_sandbox(browser, api.url, sid)
+    pre = page.locator("pre.logs")
+    await expect(pre.locator(".log-line")).to_have_text(
+        ["web | GET / 200", "web | <b>not markup</b>", "db | ready to accept connections"]
+    )
+    await expect(pre.locator(".log-stderr")).to_have_count(1)
+    await expect(pre.locator("b")).to_have_count(0)  # text, never markup
+    query = urlsplit(asked[0].url).query
+    assert sorted(query.split("&")) == ["follow=1", "tail=200"]  # "all": no service
+    assert asked[0].headers.get("accept") == "application/x-ndjson"
+
+    await page.get_by_label("service").select_option("instance")
+    await expect(pre.locator(".log-line").first).to_have_text("GET / 200")  # no prefix
+    assert "service=instance" in urlsplit(asked[-1].url).query
+
+    capable = False
+    await page.get_by_label("Follow").uncheck()
+    await page.get_by_label("Follow").check()
+    await expect(page.locator('[data-col="log-note"]')).to_have_text(
+        "this sandbox's extension has no logs"
+    )
+    await expect(pre).to_be_hidden()
+    await expect(page.locator("#error")).to_be_hidden()
+    await browser.check_clean()
+
+
+async def test_logs_panel_sends_the_token(start_service: StartService, browser: Browser) -> None:
+    svc = await start_service(SANDBOXER_TOKENS=yaml.safe_dump(TOKENS))
+    async with svc.http.post(
+        f"{svc.url}/v1/sandboxes", json={"profile": "profile.saas-stub"}, headers=ADMIN
+    ) as r:
+        assert r.status == 202
+        sid = (await r.json())["id"]
+    await wait_state_as(svc, sid)
+    asked: list[Request] = []
+
+    async def logs(route: Route) -> None:
+        asked.append(route.request)
+        await route.fulfill(status=200, content_type="application/x-ndjson", body="")
+
+    page = browser.page
+    await page.route(re.compile(rf"/v1/sandboxes/{sid}/logs\?"), logs)
+    await page.goto(f"{svc.url}/#/sandboxes/{sid}")
+    await page.locator("#login-token").fill("admin-token-0123456789")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator('[data-col="log-status"]')).to_have_text("ended")
+    assert asked and asked[0].headers.get("authorization") == ADMIN["Authorization"]
+    await browser.check_clean()
+
+
+async def wait_state_as(svc: RunningService, sandbox_id: str) -> None:
+    """Until the sandbox is ready, asked with the admin token."""
+    seq = 0
+    while True:
+        async with svc.http.get(
+            f"{svc.url}/v1/sandboxes/{sandbox_id}",
+            params={"wait": "10", "after_seq": str(seq)},
+            headers=ADMIN,
+        ) as r:
+            view = await r.json()
+        if view["state"] == "ready":
+            return
+        assert not view["terminal"], view
+        seq = view["last_seq"]
+
+
+@needs_exec
+async def test_an_exec_through_the_api_shows_in_recent_commands(
+    api: RunningService, browser: Browser
+) -> None:
+    made = await create(api.http, api.url)
+    sid = made["id"]
+    await wait_state(api.http, api.url, sid, {"ready"})
+    page = await open_sandbox(browser, api.url, sid)
+    async with api.http.post(
+        f"{api.url}/v1/sandboxes/{sid}/exec", json={"argv": ["echo", "hi"]}
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        frames = [json.loads(line) for line in (await resp.text()).splitlines() if line]
+    (done,) = [f for f in frames if f["type"] == "exit"]
+    assert (done["outcome"], done["exit_code"]) == ("exited", 0)
+    line = page.locator(f'section.commands tr[data-command="{done["command_id"]}"]')
+    await expect(line.locator('[data-col="command"]')).to_have_text("echo hi")
+    await expect(line.locator('[data-col="exit"]')).to_have_text("0")
+    await expect(line.locator('[data-col="exit"]')).to_have_class(re.compile("pill-ok"))
+    await expect(page.locator('section.commands [data-col="commands-run"]')).to_have_text("(1 run)")
+    await browser.check_clean()
+
+
+@needs_logs
+@pytest.mark.timeout(300)
+async def test_logs_panel_follows_a_compose_service(
+    start_service: StartService, podman: Podman, browser: Browser, tmp_path: Path
+) -> None:
+    svc, ready = await compose_sandbox(start_service, podman, tmp_path)
+    sid = ready["id"]
+    try:
+        page = await open_sandbox(browser, svc.url, sid)
+        pre = page.locator("pre.logs")
+        status = page.locator('[data-col="log-status"]')
+        await expect(status).to_have_text("following")
+        await expect(pre).to_contain_text("talker | tick")
+        await page.get_by_label("service").select_option("talker")
+        await expect(pre.locator(".log-stdout").first).to_contain_text("tick")
+        await expect(pre.locator(".log-stderr").first).to_contain_text("warn")
+        # following: lines written after the page asked keep coming
+        count = await pre.locator(".log-line").count()
+        await expect(pre.locator(".log-line").nth(count + 3)).to_be_attached()
+        await expect(pre).not_to_contain_text("talker | ")  # one service: no prefix
+        await page.get_by_label("Follow").uncheck()
+        await expect(status).to_have_text("stopped")
+        await browser.check_clean()
+    finally:
+        await end_compose(svc, sid)
+
+
+async def test_logs_panel_keeps_2000_lines_and_aborts_when_unfollowed_or_left(
+    api: RunningService, browser: Browser
+) -> None:
+    made = await create(api.http, api.url)
+    sid = made["id"]
+    await wait_state(api.http, api.url, sid, {"ready"})
+    held: list[Route] = []
+
+    async def logs(route: Route) -> None:
+        if "service=instance" in route.request.url:
+            lines = (
+                {"service": "instance", "stream": "stdout", "line": f"n{i}"} for i in range(2100)
+            )
+            body = "".join(json.dumps(line) + "\n" for line in lines)
+            await route.fulfill(status=200, content_type="application/x-ndjson", body=body)
+        else:
+            held.append(route)  # never answered: the page is still waiting when it aborts
+
+    page = browser.page
+    await page.route(re.compile(rf"/v1/sandboxes/{sid}/logs\?"), logs)
+    page = await open_sandbox(browser, api.url, sid)
+    status = page.locator('[data-col="log-status"]')
+    await expect(status).to_have_text("connecting")
+    async with page.expect_event("requestfailed") as unfollowed:
+        await page.get_by_label("Follow").uncheck()
+    assert "/logs?" in (await unfollowed.value).url
+    await expect(status).to_have_text("stopped")
+
+    await page.get_by_label("service").select_option("instance")
+    pre = page.locator("pre.logs")
+    await expect(pre.locator(".log-line").last).to_have_text("n2099")
+    await expect(pre.locator(".log-line")).to_have_count(2000)
+    await expect(pre.locator(".log-line").first).to_have_text("n100")
+    at_bottom = "p => p.scrollTop + p.clientHeight >= p.scrollHeight - 4"
+    assert await pre.evaluate(at_bottom), "it follows the end"
+
+    await page.get_by_label("service").select_option("")  # "all" again: held open
+    await expect(status).to_have_text("connecting")
+    async with page.expect_event("requestfailed") as left:
+        await page.get_by_role("link", name="← Sandboxes").click()
+    assert "/logs?" in (await left.value).url
+    await expect(page.locator("#sandboxes")).to_be_visible()
+    await browser.check_clean()

@@ -54,6 +54,9 @@ CHAIN_STARTS = {
     "RestoreRequested",
     "CheckpointDeleted",  # by the API (retention after the end: a timer)
     "CreditsGranted",  # by the API, or the starter grant
+    "CommandStarted",  # exec, and file transfers, by the API
+    "FileUploaded",
+    "FileDownloaded",
     "WebhookRegistered",
     "WebhookRemoved",
     "OrphanFound",  # a sweep
@@ -325,6 +328,16 @@ async def produce_everything(
         json={"checkpoint": ckpt["id"]},
     )  # fmt: skip
     await wait_state(http, url, a, {"ready"})
+    # Using it: a command (started, finished) and a file in and out.
+    async with http.post(f"{api}/sandboxes/{a}/exec", json={"argv": ["echo", "contract"]}) as resp:
+        assert resp.status == 200, await resp.text()
+        frames = [json.loads(line) async for line in resp.content if line.strip()]
+        assert frames[-1]["exit_code"] == 0, frames
+    files = f"{api}/sandboxes/{a}/files"
+    async with http.put(files, params={"path": "/note.txt"}, data=b"kept") as resp:
+        assert resp.status == 201, await resp.text()
+    async with http.get(files, params={"path": "/note.txt"}) as resp:
+        assert resp.status == 200 and await resp.read() == b"kept"
     # The vendor's instance record turns into a directory: the restore cannot write it.
     instance = vendor / f"{a}.json"
     instance.unlink()

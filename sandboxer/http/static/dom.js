@@ -84,3 +84,11 @@ export async function act(button, action) {
     button.disabled = false;
   }
 }
+
+// A sandbox's labels ({key: value}) as "key=value" chips, or null when it has none.
+export function labelChips(labels) {
+  const pairs = Object.entries(labels ?? {}).sort(([a], [b]) => a.localeCompare(b));
+  if (!pairs.length) return null;
+  return h("span", { class: "chips", dataset: { col: "labels" } },
+    pairs.map(([key, value]) => h("span", { class: "chip", dataset: { label: key } }, `${key}=${value}`)));
+}

@@ -1,10 +1,13 @@
-// One sandbox: its facts, its event timeline, checkpoints and ledger entries, all
-// following the event stream; actions destroy, checkpoint and restore.
+// One sandbox: its facts and labels, its services with their health and endpoints, the
+// commands run in it, its logs (followed), its event timeline, checkpoints and ledger
+// entries, all following the event stream; actions destroy, checkpoint and restore.
 
 import { api } from "./api.js";
-import { DASH, act, age, badge, h, showError, table, time, ttlLeft } from "./dom.js";
+import { DASH, act, age, badge, h, labelChips, showError, table, time, ttlLeft } from "./dom.js";
+import { LogsPanel } from "./logs.js";
 import { destroyButton, progress, validation } from "./sandboxes.js";
 import { parseSubject } from "./stream.js";
+import { commandsTable, endpointList, servicesTable } from "./usage.js";
 
 const ENVELOPE = new Set([
   "type", "event_id", "aggregate_id", "occurred_at", "actor",
@@ -18,9 +21,11 @@ function isEmpty(value) {
 }
 
 function text(value) {
-  if (Array.isArray(value)) return value.join(", ");
+  if (value === null || value === undefined) return DASH;
+  if (Array.isArray(value)) return value.map(text).join(", ");
   if (typeof value === "object") {
-    return Object.entries(value).map(([name, v]) => `${name}: ${text(v)}`).join(", ");
+    const inner = Object.entries(value).filter(([, v]) => !isEmpty(v)).map(([name, v]) => `${name}: ${text(v)}`).join(", ");
+    return `{${inner}}`;
   }
   return String(value);
 }
@@ -55,13 +60,20 @@ export function mountSandbox(root, { sandboxes, stream }, id) {
   let checkpoints = [];
   let firstSeq = null;
 
+  let logs = null; // the LogsPanel while the sandbox is ready
+
   const head = h("section", { class: "head" });
+  const servicesBox = h("section", { class: "services" });
+  const commandsBox = h("section", { class: "commands" });
+  const logsBox = h("div", { hidden: true });
   const timelineBox = h("section");
   const checkpointBox = h("section");
   const ledgerBox = h("section");
   root.replaceChildren(
     h("p", {}, h("a", { href: "#/" }, "← Sandboxes")),
     head,
+    h("div", { class: "columns" }, servicesBox, commandsBox),
+    logsBox,
     h("div", { class: "columns" }, h("div", {}, checkpointBox, ledgerBox), timelineBox),
   );
 
@@ -93,8 +105,7 @@ export function mountSandbox(root, { sandboxes, stream }, id) {
         ["validation", validation(s)],
         ["route", s.route_reason],
         ["reason", s.reason],
-        ["services", services(s)],
-        ["endpoints", endpoints(s)],
+        ["labels", labelChips(s.labels)],
         ["handle", Object.keys(s.handle).length ? details(s.handle) : null],
         ["inputs", Object.keys(s.inputs).length ? details(s.inputs) : null],
         ["credits held", s.metered ? String(s.credits_held) : "not metered"],
@@ -103,21 +114,34 @@ export function mountSandbox(root, { sandboxes, stream }, id) {
     );
   }
 
-  function services(s) {
-    const states = s.service_states || [];
-    if (!states.length) return s.services.length ? s.services.join(", ") : null;
-    return h("span", { dataset: { col: "services" } }, ...states.map((st, i) => h("span", {},
-      i ? ", " : "", `${st.service} `,
-      h("span", { class: `svc ${st.state === "running" && st.health !== "unhealthy" ? "ok" : "bad"}` },
-        st.state + (st.health && st.health !== "none" ? ` (${st.health})` : "")
-          + (st.exit_code !== null && st.exit_code !== undefined && st.state !== "running" ? ` ${st.exit_code}` : "")))));
+  function renderUsage() {
+    const s = sandboxes.get(id);
+    if (!s) return;
+    servicesBox.replaceChildren(h("h2", {}, "Services"), servicesTable(s), h("h2", {}, "Endpoints"), endpointList(s));
+    const shown = s.commands?.length ?? 0;
+    const count = s.commands_run > shown ? `${s.commands_run} run, the last ${shown} shown` : `${s.commands_run ?? 0} run`;
+    commandsBox.replaceChildren(
+      h("h2", {}, "Recent commands ", h("span", { class: "muted", dataset: { col: "commands-run" } }, `(${count})`)),
+      commandsTable(s));
   }
 
-  function endpoints(s) {
-    const ports = s.endpoints || [];
-    if (!ports.length) return null;
-    return h("span", { dataset: { col: "endpoints" } }, ...ports.map((p, i) => h("span", { class: "mono" },
-      i ? ", " : "", `${p.service} ${p.container_port}/${p.protocol} → ${p.host}:${p.host_port}`)));
+  // The logs panel is offered while the sandbox is ready, and gone once it ends.
+  function syncLogs() {
+    const s = sandboxes.get(id);
+    if (s?.state === "ready" && !logs) {
+      logs = new LogsPanel(id);
+      logs.setServices(s.services);
+      logsBox.replaceChildren(logs.element);
+      logsBox.hidden = false;
+      logs.start();
+    } else if (logs && s && (s.terminal || s.state === "tearing_down")) {
+      logs.stop("ended");
+      logs = null;
+      logsBox.replaceChildren();
+      logsBox.hidden = true;
+    } else if (logs && s) {
+      logs.setServices(s.services);
+    }
   }
 
   function tick() {
@@ -192,6 +216,8 @@ export function mountSandbox(root, { sandboxes, stream }, id) {
     events.events.forEach(addEvent(timeline));
     firstSeq = events.events[0]?.seq ?? null;
     renderHead();
+    renderUsage();
+    syncLogs();
     renderTimeline();
     await Promise.all([loadCheckpoints(), loadLedger(sandbox.account)]);
   }
@@ -211,6 +237,8 @@ export function mountSandbox(root, { sandboxes, stream }, id) {
   }
 
   renderHead();
+  renderUsage();
+  syncLogs();
   renderTimeline();
   renderCheckpoints();
   renderLedger();
@@ -218,6 +246,8 @@ export function mountSandbox(root, { sandboxes, stream }, id) {
   const unsubscribeRows = sandboxes.subscribe((s) => {
     if (s.id !== id) return;
     renderHead();
+    renderUsage();
+    syncLogs();
     renderCheckpoints(); // restore buttons follow the sandbox's state
   });
   const timer = setInterval(tick, 1000);
@@ -229,5 +259,6 @@ export function mountSandbox(root, { sandboxes, stream }, id) {
     unsubscribeStream();
     unsubscribeRows();
     clearInterval(timer);
+    logs?.stop();
   };
 }

@@ -2,7 +2,7 @@
 // event stream moves them; age and TTL left tick every second.
 
 import { api } from "./api.js";
-import { DASH, act, age, badge, h, ttlLeft } from "./dom.js";
+import { DASH, act, age, badge, h, labelChips, ttlLeft } from "./dom.js";
 
 let liveOnly = false; // "hide finished", kept while the tab lives
 
@@ -55,6 +55,7 @@ export function mountSandboxes(root, { sandboxes }) {
       h("td", {}, s.profile),
       h("td", {}, s.extension),
       h("td", {}, s.account),
+      h("td", {}, labelChips(s.labels)),
       h("td", {}, s.host ?? DASH),
       h("td", { dataset: { col: "age" } }, age(s.created_at)),
       h("td", { dataset: { col: "ttl" } }, ttlLeft(s)),
@@ -100,7 +101,7 @@ export function mountSandboxes(root, { sandboxes }) {
     h(
       "table",
       { id: "sandboxes" },
-      h("thead", {}, h("tr", {}, ["Sandbox", "State", "Profile", "Extension", "Account", "Host", "Age", "TTL left", "Validation", ""].map((t) => h("th", {}, t)))),
+      h("thead", {}, h("tr", {}, ["Sandbox", "State", "Profile", "Extension", "Account", "Labels", "Host", "Age", "TTL left", "Validation", ""].map((t) => h("th", {}, t)))),
       tbody,
     ),
     empty,
