@@ -273,7 +273,9 @@ class AsyncClient:
             if len(page.events) < c.MAX_PAGE:
                 break
         if follow:
-            async for event in self.event_stream(sandbox=sandbox, after_seq=after, types=types):
+            async for event in self.event_stream(
+                sandbox=sandbox, after_seq=after, types=types, reconnect=True
+            ):
                 yield event
 
     async def event_stream(
@@ -282,10 +284,11 @@ class AsyncClient:
         sandbox: str | None = None,
         after_seq: int = 0,
         types: Sequence[str] | None = None,
+        reconnect: bool = False,
     ) -> AsyncIterator[EventOut]:
         last = str(after_seq)
         params = c.clean({"sandbox": sandbox, "type": ",".join(types) if types else None})
-        connected = False
+        connected = reconnect
         while True:
             parser = c.SSEParser()
             try:

@@ -278,7 +278,9 @@ class Client:
             if len(page.events) < c.MAX_PAGE:
                 break
         if follow:
-            yield from self.event_stream(sandbox=sandbox, after_seq=after, types=types)
+            yield from self.event_stream(
+                sandbox=sandbox, after_seq=after, types=types, reconnect=True
+            )
 
     def event_stream(
         self,
@@ -286,12 +288,15 @@ class Client:
         sandbox: str | None = None,
         after_seq: int = 0,
         types: Sequence[str] | None = None,
+        reconnect: bool = False,
     ) -> Iterator[EventOut]:
         """The live Server-Sent Events stream after `after_seq`, reconnecting (with
-        Last-Event-ID) when it drops; the first connection's failure is raised."""
+        Last-Event-ID) when it drops, until the caller stops iterating. The first
+        connection's failure is raised, unless `reconnect` (then it is retried too:
+        `events(follow=True)` has reached the server already)."""
         last = str(after_seq)
         params = c.clean({"sandbox": sandbox, "type": ",".join(types) if types else None})
-        connected = False
+        connected = reconnect
         while True:
             parser = c.SSEParser()
             try:

@@ -373,12 +373,17 @@ def test_the_event_stream_resumes_across_a_server_restart(tmp_path: Path) -> Non
                     got.put(exc)
 
             thread = threading.Thread(target=reader, daemon=True)
-            thread.start()  # on the live stream now, waiting for the next event
+            thread.start()
+            # An event on the live stream: the reader is connected (a stream the server
+            # had not registered yet when SIGTERM came could hold its shutdown).
+            client.create_checkpoint(sid, wait=True)
+            live = got.get(timeout=60)
+            assert not isinstance(live, Exception), live
             assert first.stop() == 0
             second = Server(tmp_path, port=first.port)
             with Client(second.url) as other:
                 other.destroy(sid)
-            later = []
+            later = [live]
             while not later or later[-1].event["type"] != "TornDown":
                 item = got.get(timeout=60)
                 assert not isinstance(item, Exception), item
