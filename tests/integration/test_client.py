@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import io
 import queue
+import sys
 import threading
 from pathlib import Path
 
@@ -345,8 +346,27 @@ async def test_compose_local_exec_files_and_logs(
             assert await sbx.get_file("/tmp/note.txt", service="worker") == b"note\n"
             cat = await sbx.exec(["cat", "/tmp/note.txt"], service="worker")
             assert cat.stdout == "note\n"
+            # a line in the worker's own log: written to its PID 1's stdout
+            await sbx.exec("echo logged-line > /proc/1/fd/1", service="worker")
             lines = [line async for line in sbx.logs(tail=50)]
             assert all(line.service in ("web", "worker") for line in lines)
+            assert any(ln.service == "worker" and "logged-line" in ln.line for ln in lines)
+            only = [line async for line in sbx.logs(service="worker", tail=5)]
+            assert only and {line.service for line in only} == {"worker"}
+            # the CLI on the same client: exec passes the streams through, logs prefixes
+            # each line with its service when there are several
+            run = await cli_run(
+                api.url,
+                "exec",
+                sbx.id,
+                "--service",
+                "worker",
+                "--shell",
+                "echo out; echo err >&2; exit 5",
+            )
+            assert run == (5, "out\n", "err\n")
+            code, out, _ = await cli_run(api.url, "logs", sbx.id, "--tail", "20")
+            assert code == 0 and "worker | logged-line" in out
 
 
 def test_the_event_stream_resumes_across_a_server_restart(tmp_path: Path) -> None:
@@ -396,3 +416,20 @@ def test_the_event_stream_resumes_across_a_server_restart(tmp_path: Path) -> Non
         for server in (first, second):
             if server is not None and server.proc.poll() is None:
                 server.stop()
+
+
+async def cli_run(url: str, *args: str) -> tuple[int, str, str]:
+    """`sandboxer --url URL ARGS...` as a subprocess (the service runs in this loop)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sandboxer",
+        "--url",
+        url,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
