@@ -11,6 +11,7 @@ import io
 import queue
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from sandboxer.client import (
     SandboxFailed,
     Unauthorized,
 )
-from sandboxer.wire import ExecExit, ExecStarted, ExecStdout, SandboxOut
+from sandboxer.wire import ExecExit, ExecStarted, ExecStdout, LogLine, SandboxOut
 from tests.conftest import RunningService, StartService
 from tests.infra import Podman
 
@@ -353,6 +354,20 @@ async def test_compose_local_exec_files_and_logs(
             assert any(ln.service == "worker" and "logged-line" in ln.line for ln in lines)
             only = [line async for line in sbx.logs(service="worker", tail=5)]
             assert only and {line.service for line in only} == {"worker"}
+            # followed: a line written meanwhile arrives on it (`since` covers a line
+            # written before the stream is open, so the order does not matter)
+            follow = sbx.logs(service="worker", follow=True, since=time.time() - 60)
+
+            async def until_seen() -> LogLine:
+                async for line in follow:
+                    if "followed-line" in line.line:
+                        return line
+                raise AssertionError("the followed log ended first")
+
+            seen = asyncio.ensure_future(until_seen())
+            await sbx.exec("echo followed-line > /proc/1/fd/1", service="worker")
+            assert (await asyncio.wait_for(seen, 60)).service == "worker"
+            await follow.aclose()
             # the CLI on the same client: exec passes the streams through, logs prefixes
             # each line with its service when there are several
             run = await cli_run(
