@@ -930,18 +930,23 @@ class ComposeAdapter:
                 await on_output(name, stream, data)
 
             argv = [*host.engine_cmd, "logs", *options, container]
-            await host.transport.run_streaming(
-                argv,
-                OutputBuffer(passed, keep=0),
-                env={TAG_NAME: tokens[name]},
-                timeout=LOGS_TIMEOUT,
+            output = OutputBuffer(passed, keep=4096)  # a tail, for the error below
+            code = await host.transport.run_streaming(
+                argv, output, env={TAG_NAME: tokens[name]}, timeout=LOGS_TIMEOUT
             )
+            if code != 0:
+                tail = output.text("stderr").strip().splitlines()[-1:] or [""]
+                raise ExtensionError(
+                    f"{self.what}: logs of {name} ended with exit {code}: {tail[0][:300]}"
+                )
 
+        tasks = [asyncio.ensure_future(one(name, c)) for name, c in containers.items()]
         try:
-            async with asyncio.TaskGroup() as group:
-                for name, container in containers.items():
-                    group.create_task(one(name, container))
+            await asyncio.gather(*tasks)  # the first failure as itself, not in a group
         except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if follow:
                 await asyncio.shield(
                     asyncio.gather(*(self._stop_tagged(host, t, "") for t in tokens.values()))

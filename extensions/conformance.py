@@ -246,16 +246,22 @@ class ExtensionConformance:
         self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
     ) -> None:
         """Cancelling the awaiting task of a long command re-raises CancelledError
-        within ~5 s (the adapter stops the command where it runs)."""
+        within ~5 s, and the command is stopped where it runs: what it would have done
+        later never happens."""
         async with self._ready(extension, make_context, leftovers) as (raw, ctx, handle):
             adapter = cast(Commanding, raw)
-            task = asyncio.ensure_future(adapter.exec(ctx, handle, ["sleep", "60"], timeout=120))
+            late = ["sh", "-c", "sleep 1.5; touch cancelled-but-ran"]
+            task = asyncio.ensure_future(adapter.exec(ctx, handle, late, timeout=120))
             await asyncio.sleep(0.5)  # let it start; cancelling earlier must work too
             started = time.monotonic()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await self._run(task)
             assert time.monotonic() - started < 8
+            # a negative check: wait past the time the command would have acted
+            await self._run(adapter.exec(ctx, handle, ["sleep", "2"]))
+            ran = await self._run(adapter.exec(ctx, handle, ["ls", "cancelled-but-ran"]))
+            assert ran.exit_code != 0, "the cancelled command went on running"
             after = await self._run(adapter.exec(ctx, handle, ["echo", "still here"]))
             assert after.stdout == "still here\n"
 

@@ -34,7 +34,7 @@ def new_tag() -> str:
 STOP_TAGGED = r"""
 set -u
 token=$1; container=$2; shift 2
-tagged() {
+tagged() {  # "$@": the engine command
   if [ -n "$container" ]; then
     list=$("$@" top "$container" hpid 2>/dev/null | sed 1d) || list=""
   else
@@ -47,7 +47,7 @@ tagged() {
     fi
   done
 }
-pids=$(tagged)
+pids=$(tagged "$@")
 [ -n "$pids" ] || exit 0
 kill -TERM $pids 2>/dev/null
 i=0
@@ -58,7 +58,7 @@ while [ $i -lt 20 ]; do
   sleep 0.1
   i=$((i + 1))
 done
-pids=$(tagged)
+pids=$(tagged "$@")
 [ -z "$pids" ] || kill -KILL $pids 2>/dev/null
 exit 0
 """

@@ -84,7 +84,10 @@ async def _simulate(argv: Sequence[str], env: Mapping[str, str], output: OutputB
     """argv as one simulated command, or `sh -c SCRIPT`: simulated commands joined by
     `;`, newlines and `&&`, with `$NAME` taken from env."""
     if list(argv[:2]) != ["sh", "-c"] or len(argv) < 3:
-        return await _simulate_one(list(argv), output)
+        try:
+            return await _simulate_one(list(argv), output)
+        except _Exit as stop:  # `exit N` given as argv
+            return stop.code
     lexer = shlex.shlex(argv[2].replace("\n", ";"), posix=True, punctuation_chars=";&>")
     lexer.whitespace_split = True
     statements: list[tuple[str, list[str]]] = [(";", [])]

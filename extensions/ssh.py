@@ -247,7 +247,7 @@ class SSHPool:
             finally:
                 if proc.returncode is None:  # timed out or cancelled: stop it
                     try:
-                        proc.send_signal("KILL")  # sshd may not honour it; closing follows
+                        proc.send_signal("TERM")  # the caller stops what is left (tagged)
                     except (OSError, asyncssh.Error):
                         pass
                     proc.close()

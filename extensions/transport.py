@@ -266,6 +266,16 @@ class LocalTransport:
                 proc.kill()
             await proc.wait()
 
+    @classmethod
+    async def _terminate(cls, proc: asyncio.subprocess.Process, grace: float = 2.0) -> None:
+        """TERM to the process group, KILL what is left after `grace` seconds."""
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
+        await cls._stop(proc)
+
     async def run(
         self,
         argv: Sequence[str],
@@ -332,7 +342,7 @@ class LocalTransport:
                 )
                 code = await proc.wait()
             finally:
-                await self._stop(proc)  # timed out or cancelled: the whole group
+                await self._terminate(proc)  # timed out or cancelled: the whole group
         return code if code >= 0 else 128 - code
 
     async def stream_to_file(

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SendFrame = Callable[[ExecFrame], Awaitable[None]]
 Handle = Callable[[AnyCommand], Awaitable[Outcome]]
 Alive = Callable[[], bool]
+FRAME_BYTES = 32 * 1024  # the most output one frame carries (a JSON line stays < 200 KiB)
 STOPPED = {"destroyed": "the sandbox was destroyed", "disconnected": "the caller went away"}
 
 
@@ -165,10 +166,11 @@ class CommandRunner:
                     stop("disconnected")
 
             async def on_output(stream: str, data: bytes) -> None:
-                text, b64 = digests[stream].add(data)
-                if text or b64 is not None:
-                    kind = ExecStdout if stream == "stdout" else ExecStderr
-                    await deliver(kind(data=text, b64=b64))
+                kind = ExecStdout if stream == "stdout" else ExecStderr
+                for at in range(0, len(data), FRAME_BYTES):  # lines stay short
+                    text, b64 = digests[stream].add(data[at : at + FRAME_BYTES])
+                    if text or b64 is not None:
+                        await deliver(kind(data=text, b64=b64))
 
             await deliver(ExecStarted(command_id=command.command_id, seq=started_seq))
             result: CommandResult = await target.adapter.exec(

@@ -15,6 +15,8 @@ from extensions import (
     Commanding,
     CommandRefused,
     ExtensionRegistry,
+    FileRefused,
+    FileTransferring,
     LoadedExtension,
     RuntimeInfo,
     StepContext,
@@ -281,3 +283,38 @@ class TestVmPackerConformance(ExtensionConformance):
         finally:
             await extension.adapter.teardown(ctx, handle)
         assert await leftovers("sbx-commands") == []
+
+    async def test_files_stay_in_the_workspace(
+        self,
+        extension: LoadedExtension,
+        make_context: Callable[[str, dict[str, Any]], StepContext],
+        leftovers: Leftovers,
+        vm_root: Path,
+        tmp_path: Path,
+    ) -> None:
+        """put_file/get_file with the workspace as the root: a link out of it is
+        refused both ways (nothing planted outside), a name with unicode works."""
+        files = cast(FileTransferring, extension.adapter)
+        ctx = make_context("sbx-files", {})
+        handle = await extension.adapter.provision(ctx)
+        try:
+            workspace = vm_root / "build" / "sbx-files"
+            secret = tmp_path / "secret.txt"
+            secret.write_text("not yours\n")
+            (workspace / "out").symlink_to(secret)
+            (workspace / "out-dir").symlink_to(tmp_path)
+            source = tmp_path / "up.txt"
+            source.write_text("ünï\n")
+            with pytest.raises(FileRefused, match="leads out"):
+                await files.get_file(ctx, handle, "/out", max_bytes=100)
+            with pytest.raises(FileRefused, match="leads out"):
+                await files.put_file(ctx, handle, "out-dir/planted.txt", source)
+            assert not (tmp_path / "planted.txt").exists()
+            await files.put_file(ctx, handle, "dir/ünï.txt", source)
+            stream = await files.get_file(ctx, handle, "/dir/ünï.txt", max_bytes=100)
+            assert b"".join([c async for c in stream.chunks]) == "ünï\n".encode()
+            with pytest.raises(CommandRefused, match="no services"):
+                await files.get_file(ctx, handle, "dir/ünï.txt", service="web", max_bytes=9)
+        finally:
+            await extension.adapter.teardown(ctx, handle)
+        assert await leftovers("sbx-files") == []
