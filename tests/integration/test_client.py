@@ -202,6 +202,7 @@ async def test_exec_argv_shell_streaming_and_outcomes(api: RunningService) -> No
             assert r.stdout_sha256 == hashlib.sha256(r.stdout_raw).hexdigest()
             assert r.command_id.startswith("cmd-")
             assert sbx.exec(["false"]).exit_code == 1
+            assert sbx.exec(["exit", "3"]).exit_code == 3
             assert sbx.exec("exit 4").exit_code == 4, "a str is a shell script"
             timed = sbx.exec(["sleep", "5"], timeout_seconds=0.5)
             assert timed.outcome == "timeout" and timed.exit_code is None
