@@ -1,30 +1,39 @@
-"""`sandboxer`: the command line. Talks to the HTTP API with the standard library only,
-so it starts fast and needs nothing the service does not."""
+"""`sandboxer`: the command line, on the project's client library (sandboxer.client):
+every API call goes through `sandboxer.client.Client`, its failures become exit codes."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime as dt
-import http.client
 import json
 import logging
 import os
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+import msgspec
+
 from sandboxer.cli.term import Progress, Table, paint, styled, tone
+from sandboxer.client import (
+    ApiError,
+    Client,
+    ConnectionFailed,
+    SandboxerClientError,
+    WaitTimedOut,
+)
+from sandboxer.client.errors import InvalidResponse
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TERMINAL = {"destroyed", "failed", "rejected"}
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_API, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
+EXIT_COMMAND_TIMEOUT = 124  # `sandboxer exec`: the command ran out of time, as timeout(1)
 
 
 class CliError(Exception):
@@ -35,63 +44,35 @@ class CliError(Exception):
         self.code = code
 
 
-class Client:
-    """JSON over urllib: the API's answers as plain dicts, its failures as CliErrors."""
+def _plain(value: Any) -> Any:
+    """A wire Struct (or a list of them) as the API's JSON values: dicts, lists, str."""
+    return msgspec.to_builtins(value)
 
-    def __init__(self, base_url: str, token: str | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.token = token
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        query: dict[str, str] | None = None,
-        timeout: float = 30.0,
-    ) -> Any:
-        """One call. HTTP errors become exit 3 with the API's message; a server that
-        cannot be reached becomes exit 4 with a hint, never a traceback."""
-        url = self.base_url + path
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method)  # noqa: S310
-        req.add_header("Accept", "application/json")
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            raise CliError(_api_error(exc), EXIT_API) from exc
-        except (
-            urllib.error.URLError,
-            ConnectionError,
-            TimeoutError,
-            http.client.HTTPException,
-        ) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise CliError(
-                f"cannot reach the sandboxer API at {self.base_url}: {reason}\n"
-                "hint: start it with `sandboxer serve`, or set SANDBOXER_URL / --url",
-                EXIT_UNREACHABLE,
-            ) from exc
-        try:
-            return json.loads(raw or b"null")
-        except ValueError as exc:
-            raise CliError(
-                f"{self.base_url} answered {method} {path} with something that is not JSON; "
-                "is it a sandboxer API?",
-                EXIT_API,
-            ) from exc
+@contextmanager
+def api_errors(base_url: str) -> Iterator[None]:
+    """The client's errors as the CLI's: an API error exits 3 with its message (and the
+    field to fix), an unreachable server 4 with a hint, a wait that ran out of time 5."""
+    try:
+        yield
+    except ApiError as exc:
+        raise CliError(str(exc), EXIT_API) from None
+    except ConnectionFailed as exc:
+        raise CliError(
+            f"{exc}\nhint: start it with `sandboxer serve`, or set SANDBOXER_URL / --url",
+            EXIT_UNREACHABLE,
+        ) from None
+    except WaitTimedOut as exc:
+        raise CliError(str(exc), EXIT_TIMEOUT) from None
+    except InvalidResponse as exc:
+        raise CliError(f"{base_url}: {exc}", EXIT_API) from None
+    except SandboxerClientError as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
 
 
 def check_url(url: str) -> str:
-    """Fail fast on a mistyped --url/SANDBOXER_URL (exit 2) instead of a traceback, and
-    keep urllib to http(s): it would otherwise open file:// and friends."""
+    """Fail fast on a mistyped --url/SANDBOXER_URL (exit 2) instead of a traceback; only
+    http(s) URLs."""
     parts = urllib.parse.urlsplit(url)
     try:
         _ = parts.port  # raises on a port that is not a number or out of range
@@ -103,16 +84,6 @@ def check_url(url: str) -> str:
             EXIT_USAGE,
         )
     return url
-
-
-def _api_error(exc: urllib.error.HTTPError) -> str:
-    """The API's `error.message` and `error.field`: the field tells the user what to fix."""
-    try:
-        error = json.loads(exc.read())["error"]
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {exc.code}: {exc.reason}"
-    field = f" (field: {error['field']})" if error.get("field") else ""
-    return f"error {error.get('status', exc.code)}: {error.get('message')}{field}"
 
 
 # ---- output -----------------------------------------------------------------------
@@ -244,26 +215,26 @@ def _poll(
 ) -> dict[str, Any]:
     """Long-poll the sandbox until `done` or a terminal state, showing its state and step;
     exit 5 when `timeout` seconds pass first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        progress.show(sandbox["id"], sandbox["state"], _step(sandbox))
-        if done(sandbox) or sandbox["state"] in TERMINAL:
-            return sandbox
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise CliError(
-                f"timed out after {timeout:g}s: {sandbox['id']} is {sandbox['state']}",
-                EXIT_TIMEOUT,
-            )
-        # Long-polls return at once on a new event; the 1 s cap refreshes the step's
-        # progress message (it changes without an event: "compose up", "pulling 3/5").
-        wait = min(1.0, left)
-        sandbox = client.request(
-            "GET",
-            f"/v1/sandboxes/{sandbox['id']}",
-            query={"wait": f"{wait:.1f}", "after_seq": str(sandbox["last_seq"])},
-            timeout=wait + 30,
-        )
+    seen = [sandbox]
+
+    def update(out: Any) -> None:
+        row = _plain(out)
+        seen.append(row)
+        progress.show(row["id"], row["state"], _step(row))
+
+    progress.show(sandbox["id"], sandbox["state"], _step(sandbox))
+    if done(sandbox) or sandbox["state"] in TERMINAL:
+        return sandbox
+    # Long-polls return at once on a new event; the 1 s cap refreshes the step's
+    # progress message (it changes without an event: "compose up", "pulling 3/5").
+    client.wait(
+        sandbox["id"],
+        until=lambda s: done(_plain(s)),
+        timeout=timeout,
+        poll=1.0,
+        on_update=update,
+    )
+    return seen[-1]
 
 
 def _wait(
@@ -384,8 +355,7 @@ def cmd_e2e(args: argparse.Namespace, client: Client) -> int:
     inputs = _parse_inputs(args.input)
     if args.test_command:
         inputs["test_command"] = args.test_command
-    body: dict[str, Any] = {"profile": args.profile, "inputs": inputs}
-    sandbox = client.request("POST", "/v1/sandboxes", body)
+    sandbox = _plain(client.create(args.profile, inputs=inputs).info)
     sid = sandbox["id"]
     print(f"e2e: created {sid}", file=sys.stderr)
     code = EXIT_FAILED
@@ -399,12 +369,7 @@ def cmd_e2e(args: argparse.Namespace, client: Client) -> int:
         while sandbox.get("validation") not in ("passed", "failed"):
             if time.monotonic() > deadline:
                 raise CliError(f"timed out waiting for the validation of {sid}", EXIT_TIMEOUT)
-            sandbox = client.request(
-                "GET",
-                f"/v1/sandboxes/{sid}",
-                query={"wait": "10", "after_seq": str(sandbox["last_seq"])},
-                timeout=40,
-            )
+            sandbox = _plain(client.get(sid, wait=10, after_seq=sandbox["last_seq"]))
             if sandbox["state"] not in ("ready", "checkpointing", "restoring"):
                 raise CliError(
                     f"{sid} is {sandbox['state']} before its validation ended", EXIT_FAILED
@@ -427,8 +392,9 @@ def cmd_e2e(args: argparse.Namespace, client: Client) -> int:
     finally:
         print(f"e2e: tearing down {sid}", file=sys.stderr)
         try:
-            gone = client.request("DELETE", f"/v1/sandboxes/{sid}")
-            _wait(client, gone, TERMINAL, args.timeout)
+            with api_errors(client.url):
+                gone = _plain(client.destroy(sid))
+                _wait(client, gone, TERMINAL, args.timeout)
         except CliError as exc:
             if "already" not in str(exc):
                 print(f"e2e: teardown: {exc}", file=sys.stderr)
@@ -450,18 +416,17 @@ def _parse_inputs(pairs: Sequence[str]) -> dict[str, str]:
 
 def cmd_create(args: argparse.Namespace, client: Client) -> int:
     """Exit 1 under --wait when it ends failed/rejected, so `create --wait && test` works."""
-    body: dict[str, Any] = {"inputs": _parse_inputs(args.input)}
-    if args.profile:
-        body["profile"] = args.profile
-    if args.from_checkpoint:
-        body["from_checkpoint"] = args.from_checkpoint
-    elif not args.profile:
+    if not args.profile and not args.from_checkpoint:
         raise CliError("create needs --profile (or --from-checkpoint)", EXIT_USAGE)
-    if args.ttl is not None:
-        body["ttl_seconds"] = args.ttl
-    if args.account is not None:
-        body["account"] = args.account
-    sandbox = client.request("POST", "/v1/sandboxes", body)
+    created = client.create(
+        args.profile,
+        inputs=_parse_inputs(args.input),
+        labels=_parse_labels(args.label),
+        ttl_seconds=args.ttl,
+        account=args.account,
+        from_checkpoint=args.from_checkpoint,
+    )
+    sandbox = _plain(created.info)
     if args.wait:
         sandbox = _wait(client, sandbox, {"ready"}, args.timeout)
     _emit(args, sandbox)
@@ -475,21 +440,161 @@ def _wait_settled(client: Client, sandbox: dict[str, Any], timeout: float) -> No
     deadline = time.monotonic() + timeout
     seq = 0
     while time.monotonic() < deadline:
-        account = client.request(
-            "GET",
-            f"/v1/accounts/{sandbox['account']}",
-            query={"wait": "5", "after_seq": str(seq)},
-            timeout=35,
-        )
-        if sandbox["id"] not in account["open_reservations"]:
+        account = client.balance(sandbox["account"], wait=5, after_seq=seq)
+        if sandbox["id"] not in account.open_reservations:
             return
-        seq = account["last_seq"]
+        seq = account.last_seq
     raise CliError(f"timed out waiting for the debit of {sandbox['id']}", EXIT_TIMEOUT)
+
+
+def _parse_labels(pairs: Sequence[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--label {pair!r}: expected key=value", EXIT_USAGE)
+        labels[key] = value
+    return labels
+
+
+def _write_bytes(stream: Any, data: bytes) -> None:
+    """Raw bytes to stdout/stderr as they come, flushed."""
+    target = getattr(stream, "buffer", None)
+    if target is None:
+        stream.write(data.decode(errors="replace"))
+    else:
+        stream.flush()
+        target.write(data)
+    (target or stream).flush()
+
+
+def cmd_exec(args: argparse.Namespace, client: Client) -> int:
+    """Runs one command: its output passed through as it comes, its exit code ours
+    (124 when it timed out, 1 with a message when it did not exit)."""
+    command: str | list[str]
+    argv = list(args.cmd)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if args.shell is not None:
+        if argv:
+            raise CliError("exec: give --shell SCRIPT or -- CMD ARGS..., not both", EXIT_USAGE)
+        command = args.shell
+    elif argv:
+        command = argv
+    else:
+        raise CliError("exec: no command (-- CMD ARGS... or --shell SCRIPT)", EXIT_USAGE)
+    env: dict[str, str] = {}
+    for pair in args.env:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--env {pair!r}: expected KEY=VALUE", EXIT_USAGE)
+        env[key] = value
+    result = client.exec(
+        args.id,
+        command,
+        service=args.service,
+        env=env,
+        workdir=args.workdir,
+        timeout_seconds=args.timeout,
+        on_stdout=None if args.json else lambda b: _write_bytes(sys.stdout, b),
+        on_stderr=None if args.json else lambda b: _write_bytes(sys.stderr, b),
+        text=False,
+    )
+    if args.json:
+        _print_json(
+            {
+                "command_id": result.command_id,
+                "outcome": result.outcome,
+                "exit_code": result.exit_code,
+                "duration_seconds": result.duration_seconds,
+                "stdout": result.stdout,
+                "stderr": result.stderr,
+                "stdout_bytes": result.stdout_bytes,
+                "stdout_sha256": result.stdout_sha256,
+                "stderr_bytes": result.stderr_bytes,
+                "stderr_sha256": result.stderr_sha256,
+                "message": result.message,
+                "seq": result.seq,
+            }
+        )
+    if result.outcome == "exited" and result.exit_code is not None:
+        return result.exit_code
+    if not args.json:
+        why = f": {result.message}" if result.message else ""
+        print(f"sandboxer: exec: command {result.outcome}{why}", file=sys.stderr)
+    return EXIT_COMMAND_TIMEOUT if result.outcome == "timeout" else EXIT_FAILED
+
+
+def _remote(spec: str) -> tuple[str, str] | None:
+    """`ID:PATH` (a sandbox id has no slash) or None for a local path."""
+    head, sep, tail = spec.partition(":")
+    if sep and head.startswith("sbx-") and "/" not in head and tail:
+        return head, tail
+    return None
+
+
+def cmd_cp(args: argparse.Namespace, client: Client) -> int:
+    """Copies one file: upload when DST is ID:PATH, download when SRC is; `-`: stdin/out."""
+    src, dst = _remote(args.src), _remote(args.dst)
+    if (src is None) == (dst is None):
+        raise CliError("cp: exactly one of SRC and DST is ID:PATH", EXIT_USAGE)
+    if dst is not None:
+        sid, path = dst
+        if args.src == "-":
+            out = client.put_file(sid, path, sys.stdin.buffer, service=args.service)
+        else:
+            if not os.path.isfile(args.src):
+                raise CliError(f"cp: {args.src}: no such file", EXIT_USAGE)
+            out = client.put_file(sid, path, Path(args.src), service=args.service)
+        if args.json:
+            _print_json(_plain(out))
+        else:
+            print(f"{sid}:{out.path}  {out.size} bytes  sha256:{out.sha256}", file=sys.stderr)
+        return EXIT_OK
+    assert src is not None
+    sid, path = src
+    if args.dst == "-":
+        sys.stdout.flush()
+        size = client.download(sid, path, sys.stdout.buffer, service=args.service)
+        sys.stdout.buffer.flush()
+    else:
+        dest = Path(args.dst)
+        if dest.is_dir():
+            dest = dest / Path(path).name
+        size = client.download(sid, path, dest, service=args.service)
+    if args.json:
+        _print_json({"path": path, "size": size})
+    return EXIT_OK
+
+
+def _since(value: str | None) -> float | None:
+    """--since: seconds ago (small numbers) or a unix time."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise CliError(
+            f"--since {value!r}: expected seconds ago or a unix time", EXIT_USAGE
+        ) from None
+    return number if number > 10**9 else time.time() - number
+
+
+def cmd_logs(args: argparse.Namespace, client: Client) -> int:
+    """Lines as they come, prefixed with the service when the sandbox has several."""
+    prefix = args.service is None and len(client.get(args.id).services) > 1
+    for line in client.logs(
+        args.id, service=args.service, follow=args.follow, tail=args.tail, since=_since(args.since)
+    ):
+        stream = sys.stderr if line.stream == "stderr" else sys.stdout
+        stream.write(f"{line.service} | {line.line}\n" if prefix else f"{line.line}\n")
+        stream.flush()
+    return EXIT_OK
 
 
 def cmd_destroy(args: argparse.Namespace, client: Client) -> int:
     """With --wait, returns once it is gone (and billed), or exit 1 if teardown failed."""
-    sandbox = client.request("DELETE", f"/v1/sandboxes/{args.id}")
+    sandbox = _plain(client.destroy(args.id))
     if args.wait:
         sandbox = _wait(client, sandbox, TERMINAL, args.timeout)
         _wait_settled(client, sandbox, args.timeout)
@@ -505,14 +610,15 @@ def _emit(args: argparse.Namespace, sandbox: dict[str, Any]) -> None:
 
 
 def cmd_get(args: argparse.Namespace, client: Client) -> int:
-    _emit(args, client.request("GET", f"/v1/sandboxes/{args.id}"))
+    _emit(args, _plain(client.get(args.id)))
     return EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace, client: Client) -> int:
     """--json prints a bare array, so scripts can `jq '.[].id'`."""
-    query = {k: v for k, v in (("state", args.state), ("account", args.account)) if v}
-    rows = client.request("GET", "/v1/sandboxes", query=query)["sandboxes"]
+    rows = _plain(
+        client.list(state=args.state or None, account=args.account or None, label=args.label)
+    )
     if args.json:
         _print_json(rows)
     else:
@@ -521,42 +627,16 @@ def cmd_list(args: argparse.Namespace, client: Client) -> int:
 
 
 def _follow_stream(args: argparse.Namespace, client: Client) -> int:
-    """Follow the Server-Sent Events stream, resuming with Last-Event-ID on a drop."""
-    last = "0"
-    query = {"sandbox": args.sandbox} if args.sandbox else {}
+    """Follow the Server-Sent Events stream (the client resumes it with Last-Event-ID
+    when it drops)."""
     table = _events_table()
-    while True:
-        url = client.base_url + "/v1/events/stream"
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        headers = {"Last-Event-ID": last}
-        if client.token:
-            headers["Authorization"] = f"Bearer {client.token}"
-        req = urllib.request.Request(url, headers=headers)  # noqa: S310
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
-                data = b""
-                for raw in resp:
-                    line = raw.rstrip(b"\r\n")
-                    if line.startswith(b"id: "):
-                        last = line[4:].decode()
-                    elif line.startswith(b"data: "):
-                        data = line[6:]
-                    elif not line and data:
-                        entry = json.loads(data)
-                        if args.json:
-                            print(json.dumps(entry), flush=True)
-                        else:
-                            table.write([_event_row(entry)])
-                        data = b""
-        except urllib.error.HTTPError as exc:
-            raise CliError(_api_error(exc), EXIT_API) from exc
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            if last == "0":
-                raise CliError(
-                    f"cannot reach the sandboxer API at {client.base_url}: {exc}", EXIT_UNREACHABLE
-                ) from exc
-            time.sleep(1)  # reconnect, resuming after the last event seen
+    for event in client.event_stream(sandbox=args.sandbox):
+        entry = _plain(event)
+        if args.json:
+            print(json.dumps(entry), flush=True)
+        else:
+            table.write([_event_row(entry)])
+    return EXIT_OK
 
 
 def cmd_events(args: argparse.Namespace, client: Client) -> int:
@@ -571,10 +651,7 @@ def cmd_events(args: argparse.Namespace, client: Client) -> int:
     table = _events_table()
     try:
         while True:
-            query = {"after_seq": str(after), "limit": "500"}
-            if args.sandbox:
-                query["sandbox"] = args.sandbox
-            page = client.request("GET", "/v1/events", query=query, timeout=60)
+            page = _plain(client.events_page(after_seq=after, limit=500, sandbox=args.sandbox))
             if args.json:
                 for e in page["events"]:
                     print(json.dumps(e), flush=True)
@@ -592,7 +669,7 @@ def cmd_events(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_replay(args: argparse.Namespace, client: Client) -> int:
     """Exit 1 when the rebuilt projection differs: a check CI can run."""
-    report = client.request("POST", "/v1/replay", timeout=600)
+    report = client.request("POST", "/v1/replay", timeout=600)  # untyped: plain values
     if args.json:
         _print_json(report)
     else:
@@ -609,7 +686,7 @@ def cmd_replay(args: argparse.Namespace, client: Client) -> int:
 def cmd_reconcile(args: argparse.Namespace, client: Client) -> int:
     """Exit 1 when orphans are left (found and not removed): a check cron can run."""
     query = {"remove": "true" if args.remove else "false"}
-    report = client.request("POST", "/v1/reconcile", query=query, timeout=900)
+    report = client.request("POST", "/v1/reconcile", params=query, timeout=900)
     if args.json:
         _print_json(report)
     else:
@@ -631,7 +708,7 @@ def cmd_reconcile(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_profiles(args: argparse.Namespace, client: Client) -> int:
     """Profiles with their inputs, written the way `create --input` takes them."""
-    profiles = client.request("GET", "/v1/profiles")["profiles"]
+    profiles = _plain(client.profiles())
     if args.json:
         _print_json(profiles)
         return EXIT_OK
@@ -668,11 +745,7 @@ def _print_account(a: dict[str, Any]) -> None:
 
 
 def cmd_ledger_grant(args: argparse.Namespace, client: Client) -> int:
-    account = client.request(
-        "POST",
-        f"/v1/accounts/{args.account}/credits",
-        {"amount": args.amount, "reason": args.reason},
-    )
+    account = _plain(client.grant(args.account, args.amount, args.reason))
     if args.json:
         _print_json(account)
     else:
@@ -682,9 +755,9 @@ def cmd_ledger_grant(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_ledger_balance(args: argparse.Namespace, client: Client) -> int:
     if args.account:
-        accounts = [client.request("GET", f"/v1/accounts/{args.account}")]
+        accounts = [_plain(client.balance(args.account))]
     else:
-        accounts = client.request("GET", "/v1/accounts")["accounts"]
+        accounts = _plain(client.accounts())
     if args.json:
         _print_json(accounts[0] if args.account else accounts)
         return EXIT_OK
@@ -709,11 +782,7 @@ def cmd_ledger_history(args: argparse.Namespace, client: Client) -> int:
         min_widths=[6, 27, 16, 6],
     )
     while True:
-        page = client.request(
-            "GET",
-            f"/v1/accounts/{args.account}/ledger",
-            query={"after_seq": str(after), "limit": "500"},
-        )
+        page = _plain(client.history_page(args.account, after_seq=after, limit=500))
         if args.json:
             for entry in page["entries"]:
                 print(json.dumps(entry))
@@ -732,10 +801,7 @@ def _ledger_row(entry: dict[str, Any]) -> list[object]:
 
 
 def cmd_ledger_audit(args: argparse.Namespace, client: Client) -> int:
-    query = {"account": args.account} if args.account else {}
-    if args.ttl_grace is not None:
-        query["ttl_grace"] = str(args.ttl_grace)
-    report = client.request("POST", "/v1/ledger/audit", query=query or None, timeout=600)
+    report = client.audit(account=args.account or None, ttl_grace=args.ttl_grace)
     if args.json:
         _print_json(report)
     else:
@@ -781,27 +847,20 @@ def _wait_checkpoint(client: Client, checkpoint: dict[str, Any], timeout: float)
     """Follows the sandbox while it checkpoints, so the progress line shows the running
     step, then the checkpoint itself until it is created or failed."""
     with Progress() as progress:
-        sandbox = client.request("GET", f"/v1/sandboxes/{checkpoint['sandbox_id']}")
+        sandbox = _plain(client.get(checkpoint["sandbox_id"]))
         _poll(client, sandbox, lambda s: s["state"] != "checkpointing", timeout, progress)
-        deadline = time.monotonic() + timeout
-        while checkpoint["status"] == "requested":
-            if time.monotonic() > deadline:
-                raise CliError(
-                    f"timed out: checkpoint {checkpoint['id']} is still being made", EXIT_TIMEOUT
-                )
-            checkpoint = client.request(
-                "GET",
-                f"/v1/checkpoints/{checkpoint['id']}",
-                query={"wait": "10", "after_seq": str(checkpoint["last_seq"])},
-                timeout=40,
-            )
-            progress.show(checkpoint["id"], checkpoint["status"])
-        progress.show(checkpoint["id"], checkpoint["status"])
+        out = client.wait_checkpoint(
+            checkpoint["id"],
+            timeout=timeout,
+            poll=10,
+            on_update=lambda c: progress.show(c.id, c.status),
+        )
+        checkpoint = _plain(out)
     return checkpoint
 
 
 def cmd_checkpoint_create(args: argparse.Namespace, client: Client) -> int:
-    checkpoint = client.request("POST", f"/v1/sandboxes/{args.id}/checkpoints")
+    checkpoint = _plain(client.create_checkpoint(args.id))
     if args.wait:
         checkpoint = _wait_checkpoint(client, checkpoint, args.timeout)
     if args.json:
@@ -812,7 +871,7 @@ def cmd_checkpoint_create(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_checkpoint_list(args: argparse.Namespace, client: Client) -> int:
-    rows = client.request("GET", f"/v1/sandboxes/{args.id}/checkpoints")["checkpoints"]
+    rows = _plain(client.list_checkpoints(args.id))
     if args.json:
         _print_json(rows)
     elif not rows:
@@ -826,12 +885,10 @@ def cmd_checkpoint_list(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_checkpoint_restore(args: argparse.Namespace, client: Client) -> int:
-    sandbox = client.request(
-        "POST", f"/v1/sandboxes/{args.id}/restore", {"checkpoint": args.checkpoint}
-    )
+    sandbox = _plain(client.restore(args.id, args.checkpoint))
     if args.wait:
         sandbox = _wait(client, sandbox, {"ready"}, args.timeout)
-        events = client.request("GET", f"/v1/sandboxes/{args.id}/events")["events"]
+        events = _plain(client.sandbox_events(args.id))
         outcome = [
             e["event"] for e in events if e["event"]["type"] in ("Restored", "RestoreFailed")
         ]
@@ -844,7 +901,7 @@ def cmd_checkpoint_restore(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_checkpoint_delete(args: argparse.Namespace, client: Client) -> int:
-    checkpoint = client.request("DELETE", f"/v1/checkpoints/{args.checkpoint}")
+    checkpoint = _plain(client.delete_checkpoint(args.checkpoint))
     if args.json:
         _print_json(checkpoint)
     else:
@@ -909,6 +966,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--ttl", type=int, metavar="SECONDS")
     p.add_argument("--account")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--wait", action="store_true", help="wait until ready (or it fails)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--json", action="store_true")
@@ -916,6 +974,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list sandboxes")
     p.add_argument("--state")
     p.add_argument("--account")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="all must match"
+    )
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("get", help="show one sandbox")
@@ -927,6 +988,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait until it is gone")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "exec", help="run a command in a sandbox: ID [options] -- CMD ARGS... (or --shell)"
+    )
+    p.add_argument("id")
+    p.add_argument("--service")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--workdir")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="the command's (default 60)")
+    p.add_argument("--shell", metavar="SCRIPT", help="a script for sh -c instead of CMD ARGS")
+    p.add_argument("--json", action="store_true", help="print the exit record instead")
+    p.add_argument("cmd", nargs="*", metavar="CMD ARGS", help="after --")
+
+    p = sub.add_parser("cp", help="copy a file: SRC DST, one of them ID:PATH (- : stdin/stdout)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--service")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("logs", help="a sandbox's service logs")
+    p.add_argument("id")
+    p.add_argument("--service")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--tail", type=int, metavar="N")
+    p.add_argument("--since", metavar="SECONDS_AGO|UNIX_TIME")
 
     p = sub.add_parser("events", help="show events (all, or one sandbox's)")
     p.add_argument("--sandbox")
@@ -1017,6 +1103,9 @@ COMMANDS = {
     "get": cmd_get,
     "destroy": cmd_destroy,
     "events": cmd_events,
+    "exec": cmd_exec,
+    "cp": cmd_cp,
+    "logs": cmd_logs,
     "replay": cmd_replay,
     "reconcile": cmd_reconcile,
     "profiles": cmd_profiles,
@@ -1026,11 +1115,23 @@ COMMANDS = {
 }
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`exec ID [options] -- CMD ARGS...`: what follows the first `--` is the command,
+    as it is (options of its own included), never the CLI's options."""
+    if "--" in argv:
+        cut = argv.index("--")
+        args = parser.parse_args(argv[:cut])
+        if args.command == "exec":
+            args.cmd = [*args.cmd, *argv[cut + 1 :]]
+            return args
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `sandboxer` and `python -m sandboxer`: returns the exit code."""
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args = _parse(build_parser(), sys.argv[1:] if argv is None else argv)
         except SystemExit as exc:  # --help: an int, not an exception, for callers of main
             if exc.code is None:
                 return EXIT_OK
@@ -1041,8 +1142,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(args)
         if args.command == "nats-info":
             return cmd_nats_info(args)
-        client = Client(check_url(args.url), os.environ.get("SANDBOXER_TOKEN"))
-        return COMMANDS[args.command](args, client)
+        url = check_url(args.url)
+        with Client(url, os.environ.get("SANDBOXER_TOKEN")) as client, api_errors(url):
+            return COMMANDS[args.command](args, client)
     except CliError as exc:
         print(f"sandboxer: {exc}", file=sys.stderr)
         return exc.code
