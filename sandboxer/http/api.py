@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -24,6 +24,7 @@ from events.subjects import (
 from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
 from projections.sandboxes import SandboxView
+from sandboxer.app.access import Target
 from sandboxer.app.audit import DEFAULT_TTL_GRACE, AuditReport, audit
 from sandboxer.app.bus import MessageBus
 from sandboxer.app.commands import (
@@ -340,6 +341,7 @@ class Api:
         self.store = store
         self.profiles = profiles
         self._streams: set[asyncio.Task[Any]] = set()
+        self._closing = False
         # sandbox id -> (the view, its encoded row): see `_row`
         self._rows: dict[str, tuple[SandboxView, bytes]] = {}
         # whole list bodies by filter, while the projection stays at `_lists_seq`
@@ -369,9 +371,25 @@ class Api:
         return app
 
     async def _close_streams(self, app: web.Application) -> None:
-        """Open event streams would hold shutdown until their next keep-alive."""
+        """Open streams (events, exec, logs) would hold shutdown until they end; one
+        that starts after this is refused (`_streaming`)."""
+        self._closing = True
         for task in list(self._streams):
             task.cancel()
+
+    @contextlib.contextmanager
+    def _streaming(self) -> Iterator[None]:
+        """Around a streaming answer: shutdown cancels it. Enter before `prepare`: once
+        the server is stopping, the request is a 503."""
+        if self._closing:
+            raise ApiError(503, "shutting_down", "the server is stopping; retry on another")
+        me = asyncio.current_task()
+        assert me is not None
+        self._streams.add(me)
+        try:
+            yield
+        finally:
+            self._streams.discard(me)
 
     # ---- auth ---------------------------------------------------------------------
 
@@ -1001,15 +1019,16 @@ class Api:
         body = await self._body(request, _exec_decoder, MAX_EXEC_BODY)
         meta = self._meta(request)
         prepared = await self.use.commands.prepare(sandbox_id, body)
-        started = await self.use.commands.start(prepared, meta)
-        response = await _ndjson(request)
+        with self._streaming():
+            started = await self.use.commands.start(prepared, meta)
+            response = await _ndjson(request)
 
-        async def send(frame: ExecFrame) -> None:
-            await response.write(_encoder.encode(frame) + b"\n")
+            async def send(frame: ExecFrame) -> None:
+                await response.write(_encoder.encode(frame) + b"\n")
 
-        await self.use.commands.run(prepared, started, meta, send, _connected(request))
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await response.write_eof()
+            await self.use.commands.run(prepared, started, meta, send, _connected(request))
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await response.write_eof()
         return response
 
     def _file_query(self, request: web.Request) -> tuple[str, str | None]:
@@ -1051,12 +1070,13 @@ class Api:
         stream = await self.use.files.open(file)
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         response.content_length = stream.size
-        try:
-            await response.prepare(request)
-        except BaseException:
-            await stream.aclose()
-            raise
-        await self.use.files.send(file, stream, response.write, _connected(request), meta)
+        with self._streaming():
+            try:
+                await response.prepare(request)
+            except BaseException:
+                await stream.aclose()
+                raise
+            await self.use.files.send(file, stream, response.write, _connected(request), meta)
         with contextlib.suppress(ConnectionError, RuntimeError):
             await response.write_eof()
         return response
@@ -1073,6 +1093,17 @@ class Api:
         tail = self._int_query(request, "tail", -1, MAX_TAIL) if "tail" in request.query else None
         since = self._float_query(request, "since", 0.0, 1e11) if "since" in request.query else None
         target = await self.use.logs.prepare(sandbox_id, service)
+        with self._streaming():
+            return await self._send_logs(request, target, follow, tail, since)
+
+    async def _send_logs(
+        self,
+        request: web.Request,
+        target: Target,
+        follow: str,
+        tail: int | None,
+        since: float | None,
+    ) -> web.StreamResponse:
         response = await _ndjson(request)
 
         async def send(line: LogLine) -> None:
@@ -1152,7 +1183,19 @@ class Api:
                 "X-Accel-Buffering": "no",
             }
         )
-        await response.prepare(request)
+        with self._streaming():
+            await response.prepare(request)
+            await self._follow_events(response, after, types, sandbox, account)
+        return response
+
+    async def _follow_events(
+        self,
+        response: web.StreamResponse,
+        after: int,
+        types: set[str],
+        sandbox: str | None,
+        account: str | None,
+    ) -> None:
         queue: asyncio.Queue[RecordedEvent] = asyncio.Queue(maxsize=1000)
 
         async def pump() -> None:
@@ -1160,9 +1203,6 @@ class Api:
                 await queue.put(recorded)
 
         pumping = asyncio.create_task(pump())
-        me = asyncio.current_task()
-        if me is not None:
-            self._streams.add(me)
         try:
             while True:
                 try:
@@ -1190,12 +1230,9 @@ class Api:
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
-            if me is not None:
-                self._streams.discard(me)
             pumping.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pumping
-        return response
 
     async def list_profiles(self, request: web.Request) -> web.Response:
         out = []

@@ -197,3 +197,26 @@ async def test_labels_on_create_filter_and_view(api: RunningService) -> None:
             assert resp.status == 400 and answer["error"]["field"] == field, answer
     async with api.http.get(f"{api.url}/v1/sandboxes", params={"label": "nokv"}) as resp:
         assert resp.status == 400 and (await resp.json())["error"]["field"] == "label"
+
+
+async def test_stopping_serve_ends_running_commands_and_records_them(
+    start_service: Any,
+) -> None:
+    api = await start_service()
+    sandbox_id = await ready(api)
+    session = aiohttp.ClientSession()
+    try:
+        resp = await session.post(
+            f"{api.url}/v1/sandboxes/{sandbox_id}/exec", json={"argv": ["sleep", "120"]}
+        )
+        started = json.loads(await resp.content.readline())
+        async with asyncio.timeout(30):  # not the command's 120 s
+            await api.stop()
+        resp.close()
+    finally:
+        await session.close()
+    again = await start_service()
+    events = await sandbox_events(again, sandbox_id)
+    (end,) = [e for e in events if e["type"] == "CommandFinished"]
+    assert end["command_id"] == started["command_id"]
+    assert end["outcome"] == "disconnected"
