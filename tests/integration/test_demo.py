@@ -56,6 +56,11 @@ def test_demo_brings_the_example_up_answers_and_leaves_nothing(tmp_path: Path) -
     )
     page = (ROOT / "examples" / "compose-hello" / "site" / "index.html").read_text()
     assert page.strip() in out
+    # Used through the service: a command in db, a file in and back out, all recorded.
+    assert re.search(r"^/tmp/ready$", out, re.M)
+    assert re.search(r"^written by the demo$", out, re.M)
+    for recorded in ("CommandStarted", "CommandFinished", "FileUploaded", "FileDownloaded"):
+        assert recorded in out, recorded
     assert re.search(r"^ckpt-[0-9a-f]+: created", proc.stderr + out, re.M)
     assert f"{sandbox_id}: destroyed" in proc.stderr + out
     assert "nothing: no containers, no networks, no workspace" in out
