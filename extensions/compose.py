@@ -339,6 +339,11 @@ def container_names(output: str) -> dict[str, str]:
     return names
 
 
+# Exit codes an engine's `exec` gives when it could not start the command (podman 4
+# 255 or 125-127, docker 1 and 126-127), which the command itself may give too.
+ENGINE_FAILURES = frozenset({1, 125, 126, 127, 255})
+
+
 def running_container(output: str, service: str) -> str | None:
     """The name of a running container of `service`, from `ps --format json` of the
     project (found by the compose labels, whatever the engine named it)."""
@@ -526,6 +531,9 @@ class ComposeAdapter:
         self.runtime = runtime
         self.base_config = config
         self._monitors: dict[str, compose_services.ServiceMonitor] = {}
+        # (host, project, service) -> its running container, as `ps` last named it:
+        # an exec needs no `ps` of its own while the container stays (see `exec`).
+        self._running: dict[tuple[str, str, str], str] = {}
 
     # ---- what subclasses provide --------------------------------------------------------
 
@@ -710,6 +718,8 @@ class ComposeAdapter:
         (a crash), the label sweep alone removes everything."""
         sandbox_id = check_sandbox_id(ctx.sandbox_id)
         self._monitors.pop(sandbox_id, None)
+        for key in [k for k in self._running if k[1] == project_name(sandbox_id)]:
+            del self._running[key]
         if not self.placed(ctx):
             return  # never placed: nothing was made
         host = self.host(ctx)
@@ -826,11 +836,25 @@ class ComposeAdapter:
                         argv, output, cwd=cwd, env=tagged, timeout=timeout
                     )
                 else:
-                    container = await self._container(ctx, handle, host, service, running=True)
+                    key = (
+                        host.name,
+                        handle.get("project") or project_name(ctx.sandbox_id),
+                        service,
+                    )
+                    cached = self._running.get(key)
+                    container = cached or await self._container(
+                        ctx, handle, host, service, running=True
+                    )
+                    self._running[key] = container
                     command = exec_argv(
                         host.engine_cmd, container, argv, workdir=workdir, env=tagged
                     )
                     code = await host.transport.run_streaming(command, output, timeout=timeout)
+                    if cached and code in ENGINE_FAILURES and not output.streams["stdout"].count:
+                        # The engine may have refused: the container went away or
+                        # stopped since. Ask `ps` (the command is never run again).
+                        self._running.pop(key, None)
+                        await self._container(ctx, handle, host, service, running=True)
         except (TimeoutError, asyncio.CancelledError):
             await asyncio.shield(self._stop_tagged(host, token, container))
             raise

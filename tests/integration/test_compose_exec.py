@@ -393,3 +393,19 @@ async def test_following_logs_cancels_and_returns_when_the_container_stops(
     assert sandbox.podman("kill", quitter).returncode == 0
     async with asyncio.timeout(20):
         await follow  # returns once the followed container stopped
+
+
+async def test_a_container_that_stopped_since_the_last_exec_is_refused(sandbox: Sandbox) -> None:
+    """Execs reuse the container the first one found (no `ps` each time); one that
+    stopped meanwhile is still refused as having no running container."""
+    run = sandbox.commands.exec
+    ctx, handle = sandbox.ctx, sandbox.handle
+    assert (await run(ctx, handle, ["echo", "x"], service="worker")).exit_code == 0
+    container = sandbox.container("worker")
+    sandbox.podman("stop", "-t", "0", container)
+    try:
+        with pytest.raises(CommandRefused, match="no running container"):
+            await run(ctx, handle, ["echo", "x"], service="worker")
+    finally:
+        sandbox.podman("start", container)
+    assert (await run(ctx, handle, ["echo", "back"], service="worker")).stdout == "back\n"
