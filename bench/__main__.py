@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "api": "GET /v1/sandboxes[/{id}] under wrk vs a bare aiohttp handler",
     "compose": "compose-ssh provision (1 and 10 at once) vs ssh + rsync + compose up",
     "compose-local": "compose-local provision vs cp -a + compose up + poll (this machine)",
+    "exec": "exec `true` and a file in and out through the API vs podman exec and rsync",
     "memory": "peak RSS of serve with 10,000 sandboxes and while streaming a checkpoint",
 }
 
