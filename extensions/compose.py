@@ -56,6 +56,7 @@ from extensions.sdk import (
     ExtensionError,
     FileRefused,
     FileStream,
+    FileTooLarge,
     Handle,
     LogFn,
     OutputBuffer,
@@ -796,6 +797,24 @@ class ComposeAdapter:
             f"(services: {', '.join(known) or 'none'})"
         )
 
+    def _key(
+        self, ctx: StepContext, handle: Handle, host: ComposeHost, service: str
+    ) -> tuple[str, str, str]:
+        return (host.name, handle.get("project") or project_name(ctx.sandbox_id), service)
+
+    async def _named(
+        self, ctx: StepContext, handle: Handle, host: ComposeHost, service: str, cached: bool
+    ) -> tuple[str, bool]:
+        """The container of `service` for a copy: the one the last exec or copy used
+        (`cached`, and one is known: True), else the one `ps` names now."""
+        known = self._running.get(self._key(ctx, handle, host, service)) if cached else None
+        if known is not None:
+            return known, True
+        return await self._container(ctx, handle, host, service, running=False), False
+
+    def _forget(self, ctx: StepContext, handle: Handle, host: ComposeHost, service: str) -> None:
+        self._running.pop(self._key(ctx, handle, host, service), None)
+
     async def _stop_tagged(self, host: ComposeHost, token: str, container: str) -> None:
         """Stops what still runs of a cancelled or timed-out command (see STOP_TAGGED)."""
         argv = stop_tagged_argv(token, host.engine_cmd if container else (), container)
@@ -882,17 +901,22 @@ class ComposeAdapter:
             except CommandFailed as exc:
                 raise refusal(path, exc.exit_status or 1, exc.stderr, self.what) from None
             return
-        container = await self._container(ctx, handle, host, service, running=False)
-        argv = [*host.engine_cmd, "cp", "-", f"{container}:/"]
-        try:
-            await host.transport.run_with_input(
-                argv, tar_member(checked.lstrip("/"), source), timeout=3600
-            )
-        except CommandFailed as exc:
-            lowered = exc.stderr.lower()
-            if "directory" in lowered or "could not be found" in lowered:
-                raise FileRefused(f"{path}: {exc.stderr.strip()[-200:]}") from None
-            raise
+        for cached in (True, False):
+            container, was_cached = await self._named(ctx, handle, host, service, cached)
+            argv = [*host.engine_cmd, "cp", "-", f"{container}:/"]
+            try:
+                await host.transport.run_with_input(
+                    argv, tar_member(checked.lstrip("/"), source), timeout=3600
+                )
+                self._running[self._key(ctx, handle, host, service)] = container
+                return
+            except CommandFailed as exc:
+                lowered = exc.stderr.lower()
+                if "directory" in lowered or "could not be found" in lowered:
+                    raise FileRefused(f"{path}: {exc.stderr.strip()[-200:]}") from None
+                self._forget(ctx, handle, host, service)
+                if not was_cached:
+                    raise
 
     async def get_file(
         self,
@@ -912,11 +936,22 @@ class ComposeAdapter:
             argv = ["sh", "-c", GET_WORKSPACE_FILE, "sh", host.workspace(ctx.sandbox_id), checked]
             reader = await host.transport.open_reader(argv)
             return await open_workspace_file(reader, path, max_bytes, self.what)
-        container = await self._container(ctx, handle, host, service, running=False)
-        reader = await host.transport.open_reader(
-            [*host.engine_cmd, "cp", f"{container}:{checked}", "-"]
-        )
-        return await open_tar_file(reader, path, max_bytes)
+        for cached in (True, False):
+            container, was_cached = await self._named(ctx, handle, host, service, cached)
+            reader = await host.transport.open_reader(
+                [*host.engine_cmd, "cp", f"{container}:{checked}", "-"]
+            )
+            try:
+                stream = await open_tar_file(reader, path, max_bytes)
+                self._running[self._key(ctx, handle, host, service)] = container
+                return stream
+            except (FileRefused, FileTooLarge):
+                raise
+            except ExtensionError:  # the copy failed: the container may be gone
+                self._forget(ctx, handle, host, service)
+                if not was_cached:
+                    raise
+        raise AssertionError("unreachable")  # the second round raises or returns
 
     # ---- logs ---------------------------------------------------------------------------
 
