@@ -212,9 +212,13 @@ class SandboxAccess:
         return view, loaded
 
     @staticmethod
-    def service(view: SandboxView, asked: str | None) -> str | None:
+    def service(view: SandboxView, asked: str | None, watched: bool = True) -> str | None:
         """The service a call runs in: the one asked for (one of the sandbox's), else
-        its only service; None for a sandbox without services (its workspace)."""
+        its only service; None for a sandbox without services (its workspace).
+        `watched`: the extension reports services (the `services` capability); what
+        another one's wait_ready names is no service, and `asked` goes to it as is."""
+        if not watched:
+            return asked
         if asked is not None:
             if view.services and asked not in view.services:
                 raise BadUse(
@@ -237,7 +241,8 @@ class SandboxAccess:
     ) -> Target:
         """`every`: service None stands for all of the sandbox's services (logs)."""
         view, loaded = self.check(sandbox_id, capability)
-        chosen = None if every and service is None else self.service(view, service)
+        watched = loaded.manifest.has("services")
+        chosen = None if every and service is None else self.service(view, service, watched)
         request, secrets = await self._request(sandbox_id)
         ctx = self.steps.context_for(request, view, secrets, view.extension)
         return Target(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from nats.aio.client import Client as NatsClient
 
 from sandboxer.store.nats_server import EmbeddedNats
 from tests.conftest import StartService
-from tests.helpers import create, wait_state
+from tests.helpers import create, event_types, wait_state
 from tests.infra import Podman
 from tests.paths import DATA
 
@@ -296,3 +297,37 @@ async def test_an_extension_without_exec_fails_validation_naming_it(
         assert "acme-mute" in view["validation_reason"]
     finally:
         assert running.stop() == 0  # a missing capability is a result, not a crash
+
+
+async def test_the_api_names_a_capability_the_extension_lacks(
+    start_service: StartService, acme_env: dict[str, str]
+) -> None:
+    """acme-mute has no exec, files or logs: each is a 409 naming what is missing, and
+    nothing is recorded; acme-local's old run_command serves exec through the API."""
+    svc = await start_service(**acme_env)
+    mute = await create(svc.http, svc.url, profile="profile.acme-mute")
+    await wait_state(svc.http, svc.url, mute["id"], {"ready"}, timeout=60)
+    url = f"{svc.url}/v1/sandboxes/{mute['id']}"
+    before = await event_types(svc.http, svc.url, mute["id"])
+    calls = [
+        ("POST", "/exec", {"json": {"argv": ["true"]}}, "exec"),
+        ("PUT", "/files", {"params": {"path": "/x"}, "data": b"x"}, "put_file"),
+        ("GET", "/files", {"params": {"path": "/x"}}, "get_file"),
+        ("GET", "/logs", {}, "logs"),
+    ]
+    for method, path, kwargs, capability in calls:
+        async with svc.http.request(method, url + path, **kwargs) as resp:  # type: ignore[arg-type]
+            answer = await resp.json()
+            assert resp.status == 409, answer
+        assert answer["error"]["code"] == "not_capable"
+        assert capability in answer["error"]["message"]
+    assert await event_types(svc.http, svc.url, mute["id"]) == before
+
+    local = await create(svc.http, svc.url, profile="profile.acme-local")
+    await wait_state(svc.http, svc.url, local["id"], {"ready"}, timeout=60)
+    async with svc.http.post(
+        f"{svc.url}/v1/sandboxes/{local['id']}/exec", json={"shell": "echo old name; exit 4"}
+    ) as resp:
+        frames = [json.loads(line) async for line in resp.content if line.strip()]
+    assert frames[-1]["exit_code"] == 4, frames[-1]["message"]
+    assert "".join(f["data"] for f in frames if f["type"] == "stdout") == "old name\n"
