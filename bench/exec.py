@@ -49,7 +49,6 @@ from bench.common import Figure, Options, Section, alternate, scratch
 from bench.compose import COMPOSE_APP, ComposeRig, ServiceRig
 from bench.compose_local import LocalRig
 from bench.memory import reset_peak, status_kib
-from extensions.compose import project_name
 from tests.helpers import create, destroy, wait_state
 from tests.infra import Podman, ServeProcess, free_port
 
@@ -63,14 +62,14 @@ TRUE = ["busybox", "true"]
 RSS_BUDGET_MIB = 30.0
 
 
-def container_of(podman: Podman, sandbox_id: str, service: str = SERVICE) -> str:
+def container_of(podman: Podman, project: str, service: str = SERVICE) -> str:
     """The running container of `service` in the sandbox's compose project."""
-    for item in podman.containers(project_name(sandbox_id)):
+    for item in podman.containers(project):
         labels = item.get("Labels") or {}
         if labels.get("com.docker.compose.service") == service and item.get("State") == "running":
             names = item.get("Names") or []
             return str(names[0] if isinstance(names, list) else names)
-    raise RuntimeError(f"no running {service} container for {sandbox_id}")
+    raise RuntimeError(f"no running {service} container in {project}")
 
 
 def p50_ms(samples: list[float]) -> float:
@@ -96,6 +95,7 @@ class Serve:
         self.process = ServeProcess(rig.folder / "data", free_port(), **rig.env())
         self.url = self.process.url
         self.sandbox_id = ""
+        self.project = ""  # the compose project, as the sandbox's handle records it
         self.container = ""
         # One connection, kept alive: every request of a figure goes over it.
         self.http = aiohttp.ClientSession(
@@ -113,8 +113,9 @@ class Serve:
             self.http, self.url, profile=self.profile, inputs={"repo": str(self.rig.repo)}
         )
         self.sandbox_id = str(made["id"])
-        await wait_state(self.http, self.url, self.sandbox_id, {"ready"}, timeout=600)
-        self.container = container_of(self.rig.podman, self.sandbox_id)
+        view = await wait_state(self.http, self.url, self.sandbox_id, {"ready"}, timeout=600)
+        self.project = str(view["handle"]["project"])
+        self.container = container_of(self.rig.podman, self.project)
 
     async def stop(self) -> None:
         try:
@@ -182,10 +183,10 @@ async def engine_exec(podman: Podman, container: str) -> None:
         raise RuntimeError(f"podman exec: {proc.returncode} {err.decode()[-400:]}")
 
 
-async def engine_ps(podman: Podman, sandbox_id: str) -> None:
-    """What the adapter asks the engine before each exec: the project's containers."""
+async def engine_ps(podman: Podman, project: str) -> None:
+    """What the adapter asked the engine before each exec: the project's containers."""
     argv = ["podman", "ps", "-a", "--format", "json", "--filter"]
-    argv.append(f"label=com.docker.compose.project={project_name(sandbox_id)}")
+    argv.append(f"label=com.docker.compose.project={project}")
     proc = await asyncio.create_subprocess_exec(
         *argv, env=podman.env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
@@ -211,7 +212,7 @@ async def measure_local_exec(
 
     async def both(_run: int) -> float:
         async def two() -> None:
-            await engine_ps(podman, serve.sandbox_id)
+            await engine_ps(podman, serve.project)
             await engine_exec(podman, serve.container)
 
         return await timed_calls(n, two)
@@ -292,7 +293,7 @@ async def measure_ssh_exec(options: Options, section: Section, folder: Path, n: 
                 [
                     *shlex.split(rig.podman.engine_cmd),
                     *["ps", "-a", "--format", "json", "--filter"],
-                    f"label=com.docker.compose.project={project_name(serve.sandbox_id)}",
+                    f"label=com.docker.compose.project={serve.project}",
                 ]
             )
 

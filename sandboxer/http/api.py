@@ -374,8 +374,15 @@ class Api:
         """Open streams (events, exec, logs) would hold shutdown until they end; one
         that starts after this is refused (`_streaming`)."""
         self._closing = True
-        for task in list(self._streams):
+        self.end_streams()
+
+    def end_streams(self) -> int:
+        """End every open streaming answer now (as a restart would); new ones may
+        start. How many were open."""
+        streams = list(self._streams)
+        for task in streams:
             task.cancel()
+        return len(streams)
 
     @contextlib.contextmanager
     def _streaming(self) -> Iterator[None]:

@@ -229,7 +229,7 @@ async def test_the_stream_resumes_from_last_event_id(api: RunningService, browse
     ready = await get(api.http, api.url, first["id"])
 
     # The server ends every open stream (as a restart would); the page reconnects.
-    await api.service.api._close_streams(api.runner.app)
+    assert api.service.api.end_streams() >= 1
     second = await create(api.http, api.url)
     await expect(state_of(page, second["id"])).to_have_text("ready")
 
