@@ -629,17 +629,17 @@ async def test_endpoint_links_bracket_ipv6_and_udp_is_text(
             { service: "odd", container_port: 80, protocol: "tcp", host: "a/b@c", host_port: 1 },
           ] });
           return {
-            v6: endpointUrl({ host: "fd00::5", host_port: 80 }),
-            v4: endpointUrl({ host: "10.0.0.2", host_port: 443 }),
-            badPort: endpointUrl({ host: "10.0.0.2", host_port: 70000 }),
+            v6: endpointUrl({ host: "::1", host_port: 80 }),
+            v4: endpointUrl({ host: "127.0.0.2", host_port: 443 }),
+            badPort: endpointUrl({ host: "127.0.0.2", host_port: 70000 }),
             items: [...list.querySelectorAll("li")].map((li) => li.textContent),
             links: [...list.querySelectorAll("a")].map((a) => a.getAttribute("href")),
           };
         }"""
     )
     assert made == {
-        "v6": "http://[fd00::5]:80",
-        "v4": "http://10.0.0.2:443",
+        "v6": "http://[::1]:80",
+        "v4": "http://127.0.0.2:443",
         "badPort": None,
         "items": [
             "dns:53 → [::1]:5353/udp",
