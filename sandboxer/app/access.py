@@ -152,9 +152,6 @@ class InFlight:
         if isinstance(recorded.event, DestroyRequested):
             self.stop(recorded.event.aggregate_id, "destroyed")
 
-    def count(self, sandbox_id: str) -> int:
-        return len(self._calls.get(sandbox_id, ()))
-
 
 class _Call:
     def __init__(self) -> None:

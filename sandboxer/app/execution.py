@@ -68,11 +68,16 @@ class StreamDigest:
 class PreparedCommand:
     target: Target
     command_id: str
-    argv: list[str]
+    argv: list[str]  # as recorded: empty for a shell script
     shell: str | None
     env: dict[str, str]
     workdir: str | None
     timeout: float
+
+    @property
+    def run_argv(self) -> list[str]:
+        """What the adapter runs: the argv, or the script under `sh -c`."""
+        return self.argv or ["sh", "-c", str(self.shell)]
 
 
 class CommandRunner:
@@ -84,8 +89,7 @@ class CommandRunner:
         """Every check that can fail before anything runs or is recorded."""
         if (body.argv is None) == (body.shell is None):
             raise BadUse("give exactly one of argv (a list) and shell (a script)", "argv")
-        argv = body.argv if body.argv is not None else ["sh", "-c", str(body.shell)]
-        if any("\x00" in a for a in argv):
+        if any("\x00" in a for a in body.argv or [str(body.shell)]):
             raise BadUse("argv contains a NUL byte", "shell" if body.shell else "argv")
         for name, value in body.env.items():
             if not ENV_NAME_RE.fullmatch(name):
@@ -98,7 +102,7 @@ class CommandRunner:
         return PreparedCommand(
             target=target,
             command_id=new_command_id(),
-            argv=argv if body.argv is not None else [],
+            argv=body.argv or [],
             shell=body.shell,
             env=dict(body.env),
             workdir=body.workdir,
@@ -148,7 +152,6 @@ class CommandRunner:
         target = command.target
         sandbox_id = target.view.id
         digests = {"stdout": StreamDigest(), "stderr": StreamDigest()}
-        argv = command.argv or ["sh", "-c", str(command.shell)]
 
         async def work(stop: Callable[[str], None]) -> CommandResult:
             gone = False
@@ -174,7 +177,7 @@ class CommandRunner:
             result: CommandResult = await target.adapter.exec(
                 target.ctx,
                 target.handle,
-                argv,
+                command.run_argv,
                 service=target.service,
                 workdir=command.workdir,
                 env=command.env,
