@@ -296,5 +296,13 @@ class SandboxesProjection:
         rows.sort(key=lambda v: v.created_at)
         return rows
 
+    def state_counts(self) -> dict[tuple[str, str], int]:
+        """How many sandboxes are in each (state, extension)."""
+        counts: dict[tuple[str, str], int] = {}
+        for view in self.sandboxes.values():
+            key = (view.state, view.extension)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def snapshot(self) -> dict[str, SandboxView]:
         return dict(self.sandboxes)

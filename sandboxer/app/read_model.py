@@ -12,6 +12,7 @@ import gc
 import heapq
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,10 +74,23 @@ class ProjectionRunner:
         self._tiebreak = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
+        self._stream_seq = 0
+        self._snapshot_at: float | None = None  # time.time() of the newest snapshot
 
     @property
     def last_seq(self) -> int:
         return self.projection.last_seq
+
+    @property
+    def stream_seq(self) -> int:
+        """The highest stream sequence this runner knows was written (>= last_seq):
+        `stream_seq - last_seq` is the projection's lag."""
+        return max(self._stream_seq, self.projection.last_seq)
+
+    def snapshot_age(self) -> float | None:
+        """Seconds since the newest read-model snapshot this runner wrote or loaded
+        (None: none yet)."""
+        return None if self._snapshot_at is None else time.time() - self._snapshot_at
 
     async def start(self, timeout: float = 300.0) -> None:
         """Follow the stream from sequence 1; return once caught up with its end.
@@ -87,6 +101,7 @@ class ProjectionRunner:
         Nothing of a fold forms reference cycles; what others leave behind meanwhile is
         collected once the collector runs again."""
         target = await self.store.last_seq()
+        self._stream_seq = target
         self._task = asyncio.create_task(self._follow(), name="projection")
         with gc_paused():
             await self.wait_for(target, timeout)
