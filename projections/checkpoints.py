@@ -81,6 +81,14 @@ class CheckpointsProjection:
             self.by_sandbox.setdefault(view.sandbox_id, []).append(checkpoint_id)
         self.checkpoints[checkpoint_id] = view
 
+    def load(self, views: list[CheckpointView]) -> None:
+        """Replace every row with `views` (a snapshot's)."""
+        self.checkpoints = {}
+        self.by_sandbox = {}
+        for view in sorted(views, key=lambda v: v.last_seq):
+            self.by_sandbox.setdefault(view.sandbox_id, []).append(view.id)
+            self.checkpoints[view.id] = view
+
     def get(self, checkpoint_id: str) -> CheckpointView | None:
         return self.checkpoints.get(checkpoint_id)
 

@@ -7,6 +7,8 @@ release of all of it.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import msgspec
 
 from events import (
@@ -49,6 +51,12 @@ class Charge(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     reserve_basis: dict[str, str | int | float | bool] = {}
     debit_basis: dict[str, str | int | float | bool] = {}
     settled: bool = False
+    last_seq: int = 0  # the stream sequence of its last event
+
+    @property
+    def closed(self) -> bool:
+        """Nothing more is expected for it: released, or its reservation refused."""
+        return self.settled or self.rejected
 
 
 def evolve_account(view: AccountView | None, seq: int, event: Event) -> AccountView:
@@ -117,9 +125,14 @@ def evolve_charge(charge: Charge | None, event: Event) -> Charge | None:
 
 
 class LedgerProjection:
-    def __init__(self) -> None:
+    """Balances of every account, and the charges: the open ones in memory, the closed
+    ones since the last flush (`take_closed`), the older ones in the archive."""
+
+    def __init__(self, archive: ChargeArchive | None = None) -> None:
         self.accounts: dict[str, AccountView] = {}
-        self.charges: dict[str, Charge] = {}
+        self.charges: dict[str, Charge] = {}  # open
+        self.closed: dict[str, Charge] = {}  # closed since the last flush
+        self.archive = archive
         self.last_seq = 0
 
     def apply(self, seq: int, subject: str, event: Event) -> None:
@@ -127,23 +140,53 @@ class LedgerProjection:
         if not subject.startswith(LEDGER_SUBJECTS):
             return
         key = event.aggregate_id
-        self.accounts[key] = evolve_account(self.accounts.get(key), seq, event)
+        account = self.accounts.get(key)
+        if account is not None and seq <= account.last_seq:
+            return  # folded already (a tail that overlaps what was loaded)
+        self.accounts[key] = evolve_account(account, seq, event)
         sandbox_id = getattr(event, "sandbox_id", None)
-        if sandbox_id is not None:
-            charge = evolve_charge(self.charges.get(sandbox_id), event)
-            if charge is not None:
-                self.charges[sandbox_id] = charge
+        if sandbox_id is None:
+            return
+        current = self.charge(sandbox_id)
+        if current is not None and seq <= current.last_seq:
+            return
+        charge = evolve_charge(current, event)
+        if charge is None or charge is current:
+            return
+        charge = msgspec.structs.replace(charge, last_seq=seq)
+        if charge.closed:
+            self.charges.pop(sandbox_id, None)
+            self.closed[sandbox_id] = charge
+        else:
+            self.closed.pop(sandbox_id, None)
+            self.charges[sandbox_id] = charge
+
+    def charge(self, sandbox_id: str) -> Charge | None:
+        found = self.charges.get(sandbox_id) or self.closed.get(sandbox_id)
+        if found is None and self.archive is not None:
+            found = self.archive.charge(sandbox_id)
+        return found
+
+    def take_closed(self) -> list[Charge]:
+        rows = list(self.closed.values())
+        self.closed.clear()
+        return rows
 
     def snapshot(self) -> LedgerProjection:
         """A copy that stays put while this one follows the stream (rows are immutable)."""
-        copy = LedgerProjection()
+        copy = LedgerProjection(self.archive)
         copy.accounts = dict(self.accounts)
         copy.charges = dict(self.charges)
+        copy.closed = dict(self.closed)
         copy.last_seq = self.last_seq
         return copy
 
     def account(self, name: str) -> AccountView:
         return self.accounts.get(name) or AccountView(account=name)
+
+
+class ChargeArchive(Protocol):
+    def charge(self, sandbox_id: str) -> Charge | None: ...
 
 
 class LedgerCache(msgspec.Struct):

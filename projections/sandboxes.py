@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import msgspec
 
@@ -33,6 +35,22 @@ from events import (
 )
 from events.lifecycle import TERMINAL, failing_after, next_state
 from events.subjects import SANDBOX_SUBJECTS, VALIDATION_SUBJECTS
+from projections.paging import MAX_PAGE, Cursor, Filter, after_cursor, order_key
+
+
+class RowArchive(Protocol):
+    """What the projection needs of the archive (projections/archive.py)."""
+
+    def get(self, sandbox_id: str) -> SandboxView | None: ...
+
+    def write(self, views: Iterable[SandboxView], charges: Iterable[Any], seq: int) -> None: ...
+
+    def page(
+        self, where: Filter, after: Cursor | None, limit: int, newest_first: bool = False
+    ) -> list[SandboxView]: ...
+
+    def counts(self) -> dict[tuple[str, str], int]: ...
+
 
 RECENT_COMMANDS = 20  # commands a view keeps (the events keep them all)
 
@@ -222,18 +240,20 @@ def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | No
 
 
 class SandboxesProjection:
-    """All sandboxes by id, the unfinished ones among them (an index of the same rows),
-    and the stream sequence the fold has reached."""
+    """The live sandboxes by id in memory, the ones that ended since the last flush,
+    and the archive of all the others (a finished sandbox leaves memory there); and
+    the stream sequence the fold has reached."""
 
-    def __init__(self) -> None:
-        self.sandboxes: dict[str, SandboxView] = {}
+    def __init__(self, archive: RowArchive) -> None:
+        self.archive = archive
         self.unfinished: dict[str, SandboxView] = {}
+        self.finished: dict[str, SandboxView] = {}  # ended; archived at the next flush
         self.last_seq = 0
 
     def _put(self, view: SandboxView) -> None:
-        self.sandboxes[view.id] = view
         if view.state in TERMINAL:
             self.unfinished.pop(view.id, None)
+            self.finished[view.id] = view
         else:
             self.unfinished[view.id] = view
 
@@ -244,15 +264,19 @@ class SandboxesProjection:
         if not subject.startswith(SANDBOX_SUBJECTS):
             return None
         key = event.aggregate_id
-        view = evolve(self.sandboxes.get(key), seq, event)
+        # A new aggregate has no row anywhere: skip the archive's lookup for it.
+        current = None if isinstance(event, SandboxRequested) else self.get(key)
+        if current is not None and seq <= current.last_seq:
+            return current  # folded already (a tail that overlaps the archive)
+        view = evolve(current, seq, event)
         if view is not None:
             self._put(view)
         return view
 
     def _validation(self, seq: int, event: Event) -> SandboxView | None:
-        view = self.sandboxes.get(event.aggregate_id)
-        if view is None:
-            return None
+        view = self.get(event.aggregate_id)
+        if view is None or seq <= view.last_seq:
+            return view
         if isinstance(event, ValidationStarted):
             view = msgspec.structs.replace(
                 view,
@@ -274,35 +298,49 @@ class SandboxesProjection:
         return view
 
     def get(self, sandbox_id: str) -> SandboxView | None:
-        return self.sandboxes.get(sandbox_id)
+        return (
+            self.unfinished.get(sandbox_id)
+            or self.finished.get(sandbox_id)
+            or self.archive.get(sandbox_id)
+        )
 
-    def list(
+    def take_finished(self) -> list[SandboxView]:
+        """The rows that ended since the last call: the caller archives them."""
+        rows = list(self.finished.values())
+        self.finished.clear()
+        return rows
+
+    def page(
         self,
         *,
         state: str | None = None,
         account: str | None = None,
         live_only: bool = False,
         labels: dict[str, str] | None = None,
+        after: Cursor | None = None,
+        limit: int = MAX_PAGE,
+        newest_first: bool = False,
     ) -> list[SandboxView]:
-        wanted = list((labels or {}).items())
-        rows = [
-            v
-            for v in self.sandboxes.values()
-            if (state is None or v.state == state)
-            and (account is None or v.account == account)
-            and not (live_only and v.state in TERMINAL)
-            and all(v.labels.get(k) == want for k, want in wanted)
-        ]
-        rows.sort(key=lambda v: v.created_at)
-        return rows
+        """Up to `limit` rows by (created_at, id) after `after` (or from the newest):
+        the live ones from memory, the finished ones from the archive (flushed first)."""
+        where = Filter(state=state, account=account, labels=labels or {})
+        rows: list[SandboxView] = []
+        if state is None or state not in TERMINAL:
+            rows = [
+                v
+                for v in self.unfinished.values()
+                if where.matches(v) and after_cursor(v, after, newest_first)
+            ]
+        if not live_only and (state is None or state in TERMINAL):
+            self.archive.write(self.take_finished(), [], self.last_seq)
+            rows += self.archive.page(where, after, limit, newest_first)
+        rows.sort(key=order_key, reverse=newest_first)
+        return rows[:limit]
 
     def state_counts(self) -> dict[tuple[str, str], int]:
         """How many sandboxes are in each (state, extension)."""
-        counts: dict[tuple[str, str], int] = {}
-        for view in self.sandboxes.values():
+        counts = self.archive.counts()
+        for view in (*self.unfinished.values(), *self.finished.values()):
             key = (view.state, view.extension)
             counts[key] = counts.get(key, 0) + 1
         return counts
-
-    def snapshot(self) -> dict[str, SandboxView]:
-        return dict(self.sandboxes)

@@ -17,7 +17,7 @@ from nats.aio.client import Client as NatsClient
 from extensions import ExtensionRegistry, RuntimeInfo
 from sandboxer.app.bus import MessageBus
 from sandboxer.app.manager import SandboxManager
-from sandboxer.app.read_model import ProjectionRunner
+from sandboxer.app.read_model import SNAPSHOT_EVERY, ProjectionRunner
 from sandboxer.app.reconcile import Reconciler
 from sandboxer.app.use import SandboxUse
 from sandboxer.app.webhooks import Webhooks
@@ -26,10 +26,12 @@ from sandboxer.http.api import Api
 from sandboxer.http.auth import TokenBook, is_loopback
 from sandboxer.http.server import ApiRunner
 from sandboxer.profiles import ProfileCatalog
+from sandboxer.store.archive import SqliteArchive
 from sandboxer.store.event_store import JetStreamEventStore
 from sandboxer.store.leases import WorkerLeases, default_worker_name
 from sandboxer.store.nats_auth import external_connect_options, mutable_policy, redact
 from sandboxer.store.nats_server import EmbeddedNats
+from sandboxer.store.read_snapshots import ObjectStoreReadModels
 from sandboxer.store.snapshots import FileSnapshotStore, ObjectStoreSnapshots, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,29 @@ class Service:
         )
         self.store = JetStreamEventStore(self.nc, replicas=settings.stream_replicas)
         await self.store.ensure_stream(mutable=mutable_policy(settings))
-        self.runner = ProjectionRunner(self.store, cache_dir=settings.data_dir / "cache")
+        # The lease first: it renews while the read models catch up.
+        self.leases = WorkerLeases(
+            self.nc,
+            settings.worker_name or default_worker_name(settings.data_dir),
+            ttl=settings.lease_ttl,
+            replicas=settings.stream_replicas,
+        )
+        await self.leases.start()
+        self.runner = ProjectionRunner(
+            self.store,
+            archive=SqliteArchive(settings.data_dir / "cache" / "archive.sqlite3"),
+            snapshots=(
+                ObjectStoreReadModels(
+                    self.nc.jetstream(timeout=30),
+                    self.leases.name,
+                    replicas=settings.stream_replicas,
+                )
+                if settings.snapshot_every
+                else None
+            ),
+            snapshot_every=settings.snapshot_every or SNAPSHOT_EVERY,
+            snapshot_seconds=settings.snapshot_seconds,
+        )
         await self.runner.start()
         snapshots: SnapshotStore
         if settings.checkpoint_store == "fs":
@@ -98,13 +122,6 @@ class Service:
                 settings.checkpoint_bucket,
                 replicas=settings.stream_replicas,
             )
-        self.leases = WorkerLeases(
-            self.nc,
-            settings.worker_name or default_worker_name(settings.data_dir),
-            ttl=settings.lease_ttl,
-            replicas=settings.stream_replicas,
-        )
-        await self.leases.start()
         self.manager = SandboxManager(
             self.store,
             extensions,
@@ -162,8 +179,8 @@ class Service:
         if self.leases is not None:
             await _bounded("leases", self.leases.stop())
         if self.runner is not None:
-            await _bounded("projections", self.runner.stop())
-            self.runner.save_cache()
+            await _bounded("projections", self.runner.stop())  # writes a snapshot
+            self.runner.archive.close()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await _bounded("nats drain", self.nc.drain())

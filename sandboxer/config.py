@@ -98,6 +98,8 @@ class Settings:
     reconcile_interval: float = 300.0
     repo_roots: tuple[Path, ...] = ()
     max_file_bytes: int = 1024**3  # the largest file PUT or GET .../files moves
+    snapshot_every: int = 100_000  # events between two read-model snapshots (0: none)
+    snapshot_seconds: float = 300.0  # and at most this long between them
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -161,10 +163,28 @@ class Settings:
             lambda n: 1 <= n <= 2**50,
             "a byte count between 1 and 2**50",
         )
+        snapshot_every = _number(
+            env,
+            "SANDBOXER_SNAPSHOT_EVERY",
+            "100000",
+            int,
+            lambda n: n == 0 or 100 <= n <= 10**9,
+            "0 (no snapshots) or a count of events between 100 and 10**9",
+        )
+        snapshot_seconds = _number(
+            env,
+            "SANDBOXER_SNAPSHOT_SECONDS",
+            "300",
+            float,
+            lambda t: 1.0 <= t <= 86_400.0,
+            "seconds between 1 and 86400",
+        )
         allow_mutable = _choice(env, "SANDBOXER_ALLOW_MUTABLE_STREAM", ("0", "1")) == "1"
         values: dict[str, object] = {
             "repo_roots": repo_roots_from_env(env),
             "max_file_bytes": max_file_bytes,
+            "snapshot_every": snapshot_every,
+            "snapshot_seconds": snapshot_seconds,
             "reconcile": reconcile,
             "reconcile_interval": interval,
             "lease_ttl": lease_ttl,

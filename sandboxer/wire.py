@@ -126,7 +126,8 @@ class SandboxOut(msgspec.Struct):
 
 class SandboxList(msgspec.Struct):
     sandboxes: list[SandboxOut]
-    count: int
+    count: int  # rows on this page
+    next_cursor: str | None = None  # the page after this one (None: the last page)
 
 
 class EventOut(msgspec.Struct):

@@ -19,7 +19,8 @@ import msgspec
 from events import CreditsDebited, Event
 from events.base import utc_now
 from events.subjects import LEDGER_SUBJECTS
-from projections.ledger import AccountView, LedgerProjection
+from projections.archive import MemoryArchive
+from projections.ledger import AccountView, Charge, LedgerProjection
 from projections.sandboxes import SandboxesProjection
 
 
@@ -39,6 +40,7 @@ class AuditReport(msgspec.Struct, frozen=True):
     violations: list[str]
 
 
+_NONE = Charge(sandbox_id="", account="")
 DEFAULT_TTL_GRACE = 300.0  # seconds: a teardown retried with back-off may take minutes
 
 
@@ -51,7 +53,7 @@ def audit(
     ttl_grace: float = DEFAULT_TTL_GRACE,
 ) -> AuditReport:
     fresh = LedgerProjection()
-    sandboxes = SandboxesProjection()
+    sandboxes = SandboxesProjection(MemoryArchive())
     violations: list[str] = []
     debits: list[DebitLine] = []
     count = 0
@@ -75,14 +77,15 @@ def audit(
             )
         if isinstance(event, CreditsDebited):
             debits.append(DebitLine(seq, name, event.sandbox_id, event.amount, event.basis))
-            if fresh.charges[event.sandbox_id].debits > 1:
+            if (fresh.charge(event.sandbox_id) or _NONE).debits > 1:
                 violations.append(f"seq {seq}: sandbox {event.sandbox_id} debited twice")
-    for sandbox in sandboxes.sandboxes.values():
+    # Nothing is flushed here: every row the fold made is still in memory.
+    for sandbox in (*sandboxes.unfinished.values(), *sandboxes.finished.values()):
         if not sandbox.metered or sandbox.credits_held == 0:
             continue
         if account is not None and sandbox.account != account:
             continue
-        charge = fresh.charges.get(sandbox.id)
+        charge = fresh.charge(sandbox.id)
         if (
             sandbox.state == "destroyed"
             and sandbox.ready_at is not None

@@ -58,7 +58,7 @@ class LedgerBook:
         return self.account(account).last_seq
 
     def charge(self, sandbox_id: str) -> Charge | None:
-        return self.runner.ledger.charges.get(sandbox_id)
+        return self.runner.ledger.charge(sandbox_id)
 
     async def _caught_up(self, seq: int) -> None:
         if not await self.runner.wait_for(seq, CATCH_UP_SECONDS):

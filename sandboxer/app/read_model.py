@@ -8,24 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import heapq
 import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import msgspec
 
 from events import Event, SandboxRequested
 from events.subjects import LEDGER_SUBJECTS
+from projections import snapshot
+from projections.archive import MemoryArchive, SandboxArchive
 from projections.checkpoints import CheckpointsProjection
-from projections.ledger import LedgerProjection, from_cache, to_cache
-from projections.sandboxes import SandboxesProjection, SandboxView
+from projections.ledger import LedgerProjection
+from projections.sandboxes import SandboxesProjection
 from sandboxer.store.event_store import EventRecorder, RecordedEvent
+from sandboxer.store.read_snapshots import ReadModelSnapshots
 
 log = logging.getLogger(__name__)
+
+SNAPSHOT_EVERY = 100_000  # events between two snapshots
+SNAPSHOT_SECONDS = 300.0  # and at most this long, when anything changed
+FLUSH_AT = 1_000  # finished rows kept in memory before they go to the archive
 
 
 @contextlib.contextmanager
@@ -52,19 +59,34 @@ class ProjectionRunner:
     copy of each read model in the process, which the manager and the API read (the
     manager waits here for what it appended before it decides on it again).
 
-    The ledger projection is also kept on disk (`cache_dir/ledger.json`) and loaded
-    from there on start: a disposable cache, which `sandboxer ledger audit` checks
-    against a fresh replay of the ledger events.
+    Memory holds the live rows; finished sandboxes and closed charges go to the
+    archive in batches. A start loads the newest valid snapshot (live rows at one
+    sequence, see projections/snapshot.py) and folds only the tail after it; without
+    one it replays from sequence 1. Snapshots are written every `snapshot_every`
+    events or `snapshot_seconds` (when something changed) and at a clean stop.
     """
 
-    def __init__(self, store: EventRecorder, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        store: EventRecorder,
+        *,
+        archive: SandboxArchive | None = None,
+        snapshots: ReadModelSnapshots | None = None,
+        snapshot_every: int = SNAPSHOT_EVERY,
+        snapshot_seconds: float = SNAPSHOT_SECONDS,
+        fresh_archive: Callable[[], SandboxArchive] = MemoryArchive,
+    ) -> None:
         self.store = store
-        self.cache_dir = cache_dir
-        self.projection = SandboxesProjection()
+        self.archive: SandboxArchive = archive if archive is not None else MemoryArchive()
+        self.snapshots = snapshots
+        self.snapshot_every = snapshot_every
+        self.snapshot_seconds = snapshot_seconds
+        self.fresh_archive = fresh_archive
+        self.projection = SandboxesProjection(self.archive)
         self.checkpoints = CheckpointsProjection()
+        self.ledger = LedgerProjection(self.archive)
         # Called right after each event is applied (in-process observers, tests).
         self.listeners: list[Callable[[RecordedEvent], None]] = []
-        self.ledger = self._load_cache()
         # Long-polls wait on `_changed`, which is replaced and set after an event only
         # while someone waits on it (`_waiting`); `wait_for` waiters wait for their own
         # sequence (a heap of futures), so a replay does not wake them at every event.
@@ -73,9 +95,14 @@ class ProjectionRunner:
         self._targets: list[tuple[int, int, asyncio.Future[None]]] = []
         self._tiebreak = itertools.count()
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._saving: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
         self._stream_seq = 0
+        self._stream_id = ""
         self._snapshot_at: float | None = None  # time.time() of the newest snapshot
+        self._snapshot_seq = 0
+        self.started_from = ""  # how the last start got its state (for logs and tests)
 
     @property
     def last_seq(self) -> int:
@@ -93,36 +120,152 @@ class ProjectionRunner:
         return None if self._snapshot_at is None else time.time() - self._snapshot_at
 
     async def start(self, timeout: float = 300.0) -> None:
-        """Follow the stream from sequence 1; return once caught up with its end.
+        """Load the newest valid snapshot, then follow the stream from the sequence
+        after it; return once caught up with the end the stream had at the start.
 
         The catch-up runs with the cyclic garbage collector paused: it allocates
-        millions of short-lived objects and keeps a growing projection, so collections
-        would run again and again over the same live rows (a third of a replay's time).
-        Nothing of a fold forms reference cycles; what others leave behind meanwhile is
-        collected once the collector runs again."""
+        millions of short-lived objects, so collections would run again and again
+        over the same live rows. Nothing of a fold forms reference cycles; what others
+        leave behind meanwhile is collected once the collector runs again."""
+        self._stream_id = await self.store.identity()
         target = await self.store.last_seq()
         self._stream_seq = target
+        await self._load(target)
         self._task = asyncio.create_task(self._follow(), name="projection")
         with gc_paused():
-            await self.wait_for(target, timeout)
+            if not await self.wait_for(target, timeout):
+                raise TimeoutError(f"the read models did not catch up with seq {target}")
+        self.flush()
+        if self.snapshots is not None:
+            self._timer = asyncio.create_task(self._snapshot_timer(), name="snapshot-timer")
+
+    async def _load(self, target: int) -> None:
+        reason = await self._install_snapshot(target)
+        if reason is None:
+            self.started_from = f"snapshot at seq {self._snapshot_seq}"
+            log.info(
+                "read models: snapshot at seq %d; folding the %d events after it",
+                self._snapshot_seq,
+                target - self._snapshot_seq,
+            )
+            return
+        self.started_from = f"replay from seq 1 ({reason})"
+        if target > 0:
+            log.warning("read models: replaying %d events from seq 1: %s", target, reason)
+        self.archive.reset(self._stream_id)
+
+    async def _install_snapshot(self, target: int) -> str | None:
+        """Install the stored snapshot; or say why not (then nothing was changed)."""
+        if self.snapshots is None:
+            return "no snapshot store"
+        try:
+            data = await self.snapshots.load()
+        except Exception as exc:  # a store that fails costs a replay, not the start
+            return f"the snapshot could not be read ({type(exc).__name__}: {exc})"
+        if data is None:
+            return "no snapshot yet"
+        try:
+            state = snapshot.decode(data, stream_id=self._stream_id, last_seq=target)
+        except snapshot.SnapshotRejected as exc:
+            return f"the snapshot is not usable: {exc}"
+        if self.archive.stream_id != self._stream_id or self.archive.seq < state.seq:
+            return f"the archive (seq {self.archive.seq}) is behind the snapshot (seq {state.seq})"
+        self.projection.unfinished = {v.id: v for v in state.sandboxes}
+        self.projection.last_seq = state.seq
+        self.checkpoints.load(state.checkpoints)
+        self.ledger.accounts = {v.account: v for v in state.accounts}
+        self.ledger.charges = {c.sandbox_id: c for c in state.charges}
+        self.ledger.last_seq = state.seq
+        self._snapshot_seq = state.seq
+        self._snapshot_at = state.written_at.timestamp()
+        return None
+
+    def flush(self) -> None:
+        """Hand what ended since the last flush to the archive."""
+        views = self.projection.take_finished()
+        charges = self.ledger.take_closed()
+        if views or charges or self.archive.seq < self.last_seq:
+            self.archive.write(views, charges, self.last_seq)
+
+    def _capture(self) -> bytes:
+        """The live rows at one sequence, encoded (synchronous: nothing moves meanwhile)."""
+        self.flush()
+        return snapshot.encode(
+            snapshot.ReadModelState(
+                seq=self.last_seq,
+                stream_id=self._stream_id,
+                fold_version=snapshot.fold_version(),
+                written_at=dt.datetime.now(dt.UTC),
+                sandboxes=list(self.projection.unfinished.values()),
+                checkpoints=list(self.checkpoints.checkpoints.values()),
+                accounts=list(self.ledger.accounts.values()),
+                charges=list(self.ledger.charges.values()),
+            )
+        )
+
+    async def save_snapshot(self) -> None:
+        """Write a snapshot of the read models as they are now."""
+        if self.snapshots is None or not self._stream_id:
+            return
+        seq = self.last_seq
+        data = self._capture()
+        await self.snapshots.save(data)
+        self._snapshot_seq = max(self._snapshot_seq, seq)
+        self._snapshot_at = time.time()
+        log.info("read models: snapshot at seq %d (%d bytes)", seq, len(data))
+
+    def _save_in_background(self) -> None:
+        if self._saving is None or self._saving.done():
+            self._saving = asyncio.create_task(self._save_logged(), name="snapshot")
+
+    async def _save_logged(self) -> None:
+        try:
+            await self.save_snapshot()
+        except Exception as exc:  # the next one is due soon; the stream stays the truth
+            log.warning("read models: the snapshot was not written: %s", exc)
+
+    async def _snapshot_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.snapshot_seconds)
+            if self.last_seq > self._snapshot_seq:
+                self._save_in_background()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop following; a clean stop writes a snapshot of where it got to."""
+        for task in (self._timer, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._saving is not None:
+            with contextlib.suppress(Exception):
+                await self._saving
+        if self._task is None or self._failed is not None:
+            return
+        self._task = None
+        if self.last_seq > self._snapshot_seq:
+            await self._save_logged()
+        else:
+            self.flush()
 
     async def _follow(self) -> None:
         try:
             async for recorded in self.store.follow(self.projection.last_seq + 1):
-                self.projection.apply(recorded.seq, recorded.subject, recorded.event)
-                self.checkpoints.apply(recorded.seq, recorded.subject, recorded.event)
-                if recorded.seq > self.ledger.last_seq:
-                    self.ledger.apply(recorded.seq, recorded.subject, recorded.event)
+                seq = recorded.seq
+                self.projection.apply(seq, recorded.subject, recorded.event)
+                self.checkpoints.apply(seq, recorded.subject, recorded.event)
+                self.ledger.apply(seq, recorded.subject, recorded.event)
+                if seq > self._stream_seq:
+                    self._stream_seq = seq
                 for listener in self.listeners:
                     listener(recorded)
-                if self._targets and self._targets[0][0] <= recorded.seq:
-                    self._reached(recorded.seq)
+                if len(self.projection.finished) + len(self.ledger.closed) >= FLUSH_AT:
+                    self.flush()
+                if self.snapshots is not None and seq - self._snapshot_seq >= self.snapshot_every:
+                    self._snapshot_seq = seq  # one save per stretch, even while it runs
+                    self._save_in_background()
+                if self._targets and self._targets[0][0] <= seq:
+                    self._reached(seq)
                 if self._waiting:
                     changed, self._changed = self._changed, asyncio.Event()
                     changed.set()
@@ -152,28 +295,6 @@ class ProjectionRunner:
             return event.account
         view = self.projection.get(event.aggregate_id)
         return view.account if view else None
-
-    def _cache_file(self) -> Path | None:
-        return self.cache_dir / "ledger.json" if self.cache_dir is not None else None
-
-    def _load_cache(self) -> LedgerProjection:
-        path = self._cache_file()
-        if path is None or not path.exists():
-            return LedgerProjection()
-        try:
-            return from_cache(path.read_bytes())
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("ignoring the ledger cache %s: %s", path, exc)
-            return LedgerProjection()
-
-    def save_cache(self) -> None:
-        path = self._cache_file()
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(to_cache(self.ledger))
-        tmp.replace(path)
 
     async def wait_for(self, seq: int, timeout: float) -> bool:
         """Wait until the projection has applied `seq`. False on timeout."""
@@ -241,11 +362,12 @@ class ProjectionRunner:
         await self._wait_until(moved, timeout)
 
     async def verify(self) -> VerifyReport:
-        """Replay the stream from sequence 1 into a fresh projection and compare."""
-        live: dict[str, SandboxView] = self.projection.snapshot()
-        live_checkpoints = dict(self.checkpoints.checkpoints)
+        """Replay the stream from sequence 1 into fresh projections and compare them
+        with the live ones (rows that moved past the replay's end are skipped)."""
         seq = self.projection.last_seq
-        fresh = SandboxesProjection()
+        fresh_archive = self.fresh_archive()
+        fresh_archive.reset(self._stream_id)
+        fresh = SandboxesProjection(fresh_archive)
         fresh_checkpoints = CheckpointsProjection()
         if seq > 0:
             async for recorded in self.store.read(1):
@@ -253,21 +375,35 @@ class ProjectionRunner:
                     break
                 fresh.apply(recorded.seq, recorded.subject, recorded.event)
                 fresh_checkpoints.apply(recorded.seq, recorded.subject, recorded.event)
+                if len(fresh.finished) >= FLUSH_AT:
+                    fresh_archive.write(fresh.take_finished(), [], recorded.seq)
                 if recorded.seq == seq:
                     break
-        differences = [
-            key
-            for key in sorted(set(live) | set(fresh.sandboxes))
-            if live.get(key) != fresh.sandboxes.get(key)
-        ]
-        differences += [
-            f"checkpoint {key}"
-            for key in sorted(set(live_checkpoints) | set(fresh_checkpoints.checkpoints))
-            if live_checkpoints.get(key) != fresh_checkpoints.checkpoints.get(key)
-        ]
+        fresh_archive.write(fresh.take_finished(), [], seq)
+        self.flush()
+        differences: list[str] = []
+        seen: set[str] = set()
+        count = 0
+        for view in (*fresh.unfinished.values(), *fresh_archive.rows()):
+            count += 1
+            seen.add(view.id)
+            live = self.projection.get(view.id)
+            if live is None or (live.last_seq <= seq and live != view):
+                differences.append(view.id)
+        for live in (*self.projection.unfinished.values(), *self.archive.rows()):
+            if live.id not in seen and live.last_seq <= seq:
+                differences.append(live.id)
+        fresh_archive.close()
+        live_checkpoints = self.checkpoints.checkpoints
+        for key in sorted(set(live_checkpoints) | set(fresh_checkpoints.checkpoints)):
+            mine, theirs = live_checkpoints.get(key), fresh_checkpoints.checkpoints.get(key)
+            if mine is not None and mine.last_seq > seq:
+                continue  # moved on after the replay's end
+            if mine != theirs:
+                differences.append(f"checkpoint {key}")
         return VerifyReport(
             equal=not differences and fresh.last_seq == seq,
             seq=seq,
-            sandboxes=len(fresh.sandboxes),
-            differences=differences[:50],
+            sandboxes=count,
+            differences=sorted(differences)[:50],
         )

@@ -181,8 +181,16 @@ class AsyncClient:
     ) -> builtins.list[SandboxOut]:
         params = c.clean({"state": state, "account": account, "live": live})
         params += c.label_params(label)
-        page = await self._typed(SandboxList, "GET", "/v1/sandboxes", params=params)
-        return page.sandboxes
+        rows: builtins.list[SandboxOut] = []
+        cursor: str | None = None
+        while True:  # every page, by creation time
+            page = await self._typed(
+                SandboxList, "GET", "/v1/sandboxes", params=params + c.clean({"cursor": cursor})
+            )
+            rows += page.sandboxes
+            if page.next_cursor is None or not page.sandboxes:
+                return rows
+            cursor = page.next_cursor
 
     async def destroy(
         self,

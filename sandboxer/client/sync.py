@@ -187,7 +187,16 @@ class Client:
         """`label`: "k=v" or a list of them (all must match)."""
         params = c.clean({"state": state, "account": account, "live": live})
         params += c.label_params(label)
-        return self._typed(SandboxList, "GET", "/v1/sandboxes", params=params).sandboxes
+        rows: builtins.list[SandboxOut] = []
+        cursor: str | None = None
+        while True:  # every page, by creation time
+            page = self._typed(
+                SandboxList, "GET", "/v1/sandboxes", params=params + c.clean({"cursor": cursor})
+            )
+            rows += page.sandboxes
+            if page.next_cursor is None or not page.sandboxes:
+                return rows
+            cursor = page.next_cursor
 
     def destroy(
         self, sandbox: str | SandboxOut | Sandbox, *, wait: bool = False, timeout: float = 600.0

@@ -23,6 +23,7 @@ from events.subjects import (
 )
 from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView
+from projections.paging import MAX_PAGE, Cursor
 from projections.sandboxes import SandboxView
 from sandboxer.app.access import Target
 from sandboxer.app.audit import DEFAULT_TTL_GRACE, AuditReport, audit
@@ -155,6 +156,7 @@ class WebhookList(msgspec.Struct):
 
 
 _encoder = msgspec.json.Encoder()
+ORDERS = ("oldest", "newest")  # of a list of sandboxes, by creation time
 MAX_CACHED_LISTS = 64  # list bodies kept per projection position (filters differ)
 _create_decoder = msgspec.json.Decoder(CreateBody)
 _exec_decoder = msgspec.json.Decoder(ExecBody)
@@ -938,17 +940,51 @@ class Api:
         principal = self._principal(request)
         if principal is not None and not principal.admin:
             account = principal.account
-        key = (state, account, live in ("1", "true"), tuple(sorted(labels.items())))
+        limit = self._int_query(request, "limit", MAX_PAGE, MAX_PAGE)
+        if limit < 1:
+            raise ApiError(400, "invalid_query", f"limit must be between 1 and {MAX_PAGE}", "limit")
+        order = request.query.get("order", "oldest")
+        if order not in ORDERS:
+            raise ApiError(
+                400, "invalid_query", f"order must be one of {', '.join(ORDERS)}", "order"
+            )
+        raw_cursor = request.query.get("cursor")
+        try:
+            cursor = Cursor.decode(raw_cursor) if raw_cursor is not None else None
+        except ValueError as exc:
+            raise ApiError(400, "invalid_query", str(exc), "cursor") from None
+        key = (
+            state,
+            account,
+            live in ("1", "true"),
+            tuple(sorted(labels.items())),
+            raw_cursor,
+            limit,
+            order,
+        )
         if self._lists_seq != self.runner.last_seq or len(self._lists) >= MAX_CACHED_LISTS:
             self._lists.clear()
             self._lists_seq = self.runner.last_seq
         body = self._lists.get(key)
         if body is None:
-            rows = self.runner.projection.list(
-                state=state, account=account, live_only=key[2], labels=labels
+            rows = self.runner.projection.page(
+                state=state,
+                account=account,
+                live_only=key[2],
+                labels=labels,
+                after=cursor,
+                limit=limit,
+                newest_first=order == "newest",
+            )
+            following = (
+                b'"%s"' % Cursor.of(rows[-1]).encode().encode() if len(rows) == limit else b"null"
             )
             body = b"".join(
-                (b'{"sandboxes":[', b",".join(map(self._row, rows)), b'],"count":%d}' % len(rows))
+                (
+                    b'{"sandboxes":[',
+                    b",".join(map(self._row, rows)),
+                    b'],"count":%d,"next_cursor":%s}' % (len(rows), following),
+                )
             )
             # Until the next event the same filter lists the same bytes, unless a row
             # shows a running step, whose progress moves without events.
@@ -1545,6 +1581,21 @@ ROUTES: tuple[Route, ...] = (
                     "pattern": f"^{LABEL_KEY_RE.pattern[1:-1]}={LABEL_VALUE_RE.pattern[1:-1]}$",
                 },
                 "key=value: only sandboxes with this label (repeat the parameter for several)",
+            ),
+            query(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                f"rows per page (default and most: {MAX_PAGE}), by creation time",
+            ),
+            query(
+                "cursor",
+                {"type": "string", "maxLength": 400},
+                "the next_cursor of the page before: the page after it",
+            ),
+            query(
+                "order",
+                {"type": "string", "enum": list(ORDERS)},
+                "oldest (default) or newest first, by creation time",
             ),
         ),
         answers=(Answer(200, body=SandboxList),),

@@ -147,6 +147,11 @@ class EventRecorder(Protocol):
 
     async def last_seq(self) -> int: ...
 
+    async def identity(self) -> str:
+        """Names this stream apart from any other, including one of the same name
+        created anew: what a read model folded from it is tied to."""
+        ...
+
 
 async def append_decided(
     store: EventRecorder,
@@ -332,6 +337,10 @@ class JetStreamEventStore:
     async def last_seq(self) -> int:
         info = await self.js.stream_info(self.stream)
         return int(info.state.last_seq)
+
+    async def identity(self) -> str:
+        info = await self.js.stream_info(self.stream)
+        return f"{self.stream}@{info.created}"
 
     def _record(self, msg: Msg) -> RecordedEvent:
         return RecordedEvent(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import secrets
 from collections.abc import AsyncIterator, Sequence
 
 from events import Event
@@ -42,6 +43,7 @@ class InMemoryEventStore:
     def __init__(self) -> None:
         self._log: list[RecordedEvent] = []
         self._appended = asyncio.Condition()
+        self._identity = f"memory@{secrets.token_hex(8)}"
 
     async def append(self, events: Sequence[Event], expected_version: int) -> list[int]:
         if not events:
@@ -126,3 +128,6 @@ class InMemoryEventStore:
 
     async def last_seq(self) -> int:
         return len(self._log)
+
+    async def identity(self) -> str:
+        return self._identity

@@ -12,13 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import msgspec
+import nats
 import pytest
 
 from events import Aggregate, CreditsDebited, CreditsGranted, CreditsReserved, EventMeta
+from projections import snapshot
 from sandboxer.app.ledger import LedgerBook
 from sandboxer.app.read_model import ProjectionRunner
 from sandboxer.store.event_store import JetStreamEventStore
 from sandboxer.store.nats_server import EmbeddedNats
+from sandboxer.store.read_snapshots import ObjectStoreReadModels
 from tests.conftest import RunningService, StartService
 from tests.helpers import (
     audit,
@@ -272,7 +276,12 @@ def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def test_audit_detects_a_tampered_cached_balance(start_service: StartService) -> None:
+async def test_audit_detects_a_tampered_snapshot_balance(
+    start_service: StartService, nats_server: EmbeddedNats
+) -> None:
+    """A snapshot whose bytes changed is refused (digest); one re-signed by someone
+    with write access to the bucket is loaded, and the audit's replay from sequence 1
+    still finds the balance that differs."""
     svc = await start_service()
     made = await create(svc.http, svc.url)
     await wait_state(svc.http, svc.url, made["id"], {"ready"})
@@ -282,14 +291,27 @@ async def test_audit_detects_a_tampered_cached_balance(start_service: StartServi
     ok = await asyncio.to_thread(cli, svc.url, "ledger", "audit")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "debit seq" in ok.stdout and ok.stdout.strip().splitlines()[-1].startswith("ok")
-    await svc.stop()  # writes the ledger cache
+    assert svc.service.leases is not None
+    worker = svc.service.leases.name
+    await svc.stop()  # writes the read-model snapshot
 
-    cache = svc.data_dir / "cache" / "ledger.json"
-    data = json.loads(cache.read_text())
-    data["accounts"]["default"]["granted"] += 500  # hand-altered cached balance
-    cache.write_text(json.dumps(data))
+    nc = await nats.connect(**nats_server.connect_options())
+    try:
+        store = ObjectStoreReadModels(nc.jetstream(), worker)
+        data = await store.load()
+        assert data is not None
+        state = snapshot.decode(data, stream_id=snapshot.header_of(data).stream_id, last_seq=10**9)
+        state.accounts = [
+            msgspec.structs.replace(a, granted=a.granted + 500) if a.account == "default" else a
+            for a in state.accounts
+        ]
+        await store.save(snapshot.encode(state))  # a hand-altered balance, digest redone
+    finally:
+        await nc.close()
 
     tampered = await start_service()
+    assert tampered.service.runner is not None
+    assert tampered.service.runner.started_from.startswith("snapshot at seq")
     bad = await asyncio.to_thread(cli, tampered.url, "ledger", "audit")
     assert bad.returncode == 1
     assert (

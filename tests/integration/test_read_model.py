@@ -8,6 +8,7 @@ import pytest
 
 from events import CheckpointDeleted, EventMeta, SandboxRejected, SandboxRequested, envelope
 from events.subjects import subject_for
+from projections.archive import MemoryArchive
 from projections.sandboxes import SandboxesProjection
 from sandboxer.app.read_model import ProjectionRunner
 from sandboxer.store.event_store import JetStreamEventStore, stream_position
@@ -22,7 +23,7 @@ def requested(sandbox_id: str) -> SandboxRequested:
 
 
 def test_the_projection_indexes_unfinished_rows_and_names_the_ending_event() -> None:
-    projection = SandboxesProjection()
+    projection = SandboxesProjection(MemoryArchive())
     ended = SandboxRejected(
         **envelope("sbx-e0001", EventMeta(actor="t", correlation_id="d")), reason="no"
     )
@@ -33,7 +34,8 @@ def test_the_projection_indexes_unfinished_rows_and_names_the_ending_event() -> 
     for seq, event in enumerate([ended, later], start=3):
         projection.apply(seq, subject_for(event), event)
     assert set(projection.unfinished) == {"sbx-e0002"}
-    view = projection.sandboxes["sbx-e0001"]
+    view = projection.get("sbx-e0001")
+    assert view is not None and set(projection.finished) == {"sbx-e0001"}
     assert view.state == "rejected" and view.last_seq == 4
     assert view.ended_by == ended.event_id and view.ended_correlation_id == "d"
 
@@ -54,7 +56,7 @@ async def test_start_catches_up_and_wait_for_wakes_at_its_sequence(
     runner = ProjectionRunner(store)
     await runner.start(timeout=30)
     try:
-        assert runner.last_seq == 20 and len(runner.projection.sandboxes) == 20
+        assert runner.last_seq == 20 and len(runner.projection.unfinished) == 20
         assert await runner.wait_for(5, 0.01) is True  # reached already
 
         waiter = asyncio.create_task(runner.wait_for(22, 30))

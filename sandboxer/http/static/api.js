@@ -77,7 +77,8 @@ const account = (name) => `/v1/accounts/${encodeURIComponent(name)}`;
 export const api = {
   whoami: () => call("GET", "/v1/whoami"),
   health: () => call("GET", "/healthz"),
-  sandboxes: () => call("GET", "/v1/sandboxes"),
+  // The newest 500: live rows arrive through the event stream from then on.
+  sandboxes: () => call("GET", "/v1/sandboxes?order=newest&limit=500"),
   sandbox: (id, params) => call("GET", sandbox(id), { params }),
   sandboxEvents: (id) => call("GET", `${sandbox(id)}/events`),
   checkpoints: (id) => call("GET", `${sandbox(id)}/checkpoints`),
