@@ -25,9 +25,11 @@ from sandboxer.config import Settings
 from sandboxer.http.api import Api
 from sandboxer.http.auth import TokenBook, is_loopback
 from sandboxer.http.server import ApiRunner
+from sandboxer.metrics import Metrics
 from sandboxer.profiles import ProfileCatalog
 from sandboxer.store.event_store import JetStreamEventStore
 from sandboxer.store.leases import WorkerLeases, default_worker_name
+from sandboxer.store.metered import MeteredEventStore
 from sandboxer.store.nats_auth import external_connect_options, mutable_policy, redact
 from sandboxer.store.nats_server import EmbeddedNats
 from sandboxer.store.snapshots import FileSnapshotStore, ObjectStoreSnapshots, SnapshotStore
@@ -51,6 +53,9 @@ class Service:
         self.leases: WorkerLeases | None = None
         self.reconciler: Reconciler | None = None
         self.bus: MessageBus | None = None
+        # This service's series, on a registry of its own (several services may share
+        # a process: tests, in-process workers).
+        self.metrics = Metrics()
 
     async def start(self) -> None:
         settings = self.settings
@@ -85,10 +90,11 @@ class Service:
             reconnect_time_wait=0.5,
             name="sandboxer",
         )
-        self.store = JetStreamEventStore(self.nc, replicas=settings.stream_replicas)
+        self.store = MeteredEventStore(self.nc, self.metrics, replicas=settings.stream_replicas)
         await self.store.ensure_stream(mutable=mutable_policy(settings))
         self.runner = ProjectionRunner(self.store, cache_dir=settings.data_dir / "cache")
         await self.runner.start()
+        self.metrics.watch_read_model(self.runner)
         snapshots: SnapshotStore
         if settings.checkpoint_store == "fs":
             snapshots = FileSnapshotStore(settings.data_dir / "checkpoints")
@@ -103,6 +109,7 @@ class Service:
             settings.worker_name or default_worker_name(settings.data_dir),
             ttl=settings.lease_ttl,
             replicas=settings.stream_replicas,
+            metrics=self.metrics,
         )
         await self.leases.start()
         self.manager = SandboxManager(
@@ -114,6 +121,7 @@ class Service:
             leases=self.leases,
             runner=self.runner,
             starter_credits=settings.starter_credits,
+            metrics=self.metrics,
         )
         self.leases.on_lost = self.manager.abandon
         await self.manager.start()
@@ -121,7 +129,12 @@ class Service:
         self.bus = MessageBus(self.manager)
         await self.leases.serve_control(self.bus.on_control)
         self.webhooks = Webhooks(
-            self.nc, self.store, self.runner, settings.data_dir, settings.environ
+            self.nc,
+            self.store,
+            self.runner,
+            settings.data_dir,
+            settings.environ,
+            metrics=self.metrics,
         )
         await self.webhooks.start()
         self.reconciler = Reconciler(
@@ -130,6 +143,7 @@ class Service:
             extensions,
             mode=settings.reconcile,
             interval=settings.reconcile_interval,
+            metrics=self.metrics,
         )
         self.reconciler.start()
         self.api = Api(
@@ -147,6 +161,7 @@ class Service:
                 settings.data_dir / "spool" / "transfers",
                 settings.max_file_bytes,
             ),
+            metrics=self.metrics,
         )
 
     async def stop(self) -> None:
