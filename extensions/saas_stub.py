@@ -203,7 +203,10 @@ class SaasStub:
                 text = getattr(result, stream)
                 if text:
                     await on_output(stream, text.encode())
-        line = f"{time.time():.3f} exit {code}: {shlex.join(argv)[:500]}\n"
+        # One command, one line: a newline in an argument is written escaped, so every
+        # line of the log starts with its time (`logs --since` reads it).
+        command = shlex.join(argv)[:500].replace("\r", "\\r").replace("\n", "\\n")
+        line = f"{time.time():.3f} exit {code}: {command}\n"
         with self._log_path(ctx).open("a", encoding="utf-8") as log:
             log.write(line)
         return result
@@ -296,9 +299,11 @@ class SaasStub:
         if service not in (None, "instance"):
             raise CommandRefused(f"saas-stub: no service {service[:64]!r} (services: instance)")
         path = self._log_path(ctx)
-        lines = path.read_text(encoding="utf-8").splitlines(True) if path.exists() else []
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        # Lines end at "\n" only: other line breaks may stand inside a command.
+        lines = [f"{line}\n" for line in text.split("\n") if line]
         if since is not None:
-            lines = [line for line in lines if float(line.split(" ", 1)[0]) >= since]
+            lines = [line for line in lines if _logged_at(line) >= since]
         if tail is not None:
             lines = lines[-tail:] if tail > 0 else []
         for line in lines:
@@ -414,3 +419,12 @@ class SaasStub:
             raise ExtensionError(f"invalid sandbox id {resource.sandbox_id!r}")
         (self.state_dir(config) / f"{resource.sandbox_id}.json").unlink(missing_ok=True)
         _remove_extras(self.state_dir(config), resource.sandbox_id)
+
+
+def _logged_at(line: str) -> float:
+    """The time a log line starts with; a line without one (a log an older version
+    wrote with a raw line break in a command) counts as the oldest."""
+    try:
+        return float(line.split(" ", 1)[0])
+    except ValueError:
+        return -math.inf

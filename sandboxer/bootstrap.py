@@ -25,10 +25,12 @@ from sandboxer.config import Settings
 from sandboxer.http.api import Api
 from sandboxer.http.auth import TokenBook, is_loopback
 from sandboxer.http.server import ApiRunner
+from sandboxer.metrics import Metrics
 from sandboxer.profiles import ProfileCatalog
 from sandboxer.store.archive import SqliteArchive
 from sandboxer.store.event_store import JetStreamEventStore
 from sandboxer.store.leases import WorkerLeases, default_worker_name
+from sandboxer.store.metered import MeteredEventStore
 from sandboxer.store.nats_auth import external_connect_options, mutable_policy, redact
 from sandboxer.store.nats_server import EmbeddedNats
 from sandboxer.store.read_snapshots import ObjectStoreReadModels
@@ -53,6 +55,9 @@ class Service:
         self.leases: WorkerLeases | None = None
         self.reconciler: Reconciler | None = None
         self.bus: MessageBus | None = None
+        # This service's series, on a registry of its own (several services may share
+        # a process: tests, in-process workers).
+        self.metrics = Metrics()
 
     async def start(self) -> None:
         settings = self.settings
@@ -87,7 +92,7 @@ class Service:
             reconnect_time_wait=0.5,
             name="sandboxer",
         )
-        self.store = JetStreamEventStore(self.nc, replicas=settings.stream_replicas)
+        self.store = MeteredEventStore(self.nc, self.metrics, replicas=settings.stream_replicas)
         await self.store.ensure_stream(mutable=mutable_policy(settings))
         # The lease first: it renews while the read models catch up.
         self.leases = WorkerLeases(
@@ -95,6 +100,7 @@ class Service:
             settings.worker_name or default_worker_name(settings.data_dir),
             ttl=settings.lease_ttl,
             replicas=settings.stream_replicas,
+            metrics=self.metrics,
         )
         await self.leases.start()
         self.runner = ProjectionRunner(
@@ -112,6 +118,7 @@ class Service:
             snapshot_every=settings.snapshot_every or SNAPSHOT_EVERY,
             snapshot_seconds=settings.snapshot_seconds,
         )
+        self.metrics.watch_read_model(self.runner)  # the lag shows while it catches up
         await self.runner.start()
         snapshots: SnapshotStore
         if settings.checkpoint_store == "fs":
@@ -131,6 +138,7 @@ class Service:
             leases=self.leases,
             runner=self.runner,
             starter_credits=settings.starter_credits,
+            metrics=self.metrics,
         )
         self.leases.on_lost = self.manager.abandon
         await self.manager.start()
@@ -138,7 +146,12 @@ class Service:
         self.bus = MessageBus(self.manager)
         await self.leases.serve_control(self.bus.on_control)
         self.webhooks = Webhooks(
-            self.nc, self.store, self.runner, settings.data_dir, settings.environ
+            self.nc,
+            self.store,
+            self.runner,
+            settings.data_dir,
+            settings.environ,
+            metrics=self.metrics,
         )
         await self.webhooks.start()
         self.reconciler = Reconciler(
@@ -147,6 +160,7 @@ class Service:
             extensions,
             mode=settings.reconcile,
             interval=settings.reconcile_interval,
+            metrics=self.metrics,
         )
         self.reconciler.start()
         self.api = Api(
@@ -164,6 +178,7 @@ class Service:
                 settings.data_dir / "spool" / "transfers",
                 settings.max_file_bytes,
             ),
+            metrics=self.metrics,
         )
 
     async def stop(self) -> None:

@@ -61,6 +61,7 @@ from sandboxer.app.settlement import Settlement
 from sandboxer.app.steps import Steps
 from sandboxer.app.watch import ServiceWatch, check_watch_config
 from sandboxer.ids import check_account, check_labels, new_sandbox_id
+from sandboxer.metrics import Metrics
 from sandboxer.profiles import ProfileCatalog, ProfileError
 from sandboxer.store.event_store import ConcurrencyConflict, EventRecorder
 from sandboxer.store.leases import Leases, OwnerUnavailable
@@ -105,6 +106,7 @@ class SandboxManager:
         leases: Leases,
         runner: ProjectionRunner,
         starter_credits: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         # The read models (sandboxes, checkpoints, ledger): the runner's, the one copy.
@@ -123,7 +125,9 @@ class SandboxManager:
         self._closing = False
         self.checkpoints = Checkpoints(self, snapshots, spool_dir)
         self.ledger = LedgerBook(store, runner)
-        self.steps = Steps(self, extensions, self.checkpoints, self.ledger, self._load)
+        self.steps = Steps(
+            self, extensions, self.checkpoints, self.ledger, self._load, metrics=metrics
+        )
         self.driver = Driver(self, self.steps.by_state, leases, lambda: self.abandon())
         self.expiry = Expiry(self, self.destroy)
         self.watch = ServiceWatch(self, extensions, self.steps.context, self.destroy)

@@ -27,6 +27,7 @@ from events.subjects import Aggregate
 from extensions import ExtensionRegistry, Reconciling, Resource
 from sandboxer.app.lifecycle import TERMINAL
 from sandboxer.app.read_model import ProjectionRunner
+from sandboxer.metrics import Metrics
 from sandboxer.store.event_store import EventRecorder, append_decided
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Reconciler:
         *,
         mode: str = "report",
         interval: float = 300.0,
+        metrics: Metrics | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"reconcile mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -73,6 +75,7 @@ class Reconciler:
         self.extensions = extensions
         self.mode = mode
         self.interval = interval
+        self.metrics = metrics or Metrics()  # sweeps and the orphans they find
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -152,6 +155,7 @@ class Reconciler:
                     then = msgspec.structs.replace(meta, causation_id=found_event.event_id)
                     orphan = await self._remove(adapter, config, resource, orphan, then)
                 orphans.append(orphan)
+        self.metrics.sweep(found, [(o.extension, o.why) for o in orphans], errors)
         return SweepReport(
             sweep_id=sweep_id,
             removing=removing,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar, cast
 
@@ -38,6 +39,7 @@ from sandboxer.app.sandbox import (
     teardown_failed,
 )
 from sandboxer.app.watch import report
+from sandboxer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,10 @@ class Steps:
         checkpoints: Checkpoints,
         ledger: LedgerBook,
         load: Callable[[str], dict[str, int]],
+        metrics: Metrics | None = None,
     ) -> None:
         self.host = host
+        self.metrics = metrics or Metrics()  # each hook call's duration and outcome
         self.extensions = extensions
         self.checkpoints = checkpoints
         self.ledger = ledger
@@ -126,16 +130,20 @@ class Steps:
     ) -> T:
         ctx = ctx or self.context(sbx)
         attempts = policy.retries + 1
+        started = time.perf_counter()
         for attempt in range(1, attempts + 1):
             try:
                 async with asyncio.timeout(policy.timeout):
-                    return await call(ctx)
+                    result = await call(ctx)
+                self.metrics.step(hook, True, time.perf_counter() - started)
+                return result
             except TimeoutError:
                 error = f"timed out after {policy.timeout:g}s"
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
             error = redact(error, sbx.secrets)
             if attempt == attempts:
+                self.metrics.step(hook, False, time.perf_counter() - started)
                 raise HookFailed(hook, error, attempt)
             log.warning("%s: %s attempt %d failed: %s", sbx.sandbox_id, hook, attempt, error)
             await asyncio.sleep(policy.backoff * 2 ** (attempt - 1))

@@ -55,6 +55,7 @@ from sandboxer.app.webhook_targets import (
     TargetRefused,
 )
 from sandboxer.errors import InvalidInput
+from sandboxer.metrics import Metrics
 from sandboxer.store.event_store import STREAM_NAME, JetStreamEventStore, append_decided
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,10 @@ class Webhooks:
         runner: ProjectionRunner,
         data_dir: Path,
         environ: Mapping[str, str],
+        metrics: Metrics | None = None,
     ) -> None:
         self.nc = nc
+        self.metrics = metrics or Metrics()  # delivery attempts by outcome
         self.store = store
         self.runner = runner
         self.key = _master_key(data_dir / "webhook.key")
@@ -346,6 +349,7 @@ class Webhooks:
         status, error = await self._post(registration.url, body, headers)
         ok = not error
         final = not ok and delivery.attempt >= self.max_attempts
+        self.metrics.webhook_deliveries.labels("ok" if ok else "final" if final else "failed").inc()
         if not ok and not final:
             # A retry is coming: not recorded, or a dead receiver floods the stream.
             raise RuntimeError(f"webhook {webhook_id}: {error}")

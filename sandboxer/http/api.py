@@ -74,6 +74,8 @@ from sandboxer.ids import (
     idempotent_sandbox_id,
     new_correlation_id,
 )
+from sandboxer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from sandboxer.metrics import Metrics
 from sandboxer.profiles import (
     INPUT_NAME_RE,
     MAX_INPUT_LENGTH,
@@ -329,8 +331,13 @@ class Api:
         reconciler: Reconciler | None = None,
         bus: MessageBus | None = None,
         use: SandboxUse | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.bus = bus or MessageBus(manager)  # every command goes through it
+        if metrics is None:  # an Api on its own still tells what its read model knows
+            metrics = Metrics()
+            metrics.watch_read_model(runner)
+        self.metrics = metrics
         # exec, files, logs: what they record goes through the same bus
         self.use = use or SandboxUse.build(
             manager, self.bus.handle, manager.checkpoints.spool.parent / "transfers"
@@ -1331,6 +1338,12 @@ class Api:
     async def openapi(self, request: web.Request) -> web.Response:
         return json_response(openapi_document(auth=self.tokens.enabled, profiles=self.profiles))
 
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        """The service's series for a Prometheus scrape (docs/operations.md)."""
+        return web.Response(
+            body=self.metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        )
+
 
 async def _read(request: web.Request, limit: int) -> bytes:
     """The whole body, refused past `limit` (a route whose body may be larger than
@@ -2033,6 +2046,23 @@ ROUTES: tuple[Route, ...] = (
         "The caller's token: name, account and role (open API: admin)",
         Access.MEMBER,
         answers=(Answer(200, body=Identity),),
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        "metrics_text",
+        "metrics",
+        "The service's metric series in the Prometheus text format (admin)",
+        Access.ADMIN,
+        answers=(
+            Answer(
+                200,
+                "Prometheus text exposition format (docs/operations.md lists the series)",
+                schema={"type": "string"},
+                content_type="text/plain",
+            ),
+        ),
+        errors=(403,),
     ),
     Route(
         "GET",

@@ -45,6 +45,7 @@ from nats.js.kv import KeyValue
 
 from events.subjects import control_subject
 from sandboxer.errors import Unavailable
+from sandboxer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,10 @@ class WorkerLeases:
         ttl: float = DEFAULT_TTL,
         replicas: int = 1,
         on_lost: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.nc = nc
+        self.metrics = metrics or Metrics()  # renewals and their failures
         self.js = nc.jetstream(timeout=5)
         self.name = check_worker_name(name)
         self.ttl = ttl
@@ -186,14 +189,18 @@ class WorkerLeases:
                         self.name, _session(self.incarnation), last=self._revision
                     )
                 self._renewed_at = started
+                self.metrics.lease_renewals.inc()
                 continue
             except nats.js.errors.KeyWrongLastSequenceError:
+                self.metrics.lease_renewal_failures.labels("expired").inc()
                 log.error("worker %s: session expired; giving up every lease", self.holder)
             except (TimeoutError, nats.errors.Error) as exc:
+                self.metrics.lease_renewal_failures.labels("error").inc()
                 if self.valid():
                     log.warning("worker %s: renewal failed (%s); retrying", self.holder, exc)
                     continue
                 log.error("worker %s: could not renew in time (%s)", self.holder, exc)
+            self.metrics.leases_lost.inc()
             if self.on_lost is not None:
                 self.on_lost()
             with contextlib.suppress(TimeoutError, nats.errors.Error):

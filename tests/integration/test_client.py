@@ -268,6 +268,11 @@ async def test_logs_of_the_stub(api: RunningService) -> None:
             assert len([line async for line in sbx.logs(tail=1)]) == 1
             followed = [line async for line in sbx.logs(follow=True)]  # ends: nothing runs
             assert len(followed) == 2
+            # A line break inside an argument stays in its command's one line.
+            await sbx.exec(["echo", "a\nb\rc\x1cd"])
+            since = [line async for line in sbx.logs(since=0)]
+            assert len(since) == 3
+            assert "a\\nb\\rc\x1cd" in since[-1].line
 
 
 async def test_closing_the_exec_stream_stops_the_command(api: RunningService) -> None:
