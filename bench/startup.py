@@ -222,11 +222,15 @@ def chart(results: list[Measured], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, pick, style in (
-        ("before (replay from seq 1)", lambda m: m.before, "o--"),
-        ("after (snapshot + tail)", lambda m: m.after, "s-"),
+    for label, after, style in (
+        ("before (replay from seq 1)", False, "o--"),
+        ("after (snapshot + tail)", True, "s-"),
     ):
-        points = [(max(m.events, 1), pick(m)) for m in results if pick(m)]
+        points = [
+            (max(m.events, 1), m.after if after else m.before)
+            for m in results
+            if (m.after if after else m.before)
+        ]
         if not points:
             continue
         xs = [x for x, _ in points]
