@@ -52,6 +52,7 @@ def ledger_subject(account: str, event_type: str) -> str:
 
 
 WEBHOOK_PREFIX = "sandboxer.webhook"
+WEBHOOK_SUBJECTS = WEBHOOK_PREFIX + "."
 RECONCILE_PREFIX = "sandboxer.reconcile"
 _PREFIXES = {
     "reconcile": RECONCILE_PREFIX,

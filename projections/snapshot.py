@@ -23,6 +23,7 @@ import projections
 from projections.checkpoints import CheckpointView
 from projections.ledger import AccountView, Charge
 from projections.sandboxes import SandboxView
+from projections.webhooks import WebhookState
 
 MAGIC = b"sandboxer-read-models\n"
 FORMAT = 1
@@ -41,6 +42,7 @@ class ReadModelState(msgspec.Struct, kw_only=True):
     checkpoints: list[CheckpointView]
     accounts: list[AccountView]
     charges: list[Charge]  # the open ones
+    webhooks: WebhookState = msgspec.field(default_factory=WebhookState)
 
 
 class SnapshotHeader(msgspec.Struct, frozen=True, kw_only=True):

@@ -25,6 +25,7 @@ from projections.archive import MemoryArchive, SandboxArchive
 from projections.checkpoints import CheckpointsProjection
 from projections.ledger import LedgerProjection
 from projections.sandboxes import SandboxesProjection
+from projections.webhooks import WebhooksProjection
 from sandboxer.store.event_store import EventRecorder, RecordedEvent
 from sandboxer.store.read_snapshots import ReadModelSnapshots
 
@@ -85,6 +86,7 @@ class ProjectionRunner:
         self.projection = SandboxesProjection(self.archive)
         self.checkpoints = CheckpointsProjection()
         self.ledger = LedgerProjection(self.archive)
+        self.webhooks = WebhooksProjection()
         # Called right after each event is applied (in-process observers, tests).
         self.listeners: list[Callable[[RecordedEvent], None]] = []
         # Long-polls wait on `_changed`, which is replaced and set after an event only
@@ -176,6 +178,7 @@ class ProjectionRunner:
         self.ledger.accounts = {v.account: v for v in state.accounts}
         self.ledger.charges = {c.sandbox_id: c for c in state.charges}
         self.ledger.last_seq = state.seq
+        self.webhooks.state = state.webhooks
         self._snapshot_seq = state.seq
         self._snapshot_at = state.written_at.timestamp()
         return None
@@ -200,6 +203,7 @@ class ProjectionRunner:
                 checkpoints=list(self.checkpoints.checkpoints.values()),
                 accounts=list(self.ledger.accounts.values()),
                 charges=list(self.ledger.charges.values()),
+                webhooks=self.webhooks.state,
             )
         )
 
@@ -255,6 +259,7 @@ class ProjectionRunner:
                 self.projection.apply(seq, recorded.subject, recorded.event)
                 self.checkpoints.apply(seq, recorded.subject, recorded.event)
                 self.ledger.apply(seq, recorded.subject, recorded.event)
+                self.webhooks.apply(recorded.subject, recorded.event)
                 if seq > self._stream_seq:
                     self._stream_seq = seq
                 for listener in self.listeners:

@@ -46,6 +46,7 @@ from events import (
 )
 from events.subjects import Aggregate, type_filter
 from events.webhooks import WebhookEvent
+from projections.webhooks import WebhookState, fold
 from sandboxer.app.read_model import ProjectionRunner
 from sandboxer.app.subscriptions import Delivery, subscribe
 from sandboxer.app.webhook_settings import check_env
@@ -122,9 +123,7 @@ class Webhooks:
         self.store = store
         self.runner = runner
         self.key = _master_key(data_dir / "webhook.key")
-        self.registrations: dict[str, WebhookRegistered] = {}
-        self.disabled: dict[str, WebhookDisabled] = {}
-        self.failures: dict[str, int] = {}  # deliveries in a row that finally failed
+        self.state = WebhookState()  # registrations, disabled ones, failure streaks
         self._tasks: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
         self._registering = asyncio.Lock()  # the per-account limit holds under races
         self.max_attempts = int(environ.get("SANDBOXER_WEBHOOK_MAX_ATTEMPTS", "8"))
@@ -145,27 +144,33 @@ class Webhooks:
         self._http = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout)
         )
-        async for recorded in self.store.read(1, kinds=["webhook"]):
-            self._fold(recorded.event)
+        # What the read models folded (from their snapshot and the tail): no second
+        # read of the stream. From here on this node folds what it appends itself.
+        folded = self.runner.webhooks.state
+        self.state = WebhookState(
+            registrations=dict(folded.registrations),
+            disabled=dict(folded.disabled),
+            failures=dict(folded.failures),
+        )
         for webhook_id, registration in self.registrations.items():
             if webhook_id not in self.disabled:
                 self._start(registration)
 
     def _fold(self, event: object) -> None:
-        """The registrations, disabled ones and failure streaks, from the events."""
-        if isinstance(event, WebhookRegistered):
-            self.registrations[event.aggregate_id] = event
-        elif isinstance(event, WebhookRemoved):
-            self.registrations.pop(event.aggregate_id, None)
-            self.disabled.pop(event.aggregate_id, None)
-            self.failures.pop(event.aggregate_id, None)
-        elif isinstance(event, WebhookDisabled):
-            self.disabled[event.aggregate_id] = event
-        elif isinstance(event, WebhookDeliveryAttempted):
-            if event.ok:
-                self.failures[event.aggregate_id] = 0
-            elif event.final:
-                self.failures[event.aggregate_id] = self.failures.get(event.aggregate_id, 0) + 1
+        fold(self.state, event)
+
+    @property
+    def registrations(self) -> dict[str, WebhookRegistered]:
+        return self.state.registrations
+
+    @property
+    def disabled(self) -> dict[str, WebhookDisabled]:
+        return self.state.disabled
+
+    @property
+    def failures(self) -> dict[str, int]:
+        """Deliveries in a row that finally failed, per webhook."""
+        return self.state.failures
 
     async def stop(self) -> None:
         for task, stop in self._tasks.values():
