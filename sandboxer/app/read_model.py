@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY = 100_000  # events between two snapshots
 SNAPSHOT_SECONDS = 300.0  # and at most this long, when anything changed
-FLUSH_AT = 1_000  # finished rows kept in memory before they go to the archive
+FLUSH_AT = 1_000
+PROGRESS_SECONDS = 10.0  # a long catch-up logs where it is this often  # finished rows kept in memory before they go to the archive
 
 
 @contextlib.contextmanager
@@ -121,7 +122,7 @@ class ProjectionRunner:
         (None: none yet)."""
         return None if self._snapshot_at is None else time.time() - self._snapshot_at
 
-    async def start(self, timeout: float = 300.0) -> None:
+    async def start(self, timeout: float | None = None) -> None:
         """Load the newest valid snapshot, then follow the stream from the sequence
         after it; return once caught up with the end the stream had at the start.
 
@@ -134,9 +135,12 @@ class ProjectionRunner:
         self._stream_seq = target
         await self._load(target)
         self._task = asyncio.create_task(self._follow(), name="projection")
+        deadline = None if timeout is None else time.monotonic() + timeout
         with gc_paused():
-            if not await self.wait_for(target, timeout):
-                raise TimeoutError(f"the read models did not catch up with seq {target}")
+            while not await self.wait_for(target, PROGRESS_SECONDS):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"the read models did not catch up with seq {target}")
+                log.info("read models: at seq %d of %d", self.last_seq, target)
         self.flush()
         if self.snapshots is not None:
             self._timer = asyncio.create_task(self._snapshot_timer(), name="snapshot-timer")
