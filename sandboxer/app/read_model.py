@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY = 100_000  # events between two snapshots
 SNAPSHOT_SECONDS = 300.0  # and at most this long, when anything changed
-FLUSH_AT = 1_000
-PROGRESS_SECONDS = 10.0  # a long catch-up logs where it is this often  # finished rows kept in memory before they go to the archive
+FLUSH_AT = 1_000  # finished rows kept in memory before they go to the archive
+PROGRESS_SECONDS = 10.0  # a long catch-up logs where it is this often
+STREAM_CHECK_SECONDS = 5.0  # how often the runner asks where the stream ends
 
 
 @contextlib.contextmanager
@@ -142,8 +143,7 @@ class ProjectionRunner:
                     raise TimeoutError(f"the read models did not catch up with seq {target}")
                 log.info("read models: at seq %d of %d", self.last_seq, target)
         self.flush()
-        if self.snapshots is not None:
-            self._timer = asyncio.create_task(self._snapshot_timer(), name="snapshot-timer")
+        self._timer = asyncio.create_task(self._timers(), name="read-model-timers")
 
     async def _load(self, target: int) -> None:
         reason = await self._install_snapshot(target)
@@ -232,11 +232,19 @@ class ProjectionRunner:
         except Exception as exc:  # the next one is due soon; the stream stays the truth
             log.warning("read models: the snapshot was not written: %s", exc)
 
-    async def _snapshot_timer(self) -> None:
+    async def _timers(self) -> None:
+        """Learn the stream's end now and then (the lag metrics show what is not
+        applied yet), and write a snapshot when one is due by time."""
+        last_snapshot = time.monotonic()
         while True:
-            await asyncio.sleep(self.snapshot_seconds)
-            if self.last_seq > self._snapshot_seq:
-                self._save_in_background()
+            await asyncio.sleep(STREAM_CHECK_SECONDS)
+            with contextlib.suppress(Exception):  # a NATS hiccup: the next check
+                self._stream_seq = max(self._stream_seq, await self.store.last_seq())
+            due = time.monotonic() - last_snapshot >= self.snapshot_seconds
+            if due and self.snapshots is not None:
+                last_snapshot = time.monotonic()
+                if self.last_seq > self._snapshot_seq:
+                    self._save_in_background()
 
     async def stop(self) -> None:
         """Stop following; a clean stop writes a snapshot of where it got to."""

@@ -4,6 +4,7 @@ memory but still answered, and pages of them."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -319,3 +320,49 @@ def test_the_snapshot_format_refuses_what_it_did_not_write() -> None:
     header_swapped = data.replace(b'"seq":5', b'"seq":4')
     with pytest.raises(snapshot.SnapshotRejected, match="does not match its header"):
         snapshot.decode(header_swapped, stream_id="S@1", last_seq=5)
+
+
+class KeptSnapshots:
+    """The snapshot store's contract in memory: every save kept, the newest loaded."""
+
+    def __init__(self) -> None:
+        self.saved: list[bytes] = []
+
+    async def load(self) -> bytes | None:
+        return self.saved[-1] if self.saved else None
+
+    async def save(self, data: bytes) -> None:
+        self.saved.append(data)
+
+
+async def test_a_snapshot_is_written_every_n_events_and_at_stop(
+    store: JetStreamEventStore, tmp_path: Path
+) -> None:
+    kept = KeptSnapshots()
+    archive = SqliteArchive(tmp_path / "archive.sqlite3")
+    runner = ProjectionRunner(store, archive=archive, snapshots=kept, snapshot_every=100)
+    await runner.start(timeout=30)
+    assert runner.started_from == "replay from seq 1 (no snapshot yet)"
+    assert runner.snapshot_age() is None
+    last = 0
+    for i in range(250):
+        last = (await store.append([requested(f"sbx-n{i:05d}")], 0))[0]
+    assert await runner.wait_for(last, 30)
+    async with asyncio.timeout(30):
+        while len(kept.saved) < 2:
+            await asyncio.sleep(0.01)
+    seqs = [snapshot.header_of(data).seq for data in kept.saved]
+    assert seqs[0] >= 100 and seqs[1] >= 200 and seqs == sorted(seqs)
+    await runner.stop()
+    assert snapshot.header_of(kept.saved[-1]).seq == last  # the clean stop's
+    archive.close()
+
+    again = ProjectionRunner(
+        store, archive=SqliteArchive(tmp_path / "archive.sqlite3"), snapshots=kept
+    )
+    await again.start(timeout=30)
+    try:
+        assert again.started_from == f"snapshot at seq {last}"
+        assert again.snapshot_age() is not None and len(again.projection.unfinished) == 250
+    finally:
+        await again.stop()
