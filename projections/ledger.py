@@ -147,7 +147,12 @@ class LedgerProjection:
         sandbox_id = getattr(event, "sandbox_id", None)
         if sandbox_id is None:
             return
-        current = self.charge(sandbox_id)
+        # A reservation opens a charge or adds to an open one (in memory): only the
+        # other entries can concern a charge that closed and went to the archive.
+        if isinstance(event, CreditsReserved):
+            current = self.charges.get(sandbox_id) or self.closed.get(sandbox_id)
+        else:
+            current = self.charge(sandbox_id)
         if current is not None and seq <= current.last_seq:
             return
         charge = evolve_charge(current, event)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import msgspec
@@ -189,39 +189,8 @@ def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | No
     state = next_state(view.state, view.failing, event)
     if state is None:
         return msgspec.structs.replace(view, last_seq=seq, events=view.events + 1)
-    changes: dict[str, object] = {}
-    if isinstance(event, RouteChosen):
-        changes = {
-            "extension": event.extension,
-            "host": event.host,
-            "route_reason": event.reason,
-            "metered": event.metered,
-        }
-    elif isinstance(event, CreditsHeld):
-        changes = {"credits_held": event.amount}
-    elif isinstance(event, Provisioned):
-        changes = {"handle": event.handle, "provisioned_at": event.occurred_at}
-    elif isinstance(event, BecameReady):
-        changes = {
-            "services": event.services,
-            "ready_at": event.occurred_at,
-            "service_states": event.service_states,
-            "endpoints": event.endpoints,
-        }
-    elif isinstance(event, Restored) and event.service_states:
-        changes = {"service_states": event.service_states, "endpoints": event.endpoints}
-    elif isinstance(event, (ServiceExited, ServiceUnhealthy, ServiceRecovered)):
-        changes = {"service_states": _service_change(view.service_states, event)}
-    elif isinstance(event, TeardownFailed) and event.final:
-        changes = {"needs_reconciliation": True}
-    elif isinstance(event, CommandStarted):
-        changes = {"commands": _commands(view, event), "commands_run": view.commands_run + 1}
-    elif isinstance(event, CommandFinished):
-        changes = {"commands": _commands(view, event)}
-    elif isinstance(event, FileUploaded):
-        changes = {"files_uploaded": view.files_uploaded + 1}
-    elif isinstance(event, FileDownloaded):
-        changes = {"files_downloaded": view.files_downloaded + 1}
+    change = _CHANGES.get(type(event))
+    changes = change(view, event) if change is not None else {}
     if state in TERMINAL:
         changes["ended_at"] = event.occurred_at
     if state in TERMINAL and view.state not in TERMINAL:
@@ -234,9 +203,69 @@ def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | No
         last_seq=seq,
         events=view.events + 1,
         failing=failing_after(view.failing, event),
-        reason=_reason(view, event),
+        reason=_reason(view, event) if type(event) in _REASONS else view.reason,
         **changes,
     )
+
+
+# What each kind of event changes in a view besides its state (a dispatch on the
+# event's type: a replay folds millions of events, an isinstance chain per event cost
+# a tenth of its time).
+Changes = dict[str, object]
+
+
+def _routed(_view: SandboxView, e: RouteChosen) -> Changes:
+    return {
+        "extension": e.extension,
+        "host": e.host,
+        "route_reason": e.reason,
+        "metered": e.metered,
+    }
+
+
+def _ready(_view: SandboxView, e: BecameReady) -> Changes:
+    return {
+        "services": e.services,
+        "ready_at": e.occurred_at,
+        "service_states": e.service_states,
+        "endpoints": e.endpoints,
+    }
+
+
+def _restored(_view: SandboxView, e: Restored) -> Changes:
+    if not e.service_states:
+        return {}
+    return {"service_states": e.service_states, "endpoints": e.endpoints}
+
+
+def _service(view: SandboxView, e: ServiceExited | ServiceUnhealthy | ServiceRecovered) -> Changes:
+    return {"service_states": _service_change(view.service_states, e)}
+
+
+def _teardown_failed(_view: SandboxView, e: TeardownFailed) -> Changes:
+    return {"needs_reconciliation": True} if e.final else {}
+
+
+def _started(view: SandboxView, e: CommandStarted) -> Changes:
+    return {"commands": _commands(view, e), "commands_run": view.commands_run + 1}
+
+
+_CHANGES: dict[type[Event], Callable[[SandboxView, Any], Changes]] = {
+    RouteChosen: _routed,
+    CreditsHeld: lambda _v, e: {"credits_held": e.amount},
+    Provisioned: lambda _v, e: {"handle": e.handle, "provisioned_at": e.occurred_at},
+    BecameReady: _ready,
+    Restored: _restored,
+    ServiceExited: _service,
+    ServiceUnhealthy: _service,
+    ServiceRecovered: _service,
+    TeardownFailed: _teardown_failed,
+    CommandStarted: _started,
+    CommandFinished: lambda v, e: {"commands": _commands(v, e)},
+    FileUploaded: lambda v, _e: {"files_uploaded": v.files_uploaded + 1},
+    FileDownloaded: lambda v, _e: {"files_downloaded": v.files_downloaded + 1},
+}
+_REASONS = frozenset({SandboxRejected, StepFailed, TeardownFailed, DestroyRequested})
 
 
 class SandboxesProjection:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import msgspec
 
 from events import Event, SandboxRequested
-from events.subjects import LEDGER_SUBJECTS
+from events.subjects import LEDGER_SUBJECTS, SANDBOX_SUBJECTS, WEBHOOK_SUBJECTS
 from projections import snapshot
 from projections.archive import MemoryArchive, SandboxArchive
 from projections.checkpoints import CheckpointsProjection
@@ -267,11 +267,13 @@ class ProjectionRunner:
     async def _follow(self) -> None:
         try:
             async for recorded in self.store.follow(self.projection.last_seq + 1):
-                seq = recorded.seq
-                self.projection.apply(seq, recorded.subject, recorded.event)
-                self.checkpoints.apply(seq, recorded.subject, recorded.event)
-                self.ledger.apply(seq, recorded.subject, recorded.event)
-                self.webhooks.apply(recorded.subject, recorded.event)
+                seq, subject, event = recorded.seq, recorded.subject, recorded.event
+                self.projection.apply(seq, subject, event)
+                if subject.startswith(SANDBOX_SUBJECTS):
+                    self.checkpoints.apply(seq, subject, event)
+                self.ledger.apply(seq, subject, event)
+                if subject.startswith(WEBHOOK_SUBJECTS):
+                    self.webhooks.apply(subject, event)
                 if seq > self._stream_seq:
                     self._stream_seq = seq
                 for listener in self.listeners:
