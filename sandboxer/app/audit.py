@@ -1,6 +1,7 @@
 """`sandboxer ledger audit`: replay the ledger from sequence 1 and check its rules.
 
-Pure: it gets the events and the live (possibly cached) projection and returns a
+Pure: it folds the events it is given (as they come: the history is never held
+at once), compares with the live projection (from a snapshot) and returns a
 report. The rules (docs/payments.md): an account's available balance is never below
 zero after any event; a sandbox is debited at most once; every destroyed metered
 sandbox that became ready is debited; reserved equals the sum of open reservations;
@@ -12,16 +13,17 @@ equals the fresh replay.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import AsyncIterable
 
 import msgspec
 
-from events import CreditsDebited, Event
+from events import CreditsDebited
 from events.base import utc_now
 from events.subjects import LEDGER_SUBJECTS
 from projections.archive import MemoryArchive
 from projections.ledger import AccountView, Charge, LedgerProjection
 from projections.sandboxes import SandboxesProjection
+from sandboxer.store.event_store import RecordedEvent
 
 
 class DebitLine(msgspec.Struct, frozen=True):
@@ -44,8 +46,8 @@ _NONE = Charge(sandbox_id="", account="")
 DEFAULT_TTL_GRACE = 300.0  # seconds: a teardown retried with back-off may take minutes
 
 
-def audit(
-    recorded: Iterable[tuple[int, str, Event]],
+async def audit(
+    recorded: AsyncIterable[RecordedEvent],
     live: LedgerProjection,
     account: str | None = None,
     *,
@@ -57,7 +59,9 @@ def audit(
     violations: list[str] = []
     debits: list[DebitLine] = []
     count = 0
-    for seq, subject, event in recorded:
+    # Folded as they are read: the history is never held in memory at once.
+    async for item in recorded:
+        seq, subject, event = item.seq, item.subject, item.event
         sandboxes.apply(seq, subject, event)
         if not subject.startswith(LEDGER_SUBJECTS):
             continue

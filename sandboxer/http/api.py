@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -851,13 +851,15 @@ class Api:
         grace = self._float_query(request, "ttl_grace", DEFAULT_TTL_GRACE, MAX_TTL_GRACE)
         live = self.runner.ledger.snapshot()  # the follower moves on while we replay
         target = live.last_seq
-        recorded: list[tuple[int, str, Event]] = []
-        if target > 0:
-            async for r in self.store.read(1):
-                if r.seq > target:
-                    break
-                recorded.append((r.seq, r.subject, r.event))
-        return json_response(audit(recorded, live, account, ttl_grace=grace))
+
+        async def history() -> AsyncIterator[RecordedEvent]:
+            if target > 0:
+                async for recorded in self.store.read(1):
+                    if recorded.seq > target:
+                        break
+                    yield recorded
+
+        return json_response(await audit(history(), live, account, ttl_grace=grace))
 
     async def create(self, request: web.Request) -> web.Response:
         body = await self._body(request, _create_decoder)
