@@ -117,6 +117,8 @@ class Service:
             ),
             snapshot_every=settings.snapshot_every or SNAPSHOT_EVERY,
             snapshot_seconds=settings.snapshot_seconds,
+            # `sandboxer replay` folds from sequence 1 into a scratch archive on disk
+            fresh_archive=lambda: SqliteArchive.scratch(settings.data_dir / "cache"),
         )
         self.metrics.watch_read_model(self.runner)  # the lag shows while it catches up
         await self.runner.start()

@@ -24,7 +24,7 @@ from projections import snapshot
 from projections.archive import MemoryArchive, SandboxArchive
 from projections.checkpoints import CheckpointsProjection
 from projections.ledger import LedgerProjection
-from projections.sandboxes import SandboxesProjection
+from projections.sandboxes import SandboxesProjection, SandboxView
 from projections.webhooks import WebhooksProjection
 from sandboxer.store.event_store import EventRecorder, RecordedEvent
 from sandboxer.store.read_snapshots import ReadModelSnapshots
@@ -48,6 +48,20 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def by_id(live: dict[str, SandboxView], archive: SandboxArchive) -> Iterator[SandboxView]:
+    """The rows of memory and archive in id order; a row in both: memory's (newer)."""
+    merged = heapq.merge(sorted(live.values(), key=_id), archive.rows(), key=_id)
+    last = ""
+    for view in merged:
+        if view.id != last:
+            last = view.id
+            yield live.get(view.id, view)
+
+
+def _id(view: SandboxView) -> str:
+    return view.id
 
 
 class VerifyReport(msgspec.Struct, frozen=True):
@@ -401,24 +415,33 @@ class ProjectionRunner:
         fresh_archive.write(fresh.take_finished(), [], seq)
         self.flush()
         differences: list[str] = []
-        seen: set[str] = set()
         count = 0
-        for view in (*fresh.unfinished.values(), *fresh_archive.rows()):
-            count += 1
-            seen.add(view.id)
-            live = self.projection.get(view.id)
-            if live is None or (live.last_seq <= seq and live != view):
-                differences.append(view.id)
-        for live in (*self.projection.unfinished.values(), *self.archive.rows()):
-            if live.id not in seen and live.last_seq <= seq:
-                differences.append(live.id)
+        # Both sides in id order, side by side: nothing of either is held at once.
+        fresh_rows = by_id(fresh.unfinished, fresh_archive)
+        live_rows = by_id(self.projection.unfinished, self.archive)
+        theirs, mine = next(fresh_rows, None), next(live_rows, None)
+        while theirs is not None or mine is not None:
+            if mine is None or (theirs is not None and theirs.id < mine.id):
+                assert theirs is not None
+                count += 1
+                differences.append(theirs.id)  # missing from the live read model
+                theirs = next(fresh_rows, None)
+            elif theirs is None or mine.id < theirs.id:
+                if mine.last_seq <= seq:  # a row the replay should have made
+                    differences.append(mine.id)
+                mine = next(live_rows, None)
+            else:
+                count += 1
+                if mine.last_seq <= seq and mine != theirs:
+                    differences.append(mine.id)
+                theirs, mine = next(fresh_rows, None), next(live_rows, None)
         fresh_archive.close()
         live_checkpoints = self.checkpoints.checkpoints
         for key in sorted(set(live_checkpoints) | set(fresh_checkpoints.checkpoints)):
-            mine, theirs = live_checkpoints.get(key), fresh_checkpoints.checkpoints.get(key)
-            if mine is not None and mine.last_seq > seq:
+            kept, made = live_checkpoints.get(key), fresh_checkpoints.checkpoints.get(key)
+            if kept is not None and kept.last_seq > seq:
                 continue  # moved on after the replay's end
-            if mine != theirs:
+            if kept != made:
                 differences.append(f"checkpoint {key}")
         return VerifyReport(
             equal=not differences and fresh.last_seq == seq,

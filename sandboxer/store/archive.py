@@ -8,7 +8,9 @@ columns that lists filter and order on.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -42,9 +44,10 @@ _json = msgspec.json.Encoder()
 
 
 class SqliteArchive:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, temporary: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.temporary = temporary  # removed on close (a replay's scratch archive)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.executescript(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF; PRAGMA temp_store=MEMORY;"
@@ -170,5 +173,16 @@ class SqliteArchive:
         for (blob,) in self.db.execute("SELECT row FROM sandboxes ORDER BY id"):
             yield _view_decoder.decode(blob)
 
+    @classmethod
+    def scratch(cls, folder: Path) -> SqliteArchive:
+        """A fresh archive in `folder` that is gone once closed."""
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix="replay-", suffix=".sqlite3", dir=folder)
+        os.close(handle)
+        return cls(Path(name), temporary=True)
+
     def close(self) -> None:
         self.db.close()
+        if self.temporary:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 import pytest
 
@@ -217,6 +218,13 @@ async def test_finished_sandboxes_leave_memory(store: JetStreamEventStore, tmp_p
         assert archive.get("sbx-late") is not None and runner.projection.finished == {}
         report = await runner.verify()
         assert report.equal and report.sandboxes == count + 1
+        # An archived row that differs, and one the history never made: both named.
+        changed = archive.get("sbx-m000003")
+        assert changed is not None
+        extra = msgspec.structs.replace(changed, id="sbx-m999999")
+        archive.write([msgspec.structs.replace(changed, reason="edited"), extra], [], last)
+        report = await runner.verify()
+        assert not report.equal and report.differences == ["sbx-m000003", "sbx-m999999"]
     finally:
         await runner.stop()
         archive.close()
