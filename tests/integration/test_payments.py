@@ -204,6 +204,93 @@ async def test_ledger_book_conflicts_are_redecided(store: JetStreamEventStore) -
     assert not any(isinstance(e, CreditsDebited) for e in history)
 
 
+async def test_racing_reservations_never_overdraw(store: JetStreamEventStore) -> None:
+    """150 reservations of 10 against 1,000 credits, from two books (two processes)
+    racing on the account: they conflict, re-read and decide again, and exactly 100
+    hold."""
+    from extensions import Cost
+
+    meta = EventMeta(actor="test", correlation_id="c")
+    ones, twos = ProjectionRunner(store), ProjectionRunner(store)
+    await ones.start()
+    await twos.start()
+    one, two = LedgerBook(store, ones), LedgerBook(store, twos)
+    await one.grant("grouped", 1000, meta)
+    await two.refresh("grouped")
+    books = [one, two] * 75
+    charges = await asyncio.gather(
+        *(
+            book.reserve(f"sbx-g{i:03d}", "grouped", Cost(10, {}), meta)
+            for i, book in enumerate(books)
+        )
+    )
+    await ones.wait_for(await store.last_seq(), 10)
+    await twos.wait_for(await store.last_seq(), 10)
+    assert sum(not c.rejected for c in charges) == 100
+    assert sum(c.rejected for c in charges) == 50
+    for runner in (ones, twos):
+        view = runner.ledger.account("grouped")
+        assert view.reserved == 1000 and view.available == 0
+    history = [r.event async for r in store.read(1, aggregate=Aggregate("ledger", "grouped"))]
+    assert sum(isinstance(e, CreditsReserved) for e in history) == 100
+    assert len({e.event_id for e in history}) == len(history) == 151  # the grant + 150
+    await ones.stop()
+    await twos.stop()
+
+
+async def test_two_settlements_of_one_sandbox_debit_once(
+    store: JetStreamEventStore,
+) -> None:
+    """Two settlements of one sandbox at once: the second decides on the first's debit
+    and release (as the runner shows them) and appends nothing."""
+    from extensions import Cost
+
+    meta = EventMeta(actor="test", correlation_id="c")
+    runner = ProjectionRunner(store)
+    await runner.start()
+    book = LedgerBook(store, runner)
+    await book.grant("once", 100, meta)
+    for sid in ("sbx-once-a", "sbx-once-b"):
+        await book.reserve(sid, "once", Cost(30, {}), meta)
+    settled = await asyncio.gather(
+        book.settle("sbx-once-a", Cost(10, {}), meta),
+        book.settle("sbx-once-a", Cost(20, {}), meta),
+        book.settle("sbx-once-b", None, meta),
+    )
+    assert settled[0] == settled[1] and settled[0].debited == 10 and settled[0].released == 20
+    assert settled[2].released == 30 and settled[2].debited is None
+    view = book.account("once")
+    assert view.debited == 10 and view.reserved == 0 and view.available == 90
+    history = [r.event async for r in store.read(1, aggregate=Aggregate("ledger", "once"))]
+    assert sum(isinstance(e, CreditsDebited) for e in history) == 1
+    await runner.stop()
+
+
+async def test_decisions_on_a_stale_view_are_redecided(store: JetStreamEventStore) -> None:
+    """Reservations decided on a stale view (its runner stopped before another book
+    wrote) are refused by the expected version, re-read and decided again."""
+    from extensions import Cost
+
+    meta = EventMeta(actor="test", correlation_id="c")
+    ones, twos = ProjectionRunner(store), ProjectionRunner(store)
+    await ones.start()
+    await twos.start()
+    one, two = LedgerBook(store, ones), LedgerBook(store, twos)
+    await one.grant("stale", 50, meta)
+    await two.refresh("stale")
+    await twos.stop()
+    await one.reserve("sbx-stale-0", "stale", Cost(30, {}), meta)  # two never sees it
+    *charges, _ = await asyncio.gather(
+        *(two.reserve(f"sbx-stale-{i}", "stale", Cost(10, {}), meta) for i in range(1, 5)),
+        twos.start(),
+    )
+    assert sum(not c.rejected for c in charges) == 2, "20 were left after the stale reserve"
+    view = two.account("stale")
+    assert view.reserved == 50 and view.available == 0
+    await ones.stop()
+    await twos.stop()
+
+
 async def test_crash_between_teardown_and_debit(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     async with aiohttp.ClientSession() as http:
