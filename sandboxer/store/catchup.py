@@ -120,18 +120,18 @@ def ack_position(reply: bytes) -> tuple[int, int]:
 
 # The end of a `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`
 # reply subject, each followed by a newline: one regex over the batch's joined replies.
-_ACK_TAIL = re.compile(rb"(\d+)\.\d+\.\d+\.(\d+)\n")
+_ACK_TAIL = re.compile(rb"(\d+)\.\d+\.\d+\.\d+\n")
 
 
-def ack_positions(replies: list[bytes]) -> list[tuple[int, int]]:
-    """`ack_position` of each reply, in one pass over the batch for the common
-    layout (the other one may end in a token of its own: one reply at a time)."""
-    if not replies or replies[0].count(b".") != 8:
-        return [ack_position(reply) for reply in replies]
-    found: list[tuple[bytes, bytes]] = _ACK_TAIL.findall(b"\n".join(replies) + b"\n")
-    if len(found) != len(replies):
-        return [ack_position(reply) for reply in replies]
-    return [(int(seq), int(pending)) for seq, pending in found]
+def ack_sequences(replies: list[bytes]) -> list[int]:
+    """The stream sequence of each reply (`ack_position`), in one pass over the batch
+    for the common layout (the other one may end in a token of its own: one reply
+    at a time)."""
+    if replies and replies[0].count(b".") == 8:
+        found: list[bytes] = _ACK_TAIL.findall(b"\n".join(replies) + b"\n")
+        if len(found) == len(replies):
+            return list(map(int, found))
+    return [ack_position(reply)[0] for reply in replies]
 
 
 class _Inbox:
@@ -333,9 +333,8 @@ def _positions(
     message and the messages pending after it (-1, -1 for an empty batch)."""
     if not bodies:
         return RawBatch([], [], []), -1, -1
-    positions = ack_positions(replies)
-    last, pending = positions[-1]
-    seqs = [seq for seq, _ in positions]
+    seqs = ack_sequences(replies)
+    last, pending = ack_position(replies[-1])
     if seqs[0] < next_seq or last > upto:
         kept = [i for i, seq in enumerate(seqs) if next_seq <= seq <= upto]
         seqs = [seqs[i] for i in kept]

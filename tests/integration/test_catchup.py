@@ -11,7 +11,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from events import Aggregate, CreditsGranted, Event, envelope
-from sandboxer.store.catchup import ack_position, ack_positions, route_raw
+from sandboxer.store.catchup import ack_position, ack_sequences, route_raw
 from sandboxer.store.event_store import JetStreamEventStore, RecordedEvent
 from tests.store_conformance import META, requested
 
@@ -154,12 +154,13 @@ async def test_route_raw_hands_over_the_raw_message_and_leaves_others_alone(
     assert after.data == b"after"
 
 
-def test_ack_positions_read_both_reply_layouts() -> None:
+def test_ack_sequences_read_both_reply_layouts() -> None:
     v1 = [b"$JS.ACK.S.c1.1.%d.%d.1700000000.%d" % (seq, seq, 9 - seq) for seq in (4, 5, 6)]
-    assert ack_positions(v1) == [(4, 5), (5, 4), (6, 3)]
+    assert ack_sequences(v1) == [4, 5, 6]
+    assert [ack_position(reply) for reply in v1] == [(4, 5), (5, 4), (6, 3)]
     v2 = b"$JS.ACK.dom.acc.S.c1.1.17.3.1700000000.2.tok123"
-    assert ack_positions([v2, v2]) == [(17, 2), (17, 2)] == [ack_position(v2)] * 2
-    assert ack_positions([]) == []
+    assert ack_sequences([v2, v2]) == [17, 17] and ack_position(v2) == (17, 2)
+    assert ack_sequences([]) == []
 
 
 async def test_read_aggregate_is_unchanged_by_the_batch_reader(
