@@ -13,10 +13,11 @@ import argparse
 import asyncio
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from bench.common import line_for, nats_server
-from bench.replay import SEGMENTS, _append_all, reader_figures
+from bench.replay import SEGMENTS, _append_all, read_new, read_old, reader_figures
 
 
 async def measure(events: int, runs: int, data: Path) -> None:
@@ -31,6 +32,12 @@ async def measure(events: int, runs: int, data: Path) -> None:
             print(f"  {line_for(figure)}")
             print(f"    ours {[round(r) for r in figure.ours]}")
             print(f"    baseline {[round(r) for r in figure.baseline]}")
+        # CPU time of this process per event: what a busy machine does not change much.
+        for name, reader in (("catch-up", read_new), ("old", read_old)):
+            cpu = time.process_time()
+            await reader(store, events)
+            per_event = (time.process_time() - cpu) / events * 1e6
+            print(f"  {name} reader: {per_event:.2f} µs of this process's CPU per event")
 
 
 def main() -> None:

@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import nats
+import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from events import Aggregate, CreditsGranted, Event, envelope
 from sandboxer.store.catchup import ack_position, ack_sequences, route_raw
 from sandboxer.store.event_store import JetStreamEventStore, RecordedEvent
+from sandboxer.store.nats_server import EmbeddedNats
 from tests.store_conformance import META, requested
 
 
@@ -169,3 +172,29 @@ async def test_read_aggregate_is_unchanged_by_the_batch_reader(
     await _fill(store, 4)
     history = await store.read_aggregate(Aggregate("sandbox", "sbx-c1"))
     assert [r.subject for r in history] == ["sandboxer.sandbox.sbx-c1.SandboxRequested"]
+
+
+async def test_a_server_restart_during_the_read_costs_no_event(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The consumer dies with the server; after the client reconnects the reader
+    notices the silence and goes on with a new one from the next missing sequence."""
+    nc = await nats.connect(**nats_server.connect_options(), reconnect_time_wait=0.2)
+    try:
+        store = JetStreamEventStore(nc)
+        await store.ensure_stream()
+        seqs = await _fill(store, 60)
+        store.catch_up.batch, store.catch_up.depth = 10, 1
+        store.catch_up.stall_seconds = 1.0
+        seen: list[int] = []
+        async with asyncio.timeout(60):
+            async for batch in store.read_batches(1):
+                seen.extend(r.seq for r in batch)
+                if len(seen) == 10:
+                    nats_server.stop()
+                    nats_server.start()
+        assert seen == seqs
+        assert "catch-up from 11" in caplog.text  # a new consumer went on from there
+        assert "by the ordered consumer" not in caplog.text  # not the fallback
+    finally:
+        await nc.close()
