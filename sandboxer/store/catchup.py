@@ -35,6 +35,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
+from nats.protocol.parser import AWAITING_CONTROL_LINE, MAX_CONTROL_LINE_SIZE
 
 from events.codec import EventCodec
 
@@ -64,39 +65,87 @@ def route_raw(nc: NatsClient, sub: Subscription, handler: RawHandler) -> Callabl
     bypassing nats-py's header parsing, `Msg`, pending queue and callback; returns the
     function that undoes it (call it before unsubscribing).
 
-    The one reach into nats-py internals (2.x): its protocol parser awaits
-    `nc._process_msg(sid, subject, reply, data, headers)` for every MSG/HMSG, with
-    `headers` the raw block (`b"NATS/1.0..."`, None without headers). This wraps that
-    method once per client with a lookup by subscription id (`sub._id`); every other
-    subscription goes through nats-py as before. Connection options (credentials,
-    TLS, inbox prefix) are untouched: the subscription itself is an ordinary
-    `nc.subscribe`, and nats-py re-sends it with the same id after a reconnect.
-    `handler` runs inside nats-py's read loop: it must be quick and must not raise.
-    Message statistics (`nc.stats`) do not count routed messages."""
+    The one reach into nats-py internals (2.x), installed once per client:
+    - its protocol parser (`nc._ps`, one per client, reset but kept on reconnect)
+      gets a fast path in front of `parse`: while the buffer starts with a complete
+      `HMSG` of a routed subscription id, it is cut out and handed over here; any
+      other bytes (other subscriptions, `MSG`, `PING`, `INFO`, a message split across
+      reads that nats-py already began) go to nats-py's own parser as before;
+    - `nc._process_msg(sid, subject, reply, data, headers)`, which that parser awaits
+      for each message it parses, hands routed ones over too (headers raw, or None).
+    The subscription itself is an ordinary `nc.subscribe`: credentials, TLS and the
+    inbox prefix are untouched, and nats-py re-sends it with the same id after a
+    reconnect. `handler` runs inside nats-py's read loop: it must be quick and must
+    not raise. Message statistics (`nc.stats`) do not count routed messages."""
     routes: dict[int, RawHandler] | None = nc.__dict__.get(_ROUTES)
     if routes is None:
-        table: dict[int, RawHandler] = {}
-        original = nc._process_msg
-
-        async def process_msg(
-            sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
-        ) -> None:
-            raw = table.get(sid)
-            if raw is None:
-                await original(sid, subject, reply, data, headers)  # type: ignore[arg-type]
-            else:
-                raw(subject, reply, headers, data)
-
-        nc._process_msg = process_msg  # type: ignore[method-assign]
-        setattr(nc, _ROUTES, table)
-        routes = table
+        routes = _install_routes(nc)
     sid: int = sub._id
     routes[sid] = handler
+    table = routes
 
     def unroute() -> None:
-        routes.pop(sid, None)
+        table.pop(sid, None)
 
     return unroute
+
+
+def _install_routes(nc: NatsClient) -> dict[int, RawHandler]:
+    table: dict[int, RawHandler] = {}
+    original_msg = nc._process_msg
+
+    async def process_msg(
+        sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        raw = table.get(sid)
+        if raw is None:
+            await original_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
+        else:
+            raw(subject, reply, headers, data)
+
+    parser = nc._ps
+    original_parse = parser.parse
+
+    async def parse(data: bytes = b"") -> None:
+        if parser.state != AWAITING_CONTROL_LINE or not table:
+            await original_parse(data)
+            return
+        buf = parser.buf  # replaced by reset() on reconnect: look it up each time
+        buf.extend(data)
+        while buf.startswith(b"HMSG "):
+            end = buf.find(b"\r\n", 0, MAX_CONTROL_LINE_SIZE)
+            if end < 0:
+                if len(buf) < MAX_CONTROL_LINE_SIZE:
+                    return  # the rest of the control line comes with the next read
+                break  # too long: nats-py's parser reports it
+            args = bytes(buf[5:end]).split()
+            if len(args) == 5:
+                subject, sid, reply, header_size, total_size = args
+            elif len(args) == 4:
+                subject, sid, header_size, total_size = args
+                reply = b""
+            else:
+                break  # malformed: nats-py's parser reports it
+            try:
+                raw = table.get(int(sid))
+                start = end + 2
+                stop = start + int(total_size)
+                middle = start + int(header_size)
+            except ValueError:
+                break  # malformed: nats-py's parser reports it
+            if raw is None:
+                break
+            if len(buf) < stop + 2:
+                return  # the rest of the message comes with the next read
+            headers, body = bytes(buf[start:middle]), bytes(buf[middle:stop])
+            del buf[: stop + 2]
+            raw(subject, reply, headers, body)
+        await original_parse(b"")
+
+    nc._process_msg = process_msg  # type: ignore[method-assign]
+    parser.parse = parse  # type: ignore[method-assign]
+    setattr(nc, _ROUTES, table)
+    return table
 
 
 class BatchUnavailable(Exception):

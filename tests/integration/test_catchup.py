@@ -198,3 +198,29 @@ async def test_a_server_restart_during_the_read_costs_no_event(
         assert "by the ordered consumer" not in caplog.text  # not the fallback
     finally:
         await nc.close()
+
+
+async def test_routed_messages_split_across_reads_arrive_whole_and_in_order(
+    nc: NatsClient,
+) -> None:
+    """Messages bigger than a socket read, between others' messages: the fast path
+    waits for the rest of a message, and hands what is not routed to nats-py."""
+    routed_inbox, plain_inbox = nc.new_inbox(), nc.new_inbox()
+    raw: list[bytes] = []
+    routed = await nc.subscribe(routed_inbox)
+    plain = await nc.subscribe(plain_inbox)
+    unroute = route_raw(nc, routed, lambda _s, _r, _h, body: raw.append(body))
+    bodies = [bytes([65 + i % 26]) * (1000 + 997 * i) for i in range(120)]
+    for i, body in enumerate(bodies):
+        await nc.publish(routed_inbox, body, headers={"N": str(i)})
+        if i % 10 == 0:
+            await nc.publish(plain_inbox, b"plain %d" % i, headers={"N": str(i)})
+    plain_msgs = [await plain.next_msg(timeout=10) for _ in range(12)]
+    await nc.flush()
+    async with asyncio.timeout(10):
+        while len(raw) < len(bodies):
+            await asyncio.sleep(0.01)  # raw messages have no future to await
+    assert raw == bodies
+    assert [m.data for m in plain_msgs] == [b"plain %d" % i for i in range(0, 120, 10)]
+    assert [m.headers for m in plain_msgs] == [{"N": str(i)} for i in range(0, 120, 10)]
+    unroute()
