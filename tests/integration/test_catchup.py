@@ -224,3 +224,13 @@ async def test_routed_messages_split_across_reads_arrive_whole_and_in_order(
     assert [m.data for m in plain_msgs] == [b"plain %d" % i for i in range(0, 120, 10)]
     assert [m.headers for m in plain_msgs] == [{"N": str(i)} for i in range(0, 120, 10)]
     unroute()
+
+
+async def test_where_no_pull_consumer_can_be_made_the_ordered_consumer_reads(
+    store: JetStreamEventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    seqs = await _fill(store, 7)
+    store.catch_up.stream = "NO_SUCH_STREAM"  # the consumer is refused (404)
+    read = [r.seq async for b in store.read_batches(seqs[2]) for r in b]
+    assert read == seqs[2:]
+    assert f"catch-up from {seqs[2]} by the ordered consumer" in caplog.text
