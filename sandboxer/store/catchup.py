@@ -319,8 +319,9 @@ class CatchUpReader:
             asked = received = 0
             next_seq = from_seq
             while True:
-                # Ask for what `upto` needs, and for more only when nothing is due but
-                # the end has not come (deleted messages made `need` too small).
+                # Ask for what `upto` needs (deleted messages make it less: the last
+                # one then says pending 0), and, as a safety net, for more when
+                # nothing is due but neither `upto` nor the end has come.
                 while (asked < need or asked == received) and (
                     asked - received < self.batch * self.depth
                 ):
