@@ -153,6 +153,80 @@ async def drain_raw(store: JetStreamEventStore, total: int) -> float:
     return rate(total, seconds)
 
 
+async def read_new(store: JetStreamEventStore, total: int) -> float:
+    """The catch-up reader: `read_batches(1)`, every event decoded, nothing folded."""
+    watch = Stopwatch()
+    seen = 0
+    async for batch in store.read_batches(1):
+        seen += len(batch)
+    seconds = watch.seconds()
+    assert seen == total, (seen, total)
+    return rate(total, seconds)
+
+
+async def read_old(store: JetStreamEventStore, total: int) -> float:
+    """The reader replays used before: the ordered push consumer through nats-py,
+    every event decoded (`read(1)`, what `follow(1)` did), nothing folded."""
+    watch = Stopwatch()
+    seen = 0
+    async for _recorded in store.read(1):
+        seen += 1
+    seconds = watch.seconds()
+    assert seen == total, (seen, total)
+    return rate(total, seconds)
+
+
+async def read_raw_new(store: JetStreamEventStore, total: int) -> float:
+    """The catch-up reader's pull batches with their sequences, bodies not decoded."""
+    watch = Stopwatch()
+    seen = 0
+    async for raw in store.catch_up.read_raw(1, total):
+        seen += len(raw.seqs)
+    seconds = watch.seconds()
+    assert seen == total, (seen, total)
+    return rate(total, seconds)
+
+
+async def reader_figures(
+    store: JetStreamEventStore, total: int, runs: int, mode: str = ""
+) -> list[Figure]:
+    """The catch-up reader against the old one, decoded and raw, alternated."""
+
+    async def new(_run: int) -> float:
+        return await read_new(store, total)
+
+    async def old(_run: int) -> float:
+        return await read_old(store, total)
+
+    async def raw_new(_run: int) -> float:
+        return await read_raw_new(store, total)
+
+    async def raw_old(_run: int) -> float:
+        return await drain_raw(store, total)
+
+    new_rates, old_rates = await alternate(runs, old, new)
+    raw_new_rates, raw_old_rates = await alternate(runs, raw_old, raw_new)
+    return [
+        Figure(
+            "catch-up read, decoded, no fold (`read_batches`)",
+            "events/s",
+            new_rates,
+            old_rates,
+            "old reader (ordered consumer, decoded)",
+            mode=mode,
+            target_value=150_000,
+        ),
+        Figure(
+            "catch-up read, not decoded (pull batches)",
+            "events/s",
+            raw_new_rates,
+            raw_old_rates,
+            "raw ordered consumer",
+            mode=mode,
+        ),
+    ]
+
+
 async def run(options: Options) -> Section:
     total = full_size(options)
     data = await populated(options, total)
@@ -172,6 +246,13 @@ async def run(options: Options) -> Section:
         "parses them in Python on every delivery: the raw consumer pays that too."
     )
     section.notes.append(
+        "catch-up read: `read_batches(1)`, an ephemeral pull consumer's batches of "
+        "1,000 on an inbox that bypasses nats-py's per-message path (sequence from the "
+        "ack reply subject, stored headers never parsed), decoded per batch, no fold; "
+        "old reader: `read(1)`, the ordered push consumer every event went through "
+        "before, decoded. Not decoded: the same two without decoding the bodies."
+    )
+    section.notes.append(
         f"the stream was filled through `JetStreamEventStore.append` ({WRITERS:,} "
         "aggregates at once, server's default sync); replay only reads, so the sync "
         "setting matters little here, but both are measured as asked."
@@ -187,6 +268,7 @@ async def run(options: Options) -> Section:
                 return await replay_ours(store, total)
 
             ours_rates, raw_rates = await alternate(options.runs, raw, ours)
+            readers = await reader_figures(store, total, options.runs, sync)
         section.add(
             Figure(
                 "replay into all projections",
@@ -199,4 +281,6 @@ async def run(options: Options) -> Section:
                 target_value=100_000,
             )
         )
+        for figure in readers:
+            section.add(figure)
     return section

@@ -239,3 +239,42 @@ class RecorderConformance:
                 recorder, Aggregate("sandbox", "sbx-y1"), lambda: [requested("sbx-y2")]
             )
         assert await recorder.read_aggregate(Aggregate("sandbox", "sbx-y2")) == []
+
+    async def test_read_batches_reads_the_whole_stream_in_order(
+        self, recorder: EventRecorder
+    ) -> None:
+        assert [b async for b in recorder.read_batches(1)] == []  # empty stream
+        appended: list[tuple[int, Event]] = []
+        for i in range(12):
+            event: Event = requested(f"sbx-b{i}")
+            if i % 3 == 1:  # another kind in between: every subject is read
+                event = CreditsGranted(**envelope(f"acct-b{i}", META), amount=i)
+            (seq,) = await recorder.append([event], 0)
+            appended.append((seq, event))
+        batches = [b async for b in recorder.read_batches(1)]
+        assert all(batches)  # no empty lists
+        read = [r for b in batches for r in b]
+        assert [(r.seq, r.event) for r in read] == appended
+        assert read[1].subject == "sandboxer.ledger.acct-b1.CreditsGranted"
+        assert read[0].subject == "sandboxer.sandbox.sbx-b0.SandboxRequested"
+        seqs = [seq for seq, _ in appended]
+
+        async def seqs_of(from_seq: int, upto: int | None = None) -> list[int]:
+            return [r.seq async for b in recorder.read_batches(from_seq, upto=upto) for r in b]
+
+        assert await seqs_of(seqs[4]) == seqs[4:]  # from the middle
+        assert await seqs_of(seqs[4], upto=seqs[9]) == seqs[4:10]
+        assert await seqs_of(seqs[4], upto=seqs[4]) == [seqs[4]]
+        assert await seqs_of(seqs[4], upto=seqs[3]) == []
+        assert await seqs_of(seqs[-1] + 1) == []  # past the end
+
+    async def test_read_batches_reads_up_to_the_end_it_began_at(
+        self, recorder: EventRecorder
+    ) -> None:
+        seqs = [(await recorder.append([requested(f"sbx-e{i}")], 0))[0] for i in range(5)]
+        seen: list[int] = []
+        async for batch in recorder.read_batches(seqs[0]):
+            seen.extend(r.seq for r in batch)
+            if len(seen) == len(batch):  # appended while the read goes on: not read
+                await recorder.append([requested("sbx-e-late")], 0)
+        assert seen == seqs

@@ -29,16 +29,22 @@ from nats.js import JetStreamContext, api
 from events import Event
 from events.codec import EventCodec, default_codec
 from events.subjects import (
+    ALL_SUBJECTS,
     STREAM_SUBJECTS,
     Aggregate,
     aggregate_filter,
     read_filters,
     subject_for,
 )
+from sandboxer.store.catchup import BATCH, CatchUpReader
 
 STREAM_NAME = "SANDBOXER"
 TRANSIENT_RETRY_SECONDS = 20.0
 STALL_CHECK_SECONDS = 5.0
+# The ordered consumer gives the loop control back at least this often while messages
+# are queued (a replay must not hold off lease renewals and the HTTP API).
+YIELD_EVERY_MESSAGES = 1000
+YIELD_EVERY_SECONDS = 0.02
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +151,14 @@ class EventRecorder(Protocol):
         """What `read` reads, then every new such event as it is stored; never ends."""
         ...
 
+    def read_batches(
+        self, from_seq: int = 1, *, upto: int | None = None
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """Every event of the stream (all subjects) with `from_seq <= seq <= upto`
+        (`upto=None`: what was stored when the read began), in order, as non-empty
+        lists: the replay's way to read, a few milliseconds of folding per list."""
+        ...
+
     async def last_seq(self) -> int: ...
 
     async def identity(self) -> str:
@@ -197,6 +211,13 @@ class JetStreamEventStore:
         self.replicas = replicas
         self.codec = codec or default_codec()
         self.timeout = timeout
+        self.catch_up = CatchUpReader(
+            nc,
+            self.js,
+            stream,
+            self.codec,
+            self._ordered_batches,
+        )
 
     async def ensure_stream(self, *, mutable: MutablePolicy = "lock") -> None:
         """Create the stream append-only (deny_delete, deny_purge) if it is missing.
@@ -363,6 +384,30 @@ class JetStreamEventStore:
         async for msg in self._ordered(from_seq, filters, stop_at=last):
             yield self._record(msg)
 
+    async def read_batches(
+        self, from_seq: int = 1, *, upto: int | None = None
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        if upto is None:
+            upto = await self.last_seq()
+        async for events in self.catch_up.read(from_seq, upto):
+            yield events
+
+    async def _ordered_batches(
+        self, from_seq: int, upto: int
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """`read_batches` by the ordered consumer: where the pull batches cannot."""
+        events: list[RecordedEvent] = []
+        async for msg in self._ordered(from_seq, [ALL_SUBJECTS], stop_at=upto):
+            recorded = self._record(msg)
+            if recorded.seq > upto:
+                break
+            events.append(recorded)
+            if len(events) >= BATCH:
+                yield events
+                events = []
+        if events:
+            yield events
+
     async def follow(
         self,
         from_seq: int = 1,
@@ -372,12 +417,20 @@ class JetStreamEventStore:
     ) -> AsyncIterator[RecordedEvent]:
         """Every event from `from_seq` on, forever. Heals itself: when the consumer dies
         with its NATS node (or stops delivering while events wait), a new one resumes
-        after the last event yielded."""
+        after the last event yielded. Following the whole stream catches up with
+        `read_batches` first (to the end as it was then), then an ordered consumer
+        goes on from the next sequence: nothing is lost or repeated at the switch."""
         filters = read_filters(kinds, aggregate)
+        whole_stream = filters == [ALL_SUBJECTS]
         next_seq = max(from_seq, 1)
         delay = 0.1
         while True:
             try:
+                if whole_stream:
+                    async for events in self.read_batches(next_seq):
+                        for recorded in events:
+                            next_seq = recorded.seq + 1
+                            yield recorded
                 async for msg in self._ordered(next_seq, filters, stop_at=None):
                     recorded = self._record(msg)
                     if recorded.seq < next_seq:
@@ -424,10 +477,21 @@ class JetStreamEventStore:
                 delivered = info.delivered.consumer_seq if info.delivered else 0
                 if info.num_pending == 0 and delivered == 0:
                     return
+            taken = 0
+            since = time.monotonic()
             while True:
                 if not queue.empty():
                     # Most messages are already waiting: take them without a timer (a
-                    # timeout per message made a task and a timer handle per event).
+                    # timeout per message made a task and a timer handle per event),
+                    # but give the loop its turn now and then: a full queue never
+                    # suspends this loop on its own.
+                    taken += 1
+                    if taken >= YIELD_EVERY_MESSAGES or (
+                        taken % 64 == 0 and time.monotonic() - since >= YIELD_EVERY_SECONDS
+                    ):
+                        await asyncio.sleep(0)
+                        taken = 0
+                        since = time.monotonic()
                     msg = queue.get_nowait()
                 elif stop_at is not None:
                     msg = await queue.get()

@@ -105,6 +105,14 @@ class InMemoryEventStore:
             if _matches(recorded.subject, filters):
                 yield recorded
 
+    async def read_batches(
+        self, from_seq: int = 1, *, upto: int | None = None, batch: int = 1000
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        end = len(self._log) if upto is None else min(upto, len(self._log))
+        for start in range(max(from_seq, 1) - 1, end, batch):
+            yield self._log[start : min(start + batch, end)]
+            await asyncio.sleep(0)  # as the JetStream reader: the loop's turn per batch
+
     async def follow(
         self,
         from_seq: int = 1,

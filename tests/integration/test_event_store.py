@@ -71,6 +71,9 @@ async def test_old_event_decodes_through_its_upcaster(nc: NatsClient) -> None:
     assert (old.template, old.region, old.schema_version) == ("busybox", "eu-1", 2)
     assert old.occurred_at == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     assert new == current
+    # The batch reader decodes the same way (its batch decode upcasts too).
+    batched = [r.event async for batch in store.read_batches(1) for r in batch]
+    assert batched == [old, new]
 
 
 def test_missing_upcaster_is_a_clear_error() -> None:
@@ -89,6 +92,8 @@ def test_missing_upcaster_is_a_clear_error() -> None:
     )
     with pytest.raises(DecodeError, match="no upcaster from version 1"):
         codec.decode(raw)
+    with pytest.raises(DecodeError, match="no upcaster from version 1"):
+        codec.decode_many([raw])
     with pytest.raises(DecodeError, match="unknown event type"):
         codec.decode(b'{"type": "Nope"}')
 
