@@ -280,28 +280,17 @@ class ProjectionRunner:
 
     async def _follow(self) -> None:
         try:
-            async for recorded in self.store.follow(self.projection.last_seq + 1):
-                seq, subject, event = recorded.seq, recorded.subject, recorded.event
-                self.projection.apply(seq, subject, event)
-                if subject.startswith(SANDBOX_SUBJECTS):
-                    self.checkpoints.apply(seq, subject, event)
-                self.ledger.apply(seq, subject, event)
-                if subject.startswith(WEBHOOK_SUBJECTS):
-                    self.webhooks.apply(subject, event)
-                if seq > self._stream_seq:
-                    self._stream_seq = seq
-                for listener in self.listeners:
-                    listener(recorded)
-                if len(self.projection.finished) + len(self.ledger.closed) >= FLUSH_AT:
-                    self.flush()
-                if self.snapshots is not None and seq - self._snapshot_seq >= self.snapshot_every:
-                    self._snapshot_seq = seq  # one save per stretch, even while it runs
-                    self._save_in_background()
-                if self._targets and self._targets[0][0] <= seq:
-                    self._reached(seq)
-                if self._waiting:
-                    changed, self._changed = self._changed, asyncio.Event()
-                    changed.set()
+            # Catch up in batches (the fast reader; the loop runs between batches),
+            # then follow live events one by one.
+            upto = self._stream_seq
+            if self.last_seq < upto:
+                async for batch in self.store.read_batches(self.last_seq + 1, upto=upto):
+                    for recorded in batch:
+                        self._apply(recorded)
+                    self._applied(batch[-1].seq)
+            async for recorded in self.store.follow(self.last_seq + 1):
+                self._apply(recorded)
+                self._applied(recorded.seq)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -313,6 +302,33 @@ class ProjectionRunner:
             self._targets.clear()
             self._changed.set()
             raise
+
+    def _apply(self, recorded: RecordedEvent) -> None:
+        """Fold one event into every read model."""
+        seq, subject, event = recorded.seq, recorded.subject, recorded.event
+        self.projection.apply(seq, subject, event)
+        if subject.startswith(SANDBOX_SUBJECTS):
+            self.checkpoints.apply(seq, subject, event)
+        self.ledger.apply(seq, subject, event)
+        if subject.startswith(WEBHOOK_SUBJECTS):
+            self.webhooks.apply(subject, event)
+        for listener in self.listeners:
+            listener(recorded)
+        if len(self.projection.finished) + len(self.ledger.closed) >= FLUSH_AT:
+            self.flush()
+
+    def _applied(self, seq: int) -> None:
+        """After an event or a batch: snapshots due, waiters to wake."""
+        if seq > self._stream_seq:
+            self._stream_seq = seq
+        if self.snapshots is not None and seq - self._snapshot_seq >= self.snapshot_every:
+            self._snapshot_seq = seq  # one save per stretch, even while it runs
+            self._save_in_background()
+        if self._targets and self._targets[0][0] <= seq:
+            self._reached(seq)
+        if self._waiting:
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
 
     def _reached(self, seq: int) -> None:
         while self._targets and self._targets[0][0] <= seq:
@@ -403,15 +419,12 @@ class ProjectionRunner:
         fresh = SandboxesProjection(fresh_archive)
         fresh_checkpoints = CheckpointsProjection()
         if seq > 0:
-            async for recorded in self.store.read(1):
-                if recorded.seq > seq:
-                    break
-                fresh.apply(recorded.seq, recorded.subject, recorded.event)
-                fresh_checkpoints.apply(recorded.seq, recorded.subject, recorded.event)
+            async for batch in self.store.read_batches(1, upto=seq):
+                for recorded in batch:
+                    fresh.apply(recorded.seq, recorded.subject, recorded.event)
+                    fresh_checkpoints.apply(recorded.seq, recorded.subject, recorded.event)
                 if len(fresh.finished) >= FLUSH_AT:
-                    fresh_archive.write(fresh.take_finished(), [], recorded.seq)
-                if recorded.seq == seq:
-                    break
+                    fresh_archive.write(fresh.take_finished(), [], batch[-1].seq)
         fresh_archive.write(fresh.take_finished(), [], seq)
         self.flush()
         differences: list[str] = []

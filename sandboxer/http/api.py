@@ -854,10 +854,9 @@ class Api:
 
         async def history() -> AsyncIterator[RecordedEvent]:
             if target > 0:
-                async for recorded in self.store.read(1):
-                    if recorded.seq > target:
-                        break
-                    yield recorded
+                async for batch in self.store.read_batches(1, upto=target):
+                    for recorded in batch:
+                        yield recorded
 
         return json_response(await audit(history(), live, account, ttl_grace=grace))
 
