@@ -38,7 +38,7 @@ from tests.infra import ServeProcess, free_port
 
 META = EventMeta(actor="history", correlation_id="history")
 LIFECYCLES = 25_000  # 150,000 events: seconds of folding, with a lease TTL of 1 s
-TAIL_GRANTS = 100_000
+TAIL_GRANTS = 60_000
 
 
 def lifecycle(index: int) -> list[Event]:
@@ -64,18 +64,25 @@ def grants(count: int) -> Iterator[Event]:
         yield CreditsGranted(**envelope("tail", META, f"tail-{i}"), amount=1, reason="tail")
 
 
-async def publish_raw(nc: NatsClient, events: Iterator[Event], window: int = 2000) -> None:
-    """History as data: published straight to the stream, many in flight at once."""
-    js = nc.jetstream(timeout=30)
+async def publish_raw(store: JetStreamEventStore, events: Iterator[Event]) -> None:
+    """History as data: core publishes straight to the stream, in order on one
+    connection; then wait until the stream holds them all."""
     codec = default_codec()
-    batch: list[Event] = []
+    nc = store.nc
+    expected = await store.last_seq()
     for event in events:
-        batch.append(event)
-        if len(batch) == window:
-            await asyncio.gather(*(js.publish(subject_for(e), codec.encode(e)) for e in batch))
-            batch = []
-    if batch:
-        await asyncio.gather(*(js.publish(subject_for(e), codec.encode(e)) for e in batch))
+        await nc.publish(subject_for(event), codec.encode(event))
+        expected += 1
+        if expected % 20_000 == 0:
+            await stored(store, expected - 40_000)  # the server keeps up
+    await stored(store, expected)
+
+
+async def stored(store: JetStreamEventStore, count: int) -> None:
+    await store.nc.flush(timeout=30)
+    async with asyncio.timeout(120):
+        while await store.last_seq() < count:
+            await asyncio.sleep(0.02)
 
 
 def history(count: int) -> Iterator[Event]:
@@ -98,7 +105,7 @@ async def test_a_worker_on_a_large_history_keeps_its_lease_and_the_other_adopts_
     nc = await nats.connect(**nats_server.connect_options())
     store = JetStreamEventStore(nc)
     await store.ensure_stream()
-    await publish_raw(nc, history(LIFECYCLES))
+    await publish_raw(store, history(LIFECYCLES))
     env = {
         **os.environ,
         "SANDBOXER_NATS_URL": nats_server.service_url,
@@ -140,7 +147,7 @@ async def test_a_worker_on_a_large_history_keeps_its_lease_and_the_other_adopts_
         # It drives a sandbox; then a long tail arrives while it runs.
         made = await create(http, starter.url)
         await wait_state(http, starter.url, made["id"], {"ready"})
-        tail = asyncio.create_task(publish_raw(nc, grants(TAIL_GRANTS)))
+        tail = asyncio.create_task(publish_raw(store, grants(TAIL_GRANTS)))
         async with asyncio.timeout(180):
             while True:
                 async with asyncio.timeout(2):  # health answers throughout
