@@ -28,6 +28,7 @@ from projections.sandboxes import SandboxesProjection, SandboxView
 from projections.webhooks import WebhooksProjection
 from sandboxer.store.event_store import EventRecorder, RecordedEvent
 from sandboxer.store.read_snapshots import ReadModelSnapshots
+from sandboxer.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +265,7 @@ class ProjectionRunner:
         """Stop following; a clean stop writes a snapshot of where it got to."""
         for task in (self._timer, self._task):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
         if self._saving is not None:
             with contextlib.suppress(Exception):
                 await self._saving

@@ -82,6 +82,7 @@ from sandboxer.profiles import (
     ProfileCatalog,
 )
 from sandboxer.store.event_store import EventRecorder, RecordedEvent, is_transient
+from sandboxer.tasks import cancel_and_wait
 from sandboxer.wire import (
     CHECKPOINT_ID_RE,
     MAX_EXEC_BODY,
@@ -1257,7 +1258,8 @@ class Api:
         try:
             while True:
                 try:
-                    recorded = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+                    async with asyncio.timeout(SSE_KEEPALIVE):  # not wait_for: see _ordered
+                        recorded = await queue.get()
                 except TimeoutError:
                     await response.write(b": keepalive\n\n")
                     continue
@@ -1281,9 +1283,7 @@ class Api:
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
-            pumping.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pumping
+            await cancel_and_wait(pumping)
 
     async def list_profiles(self, request: web.Request) -> web.Response:
         out = []

@@ -28,7 +28,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import nats.errors
 import nats.js.errors
@@ -38,9 +38,7 @@ from nats.js import JetStreamContext, api
 from nats.protocol.parser import AWAITING_CONTROL_LINE, MAX_CONTROL_LINE_SIZE
 
 from events.codec import EventCodec
-
-if TYPE_CHECKING:
-    from sandboxer.store.event_store import RecordedEvent
+from sandboxer.store.recorded import RecordedEvent
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +225,7 @@ class RawBatch(NamedTuple):
     bodies: list[bytes]
 
 
-OrderedRead = Callable[[int, int], AsyncIterator[list["RecordedEvent"]]]
+OrderedRead = Callable[[int, int], AsyncIterator[list[RecordedEvent]]]
 
 
 class CatchUpReader:
@@ -257,9 +255,6 @@ class CatchUpReader:
         self.batch = batch
         self.depth = depth
         self.stall_seconds = stall_seconds
-        # Imported here: event_store imports this module.
-        from sandboxer.store.event_store import RecordedEvent
-
         self._recorded = RecordedEvent
 
     async def read(self, from_seq: int, upto: int) -> AsyncIterator[list[RecordedEvent]]:

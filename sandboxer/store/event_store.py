@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal, Protocol
 
-import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
@@ -37,6 +36,9 @@ from events.subjects import (
     subject_for,
 )
 from sandboxer.store.catchup import BATCH, CatchUpReader
+
+# Re-exported: readers of the stream have always imported it from here.
+from sandboxer.store.recorded import RecordedEvent as RecordedEvent
 
 STREAM_NAME = "SANDBOXER"
 TRANSIENT_RETRY_SECONDS = 20.0
@@ -94,14 +96,6 @@ def stream_position(reply: str) -> tuple[int, int]:
     if len(tokens) >= 11 and tokens[0] == "$JS" and tokens[1] == "ACK":
         return int(tokens[7]), int(tokens[10])
     raise ValueError(f"not a JetStream delivery: reply subject {reply!r}")
-
-
-class RecordedEvent(msgspec.Struct, frozen=True):
-    """An event as the stream holds it: with its stream sequence and subject."""
-
-    seq: int
-    subject: str
-    event: Event
 
 
 class ConcurrencyConflict(Exception):
@@ -497,7 +491,11 @@ class JetStreamEventStore:
                     msg = await queue.get()
                 else:
                     try:
-                        msg = await asyncio.wait_for(queue.get(), STALL_CHECK_SECONDS)
+                        # asyncio.timeout, not wait_for: 3.11's wait_for runs the get
+                        # in a task of its own, and a cancel that meets it can be lost
+                        # (a stream then held the server's shutdown).
+                        async with asyncio.timeout(STALL_CHECK_SECONDS):
+                            msg = await queue.get()
                     except TimeoutError:
                         await self._check_alive(sub)
                         continue
