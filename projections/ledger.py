@@ -192,26 +192,3 @@ class LedgerProjection:
 
 class ChargeArchive(Protocol):
     def charge(self, sandbox_id: str) -> Charge | None: ...
-
-
-class LedgerCache(msgspec.Struct):
-    """The ledger projection on disk: a disposable cache that a replay rebuilds."""
-
-    last_seq: int
-    accounts: dict[str, AccountView]
-    charges: dict[str, Charge]
-
-
-def to_cache(projection: LedgerProjection) -> bytes:
-    return msgspec.json.encode(
-        LedgerCache(projection.last_seq, projection.accounts, projection.charges)
-    )
-
-
-def from_cache(data: bytes) -> LedgerProjection:
-    cache = msgspec.json.decode(data, type=LedgerCache)
-    projection = LedgerProjection()
-    projection.accounts = cache.accounts
-    projection.charges = cache.charges
-    projection.last_seq = cache.last_seq
-    return projection
