@@ -110,13 +110,21 @@ def _install_routes(nc: NatsClient) -> dict[int, RawHandler]:
             return
         buf = parser.buf  # replaced by reset() on reconnect: look it up each time
         buf.extend(data)
-        while buf.startswith(b"HMSG "):
-            end = buf.find(b"\r\n", 0, MAX_CONTROL_LINE_SIZE)
+        if not buf.startswith(b"HMSG "):
+            await original_parse(b"")
+            return
+        # Scan a copy by position and cut what was handed over once at the end: a
+        # cut per message moved the rest of the buffer every time.
+        view = bytes(buf)
+        size = len(view)
+        pos = 0
+        wait = False  # the buffer ends in the first part of a message: more comes
+        while view.startswith(b"HMSG ", pos):
+            end = view.find(b"\r\n", pos, pos + MAX_CONTROL_LINE_SIZE)
             if end < 0:
-                if len(buf) < MAX_CONTROL_LINE_SIZE:
-                    return  # the rest of the control line comes with the next read
-                break  # too long: nats-py's parser reports it
-            args = bytes(buf[5:end]).split()
+                wait = size - pos < MAX_CONTROL_LINE_SIZE  # else too long: nats-py reports it
+                break
+            args = view[pos + 5 : end].split()
             if len(args) == 5:
                 subject, sid, reply, header_size, total_size = args
             elif len(args) == 4:
@@ -132,13 +140,16 @@ def _install_routes(nc: NatsClient) -> dict[int, RawHandler]:
             except ValueError:
                 break  # malformed: nats-py's parser reports it
             if raw is None:
+                break  # another subscription's: nats-py's parser delivers it
+            if size < stop + 2:
+                wait = True
                 break
-            if len(buf) < stop + 2:
-                return  # the rest of the message comes with the next read
-            headers, body = bytes(buf[start:middle]), bytes(buf[middle:stop])
-            del buf[: stop + 2]
-            raw(subject, reply, headers, body)
-        await original_parse(b"")
+            pos = stop + 2
+            raw(subject, reply, view[start:middle], view[middle:stop])
+        if pos:
+            del buf[:pos]
+        if buf and not wait:
+            await original_parse(b"")
 
     nc._process_msg = process_msg  # type: ignore[method-assign]
     parser.parse = parse  # type: ignore[method-assign]
@@ -171,10 +182,17 @@ _ACK_TAIL = re.compile(rb"(\d+)\.\d+\.\d+\.\d+\n")
 
 
 def ack_sequences(replies: list[bytes]) -> list[int]:
-    """The stream sequence of each reply (`ack_position`), in one pass over the batch
-    for the common layout (the other one may end in a token of its own: one reply
-    at a time)."""
-    if replies and replies[0].count(b".") == 8:
+    """The stream sequence of each reply (`ack_position`). A consumer delivers in
+    stream order, so a batch whose first and last sequences are `len - 1` apart
+    holds consecutive sequences (no message deleted between): only those two are
+    read. Otherwise one pass over the batch for the common layout (the other one may
+    end in a token of its own: one reply at a time)."""
+    if not replies:
+        return []
+    first, last = ack_position(replies[0])[0], ack_position(replies[-1])[0]
+    if last - first == len(replies) - 1:
+        return list(range(first, last + 1))
+    if replies[0].count(b".") == 8:
         found: list[bytes] = _ACK_TAIL.findall(b"\n".join(replies) + b"\n")
         if len(found) == len(replies):
             return list(map(int, found))

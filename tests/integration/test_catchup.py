@@ -164,6 +164,10 @@ def test_ack_sequences_read_both_reply_layouts() -> None:
     v2 = b"$JS.ACK.dom.acc.S.c1.1.17.3.1700000000.2.tok123"
     assert ack_sequences([v2, v2]) == [17, 17] and ack_position(v2) == (17, 2)
     assert ack_sequences([]) == []
+    # Deleted messages leave gaps: each reply is read then.
+    gaps = [b"$JS.ACK.S.c1.1.%d.%d.1700000000.0" % (seq, seq) for seq in (4, 5, 9)]
+    assert ack_sequences(gaps) == [4, 5, 9]
+    assert ack_sequences([v2.replace(b".17.", b".%d." % seq) for seq in (3, 8)]) == [3, 8]
 
 
 async def test_read_aggregate_is_unchanged_by_the_batch_reader(
