@@ -29,12 +29,13 @@ from sandboxer.metrics import Metrics
 from sandboxer.profiles import ProfileCatalog
 from sandboxer.store.archive import SqliteArchive
 from sandboxer.store.event_store import JetStreamEventStore
-from sandboxer.store.leases import WorkerLeases, default_worker_name
+from sandboxer.store.leases import WorkerLeases
 from sandboxer.store.metered import MeteredEventStore
 from sandboxer.store.nats_auth import external_connect_options, mutable_policy, redact
 from sandboxer.store.nats_server import EmbeddedNats
 from sandboxer.store.read_snapshots import ObjectStoreReadModels
 from sandboxer.store.snapshots import FileSnapshotStore, ObjectStoreSnapshots, SnapshotStore
+from sandboxer.store.worker_names import default_worker_name
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,11 @@ STOP_PART_SECONDS = 12.0
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, embedded: EmbeddedNats | None = None) -> None:
+        """`embedded`: the embedded server, already spawned by the caller (see
+        `spawn_embedded`); made and started here when None and no NATS URL is set."""
         self.settings = settings
-        self.embedded: EmbeddedNats | None = None
+        self.embedded = embedded
         self.nc: NatsClient | None = None
         self.store: JetStreamEventStore | None = None
         self.runner: ProjectionRunner | None = None
@@ -68,9 +71,8 @@ class Service:
         )
         profiles = ProfileCatalog.from_env(settings.environ)
         if settings.nats_url is None:
-            self.embedded = EmbeddedNats(
-                settings.data_dir, sync_interval=settings.nats_sync, port=settings.nats_port
-            )
+            self.embedded = self.embedded or settings.embedded_server()
+            assert self.embedded is not None
             # Started from this (the main) thread on purpose: the child's parent-death
             # signal is tied to the thread that spawned it, and this one lives as long
             # as the process. The ~0.1 s it blocks the loop is start-up time.
@@ -218,7 +220,11 @@ async def _bounded(part: str, stopping: Coroutine[Any, Any, object]) -> None:
 
 
 async def serve(
-    settings: Settings, ready: asyncio.Event | None = None, *, http: bool = True
+    settings: Settings,
+    ready: asyncio.Event | None = None,
+    *,
+    http: bool = True,
+    embedded: EmbeddedNats | None = None,
 ) -> None:
     """Run until SIGINT or SIGTERM; always stop the embedded NATS server on the way out.
 
@@ -230,7 +236,7 @@ async def serve(
             f"sandboxer serve: refusing to listen on {settings.host} without tokens: "
             "set SANDBOXER_TOKENS_FILE (or SANDBOXER_TOKENS), or listen on 127.0.0.1"
         )
-    service = Service(settings)
+    service = Service(settings, embedded)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

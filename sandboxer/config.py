@@ -10,8 +10,13 @@ from typing import TypeVar
 
 from sandboxer.app.webhook_settings import check_env
 from sandboxer.errors import SettingsError
-from sandboxer.store.leases import check_worker_name
-from sandboxer.store.nats_server import DEFAULT_NATS_PORT, PORT_VARIABLE, sync_interval_from_env
+from sandboxer.store.nats_server import (
+    DEFAULT_NATS_PORT,
+    PORT_VARIABLE,
+    EmbeddedNats,
+    sync_interval_from_env,
+)
+from sandboxer.store.worker_names import check_worker_name
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -101,6 +106,12 @@ class Settings:
     snapshot_every: int = 100_000  # events between two read-model snapshots (0: none)
     snapshot_seconds: float = 300.0  # and at most this long between them
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def embedded_server(self) -> EmbeddedNats | None:
+        """The embedded NATS server these settings run (None: a NATS URL is set)."""
+        if self.nats_url is not None:
+            return None
+        return EmbeddedNats(self.data_dir, sync_interval=self.nats_sync, port=self.nats_port)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -249,11 +249,10 @@ def _wait(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Imports the service lazily: every other command stays a fast, light client."""
-    from sandboxer.bootstrap import serve
+    """Imports the service lazily: every other command stays a fast, light client.
+    The embedded NATS server is spawned before the service is imported: it recovers
+    its streams from disk (most of a start on a long history) meanwhile."""
     from sandboxer.config import Settings
-    from sandboxer.http.auth import AuthConfigError
-    from sandboxer.store.event_store import MutableStream
     from sandboxer.store.nats_server import NatsPortInUse
 
     logging.basicConfig(
@@ -263,12 +262,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     logging.getLogger("transitions").setLevel(logging.WARNING)
     settings = Settings.from_env(host=args.host, port=args.port, worker_name=args.worker_name)
+    embedded = settings.embedded_server()
     try:
-        asyncio.run(serve(settings, http=not args.worker))
-    except AuthConfigError as exc:  # a bad tokens file: one line (never a token), no trace
-        raise CliError(f"serve: {exc}", EXIT_USAGE) from None
-    except (NatsPortInUse, MutableStream) as exc:  # the event store's: one line, no trace
+        if embedded is not None:
+            embedded.spawn()
+        from sandboxer.bootstrap import serve
+        from sandboxer.http.auth import AuthConfigError
+        from sandboxer.store.event_store import MutableStream
+
+        try:
+            asyncio.run(serve(settings, http=not args.worker, embedded=embedded))
+        except AuthConfigError as exc:  # a bad tokens file: one line (never a token), no trace
+            raise CliError(f"serve: {exc}", EXIT_USAGE) from None
+        except MutableStream as exc:  # the event store's: one line, no trace
+            raise CliError(f"serve: {exc}", EXIT_FAILED) from None
+    except NatsPortInUse as exc:
         raise CliError(f"serve: {exc}", EXIT_FAILED) from None
+    finally:
+        if embedded is not None:
+            embedded.stop()  # stopped already unless serve failed before it began
     return EXIT_OK
 
 

@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-import re
 import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import nats.errors
@@ -46,13 +43,13 @@ from nats.js.kv import KeyValue
 from events.subjects import control_subject
 from sandboxer.errors import Unavailable
 from sandboxer.metrics import Metrics
+from sandboxer.store.worker_names import check_worker_name
 
 log = logging.getLogger(__name__)
 
 WORKERS_BUCKET = "sandboxer_workers"
 LEASES_BUCKET = "sandboxer_leases"
 DEFAULT_TTL = 10.0
-_NAME_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 ControlHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -67,19 +64,6 @@ class OwnerUnavailable(Unavailable):
 
     code = "owner_unavailable"
     field = "id"
-
-
-def default_worker_name(data_dir: Path) -> str:
-    """Stable per host and data directory, so a restarted worker finds its own leases."""
-    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
-    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]
-    return f"{host}-{digest}"
-
-
-def check_worker_name(name: str) -> str:
-    if not _NAME_OK.fullmatch(name):
-        raise ValueError(f"worker name {name!r}: use 1-64 letters, digits, '-' or '_'")
-    return name
 
 
 class WorkerLeases:

@@ -207,6 +207,7 @@ class EmbeddedNats:
         self.service_file = self.credentials_dir / "service.json"
         self.reader_file = self.credentials_dir / "reader.json"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._ready = False  # it answered since it was spawned
         self._service: Credentials | None = None
         self._reader: Credentials | None = None
 
@@ -278,9 +279,13 @@ class EmbeddedNats:
             f"{authorization_text(self.service.password, self.reader.password)}"
         )
 
-    def start(self, timeout: float = 15.0) -> str:
+    def spawn(self) -> None:
+        """Start the server's process without waiting for it to answer: it recovers its
+        streams from disk (a large stream takes a while) while the caller goes on
+        (`serve` imports the rest of the service meanwhile). `start` waits."""
         if self._proc is not None and self._proc.poll() is None:
-            return self.url
+            return
+        self._ready = False
         self.folder.mkdir(parents=True, exist_ok=True)
         self._stop_stale()
         self._check_port_free()
@@ -295,11 +300,18 @@ class EmbeddedNats:
                 preexec_fn=_die_with_parent,  # see the module docstring
             )
         self.pid_file.write_text(str(self._proc.pid))
+
+    def start(self, timeout: float = 15.0) -> str:
+        """Spawn the server (unless `spawn` did) and wait until it answers."""
+        if self._ready and self._proc is not None and self._proc.poll() is None:
+            return self.url
+        self.spawn()
         try:
             self._wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
+        self._ready = True
         self.url_file.write_text(self.url)
         return self.url
 
@@ -373,6 +385,7 @@ class EmbeddedNats:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self._proc = self._proc, None
+        self._ready = False
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -180,3 +180,49 @@ async def test_rotating_by_removing_the_credentials_folder(tmp_path: Path) -> No
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
             await nats.connect(**old, allow_reconnect=False, max_reconnect_attempts=0)
         assert await publish_and_count(server, 1) == 1
+
+
+async def test_spawn_goes_on_at_once_and_start_waits_for_it(tmp_path: Path) -> None:
+    server = EmbeddedNats(tmp_path, port=free_port())
+    try:
+        server.spawn()
+        pid = server.pid
+        assert pid is not None and _pid_alive(pid)
+        server.spawn()  # spawned already: the same process
+        assert server.pid == pid
+        assert server.start() == server.url and server.pid == pid
+        assert await publish_and_count(server, 3) == 3
+    finally:
+        server.stop()
+    wait_gone(pid)
+
+
+def test_a_serve_that_fails_after_spawning_the_server_leaves_none_behind(tmp_path: Path) -> None:
+    """`serve` spawns the embedded server before it reads the tokens file; a bad file
+    still ends with no server left running."""
+    data = tmp_path / "data"
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("- {name: short, token: tooshort, account: acme}\n")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXER_")}
+    environ.update(
+        SANDBOXER_DATA_DIR=str(data),
+        SANDBOXER_TOKENS_FILE=str(tokens),
+        SANDBOXER_NATS_PORT=str(free_port()),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "sandboxer", "serve", "--port", str(free_port())],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0 and "short" in done.stderr, done.stderr
+    started = [
+        line
+        for line in (data / "nats" / "nats-server.log").read_text().splitlines()
+        if "Starting nats-server" in line
+    ]
+    assert len(started) == 1, started  # it was spawned ...
+    wait_gone(int(started[0].split("]")[0].lstrip("[")))  # ... and is gone
+    assert not (data / "nats" / "nats-server.pid").exists()
