@@ -56,10 +56,13 @@ class Cursor(msgspec.Struct, frozen=True, array_like=True):
         return cls(micros(view.created_at), view.id)
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICROSECOND = dt.timedelta(microseconds=1)
+
+
 def micros(moment: dt.datetime) -> int:
     """A timestamp that orders exactly (ISO text does not: fractions are optional)."""
-    delta = moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 class Filter(msgspec.Struct, frozen=True, kw_only=True):

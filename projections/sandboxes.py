@@ -189,71 +189,95 @@ def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | No
     state = next_state(view.state, view.failing, event)
     if state is None:
         return msgspec.structs.replace(view, last_seq=seq, events=view.events + 1)
-    change = _CHANGES.get(type(event))
-    changes = change(view, event) if change is not None else {}
+    kind = type(event)
+    change = _CHANGES.get(kind)
+    changed = change(view, event) if change is not None else view
+    ended_at, ended_by, ended_correlation_id = (
+        view.ended_at,
+        view.ended_by,
+        view.ended_correlation_id,
+    )
     if state in TERMINAL:
-        changes["ended_at"] = event.occurred_at
-    if state in TERMINAL and view.state not in TERMINAL:
-        changes["ended_by"] = event.event_id
-        changes["ended_correlation_id"] = event.correlation_id
+        ended_at = event.occurred_at
+        if view.state not in TERMINAL:
+            ended_by, ended_correlation_id = event.event_id, event.correlation_id
+    # Keywords spelled out, never `**`: a replace from a dict costs three times as much.
     return msgspec.structs.replace(
-        view,
+        changed,
         state=state,
         updated_at=event.occurred_at,
         last_seq=seq,
         events=view.events + 1,
         failing=failing_after(view.failing, event),
-        reason=_reason(view, event) if type(event) in _REASONS else view.reason,
-        **changes,
+        reason=_reason(view, event) if kind in _REASONS else view.reason,
+        ended_at=ended_at,
+        ended_by=ended_by,
+        ended_correlation_id=ended_correlation_id,
     )
 
 
 # What each kind of event changes in a view besides its state (a dispatch on the
 # event's type: a replay folds millions of events, an isinstance chain per event cost
 # a tenth of its time).
-Changes = dict[str, object]
+_replace = msgspec.structs.replace
 
 
-def _routed(_view: SandboxView, e: RouteChosen) -> Changes:
-    return {
-        "extension": e.extension,
-        "host": e.host,
-        "route_reason": e.reason,
-        "metered": e.metered,
-    }
+def _routed(v: SandboxView, e: RouteChosen) -> SandboxView:
+    return _replace(v, extension=e.extension, host=e.host, route_reason=e.reason, metered=e.metered)
 
 
-def _ready(_view: SandboxView, e: BecameReady) -> Changes:
-    return {
-        "services": e.services,
-        "ready_at": e.occurred_at,
-        "service_states": e.service_states,
-        "endpoints": e.endpoints,
-    }
+def _held(v: SandboxView, e: CreditsHeld) -> SandboxView:
+    return _replace(v, credits_held=e.amount)
 
 
-def _restored(_view: SandboxView, e: Restored) -> Changes:
+def _provisioned(v: SandboxView, e: Provisioned) -> SandboxView:
+    return _replace(v, handle=e.handle, provisioned_at=e.occurred_at)
+
+
+def _ready(v: SandboxView, e: BecameReady) -> SandboxView:
+    return _replace(
+        v,
+        services=e.services,
+        ready_at=e.occurred_at,
+        service_states=e.service_states,
+        endpoints=e.endpoints,
+    )
+
+
+def _restored(v: SandboxView, e: Restored) -> SandboxView:
     if not e.service_states:
-        return {}
-    return {"service_states": e.service_states, "endpoints": e.endpoints}
+        return v
+    return _replace(v, service_states=e.service_states, endpoints=e.endpoints)
 
 
-def _service(view: SandboxView, e: ServiceExited | ServiceUnhealthy | ServiceRecovered) -> Changes:
-    return {"service_states": _service_change(view.service_states, e)}
+def _service(v: SandboxView, e: ServiceExited | ServiceUnhealthy | ServiceRecovered) -> SandboxView:
+    return _replace(v, service_states=_service_change(v.service_states, e))
 
 
-def _teardown_failed(_view: SandboxView, e: TeardownFailed) -> Changes:
-    return {"needs_reconciliation": True} if e.final else {}
+def _teardown_failed(v: SandboxView, e: TeardownFailed) -> SandboxView:
+    return _replace(v, needs_reconciliation=True) if e.final else v
 
 
-def _started(view: SandboxView, e: CommandStarted) -> Changes:
-    return {"commands": _commands(view, e), "commands_run": view.commands_run + 1}
+def _started(v: SandboxView, e: CommandStarted) -> SandboxView:
+    return _replace(v, commands=_commands(v, e), commands_run=v.commands_run + 1)
 
 
-_CHANGES: dict[type[Event], Callable[[SandboxView, Any], Changes]] = {
+def _finished(v: SandboxView, e: CommandFinished) -> SandboxView:
+    return _replace(v, commands=_commands(v, e))
+
+
+def _uploaded(v: SandboxView, _e: FileUploaded) -> SandboxView:
+    return _replace(v, files_uploaded=v.files_uploaded + 1)
+
+
+def _downloaded(v: SandboxView, _e: FileDownloaded) -> SandboxView:
+    return _replace(v, files_downloaded=v.files_downloaded + 1)
+
+
+_CHANGES: dict[type[Event], Callable[[SandboxView, Any], SandboxView]] = {
     RouteChosen: _routed,
-    CreditsHeld: lambda _v, e: {"credits_held": e.amount},
-    Provisioned: lambda _v, e: {"handle": e.handle, "provisioned_at": e.occurred_at},
+    CreditsHeld: _held,
+    Provisioned: _provisioned,
     BecameReady: _ready,
     Restored: _restored,
     ServiceExited: _service,
@@ -261,9 +285,9 @@ _CHANGES: dict[type[Event], Callable[[SandboxView, Any], Changes]] = {
     ServiceRecovered: _service,
     TeardownFailed: _teardown_failed,
     CommandStarted: _started,
-    CommandFinished: lambda v, e: {"commands": _commands(v, e)},
-    FileUploaded: lambda v, _e: {"files_uploaded": v.files_uploaded + 1},
-    FileDownloaded: lambda v, _e: {"files_downloaded": v.files_downloaded + 1},
+    CommandFinished: _finished,
+    FileUploaded: _uploaded,
+    FileDownloaded: _downloaded,
 }
 _REASONS = frozenset({SandboxRejected, StepFailed, TeardownFailed, DestroyRequested})
 

@@ -14,7 +14,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import msgspec
 
@@ -284,11 +284,10 @@ class ProjectionRunner:
             upto = self._stream_seq
             if self.last_seq < upto:
                 async for batch in self.store.read_batches(self.last_seq + 1, upto=upto):
-                    for recorded in batch:
-                        self._apply(recorded)
+                    self._apply(batch)
                     self._applied(batch[-1].seq)
             async for recorded in self.store.follow(self.last_seq + 1):
-                self._apply(recorded)
+                self._apply((recorded,))
                 self._applied(recorded.seq)
         except asyncio.CancelledError:
             raise
@@ -302,18 +301,29 @@ class ProjectionRunner:
             self._changed.set()
             raise
 
-    def _apply(self, recorded: RecordedEvent) -> None:
-        """Fold one event into every read model."""
-        seq, subject, event = recorded.seq, recorded.subject, recorded.event
-        self.projection.apply(seq, subject, event)
-        if subject.startswith(SANDBOX_SUBJECTS):
-            self.checkpoints.apply(seq, subject, event)
-        self.ledger.apply(seq, subject, event)
-        if subject.startswith(WEBHOOK_SUBJECTS):
-            self.webhooks.apply(subject, event)
-        for listener in self.listeners:
-            listener(recorded)
-        if len(self.projection.finished) + len(self.ledger.closed) >= FLUSH_AT:
+    def _apply(self, batch: Sequence[RecordedEvent]) -> None:
+        """Fold events into the read models that read their kind of subject (each
+        model's `apply` skips the others' on its own: a replay of millions of events
+        does not call them to find out)."""
+        sandboxes, ledger = self.projection, self.ledger
+        apply_sandbox, apply_checkpoint = sandboxes.apply, self.checkpoints.apply
+        apply_ledger, apply_webhook = ledger.apply, self.webhooks.apply
+        listeners = self.listeners
+        for recorded in batch:
+            seq, subject, event = recorded.seq, recorded.subject, recorded.event
+            if subject.startswith(SANDBOX_SUBJECTS):
+                apply_sandbox(seq, subject, event)
+                apply_checkpoint(seq, subject, event)
+            elif subject.startswith(LEDGER_SUBJECTS):
+                apply_ledger(seq, subject, event)
+            elif subject.startswith(WEBHOOK_SUBJECTS):
+                apply_webhook(subject, event)
+            else:
+                apply_sandbox(seq, subject, event)  # validations (and kinds it ignores)
+            sandboxes.last_seq = ledger.last_seq = seq
+            for listener in listeners:
+                listener(recorded)
+        if len(sandboxes.finished) + len(ledger.closed) >= FLUSH_AT:
             self.flush()
 
     def _applied(self, seq: int) -> None:
