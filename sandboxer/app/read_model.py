@@ -150,6 +150,7 @@ class ProjectionRunner:
         target = await self.store.last_seq()
         self._stream_seq = target
         await self._load(target)
+        began, first = time.monotonic(), self.last_seq
         self._task = asyncio.create_task(self._follow(), name="projection")
         deadline = None if timeout is None else time.monotonic() + timeout
         with gc_paused():
@@ -158,6 +159,15 @@ class ProjectionRunner:
                     raise TimeoutError(f"the read models did not catch up with seq {target}")
                 log.info("read models: at seq %d of %d", self.last_seq, target)
         self.flush()
+        folded, seconds = self.last_seq - first, time.monotonic() - began
+        if folded >= 10_000:  # a replay or a long tail: how fast it went
+            log.info(
+                "read models: caught up with seq %d: %d events folded in %.1f s (%d events/s)",
+                self.last_seq,
+                folded,
+                seconds,
+                folded / max(seconds, 1e-9),
+            )
         self._timer = asyncio.create_task(self._timers(), name="read-model-timers")
 
     async def _load(self, target: int) -> None:
