@@ -51,6 +51,12 @@ YIELD_EVERY_SECONDS = 0.02
 log = logging.getLogger(__name__)
 
 
+# How long the server remembers an append's `Nats-Msg-Id` (a retried append within
+# it is stored once). A restarted server re-reads the messages of this window to
+# rebuild that memory: a start right after a burst of writes pays for the burst.
+DUPLICATE_WINDOW_SECONDS = 120.0
+
+
 class FollowStalled(Exception):
     pass
 
@@ -226,7 +232,7 @@ class JetStreamEventStore:
             storage=api.StorageType.FILE,
             num_replicas=self.replicas,
             retention=api.RetentionPolicy.LIMITS,
-            duplicate_window=120.0,
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
             allow_direct=True,
             deny_delete=True,
             deny_purge=True,
