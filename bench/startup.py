@@ -183,6 +183,8 @@ def before_code(options: Options) -> Iterator[Path | None]:
         capture_output=True,
         check=False,
     )
+    if made.returncode != 0:
+        print(f"  no 'before' runs: git worktree add failed: {made.stderr.decode()}", flush=True)
     try:
         yield folder if made.returncode == 0 else None
     finally:
