@@ -45,8 +45,9 @@ STOP_PART_SECONDS = 12.0
 
 class Service:
     def __init__(self, settings: Settings, embedded: EmbeddedNats | None = None) -> None:
-        """`embedded`: the embedded server, already spawned by the caller (see
-        `spawn_embedded`); made and started here when None and no NATS URL is set."""
+        """`embedded`: the embedded server, possibly spawned already by the caller
+        (`serve` spawns it before importing this module); made here when None and no
+        NATS URL is set. Either way `start` waits until it answers."""
         self.settings = settings
         self.embedded = embedded
         self.nc: NatsClient | None = None
