@@ -215,8 +215,16 @@ def median(values: list[float]) -> float:
 
 
 async def measure(
-    folder: Path, total: int, runs: int, before: Path | None, before_runs: int, replays: int
+    folder: Path,
+    total: int,
+    runs: int,
+    before: Path | None,
+    before_runs: int,
+    replays: int,
+    settle: bool = True,
 ) -> Measured:
+    """`settle`: time the starts only once the history has left the duplicate window
+    (False for a smoke run: minutes of waiting for nothing)."""
     await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
     await asyncio.to_thread(folder.mkdir, parents=True)
     print(f"  writing {total:,} events ...", flush=True)
@@ -232,7 +240,8 @@ async def measure(
         print(f"  before: {measured.before}", flush=True)
     # A history is mostly older than the stream's duplicate window: a restarted server
     # re-reads only the messages written within it (all of them, just after writing).
-    if total and (wait := DUPLICATE_WINDOW_SECONDS + 5 - (time.monotonic() - written)) > 0:
+    wait = DUPLICATE_WINDOW_SECONDS + 5 - (time.monotonic() - written)
+    if settle and total and wait > 0:
         print(f"  waiting {wait:.0f} s: the history leaves the duplicate window", flush=True)
         await asyncio.sleep(wait)
     for _ in range(runs):
@@ -317,7 +326,13 @@ async def run(options: Options) -> Section:
             before_runs = min(options.runs, 3) if total <= 1_000_000 else 0
             results.append(
                 await measure(
-                    work / f"h{total}", total, options.runs, before, before_runs, options.runs
+                    work / f"h{total}",
+                    total,
+                    options.runs,
+                    before,
+                    before_runs,
+                    options.runs,
+                    settle=not options.quick,
                 )
             )
         for total in huge:  # once, reported; the code before is not run on it (hours)
