@@ -180,6 +180,12 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+# How long a start waits for the server to answer. It recovers its streams first,
+# which grows with the stream (5 s at 10,000,000 events here): a history of tens of
+# millions must not turn a start into a failure. A server that exits is seen at once.
+START_TIMEOUT_SECONDS = 180.0
+
+
 class EmbeddedNats:
     """A nats-server child process with JetStream on loopback, storing under data_dir."""
 
@@ -301,7 +307,7 @@ class EmbeddedNats:
             )
         self.pid_file.write_text(str(self._proc.pid))
 
-    def start(self, timeout: float = 15.0) -> str:
+    def start(self, timeout: float = START_TIMEOUT_SECONDS) -> str:
         """Spawn the server (unless `spawn` did) and wait until it answers."""
         if self._ready and self._proc is not None and self._proc.poll() is None:
             return self.url
