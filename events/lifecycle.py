@@ -1,9 +1,10 @@
 """The sandbox lifecycle as data: the states and the one transition table.
 
 `TABLE` is the lifecycle the README and docs/events.md describe (requested →
-reserving/provisioning → starting → ready, checkpointing and restoring, tearing_down →
-destroyed, rejected, failed). It lives beside the events so that projections fold
-with `next_state` (a pure function of the table) and depend on `events/` alone; the
+reserving/provisioning → starting → ready, checkpointing and restoring, pausing →
+paused → resuming, tearing_down → destroyed, rejected, failed). It lives beside the
+events so that projections fold with `next_state` (a pure function of the table) and
+depend on `events/` alone; the
 manager's `transitions` machine (sandboxer/app/lifecycle.py) is built from the same
 table.
 """
@@ -26,6 +27,9 @@ class State(StrEnum):
     READY = "ready"
     CHECKPOINTING = "checkpointing"
     RESTORING = "restoring"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    RESUMING = "resuming"
     TEARING_DOWN = "tearing_down"
     DESTROYED = "destroyed"
     REJECTED = "rejected"
@@ -41,6 +45,9 @@ LIVE: tuple[str, ...] = (
     State.READY,
     State.CHECKPOINTING,
     State.RESTORING,
+    State.PAUSING,
+    State.PAUSED,
+    State.RESUMING,
 )
 
 SAME = "="  # the destination of an event that does not change the state
@@ -101,6 +108,17 @@ TABLE: tuple[tuple[str, tuple[str, ...], str, Guard | None], ...] = (
     ("RestoreRequested", (State.READY,), State.RESTORING, None),
     ("Restored", (State.RESTORING,), State.READY, None),
     ("RestoreFailed", (State.RESTORING,), State.READY, None),
+    ("PauseRequested", (State.READY,), State.PAUSING, None),
+    ("Paused", (State.PAUSING,), State.PAUSED, None),
+    ("PauseFailed", (State.PAUSING,), State.READY, None),
+    ("ResumeRequested", (State.PAUSED,), State.RESUMING, None),
+    ("Resumed", (State.RESUMING,), State.READY, None),
+    ("ResumeFailed", (State.RESUMING,), State.PAUSED, None),
+    # A TTL can change whenever the sandbox is not finished; a warm pool member is
+    # claimed once it is ready; use is recorded while it can be used.
+    ("TtlExtended", LIVE, SAME, None),
+    ("SandboxClaimed", (State.READY,), SAME, None),
+    ("ActivitySeen", (State.READY, State.CHECKPOINTING, State.RESTORING), SAME, None),
     # What a ready sandbox's services do, as the watcher sees it: the state stays.
     ("ServiceExited", (State.READY,), SAME, None),
     ("ServiceUnhealthy", (State.READY,), SAME, None),
@@ -110,7 +128,14 @@ TABLE: tuple[tuple[str, tuple[str, ...], str, Guard | None], ...] = (
     ("CommandStarted", (State.READY,), SAME, None),
     (
         "CommandFinished",
-        (State.READY, State.CHECKPOINTING, State.RESTORING, State.TEARING_DOWN),
+        (
+            State.READY,
+            State.CHECKPOINTING,
+            State.RESTORING,
+            State.PAUSING,
+            State.PAUSED,
+            State.TEARING_DOWN,
+        ),
         SAME,
         None,
     ),

@@ -6,6 +6,7 @@ marks `secret` before the event is built.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, ClassVar
 
 import msgspec
@@ -26,10 +27,12 @@ class SandboxRequested(Event, frozen=True, kw_only=True):
     `from_checkpoint` were added to version 1 with defaults, so early version-1
     records lack them; from version 2 on every field is written. The upcaster from 1
     fills in the defaults, which is what such a record meant. Version 3 adds the
-    caller's `labels`; a version-2 sandbox had none."""
+    caller's `labels`; a version-2 sandbox had none. Version 4 adds `pool`: the profile
+    whose warm pool the sandbox was made for (account `pool`, waiting for a claim);
+    None, as for every earlier record, is an ordinary create."""
 
-    VERSION: ClassVar[int] = 3
-    schema_version: int = 3
+    VERSION: ClassVar[int] = 4
+    schema_version: int = 4
 
     profile: str
     extension: str  # the profile's extension, or its first route candidate
@@ -42,6 +45,18 @@ class SandboxRequested(Event, frozen=True, kw_only=True):
     checkpoint_policy: CheckpointPolicy | None = None
     from_checkpoint: CheckpointSource | None = None
     labels: dict[str, str] = {}
+    pool: str | None = None
+    use_policy: UsePolicy | None = None
+
+
+class UsePolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """From the profile: after `idle_timeout_seconds` without use (None: never) the
+    sandbox is destroyed, or paused with `on_idle: pause`; `pause_mode` pause freezes
+    its processes (the engine's pause), stop stops its containers."""
+
+    idle_timeout_seconds: int | None = None
+    on_idle: str = "destroy"
+    pause_mode: str = "pause"
 
 
 class CheckpointPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -264,6 +279,74 @@ class FileDownloaded(Event, frozen=True, kw_only=True):
     sha256: str
 
 
+class TtlExtended(Event, frozen=True, kw_only=True):
+    """The sandbox's TTL changed (`PATCH /v1/sandboxes/{id}`): it now ends at
+    `expires_at`, `ttl_seconds` after it was created (at most the profile's
+    `max_ttl_seconds`). On a metered backend `credits_added` is what its reservation
+    was topped up by (ledger `ReservationExtended`)."""
+
+    ttl_seconds: int
+    expires_at: dt.datetime
+    credits_added: int = 0
+
+
+class ActivitySeen(Event, frozen=True, kw_only=True):
+    """The sandbox was used since the last one: `kinds` what was seen (exec, files,
+    logs, keepalive, backend: its containers' CPU or network counters moved), the
+    latest at `last_at`. Recorded at most every quarter of the profile's
+    `idle_timeout_seconds`, never once per call."""
+
+    kinds: list[str]
+    last_at: dt.datetime
+
+
+class PauseRequested(Event, frozen=True, kw_only=True):
+    reason: str  # user, idle
+
+
+class Paused(Event, frozen=True, kw_only=True):
+    """The backend holds the sandbox still (`mode`: pause freezes its processes, stop
+    stops its containers); metering excludes the time until `ResumeRequested`."""
+
+    mode: str = "pause"
+
+
+class PauseFailed(Event, frozen=True, kw_only=True):
+    """The pause did not happen; the sandbox stays ready."""
+
+    error: str
+
+
+class ResumeRequested(Event, frozen=True, kw_only=True):
+    reason: str = "user"
+
+
+class Resumed(Event, frozen=True, kw_only=True):
+    """The sandbox runs again: its services and published ports after the resume (a
+    stopped container comes back on new random host ports)."""
+
+    service_states: list[ServiceState] = []
+    endpoints: list[PublishedPort] = []
+
+
+class ResumeFailed(Event, frozen=True, kw_only=True):
+    """The resume did not happen; the sandbox stays paused (resume again, or destroy)."""
+
+    error: str
+
+
+class SandboxClaimed(Event, frozen=True, kw_only=True):
+    """A create took this warm pool member: from now on it is the claimer's (`account`,
+    `labels`, its TTL counted from the claim: ends at `expires_at`). The actor is the
+    claimer's; the create's correlation id is this event's."""
+
+    account: str
+    ttl_seconds: int
+    expires_at: dt.datetime
+    labels: dict[str, str] = {}
+    claim_id: str
+
+
 SANDBOX_EVENTS: tuple[type[Event], ...] = (
     SandboxRequested,
     RouteChosen,
@@ -290,4 +373,13 @@ SANDBOX_EVENTS: tuple[type[Event], ...] = (
     CommandFinished,
     FileUploaded,
     FileDownloaded,
+    TtlExtended,
+    ActivitySeen,
+    PauseRequested,
+    Paused,
+    PauseFailed,
+    ResumeRequested,
+    Resumed,
+    ResumeFailed,
+    SandboxClaimed,
 )

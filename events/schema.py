@@ -73,7 +73,9 @@ RANDOM_EVENT_ID = f"^{_HEX32}$"
 COMMAND_ID = r"^cmd-[a-f0-9]{16}$"
 EVENT_IDS: dict[str, str] = {
     "SandboxRequested": f"^({_HEX32}|{_SBX}\\.requested)$",  # an Idempotency-Key
-    "CreditsReserved": f"^{_SBX}\\.reserve$",
+    # `.extend-<ttl>`: the top-up of a TTL extension to that many seconds
+    "CreditsReserved": f"^{_SBX}\\.(reserve|extend-[1-9][0-9]*)$",
+    "SandboxClaimed": f"^{_SBX}\\.claimed$",  # one claim per pool member
     "CreditsRejected": f"^{_SBX}\\.reserve$",
     "CreditsDebited": f"^{_SBX}\\.debit$",
     "CreditsReleased": f"^{_SBX}\\.release$",
@@ -92,7 +94,8 @@ EVENT_IDS: dict[str, str] = {
 
 # ---- closed vocabularies ----------------------------------------------------------------
 
-DESTROY_REASONS = ["user", "ttl", "service_exited"]
+DESTROY_REASONS = ["user", "ttl", "service_exited", "idle", "pool_recycle", "pool_drain"]
+ACTIVITY_KINDS = ["exec", "files", "logs", "keepalive", "backend"]
 HEALTH = ["healthy", "unhealthy", "starting", "none"]
 # Steps a StepFailed names (route failures are SandboxRejected; teardown has its own).
 FAILED_STEPS = ["reserve", "provision", "wait_ready"]
@@ -189,6 +192,19 @@ FIELD_RULES: dict[tuple[str, str], Rule] = {
     ("*", "available"): FREE,  # what the account had: 0 or more when recorded
     ("*", "route"): FREE,  # RouteCandidate items
     ("*", "checkpoint_policy"): FREE,
+    ("SandboxRequested", "pool"): _pattern(PROFILE),
+    ("*", "use_policy"): FREE,  # UsePolicy
+    ("*", "idle_timeout_seconds"): _at_least(1),
+    ("*", "on_idle"): _enum(["destroy", "pause"]),
+    ("*", "pause_mode"): _enum(["pause", "stop"]),
+    ("Paused", "mode"): _enum(["pause", "stop"]),
+    ("PauseRequested", "reason"): _enum(["user", "idle"]),
+    ("ResumeRequested", "reason"): _enum(["user"]),
+    ("*", "expires_at"): {"format": "date-time", "pattern": UTC_TIME},
+    ("*", "last_at"): {"format": "date-time", "pattern": UTC_TIME},
+    ("ActivitySeen", "kinds"): {"items": {"enum": ACTIVITY_KINDS}},
+    ("*", "credits_added"): _at_least(0),
+    ("SandboxClaimed", "claim_id"): _pattern(RANDOM_EVENT_ID),
     ("*", "from_checkpoint"): FREE,
     ("WebhookRegistered", "url"): {"format": "uri", "pattern": "^https?://"},
     ("*", "inputs"): {"propertyNames": {"pattern": INPUT_NAME}},
@@ -227,10 +243,7 @@ FIELD_RULES: dict[tuple[str, str], Rule] = {
     ("*", "stderr_sha256"): _pattern(SHA256),
     ("*", "sha256"): _pattern(SHA256),
     ("*", "path"): FREE,  # inside the container, or the workspace
-    (
-        "SandboxRequested",
-        "labels",
-    ): {
+    ("*", "labels"): {
         "propertyNames": {"pattern": LABEL_KEY},
         "additionalProperties": {"type": "string", "pattern": LABEL_VALUE},
     },
@@ -312,8 +325,14 @@ def _debit_v1(definition: dict[str, Any]) -> None:
 # what that version's records may look like (see events/upcasters.py).
 LEGACY_VERSIONS: dict[str, list[tuple[int, Callable[[dict[str, Any]], None]]]] = {
     "SandboxRequested": [
-        (1, _without_required("route", "checkpoint_policy", "from_checkpoint", "labels")),
-        (2, _without_required("labels")),
+        (
+            1,
+            _without_required(
+                "route", "checkpoint_policy", "from_checkpoint", "labels", "pool", "use_policy"
+            ),
+        ),
+        (2, _without_required("labels", "pool", "use_policy")),
+        (3, _without_required("pool", "use_policy")),
     ],
     "WebhookRegistered": [(1, _without_required("start_seq"))],
     "CreditsDebited": [(1, _debit_v1)],

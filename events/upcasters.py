@@ -52,9 +52,18 @@ def sandbox_requested_v2(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def sandbox_requested_v3(raw: dict[str, Any]) -> dict[str, Any]:
+    """A version-3 sandbox was an ordinary create, never a warm pool member, and had
+    no idle timeout."""
+    raw.setdefault("pool", None)
+    raw.setdefault("use_policy", None)
+    return raw
+
+
 UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("SandboxRequested", 1): sandbox_requested_v1,
     ("SandboxRequested", 2): sandbox_requested_v2,
+    ("SandboxRequested", 3): sandbox_requested_v3,
     ("WebhookRegistered", 1): webhook_registered_v1,
     ("CreditsDebited", 1): credits_debited_v1,
     ("BecameReady", 1): no_service_report_v1,

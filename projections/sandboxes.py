@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import msgspec
 
 from events import (
+    ActivitySeen,
     BecameReady,
     CommandFinished,
     CommandStarted,
@@ -17,10 +18,14 @@ from events import (
     Event,
     FileDownloaded,
     FileUploaded,
+    Paused,
     Provisioned,
     PublishedPort,
     Restored,
+    Resumed,
+    ResumeRequested,
     RouteChosen,
+    SandboxClaimed,
     SandboxRejected,
     SandboxRequested,
     ServiceExited,
@@ -29,6 +34,7 @@ from events import (
     ServiceUnhealthy,
     StepFailed,
     TeardownFailed,
+    TtlExtended,
     ValidationFailed,
     ValidationPassed,
     ValidationStarted,
@@ -114,6 +120,26 @@ class SandboxView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     commands_run: int = 0
     files_uploaded: int = 0
     files_downloaded: int = 0
+    # A warm pool member: the profile whose pool it was made for; claimed_at once a
+    # create took it (then `account` and `labels` are the claimer's).
+    pool: str | None = None
+    claimed_at: dt.datetime | None = None
+    # Pauses: the current one's start (None: not paused), the seconds of the ones
+    # that ended (from Paused to ResumeRequested), how many there were.
+    paused_at: dt.datetime | None = None
+    paused_seconds: float = 0.0
+    pauses: int = 0
+    pause_mode: str | None = None  # how the current (or last) pause holds it
+    last_activity_at: dt.datetime | None = None  # the latest use ActivitySeen recorded
+
+
+def paused_seconds(view: SandboxView, until: dt.datetime) -> float:
+    """Seconds the sandbox spent paused up to `until` (a pause still on counts up to
+    then): what metering leaves out (docs/payments.md)."""
+    total = view.paused_seconds
+    if view.paused_at is not None:
+        total += max((until - view.paused_at).total_seconds(), 0.0)
+    return total
 
 
 def _commands(view: SandboxView, event: CommandStarted | CommandFinished) -> list[CommandSummary]:
@@ -185,6 +211,7 @@ def evolve(view: SandboxView | None, seq: int, event: Event) -> SandboxView | No
             last_seq=seq,
             correlation_id=event.correlation_id,
             labels=event.labels,
+            pool=event.pool,
         )
     state = next_state(view.state, view.failing, event)
     if state is None:
@@ -274,6 +301,40 @@ def _downloaded(v: SandboxView, _e: FileDownloaded) -> SandboxView:
     return _replace(v, files_downloaded=v.files_downloaded + 1)
 
 
+def _extended(v: SandboxView, e: TtlExtended) -> SandboxView:
+    return _replace(v, ttl_seconds=e.ttl_seconds, expires_at=e.expires_at)
+
+
+def _claimed(v: SandboxView, e: SandboxClaimed) -> SandboxView:
+    return _replace(
+        v,
+        account=e.account,
+        labels=e.labels,
+        ttl_seconds=e.ttl_seconds,
+        expires_at=e.expires_at,
+        claimed_at=e.occurred_at,
+        correlation_id=e.correlation_id,
+    )
+
+
+def _active(v: SandboxView, e: ActivitySeen) -> SandboxView:
+    return _replace(v, last_activity_at=e.last_at)
+
+
+def _paused(v: SandboxView, e: Paused) -> SandboxView:
+    return _replace(v, paused_at=e.occurred_at, pauses=v.pauses + 1, pause_mode=e.mode)
+
+
+def _resuming(v: SandboxView, e: ResumeRequested) -> SandboxView:
+    return _replace(v, paused_at=None, paused_seconds=paused_seconds(v, e.occurred_at))
+
+
+def _resumed(v: SandboxView, e: Resumed) -> SandboxView:
+    if not e.service_states:
+        return v
+    return _replace(v, service_states=e.service_states, endpoints=e.endpoints)
+
+
 _CHANGES: dict[type[Event], Callable[[SandboxView, Any], SandboxView]] = {
     RouteChosen: _routed,
     CreditsHeld: _held,
@@ -288,6 +349,12 @@ _CHANGES: dict[type[Event], Callable[[SandboxView, Any], SandboxView]] = {
     CommandFinished: _finished,
     FileUploaded: _uploaded,
     FileDownloaded: _downloaded,
+    TtlExtended: _extended,
+    SandboxClaimed: _claimed,
+    ActivitySeen: _active,
+    Paused: _paused,
+    ResumeRequested: _resuming,
+    Resumed: _resumed,
 }
 _REASONS = frozenset({SandboxRejected, StepFailed, TeardownFailed, DestroyRequested})
 

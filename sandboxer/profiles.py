@@ -11,13 +11,14 @@ from typing import Any
 import msgspec
 import yaml
 
-from events import CheckpointPolicy
+from events import CheckpointPolicy, UsePolicy
 from profiles import SHIPPED_DIR
 from sandboxer.errors import InvalidInput
 
 PROFILE_NAME_RE = re.compile(r"^profile\.[a-z0-9][a-z0-9-]{0,62}$")
 INPUT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 MAX_INPUT_LENGTH = 4096
+MAX_POOL_SIZE = 100
 
 
 class ProfileError(InvalidInput, ValueError):
@@ -64,6 +65,18 @@ class ValidationSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     timeout_seconds: float = 1800.0
 
 
+class PoolSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A warm pool: `size` members kept ready with the profile's default inputs (on
+    the operator account `pool`); one older than `max_age_seconds` is recycled."""
+
+    size: int
+    max_age_seconds: int = 3600
+
+
+ON_IDLE = ("destroy", "pause")
+PAUSE_MODES = ("pause", "stop")
+
+
 class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     extension: str = ""
@@ -75,6 +88,17 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     config: dict[str, Any] = {}
     checkpoint: CheckpointPolicy | None = None
     validation: ValidationSpec | None = None
+    pool: PoolSpec | None = None
+    idle_timeout_seconds: int | None = None
+    on_idle: str = "destroy"
+    pause_mode: str = "pause"
+
+    def use_policy(self) -> UsePolicy:
+        return UsePolicy(
+            idle_timeout_seconds=self.idle_timeout_seconds,
+            on_idle=self.on_idle,
+            pause_mode=self.pause_mode,
+        )
 
     def candidates(self) -> list[RouteSpec]:
         """The route, or the one extension with the profile's config."""
@@ -150,6 +174,27 @@ def load_profile(path: Path) -> Profile:
                 f"{path.name}: route[{index}].when must be one of "
                 f"{', '.join(ADMISSION_RULES)}, got {spec.when!r}"
             )
+    if profile.on_idle not in ON_IDLE:
+        raise ProfileError(
+            f"{path.name}: on_idle must be one of {', '.join(ON_IDLE)}, got {profile.on_idle!r}"
+        )
+    if profile.pause_mode not in PAUSE_MODES:
+        raise ProfileError(
+            f"{path.name}: pause_mode must be one of {', '.join(PAUSE_MODES)}, "
+            f"got {profile.pause_mode!r}"
+        )
+    if profile.idle_timeout_seconds is not None and not (
+        4 <= profile.idle_timeout_seconds <= profile.max_ttl_seconds
+    ):
+        raise ProfileError(
+            f"{path.name}: idle_timeout_seconds must be between 4 and max_ttl_seconds "
+            f"({profile.max_ttl_seconds})"
+        )
+    if profile.pool is not None:
+        if not 0 <= profile.pool.size <= MAX_POOL_SIZE:
+            raise ProfileError(f"{path.name}: pool.size must be between 0 and {MAX_POOL_SIZE}")
+        if profile.pool.max_age_seconds < 10:
+            raise ProfileError(f"{path.name}: pool.max_age_seconds must be at least 10")
     for key in profile.inputs:
         if not INPUT_NAME_RE.fullmatch(key):
             raise ProfileError(

@@ -89,6 +89,34 @@ class RecordFileTransfer(Command, frozen=True, kw_only=True):
     sha256: str
 
 
+class ExtendTtl(Command, frozen=True, kw_only=True):
+    """The sandbox ends `ttl_seconds` from now (within the profile's max_ttl_seconds)."""
+
+    sandbox_id: str
+    ttl_seconds: int
+
+
+class PauseSandbox(Command, frozen=True, kw_only=True):
+    sandbox_id: str
+    reason: str = "user"
+
+
+class ResumeSandbox(Command, frozen=True, kw_only=True):
+    sandbox_id: str
+    reason: str = "user"
+
+
+ACTIVITY_KINDS = ("exec", "files", "logs", "keepalive", "backend")
+
+
+class NoteActivity(Command, frozen=True, kw_only=True):
+    """Someone uses the sandbox (`kind`: one of ACTIVITY_KINDS): its driving worker
+    notes it, and records an ActivitySeen when one is due."""
+
+    sandbox_id: str
+    kind: str
+
+
 AnyCommand = (
     CreateSandbox
     | DestroySandbox
@@ -99,6 +127,10 @@ AnyCommand = (
     | StartCommand
     | FinishCommand
     | RecordFileTransfer
+    | ExtendTtl
+    | PauseSandbox
+    | ResumeSandbox
+    | NoteActivity
 )
 
 

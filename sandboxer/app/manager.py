@@ -92,6 +92,7 @@ class CreateRequest:
     from_checkpoint: str | None = None
     sandbox_id: str | None = None  # from an idempotency key; None: a fresh random id
     labels: Mapping[str, str] = field(default_factory=dict)
+    pool: str | None = None  # a warm pool member of this profile (account `pool`)
 
 
 class SandboxManager:
@@ -262,6 +263,8 @@ class SandboxManager:
                         checkpoint_policy=profile.checkpoint,
                         from_checkpoint=source,
                         labels=labels,
+                        pool=request.pool,
+                        use_policy=profile.use_policy(),
                     ),
                     meta,
                     event_id=f"{sandbox_id}.requested" if request.sandbox_id else None,

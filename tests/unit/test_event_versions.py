@@ -108,7 +108,7 @@ def test_sandbox_requested_v1_before_routing_decodes() -> None:
     assert isinstance(event, SandboxRequested)
     assert (event.route, event.checkpoint_policy, event.from_checkpoint) == ([], None, None)
     assert event.labels == {}
-    assert event.schema_version == 3
+    assert event.schema_version == 4
     assert errors(v1) == []
     assert errors(as_json(event)) == []
 
@@ -134,7 +134,7 @@ def test_sandbox_requested_v2_decodes_without_labels() -> None:
     }
     event = decode_event(json.dumps(v2).encode())
     assert isinstance(event, SandboxRequested) and event.labels == {}
-    assert event.schema_version == 3
+    assert event.schema_version == 4
     assert errors(v2) == []
     assert errors({**v2, "schema_version": 3}) != []  # version 3 must write its labels
     assert errors(as_json(event)) == []
@@ -326,4 +326,35 @@ def test_v1_ready_and_restored_decode_with_nothing_reported(type_name: str) -> N
     assert event.service_states == [] and event.endpoints == []
     assert errors(v1) == [] and errors(v1, f"{type_name}V1") == []
     assert errors(v1, type_name), "version 2 always reports them"
+    assert errors(as_json(event)) == []
+
+
+def test_sandbox_requested_v3_decodes_as_an_ordinary_create() -> None:
+    """Version 4 adds the warm pool and the use policy; a version-3 record had
+    neither: an ordinary create without an idle timeout."""
+    v3 = {
+        "type": "SandboxRequested",
+        "event_id": "0123456789abcdef0123456789abcdef",
+        "aggregate_id": "sbx-0123456789ab",
+        **ENVELOPE,
+        "actor": "api:anonymous",
+        "schema_version": 3,
+        "profile": "profile.saas-stub",
+        "extension": "saas-stub",
+        "inputs": {},
+        "secret_inputs": [],
+        "account": "default",
+        "ttl_seconds": 600,
+        "config": {},
+        "route": [],
+        "checkpoint_policy": None,
+        "from_checkpoint": None,
+        "labels": {"team": "a"},
+    }
+    event = decode_event(json.dumps(v3).encode())
+    assert isinstance(event, SandboxRequested)
+    assert event.pool is None and event.use_policy is None and event.labels == {"team": "a"}
+    assert event.schema_version == 4
+    assert errors(v3) == []
+    assert errors({**v3, "schema_version": 4}) != []  # version 4 writes pool and use_policy
     assert errors(as_json(event)) == []
