@@ -3,6 +3,7 @@
 from extensions.manifest import ConfigError, HookPolicy, Manifest, load_manifest
 from extensions.registry import ENTRY_POINT_GROUP, ExtensionRegistry, LoadedExtension
 from extensions.sdk import (
+    ActivityCounting,
     Commanding,
     CommandRefused,
     CommandResult,
@@ -23,6 +24,7 @@ from extensions.sdk import (
     OutputBuffer,
     OutputFn,
     PathRefused,
+    Pausing,
     Placement,
     Placing,
     ProgressFn,
@@ -40,6 +42,7 @@ from extensions.sdk import (
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "ActivityCounting",
     "CommandRefused",
     "CommandResult",
     "Commanding",
@@ -65,6 +68,7 @@ __all__ = [
     "OutputBuffer",
     "OutputFn",
     "PathRefused",
+    "Pausing",
     "Placement",
     "Placing",
     "ProgressFn",

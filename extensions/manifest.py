@@ -182,6 +182,8 @@ def manifest_from_dict(raw: Any, source: str) -> Manifest:
         raise ConfigError(f"{source}: hooks.exec: retries must be 0 (not idempotent)")
     if manifest.has("put_file") != manifest.has("get_file"):
         raise ConfigError(f"{source}: put_file and get_file go together")
+    if manifest.has("pause") != manifest.has("resume"):
+        raise ConfigError(f"{source}: pause and resume go together")
     for key, spec in manifest.config.items():
         if spec.default is not None and not _type_ok(spec.default, spec.type):
             raise ConfigError(f"{source}: config.{key}: default is not {spec.type}")

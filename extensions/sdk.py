@@ -36,6 +36,9 @@ OPTIONAL_HOOKS = (
     "logs",
     "services",
     "endpoints",
+    "pause",
+    "resume",
+    "activity",
 )
 # Old names a third-party manifest or adapter may still use: read as the new ones.
 ALIASES = {"run_command": "exec"}
@@ -230,6 +233,35 @@ class Watching(Protocol):
     async def services(self, ctx: StepContext, handle: Handle) -> list[ServiceStatus]: ...
 
     async def endpoints(self, ctx: StepContext, handle: Handle) -> list[Endpoint]: ...
+
+
+PAUSE_MODES = ("pause", "stop")
+
+
+class Pausing(Protocol):
+    """Optional capabilities `pause` + `resume` (they go together).
+
+    `pause` holds the sandbox still, keeping its files and named volumes: `mode`
+    "pause" freezes its processes (the engine's pause), "stop" stops its containers.
+    `resume` with the same mode lets it run again and returns once its services run
+    (the manager then asks `services` and `endpoints`: a stopped container comes
+    back on new host ports). Both must be safe to call again after a crash halfway
+    (pausing a paused sandbox, resuming a running one: no error).
+    """
+
+    async def pause(self, ctx: StepContext, handle: Handle, mode: str) -> None: ...
+
+    async def resume(self, ctx: StepContext, handle: Handle, mode: str) -> None: ...
+
+
+class ActivityCounting(Protocol):
+    """Optional capability `activity`: counters of the sandbox's own work that only
+    grow while it is used (compose: each container's CPU time and network bytes),
+    as `{name: value}`. The manager compares two samples: any counter that moved is
+    use (`ActivitySeen` kind `backend`), and keeps a sandbox with an idle timeout
+    alive. Names are the adapter's; a counter that disappears is not use."""
+
+    async def activity(self, ctx: StepContext, handle: Handle) -> dict[str, int]: ...
 
 
 OutputFn = Callable[[str, bytes], Awaitable[None]]
