@@ -25,6 +25,11 @@ class Expiry:
         self.destroy = destroy
 
     def schedule(self, sbx: Sandbox) -> None:
+        """(Re)arm the sandbox's timer for its view's `expires_at` (a TTL extension or
+        a pool claim moves it)."""
+        if sbx.ttl_timer is not None:
+            sbx.ttl_timer.cancel()
+            sbx.ttl_timer = None
         if sbx.view is None or sbx.state in TERMINAL:
             return
         delay = (sbx.view.expires_at - utc_now()).total_seconds()

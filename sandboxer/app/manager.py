@@ -393,11 +393,19 @@ class SandboxManager:
             sbx.request = event
         if isinstance(event, (CheckpointRequested, RestoreRequested)):
             sbx.pending_checkpoint = event.checkpoint_id
+        before = sbx.view
         sbx.view = evolve(sbx.view, seq, event)
         sbx.version = seq
         sbx.last_event_id = event.event_id
         sbx.last_correlation_id = event.correlation_id
         self.machine.fire(sbx, event)
+        if (
+            sbx.on_enter is not None
+            and before is not None
+            and sbx.view is not None
+            and before.expires_at != sbx.view.expires_at
+        ):
+            self.expiry.schedule(sbx)  # a TTL extension or a pool claim moved the end
         if (
             isinstance(event, BecameReady)
             and sbx.on_enter is not None
