@@ -100,13 +100,22 @@ HEALTH = ["healthy", "unhealthy", "starting", "none"]
 # Steps a StepFailed names (route failures are SandboxRejected; teardown has its own).
 FAILED_STEPS = ["reserve", "provision", "wait_ready"]
 # Steps a destroy can cancel (the manager's step labels of the live states).
-CANCELLED_STEPS = ["route", "reserve", "provision", "wait_ready", "checkpoint", "restore"]
+CANCELLED_STEPS = [
+    "route",
+    "reserve",
+    "provision",
+    "wait_ready",
+    "checkpoint",
+    "restore",
+    "pause",
+    "resume",
+]
 REJECT_CODES = ["no_capacity", "no_route", "insufficient_credits", "rejected"]
 RELEASE_REASONS = ["remainder of the reservation", "create failed"]
 ORPHAN_WHY = ["finished", "unknown"]
 ORPHAN_ACTIONS = ["report", "remove"]
 # exec and files (sandboxer/ids.py and extensions/sdk.py check the same patterns)
-COMMAND_OUTCOMES = ["exited", "timeout", "disconnected", "destroyed", "error"]
+COMMAND_OUTCOMES = ["exited", "timeout", "disconnected", "destroyed", "paused", "error"]
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 SHA256 = r"^[a-f0-9]{64}$"
 LABEL_KEY = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$"

@@ -302,7 +302,12 @@ def _downloaded(v: SandboxView, _e: FileDownloaded) -> SandboxView:
 
 
 def _extended(v: SandboxView, e: TtlExtended) -> SandboxView:
-    return _replace(v, ttl_seconds=e.ttl_seconds, expires_at=e.expires_at)
+    return _replace(
+        v,
+        ttl_seconds=e.ttl_seconds,
+        expires_at=e.expires_at,
+        credits_held=v.credits_held + e.credits_added,
+    )
 
 
 def _claimed(v: SandboxView, e: SandboxClaimed) -> SandboxView:

@@ -57,6 +57,12 @@ class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
     labels: dict[str, str] = {}  # checked per key (the error names `labels.<key>`)
 
 
+class ExtendBody(msgspec.Struct, forbid_unknown_fields=True):
+    """The sandbox ends `ttl_seconds` from now (within its profile's max_ttl_seconds)."""
+
+    ttl_seconds: Annotated[int, msgspec.Meta(ge=1, le=10**9)]
+
+
 class RestoreBody(msgspec.Struct, forbid_unknown_fields=True):
     checkpoint: CheckpointId
 
@@ -122,6 +128,13 @@ class SandboxOut(msgspec.Struct):
     commands_run: int = 0
     files_uploaded: int = 0
     files_downloaded: int = 0
+    # a warm pool member: the pool's profile; claimed_at once a create took it
+    pool: str | None = None
+    claimed_at: dt.datetime | None = None
+    # the current pause's start (None: not paused), the paused seconds so far
+    paused_at: dt.datetime | None = None
+    paused_seconds: float = 0.0
+    last_activity_at: dt.datetime | None = None  # the latest use recorded
 
 
 class SandboxList(msgspec.Struct):

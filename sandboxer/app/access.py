@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from events import DestroyRequested, SandboxRequested
+from events import DestroyRequested, PauseRequested, SandboxRequested, UsePolicy
 from events.lifecycle import State
 from events.subjects import Aggregate
 from extensions import ExtensionRegistry, Handle, StepContext
@@ -148,9 +148,12 @@ class InFlight:
                 await asyncio.wait_for(idle.wait(), timeout)
 
     def on_event(self, recorded: RecordedEvent) -> None:
-        """A runner listener: a destroy stops every call to the sandbox."""
+        """A runner listener: a destroy or a pause stops every call to the sandbox (a
+        paused container answers nothing until it resumes)."""
         if isinstance(recorded.event, DestroyRequested):
             self.stop(recorded.event.aggregate_id, "destroyed")
+        elif isinstance(recorded.event, PauseRequested):
+            self.stop(recorded.event.aggregate_id, "paused")
 
 
 class _Call:
@@ -250,6 +253,11 @@ class SandboxAccess:
             policy=loaded.manifest.hook(capability),
             service=chosen,
         )
+
+    async def use_policy(self, sandbox_id: str) -> UsePolicy | None:
+        """The sandbox's idle timeout and pause mode, as recorded at create."""
+        request, _secrets = await self._request(sandbox_id)
+        return request.use_policy
 
     async def _request(self, sandbox_id: str) -> tuple[SandboxRequested, dict[str, str]]:
         sbx = self.live.get(sandbox_id)

@@ -21,12 +21,16 @@ from sandboxer.app.commands import (
     CreateSandbox,
     DeleteCheckpoint,
     DestroySandbox,
+    ExtendTtl,
     FinishCommand,
     GrantCredits,
+    NoteActivity,
     Outcome,
+    PauseSandbox,
     RecordFileTransfer,
     RequestCheckpoint,
     RestoreCheckpoint,
+    ResumeSandbox,
     StartCommand,
     decode_command,
     encode_command,
@@ -52,6 +56,10 @@ class MessageBus:
             StartCommand: self._start_command,
             FinishCommand: self._finish_command,
             RecordFileTransfer: self._file_transfer,
+            ExtendTtl: self._extend,
+            PauseSandbox: self._pause,
+            ResumeSandbox: self._resume,
+            NoteActivity: self._note_activity,
         }
 
     async def handle(self, command: AnyCommand) -> Outcome:
@@ -100,6 +108,10 @@ class MessageBus:
                 StartCommand,
                 FinishCommand,
                 RecordFileTransfer,
+                ExtendTtl,
+                PauseSandbox,
+                ResumeSandbox,
+                NoteActivity,
             ),
         ):
             return command.sandbox_id
@@ -173,7 +185,24 @@ class MessageBus:
         )
         return Outcome(seq=view.last_seq)
 
+    async def _extend(self, command: ExtendTtl) -> Outcome:
+        seq = await self.manager.extend(command.sandbox_id, command.ttl_seconds, command.meta)
+        return Outcome(seq=seq, sandbox_id=command.sandbox_id)
+
+    async def _pause(self, command: PauseSandbox) -> Outcome:
+        seq = await self.manager.pause(command.sandbox_id, command.meta, command.reason)
+        return Outcome(seq=seq, sandbox_id=command.sandbox_id)
+
+    async def _resume(self, command: ResumeSandbox) -> Outcome:
+        seq = await self.manager.resume(command.sandbox_id, command.meta, command.reason)
+        return Outcome(seq=seq, sandbox_id=command.sandbox_id)
+
+    async def _note_activity(self, command: NoteActivity) -> Outcome:
+        self.manager.note_use(command.sandbox_id, command.kind)
+        return Outcome(sandbox_id=command.sandbox_id)
+
     async def _start_command(self, command: StartCommand) -> Outcome:
+        self.manager.note_use(command.sandbox_id, "exec")
         sbx = self.manager.get(command.sandbox_id)
         secrets = sbx.secrets if sbx is not None else {}
         seq = await self.manager.record_step(
@@ -194,6 +223,7 @@ class MessageBus:
         return Outcome(seq=seq, sandbox_id=command.sandbox_id)
 
     async def _finish_command(self, command: FinishCommand) -> Outcome:
+        self.manager.note_use(command.sandbox_id, "exec")
         seq = await self.manager.record_step(
             command.sandbox_id,
             lambda e: CommandFinished(
@@ -214,6 +244,7 @@ class MessageBus:
         return Outcome(seq=seq, sandbox_id=command.sandbox_id)
 
     async def _file_transfer(self, command: RecordFileTransfer) -> Outcome:
+        self.manager.note_use(command.sandbox_id, "files")
         kind = FileUploaded if command.direction == "upload" else FileDownloaded
         seq = await self.manager.record_step(
             command.sandbox_id,

@@ -107,8 +107,9 @@ class Driver:
         wait for."""
         tasks: list[asyncio.Task[None]] = []
         for sbx in self.host.sandboxes.values():
-            if sbx.watcher is not None and not sbx.watcher.done():
-                tasks.append(sbx.watcher)
+            for watch in (sbx.watcher, sbx.idle_watch):
+                if watch is not None and not watch.done():
+                    tasks.append(watch)
             sbx.stop_background()
             if sbx.driver and not sbx.driver.done():
                 sbx.driver.cancel()

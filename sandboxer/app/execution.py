@@ -32,7 +32,11 @@ SendFrame = Callable[[ExecFrame], Awaitable[None]]
 Handle = Callable[[AnyCommand], Awaitable[Outcome]]
 Alive = Callable[[], bool]
 FRAME_BYTES = 32 * 1024  # the most output one frame carries (a JSON line stays < 200 KiB)
-STOPPED = {"destroyed": "the sandbox was destroyed", "disconnected": "the caller went away"}
+STOPPED = {
+    "destroyed": "the sandbox was destroyed",
+    "paused": "the sandbox was paused",
+    "disconnected": "the caller went away",
+}
 
 
 class StreamDigest:

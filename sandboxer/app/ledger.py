@@ -161,6 +161,30 @@ class LedgerBook:
         assert charge is not None
         return charge
 
+    async def top_up(
+        self, sandbox_id: str, account: str, cost: Cost, phase: str, meta: EventMeta
+    ) -> bool:
+        """Add `cost` to the sandbox's open reservation (a TTL extension) if the account
+        covers it; whether it did. `phase` names the top-up (`extend-<ttl>`): recorded
+        twice, it is one event."""
+        charge = self.charge(sandbox_id)
+        if charge is None or charge.closed:
+            raise LedgerError(f"sandbox {sandbox_id} has no open reservation")
+
+        def decide(view: AccountView) -> list[Event]:
+            if view.available < cost.amount:
+                return []
+            return [
+                CreditsReserved(
+                    **envelope(account, meta, phase_event_id(sandbox_id, phase)),
+                    sandbox_id=sandbox_id,
+                    amount=cost.amount,
+                    basis=cost.basis,
+                )
+            ]
+
+        return bool(await self._append(account, decide))
+
     async def settle(self, sandbox_id: str, debit: Cost | None, meta: EventMeta) -> Charge:
         """Close the sandbox's reservation: debit (at most the reservation) and release
         the rest; with no debit, release all. Idempotent."""

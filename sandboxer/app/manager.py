@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
+import math
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,19 +30,24 @@ from events import (
     DestroyRequested,
     Event,
     EventMeta,
+    PauseRequested,
     RestoreRequested,
+    ResumeRequested,
+    SandboxClaimed,
     SandboxRequested,
+    TtlExtended,
 )
 from events.base import envelope, utc_now
 from events.sandbox import RouteCandidate
 from events.subjects import Aggregate
-from extensions import ExtensionRegistry, PathRefused, StepContext, confine_path
+from extensions import Cost, ExtensionRegistry, PathRefused, StepContext, confine_path
 from extensions.manifest import ConfigError
 from projections.sandboxes import evolve
 from sandboxer.app.checkpointing import Checkpoints, UnknownCheckpoint
 from sandboxer.app.cluster import Cluster
 from sandboxer.app.driver import Driver
 from sandboxer.app.expiry import Expiry
+from sandboxer.app.idle import UseWatch
 from sandboxer.app.ledger import LedgerBook
 from sandboxer.app.lifecycle import TERMINAL, InvalidTransition, SandboxMachine, State
 from sandboxer.app.read_model import ProjectionRunner
@@ -50,15 +57,18 @@ from sandboxer.app.sandbox import (
     STEP_LABELS,
     AlreadyCreated,
     Build,
+    CreditsShort,
+    EstimateFailed,
     IdempotencyMismatch,
     NotCapable,
     NotFound,
     Sandbox,
     StepProgress,
+    TtlRefused,
     log_failure,
 )
 from sandboxer.app.settlement import Settlement
-from sandboxer.app.steps import Steps
+from sandboxer.app.steps import HookFailed, Steps
 from sandboxer.app.watch import ServiceWatch, check_watch_config
 from sandboxer.ids import check_account, check_labels, new_sandbox_id
 from sandboxer.metrics import Metrics
@@ -132,6 +142,7 @@ class SandboxManager:
         self.driver = Driver(self, self.steps.by_state, leases, lambda: self.abandon())
         self.expiry = Expiry(self, self.destroy)
         self.watch = ServiceWatch(self, extensions, self.steps.context, self.destroy)
+        self.use = UseWatch(self, extensions, self.steps.context, self.destroy, self.pause)
         self.settlement = Settlement(self, runner, extensions, self.ledger, self.steps)
         self.recovery = Recovery(
             self,
@@ -214,6 +225,14 @@ class SandboxManager:
                 check_watch_config(config)
         except ConfigError as exc:
             raise ProfileError(f"{profile.name}: {exc}", "profile") from exc
+        if profile.on_idle == "pause" and profile.idle_timeout_seconds:
+            for candidate in candidates:
+                if not self.extensions.get(candidate.extension).manifest.has("pause"):
+                    raise ProfileError(
+                        f"{profile.name} says on_idle: pause, but extension "
+                        f"{candidate.extension} cannot pause",
+                        "profile",
+                    )
         source = None
         if request.from_checkpoint is not None:
             if profile.route:
@@ -308,6 +327,96 @@ class SandboxManager:
         if inflight is not None and not inflight.done():
             inflight.cancel()
         return seq
+
+    async def pause(self, sandbox_id: str, meta: EventMeta, reason: str = "user") -> int:
+        """Record `PauseRequested` for a ready sandbox; the pause step follows."""
+        sbx = await self._driven(sandbox_id)
+        self._capable(sbx, "pause")
+        if sbx.state in (State.PAUSING, State.PAUSED):
+            return sbx.version  # asked again: the pause is under way, or done
+        return await self.record(sbx, lambda e: PauseRequested(**e, reason=reason), meta)
+
+    async def resume(self, sandbox_id: str, meta: EventMeta, reason: str = "user") -> int:
+        """Record `ResumeRequested` for a paused sandbox; the resume step follows."""
+        sbx = await self._driven(sandbox_id)
+        self._capable(sbx, "resume")
+        if sbx.state in (State.RESUMING, State.READY):
+            return sbx.version
+        return await self.record(sbx, lambda e: ResumeRequested(**e, reason=reason), meta)
+
+    async def extend(self, sandbox_id: str, ttl_seconds: int, meta: EventMeta) -> int:
+        """The sandbox ends `ttl_seconds` from now: record `TtlExtended`, bounded by the
+        profile's max_ttl_seconds (from creation, or from the claim of a pool member);
+        a metered sandbox's reservation is topped up first, or the extension refused."""
+        sbx = await self._driven(sandbox_id)
+        view, request = sbx.view, sbx.request
+        assert view is not None and request is not None
+        if sbx.state in TERMINAL or sbx.state == State.TEARING_DOWN:
+            raise InvalidTransition(sandbox_id, sbx.state, "TtlExtended")
+        if ttl_seconds < 1:
+            raise TtlRefused("ttl_seconds must be a whole number of seconds, at least 1")
+        limit = self.profiles.get(view.profile).max_ttl_seconds
+        start = view.claimed_at or view.created_at
+        now = utc_now()
+        lived = max(math.ceil((now - start).total_seconds()), 0)
+        total = lived + ttl_seconds
+        if total > limit:
+            raise TtlRefused(
+                f"ttl_seconds {ttl_seconds} would make sandbox {sandbox_id} live {total}s, "
+                f"more than {view.profile}'s max_ttl_seconds ({limit}); it has lived "
+                f"{lived}s, so at most {max(limit - lived, 0)} now"
+            )
+        added = await self._top_up(sbx, total, meta) if view.metered else 0
+        expires_at = start + dt.timedelta(seconds=total)
+        return await self.record(
+            sbx,
+            lambda e: TtlExtended(
+                **e, ttl_seconds=total, expires_at=expires_at, credits_added=added
+            ),
+            meta,
+        )
+
+    async def _top_up(self, sbx: Sandbox, ttl_seconds: int, meta: EventMeta) -> int:
+        """Reserve what a TTL of `ttl_seconds` costs beyond the reservation held."""
+        assert sbx.view is not None
+        loaded = self.extensions.get(sbx.view.extension)
+        try:
+            estimate = await self.steps.estimate_for(sbx, loaded, ttl_seconds)
+        except HookFailed as exc:
+            raise EstimateFailed(f"extension {sbx.view.extension}: {exc.error}") from None
+        charge = self.ledger.charge(sbx.sandbox_id)
+        held = charge.reserved if charge is not None else 0
+        extra = estimate.amount - held
+        if extra <= 0:
+            return 0
+        account = sbx.view.account
+        phase = f"extend-{ttl_seconds}"
+        if not await self.ledger.top_up(
+            sbx.sandbox_id, account, Cost(extra, estimate.basis), phase, meta
+        ):
+            available = self.ledger.account(account).available
+            raise CreditsShort(
+                f"a TTL of {ttl_seconds}s costs {estimate.amount} credits, {extra} more than "
+                f"sandbox {sbx.sandbox_id} holds; account {account} has {available} available"
+            )
+        return extra
+
+    def note_use(self, sandbox_id: str, kind: str) -> None:
+        """Someone uses the sandbox (driven here): it is not idle."""
+        sbx = self._sandboxes.get(sandbox_id)
+        if sbx is not None:
+            self.use.note(sbx, kind)
+
+    async def _driven(self, sandbox_id: str) -> Sandbox:
+        sbx = await self.driven_here(sandbox_id)
+        if sbx is None:  # the bus forwards to the driving worker; it took it just now
+            raise OwnerUnavailable(f"sandbox {sandbox_id} is driven by another worker")
+        return sbx
+
+    def _capable(self, sbx: Sandbox, capability: str) -> None:
+        extension = sbx.view.extension if sbx.view is not None else ""
+        if not self.extensions.get(extension).manifest.has(capability):
+            raise NotCapable(f"extension {extension} has no {capability} capability")
 
     async def check_retry(self, sandbox_id: str, request: CreateRequest) -> None:
         """Raise IdempotencyMismatch if `request` is not the create recorded as
@@ -406,6 +515,8 @@ class SandboxManager:
             and before.expires_at != sbx.view.expires_at
         ):
             self.expiry.schedule(sbx)  # a TTL extension or a pool claim moved the end
+        if isinstance(event, SandboxClaimed) and sbx.on_enter is not None:
+            self.use.ensure(sbx)  # a claimed member's idle clock starts at the claim
         if (
             isinstance(event, BecameReady)
             and sbx.on_enter is not None
@@ -499,6 +610,7 @@ class SandboxManager:
             self.driver.ensure(sbx)
         elif state == State.READY:
             self.watch.ensure(sbx)
+            self.use.ensure(sbx)
 
     def finish(self, sbx: Sandbox) -> None:
         sbx.stop_background()

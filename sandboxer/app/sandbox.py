@@ -23,7 +23,14 @@ from events import (
 from events.base import Envelope
 from projections.sandboxes import SandboxView
 from sandboxer.app.lifecycle import LifecycleModel, State
-from sandboxer.errors import Conflict, NotFoundError, SandboxerError, Unprocessable
+from sandboxer.errors import (
+    Conflict,
+    InvalidInput,
+    NotFoundError,
+    SandboxerError,
+    Unavailable,
+    Unprocessable,
+)
 from sandboxer.store.event_store import EventRecorder
 
 log = logging.getLogger(__name__)
@@ -32,6 +39,7 @@ ACTOR_MANAGER = "system:manager"
 ACTOR_RECOVERY = "system:recovery"
 ACTOR_TTL = "system:ttl-reaper"
 ACTOR_CHECKPOINT_POLICY = "system:checkpoint-policy"
+ACTOR_IDLE = "system:idle-watch"
 
 STEP_LABELS: dict[str, str] = {
     State.CHECKPOINTING: "checkpoint",
@@ -41,6 +49,8 @@ STEP_LABELS: dict[str, str] = {
     State.PROVISIONING: "provision",
     State.STARTING: "wait_ready",
     State.TEARING_DOWN: "teardown",
+    State.PAUSING: "pause",
+    State.RESUMING: "resume",
 }
 
 
@@ -65,6 +75,29 @@ class NotCapable(Conflict):
     code = "not_capable"
     field = "extension"
     wire = "not_capable"
+
+
+class TtlRefused(InvalidInput):
+    """A TTL extension beyond the profile's max_ttl_seconds (HTTP 400)."""
+
+    field = "ttl_seconds"
+    wire = "ttl_refused"
+
+
+class CreditsShort(SandboxerError):
+    """The account does not cover what the request would reserve (HTTP 402)."""
+
+    status = 402
+    code = "insufficient_credits"
+    field = "ttl_seconds"
+    wire = "credits_short"
+
+
+class EstimateFailed(Unavailable):
+    """The metered extension could not estimate a cost just now (HTTP 503)."""
+
+    code = "estimate_failed"
+    wire = "estimate_failed"
 
 
 class AlreadyCreated(Conflict):
@@ -124,6 +157,10 @@ class Sandbox(LifecycleModel):
         self.progress: str | None = None
         self.ttl_timer: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task[None] | None = None  # while ready (sandboxer/app/watch.py)
+        self.idle_watch: asyncio.Task[None] | None = None  # (sandboxer/app/idle.py)
+        self.last_used = 0.0  # loop time of the latest use seen here
+        self.unrecorded_use: set[str] = set()  # kinds seen since the last ActivitySeen
+        self.use_recorded = 0.0  # loop time of the last ActivitySeen
         self.pending_checkpoint: str | None = None  # of the running checkpoint or restore
 
     def meta(self, actor: str = ACTOR_MANAGER) -> EventMeta:
@@ -134,12 +171,12 @@ class Sandbox(LifecycleModel):
         return EventMeta(actor=actor, correlation_id=correlation, causation_id=self.last_event_id)
 
     def stop_background(self) -> None:
-        """Stop what runs beside the steps: the TTL timer and the service watch."""
+        """Stop what runs beside the steps: the TTL timer, the service and idle watches."""
         if self.ttl_timer:
             self.ttl_timer.cancel()
-        if self.watcher is not None and not self.watcher.done():
-            if self.watcher is not asyncio.current_task():
-                self.watcher.cancel()
+        for task in (self.watcher, self.idle_watch):
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                task.cancel()
 
 
 Build = Callable[[Envelope], Event]

@@ -10,7 +10,7 @@ from typing import cast
 from events import EventMeta, SandboxRequested
 from events.subjects import Aggregate
 from extensions import Cost, ExtensionRegistry, Metered
-from projections.sandboxes import SandboxView
+from projections.sandboxes import SandboxView, paused_seconds
 from sandboxer.app.failpoints import failpoint
 from sandboxer.app.ledger import LedgerBook
 from sandboxer.app.lifecycle import TERMINAL
@@ -46,12 +46,17 @@ class Settlement:
         debit: Cost | None = None
         if view.ready_at is not None and view.provisioned_at is not None:
             ended = view.ended_at or view.updated_at
-            seconds = max((ended - view.provisioned_at).total_seconds(), 0.0)
+            # Paused intervals are not metered (docs/payments.md): the actual's basis
+            # is the time provisioned to torn down, less them.
+            paused = paused_seconds(view, ended)
+            seconds = max((ended - view.provisioned_at).total_seconds() - paused, 0.0)
             loaded = self.extensions.get(view.extension)
             ctx = self.steps.context_for(request, view, {}, view.extension)
             policy = loaded.manifest.hook("meter_actual")
             async with asyncio.timeout(policy.timeout * (policy.retries + 1) + 5):
                 debit = await cast(Metered, loaded.adapter).meter_actual(ctx, seconds)
+            if paused:
+                debit = Cost(debit.amount, {**debit.basis, "paused_seconds": round(paused, 3)})
         await self.ledger.settle(view.id, debit, meta)
 
     async def settle_finished(self, sandbox_id: str, seen: int = 0) -> None:

@@ -15,8 +15,12 @@ import msgspec
 from events import (
     BecameReady,
     CreditsHeld,
+    Paused,
+    PauseFailed,
     Provisioned,
     PublishedPort,
+    Resumed,
+    ResumeFailed,
     RouteChosen,
     SandboxRejected,
     SandboxRequested,
@@ -25,7 +29,15 @@ from events import (
 )
 from events.ledger import phase_event_id
 from events.sandbox import RouteCandidate
-from extensions import Cost, ExtensionRegistry, LoadedExtension, Metered, Placing, StepContext
+from extensions import (
+    Cost,
+    ExtensionRegistry,
+    LoadedExtension,
+    Metered,
+    Pausing,
+    Placing,
+    StepContext,
+)
 from extensions.manifest import HookPolicy
 from projections.sandboxes import SandboxView
 from sandboxer.app.checkpointing import Checkpoints
@@ -83,6 +95,8 @@ class Steps:
             State.TEARING_DOWN: self.teardown,
             State.CHECKPOINTING: checkpoints.run_checkpoint,
             State.RESTORING: checkpoints.run_restore,
+            State.PAUSING: self.pause,
+            State.RESUMING: self.resume,
         }
 
     # ---- contexts and hooks ----------------------------------------------------------
@@ -151,7 +165,16 @@ class Steps:
 
     async def estimate(self, sbx: Sandbox, loaded: LoadedExtension, ctx: StepContext) -> Cost:
         assert sbx.request is not None
-        ttl = sbx.request.ttl_seconds
+        return await self.estimate_for(sbx, loaded, sbx.request.ttl_seconds, ctx)
+
+    async def estimate_for(
+        self,
+        sbx: Sandbox,
+        loaded: LoadedExtension,
+        ttl: int,
+        ctx: StepContext | None = None,
+    ) -> Cost:
+        """The extension's estimate for a TTL of `ttl` seconds."""
         metered = cast(Metered, loaded.adapter)
         return await self.call_hook(
             sbx,
@@ -335,3 +358,53 @@ class Steps:
                 continue
             await self.host.record(sbx, lambda e: TornDown(**e))
             return
+
+    def pause_mode(self, sbx: Sandbox) -> str:
+        """How the sandbox is held still: the mode of the pause on record (a resume
+        undoes that one), else the profile's at create."""
+        if sbx.view is not None and sbx.view.pause_mode is not None and sbx.state != State.PAUSING:
+            return sbx.view.pause_mode
+        policy = sbx.request.use_policy if sbx.request is not None else None
+        return policy.pause_mode if policy is not None else "pause"
+
+    async def pause(self, sbx: Sandbox) -> None:
+        """Hold the sandbox still (its files and volumes stay); metering stops at Paused."""
+        loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
+        handle = dict(sbx.view.handle) if sbx.view else {}
+        mode = self.pause_mode(sbx)
+        adapter = cast(Pausing, loaded.adapter)
+        try:
+            await self.call_hook(
+                sbx,
+                "pause",
+                lambda ctx: adapter.pause(ctx, handle, mode),
+                loaded.manifest.hook("pause"),
+            )
+        except HookFailed as exc:
+            error = exc.error
+            await self.host.record(sbx, lambda e: PauseFailed(**e, error=error))
+            return
+        await self.host.record(sbx, lambda e: Paused(**e, mode=mode))
+
+    async def resume(self, sbx: Sandbox) -> None:
+        """Let it run again; its services and published ports as they are after it."""
+        loaded = self.extensions.get(sbx.view.extension if sbx.view else "")
+        handle = dict(sbx.view.handle) if sbx.view else {}
+        mode = self.pause_mode(sbx)
+        adapter = cast(Pausing, loaded.adapter)
+
+        async def call(ctx: StepContext) -> tuple[list[ServiceState], list[PublishedPort]]:
+            await adapter.resume(ctx, handle, mode)
+            return await report(loaded, ctx, handle)
+
+        try:
+            states, endpoints = await self.call_hook(
+                sbx, "resume", call, loaded.manifest.hook("resume")
+            )
+        except HookFailed as exc:
+            error = exc.error
+            await self.host.record(sbx, lambda e: ResumeFailed(**e, error=error))
+            return
+        await self.host.record(
+            sbx, lambda e: Resumed(**e, service_states=states, endpoints=endpoints)
+        )

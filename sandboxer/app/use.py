@@ -36,5 +36,5 @@ class SandboxUse:
             access=access,
             commands=CommandRunner(access, handle),
             files=FileTransfers(access, handle, spool_dir, max_file_bytes),
-            logs=LogReader(access),
+            logs=LogReader(access, handle),
         )

@@ -29,12 +29,17 @@ from sandboxer.app.access import Target
 from sandboxer.app.audit import DEFAULT_TTL_GRACE, AuditReport, audit
 from sandboxer.app.bus import MessageBus
 from sandboxer.app.commands import (
+    AnyCommand,
     CreateSandbox,
     DeleteCheckpoint,
     DestroySandbox,
+    ExtendTtl,
     GrantCredits,
+    NoteActivity,
+    PauseSandbox,
     RequestCheckpoint,
     RestoreCheckpoint,
+    ResumeSandbox,
 )
 from sandboxer.app.files import FILE_CHUNK
 from sandboxer.app.lifecycle import TERMINAL, State
@@ -103,6 +108,7 @@ from sandboxer.wire import (
     ExecStarted,
     ExecStderr,
     ExecStdout,
+    ExtendBody,
     FileOut,
     GrantBody,
     Health,
@@ -165,6 +171,7 @@ _create_decoder = msgspec.json.Decoder(CreateBody)
 _exec_decoder = msgspec.json.Decoder(ExecBody)
 _grant_decoder = msgspec.json.Decoder(GrantBody)
 _restore_decoder = msgspec.json.Decoder(RestoreBody)
+_extend_decoder = msgspec.json.Decoder(ExtendBody)
 _webhook_decoder = msgspec.json.Decoder(WebhookBody)
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN_RE = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
@@ -566,6 +573,11 @@ class Api:
             commands_run=view.commands_run,
             files_uploaded=view.files_uploaded,
             files_downloaded=view.files_downloaded,
+            pool=view.pool,
+            claimed_at=view.claimed_at,
+            paused_at=view.paused_at,
+            paused_seconds=round(view.paused_seconds, 3),
+            last_activity_at=view.last_activity_at,
         )
 
     async def _caught_up(self, seq: int) -> None:
@@ -735,6 +747,54 @@ class Api:
             await self.runner.wait_checkpoint(checkpoint_id, after, wait)
             view = self._checkpoint_view(checkpoint_id)
         return json_response(self._checkpoint_out(view))
+
+    async def extend(self, request: web.Request) -> web.Response:
+        sandbox_id = self._sandbox_id(request)
+        view = self._view(sandbox_id)
+        body = await self._body(request, _extend_decoder)
+        self._live(view)
+        await self._command(
+            ExtendTtl(sandbox_id=sandbox_id, ttl_seconds=body.ttl_seconds, meta=self._meta(request))
+        )
+        return json_response(self._out(self._view(sandbox_id)))
+
+    async def pause(self, request: web.Request) -> web.Response:
+        sandbox_id = self._sandbox_id(request)
+        self._live(self._view(sandbox_id))
+        await self._command(PauseSandbox(sandbox_id=sandbox_id, meta=self._meta(request)))
+        return json_response(self._out(self._view(sandbox_id)), 202)
+
+    async def resume(self, request: web.Request) -> web.Response:
+        sandbox_id = self._sandbox_id(request)
+        self._live(self._view(sandbox_id))
+        await self._command(ResumeSandbox(sandbox_id=sandbox_id, meta=self._meta(request)))
+        return json_response(self._out(self._view(sandbox_id)), 202)
+
+    async def keepalive(self, request: web.Request) -> web.Response:
+        sandbox_id = self._sandbox_id(request)
+        view = self._view(sandbox_id)
+        if view.state not in (State.READY, State.CHECKPOINTING, State.RESTORING):
+            raise ApiError(
+                409,
+                "not_ready",
+                f"sandbox {sandbox_id} is {view.state}; keepalive needs it ready",
+                "state",
+            )
+        await self._command(
+            NoteActivity(sandbox_id=sandbox_id, kind="keepalive", meta=self._meta(request))
+        )
+        return json_response(self._out(self._view(sandbox_id)))
+
+    @staticmethod
+    def _live(view: SandboxView) -> None:
+        if view.state in TERMINAL:
+            raise ApiError(409, "conflict", f"sandbox {view.id} is already {view.state}", "state")
+
+    async def _command(self, command: AnyCommand) -> None:
+        """Hand a sandbox command to the bus; answer once this node has seen its event."""
+        done = await self.bus.handle(command)
+        if done.seq:
+            await self._caught_up(done.seq)
 
     async def restore(self, request: web.Request) -> web.Response:
         sandbox_id = self._sandbox_id(request)
@@ -1529,6 +1589,8 @@ _ACCOUNT_LINK = {"parameters": {"account": "$response.body#/account"}}
 ERROR_STATUSES = {
     400: "bad input: the error names the field (parameter, body field or header)",
     401: "no bearer token, or an unknown one",
+    402: "the account's credits do not cover what the request would reserve (a "
+    "metered sandbox's TTL extension)",
     403: "the token may not act on this account, or needs the admin role",
     404: "no such resource (also: an id that does not have the id format)",
     409: "the resource is not in a state that allows this (or the account has as "
@@ -1635,6 +1697,52 @@ ROUTES: tuple[Route, ...] = (
         Access.SANDBOX,
         params=(SANDBOX_PARAM, REQUEST_ID),
         answers=(Answer(202, "Accepted", SandboxOut),),
+        errors=(400, 403, 404, 409, 503),
+    ),
+    Route(
+        "PATCH",
+        "/v1/sandboxes/{id}",
+        "extend",
+        "extendSandbox",
+        "Change a sandbox's TTL: it ends ttl_seconds from now (within the profile's "
+        "max_ttl_seconds; a metered sandbox's reservation is topped up)",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM, REQUEST_ID),
+        body=ExtendBody,
+        answers=(Answer(200, body=SandboxOut),),
+        errors=(400, 402, 403, 404, 409, 413, 503),
+    ),
+    Route(
+        "POST",
+        "/v1/sandboxes/{id}/pause",
+        "pause",
+        "pauseSandbox",
+        "Pause a ready sandbox (its files and volumes stay; metering stops while paused)",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM, REQUEST_ID),
+        answers=(Answer(202, "Accepted", SandboxOut),),
+        errors=(400, 403, 404, 409, 503),
+    ),
+    Route(
+        "POST",
+        "/v1/sandboxes/{id}/resume",
+        "resume",
+        "resumeSandbox",
+        "Resume a paused sandbox",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM, REQUEST_ID),
+        answers=(Answer(202, "Accepted", SandboxOut),),
+        errors=(400, 403, 404, 409, 503),
+    ),
+    Route(
+        "POST",
+        "/v1/sandboxes/{id}/keepalive",
+        "keepalive",
+        "keepaliveSandbox",
+        "Say the sandbox is in use (it is not idle)",
+        Access.SANDBOX,
+        params=(SANDBOX_PARAM, REQUEST_ID),
+        answers=(Answer(200, body=SandboxOut),),
         errors=(400, 403, 404, 409, 503),
     ),
     Route(

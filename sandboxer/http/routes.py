@@ -79,7 +79,7 @@ class Answer:
 
 @dataclass(frozen=True)
 class Route:
-    method: Literal["GET", "POST", "PUT", "DELETE"]
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
     path: str
     handler: str  # the name of the Api method
     operation_id: str
