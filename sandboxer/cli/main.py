@@ -614,6 +614,43 @@ def cmd_destroy(args: argparse.Namespace, client: Client) -> int:
     return EXIT_FAILED if args.wait and sandbox["state"] == "failed" else EXIT_OK
 
 
+def cmd_extend(args: argparse.Namespace, client: Client) -> int:
+    """The sandbox ends --ttl seconds from now (exit 3 naming the bound or the
+    credits when refused)."""
+    _emit(args, _plain(client.extend(args.id, args.ttl)))
+    return EXIT_OK
+
+
+def cmd_pause(args: argparse.Namespace, client: Client) -> int:
+    """With --wait, returns once it is paused, or exit 1 if the pause failed."""
+    return _pause_or_resume(args, client, client.pause, "paused", "pausing")
+
+
+def cmd_resume(args: argparse.Namespace, client: Client) -> int:
+    """With --wait, returns once it is ready again, or exit 1 if the resume failed."""
+    return _pause_or_resume(args, client, client.resume, "ready", "resuming")
+
+
+def _pause_or_resume(
+    args: argparse.Namespace,
+    client: Client,
+    ask: Callable[[str], Any],
+    wanted: str,
+    step: str,
+) -> int:
+    sandbox = _plain(ask(args.id))
+    if args.wait:
+        with Progress() as progress:
+            sandbox = _poll(client, sandbox, lambda s: s["state"] != step, args.timeout, progress)
+    _emit(args, sandbox)
+    return EXIT_FAILED if args.wait and sandbox["state"] != wanted else EXIT_OK
+
+
+def cmd_keepalive(args: argparse.Namespace, client: Client) -> int:
+    _emit(args, _plain(client.keepalive(args.id)))
+    return EXIT_OK
+
+
 def _emit(args: argparse.Namespace, sandbox: dict[str, Any]) -> None:
     if args.json:
         _print_json(sandbox)
@@ -1001,6 +1038,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("extend", help="change a sandbox's TTL: it ends --ttl seconds from now")
+    p.add_argument("id")
+    p.add_argument("--ttl", type=int, required=True, metavar="S", help="seconds from now")
+    p.add_argument("--json", action="store_true")
+
+    for name, what in (("pause", "pause a ready sandbox"), ("resume", "resume a paused one")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("id")
+        p.add_argument("--wait", action="store_true", help="wait until it is done")
+        p.add_argument("--timeout", type=float, default=600.0)
+        p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("keepalive", help="say a sandbox is in use (not idle)")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser(
         "exec", help="run a command in a sandbox: ID [options] -- CMD ARGS... (or --shell)"
     )
@@ -1114,6 +1167,10 @@ COMMANDS = {
     "list": cmd_list,
     "get": cmd_get,
     "destroy": cmd_destroy,
+    "extend": cmd_extend,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
+    "keepalive": cmd_keepalive,
     "events": cmd_events,
     "exec": cmd_exec,
     "cp": cmd_cp,

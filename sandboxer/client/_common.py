@@ -22,6 +22,7 @@ LONG_POLL = 30.0  # seconds one long-poll asks the server to hold (it allows 60)
 MAX_PAGE = 500
 TERMINAL = frozenset({"destroyed", "failed", "rejected"})
 FAILED = frozenset({"failed", "rejected"})
+PAUSE_STEPS = {"paused": "pausing", "ready": "resuming"}  # wanted state: the one waited out
 CHUNK = 64 * 1024
 
 T = TypeVar("T")

@@ -19,6 +19,7 @@ from sandboxer.client.errors import (
     Conflict,
     InvalidRequest,
     NotFound,
+    NotPaused,
     SandboxerClientError,
     SandboxFailed,
     WaitTimedOut,
@@ -202,6 +203,49 @@ class AsyncClient:
         out = await self._typed(SandboxOut, "DELETE", f"/v1/sandboxes/{c.ids_of(sandbox)}")
         if wait:
             out = await self.wait(out, until=c.TERMINAL, timeout=timeout)
+        return out
+
+    async def extend(
+        self, sandbox: str | SandboxOut | AsyncSandbox, ttl_seconds: int
+    ) -> SandboxOut:
+        """The sandbox ends `ttl_seconds` from now (within its profile's
+        max_ttl_seconds; a metered one's reservation is topped up, or a 402)."""
+        path = f"/v1/sandboxes/{c.ids_of(sandbox)}"
+        return await self._typed(SandboxOut, "PATCH", path, json={"ttl_seconds": ttl_seconds})
+
+    async def pause(
+        self,
+        sandbox: str | SandboxOut | AsyncSandbox,
+        *,
+        wait: bool = False,
+        timeout: float = 600.0,
+    ) -> SandboxOut:
+        """Pauses a ready sandbox; with `wait`, returns once it is paused (NotPaused
+        if the pause failed and it is ready again)."""
+        out = await self._typed(SandboxOut, "POST", f"/v1/sandboxes/{c.ids_of(sandbox)}/pause")
+        return await self._settle(out, "paused", timeout) if wait else out
+
+    async def resume(
+        self,
+        sandbox: str | SandboxOut | AsyncSandbox,
+        *,
+        wait: bool = False,
+        timeout: float = 600.0,
+    ) -> SandboxOut:
+        """Resumes a paused sandbox; with `wait`, returns once it is ready again."""
+        out = await self._typed(SandboxOut, "POST", f"/v1/sandboxes/{c.ids_of(sandbox)}/resume")
+        return await self._settle(out, "ready", timeout) if wait else out
+
+    async def keepalive(self, sandbox: str | SandboxOut | AsyncSandbox) -> SandboxOut:
+        """Says the sandbox is in use: its idle timeout starts again."""
+        path = f"/v1/sandboxes/{c.ids_of(sandbox)}/keepalive"
+        return await self._typed(SandboxOut, "POST", path)
+
+    async def _settle(self, out: SandboxOut, wanted: str, timeout: float) -> SandboxOut:
+        step = c.PAUSE_STEPS[wanted]
+        out = await self.wait(out, until=lambda s: s.state != step, timeout=timeout)
+        if out.state != wanted:
+            raise NotPaused(out, wanted)
         return out
 
     async def poll(self, sandbox: SandboxOut, wait: float) -> SandboxOut:
@@ -704,6 +748,22 @@ class AsyncSandbox:
             self.info = await self.client.wait(self.id, timeout=timeout)
             if not self.info.terminal:
                 raise
+        return self.info
+
+    async def extend(self, ttl_seconds: int) -> SandboxOut:
+        self.info = await self.client.extend(self.id, ttl_seconds)
+        return self.info
+
+    async def pause(self, *, wait: bool = True, timeout: float = 600.0) -> SandboxOut:
+        self.info = await self.client.pause(self.id, wait=wait, timeout=timeout)
+        return self.info
+
+    async def resume(self, *, wait: bool = True, timeout: float = 600.0) -> SandboxOut:
+        self.info = await self.client.resume(self.id, wait=wait, timeout=timeout)
+        return self.info
+
+    async def keepalive(self) -> SandboxOut:
+        self.info = await self.client.keepalive(self.id)
         return self.info
 
     async def exec(self, command: str | Sequence[str], **kwargs: Any) -> ExecResult:

@@ -79,6 +79,16 @@ class SandboxFailed(SandboxerClientError):
         self.reason = sandbox.reason
 
 
+class NotPaused(SandboxerClientError):
+    """A pause or resume waited for did not happen (the extension failed it, or the
+    sandbox ended meanwhile): the sandbox is as `sandbox` shows."""
+
+    def __init__(self, sandbox: SandboxOut, wanted: str) -> None:
+        super().__init__(f"sandbox {sandbox.id} is {sandbox.state}, not {wanted}")
+        self.sandbox = sandbox
+        self.state = sandbox.state
+
+
 class CommandFailed(SandboxerClientError):
     """Raised by `ExecResult.check()`: the command did not exit 0."""
 

@@ -17,6 +17,7 @@ from sandboxer.client.errors import (
     Conflict,
     InvalidRequest,
     NotFound,
+    NotPaused,
     SandboxerClientError,
     SandboxFailed,
     WaitTimedOut,
@@ -205,6 +206,39 @@ class Client:
         out = self._typed(SandboxOut, "DELETE", f"/v1/sandboxes/{c.ids_of(sandbox)}")
         if wait:
             out = self.wait(out, until=c.TERMINAL, timeout=timeout)
+        return out
+
+    def extend(self, sandbox: str | SandboxOut | Sandbox, ttl_seconds: int) -> SandboxOut:
+        """The sandbox ends `ttl_seconds` from now (within its profile's
+        max_ttl_seconds; a metered one's reservation is topped up, or a 402)."""
+        path = f"/v1/sandboxes/{c.ids_of(sandbox)}"
+        return self._typed(SandboxOut, "PATCH", path, json={"ttl_seconds": ttl_seconds})
+
+    def pause(
+        self, sandbox: str | SandboxOut | Sandbox, *, wait: bool = False, timeout: float = 600.0
+    ) -> SandboxOut:
+        """Pauses a ready sandbox; with `wait`, returns once it is paused (NotPaused
+        if the pause failed and it is ready again)."""
+        out = self._typed(SandboxOut, "POST", f"/v1/sandboxes/{c.ids_of(sandbox)}/pause")
+        return self._settle(out, "paused", timeout) if wait else out
+
+    def resume(
+        self, sandbox: str | SandboxOut | Sandbox, *, wait: bool = False, timeout: float = 600.0
+    ) -> SandboxOut:
+        """Resumes a paused sandbox; with `wait`, returns once it is ready again."""
+        out = self._typed(SandboxOut, "POST", f"/v1/sandboxes/{c.ids_of(sandbox)}/resume")
+        return self._settle(out, "ready", timeout) if wait else out
+
+    def keepalive(self, sandbox: str | SandboxOut | Sandbox) -> SandboxOut:
+        """Says the sandbox is in use: its idle timeout starts again."""
+        path = f"/v1/sandboxes/{c.ids_of(sandbox)}/keepalive"
+        return self._typed(SandboxOut, "POST", path)
+
+    def _settle(self, out: SandboxOut, wanted: str, timeout: float) -> SandboxOut:
+        step = c.PAUSE_STEPS[wanted]
+        out = self.wait(out, until=lambda s: s.state != step, timeout=timeout)
+        if out.state != wanted:
+            raise NotPaused(out, wanted)
         return out
 
     def poll(self, sandbox: SandboxOut, wait: float) -> SandboxOut:
@@ -718,6 +752,22 @@ class Sandbox:
             self.info = self.client.wait(self.id, timeout=timeout)
             if not self.info.terminal:
                 raise exc
+        return self.info
+
+    def extend(self, ttl_seconds: int) -> SandboxOut:
+        self.info = self.client.extend(self.id, ttl_seconds)
+        return self.info
+
+    def pause(self, *, wait: bool = True, timeout: float = 600.0) -> SandboxOut:
+        self.info = self.client.pause(self.id, wait=wait, timeout=timeout)
+        return self.info
+
+    def resume(self, *, wait: bool = True, timeout: float = 600.0) -> SandboxOut:
+        self.info = self.client.resume(self.id, wait=wait, timeout=timeout)
+        return self.info
+
+    def keepalive(self) -> SandboxOut:
+        self.info = self.client.keepalive(self.id)
         return self.info
 
     def exec(self, command: str | Sequence[str], **kwargs: Any) -> ExecResult:
