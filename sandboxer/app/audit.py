@@ -6,8 +6,9 @@ report. The rules (docs/payments.md): an account's available balance is never be
 zero after any event; a sandbox is debited at most once; every destroyed metered
 sandbox that became ready is debited; reserved equals the sum of open reservations;
 no reservation stays open longer than `ttl_grace` after its sandbox's TTL ended (the
-sandbox should have been destroyed and settled by then); and the live projection
-equals the fresh replay.
+sandbox should have been destroyed and settled by then); a debit's metered seconds
+leave out the sandbox's paused intervals (its `paused_seconds` are those the events
+show); and the live projection equals the fresh replay.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from events.base import utc_now
 from events.subjects import LEDGER_SUBJECTS
 from projections.archive import MemoryArchive
 from projections.ledger import AccountView, Charge, LedgerProjection
-from projections.sandboxes import SandboxesProjection
+from projections.sandboxes import SandboxesProjection, SandboxView, paused_seconds
 from sandboxer.store.event_store import RecordedEvent
 
 
@@ -84,6 +85,10 @@ async def audit(
             if (fresh.charge(event.sandbox_id) or _NONE).debits > 1:
                 violations.append(f"seq {seq}: sandbox {event.sandbox_id} debited twice")
     # Nothing is flushed here: every row the fold made is still in memory.
+    for line in debits:
+        found = sandboxes.get(line.sandbox_id)
+        if found is not None:
+            violations += _paused_violations(line, found)
     for sandbox in (*sandboxes.unfinished.values(), *sandboxes.finished.values()):
         if not sandbox.metered or sandbox.credits_held == 0:
             continue
@@ -121,6 +126,32 @@ async def audit(
     return AuditReport(
         ok=not violations, events=count, accounts=accounts, debits=debits, violations=violations
     )
+
+
+PAUSE_TOLERANCE = 0.01  # seconds: the basis rounds to milliseconds
+
+
+def _paused_violations(line: DebitLine, sandbox: SandboxView) -> list[str]:
+    """A debit of a sandbox that was paused must say so, and its seconds must be the
+    time provisioned to ended less the paused time (as the events show them)."""
+    if sandbox.provisioned_at is None or sandbox.ended_at is None:
+        return []
+    paused = paused_seconds(sandbox, sandbox.ended_at)
+    recorded = line.basis.get("paused_seconds", 0.0)
+    if not isinstance(recorded, (int, float)) or abs(float(recorded) - paused) > PAUSE_TOLERANCE:
+        return [
+            f"seq {line.seq}: sandbox {line.sandbox_id} was paused {paused:.3f}s; its "
+            f"debit's basis says paused_seconds {recorded!r}"
+        ]
+    seconds = line.basis.get("seconds")
+    if paused and isinstance(seconds, (int, float)):
+        active = (sandbox.ended_at - sandbox.provisioned_at).total_seconds() - paused
+        if abs(float(seconds) - max(active, 0.0)) > PAUSE_TOLERANCE:
+            return [
+                f"seq {line.seq}: sandbox {line.sandbox_id} ran {active:.3f}s outside its "
+                f"pauses; its debit's basis says seconds {seconds!r}"
+            ]
+    return []
 
 
 def _diff(live: AccountView | None, fresh: AccountView | None) -> str:
