@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from extensions.compose import project_name
 from tests.conftest import RunningService, StartService
 from tests.helpers import create, wait_state
 from tests.infra import IMAGE, Podman, write_repo
@@ -160,3 +161,23 @@ async def test_stop_mode_keeps_files_and_volumes_over_three_cycles(
     async with svc.http.delete(f"{svc.url}/v1/sandboxes/{sid}") as resp:
         assert resp.status == 202
     await wait_state(svc.http, svc.url, sid, {"destroyed"}, timeout=120)
+
+
+async def test_a_frozen_sandbox_is_destroyed_without_leftovers(
+    start_service: StartService, local_env: dict[str, str], podman: Podman, tmp_path: Path
+) -> None:
+    """Paused in the default mode (its processes frozen), then destroyed: nothing of
+    its project stays."""
+    repo = write_repo(tmp_path / "repo", REPO)
+    svc = await start_service(**local_env)
+    view = await ready(svc, "profile.compose-idle", repo)
+    sid = view["id"]
+    async with svc.http.post(f"{svc.url}/v1/sandboxes/{sid}/pause") as resp:
+        assert resp.status == 202, await resp.text()
+    await wait_state(svc.http, svc.url, sid, {"paused"}, timeout=120)
+    states = {c["State"] for c in podman.containers(project_name(sid))}
+    assert states == {"paused"}, states
+    async with svc.http.delete(f"{svc.url}/v1/sandboxes/{sid}") as resp:
+        assert resp.status == 202
+    await wait_state(svc.http, svc.url, sid, {"destroyed"}, timeout=120)
+    assert podman.containers(project_name(sid)) == []
