@@ -346,6 +346,12 @@ def test_every_data_command_has_json(server: Server, tmp_path: Path) -> None:
         commands["exec"] = run_json(server, "exec", sid, "--json", "--", "echo", "hi")
         commands["cp"] = run_json(server, "cp", str(local), f"{sid}:/tmp/up.txt", "--json")
     commands |= {
+        "extend": run_json(server, "extend", sid, "--ttl", "600", "--json"),
+        "keepalive": run_json(server, "keepalive", sid, "--json"),
+        "pause": run_json(server, "pause", sid, "--wait", "--json"),
+        "resume": run_json(server, "resume", sid, "--wait", "--json"),
+    }
+    commands |= {
         "destroy": run_json(server, "destroy", sid, "--wait", "--json"),
         "nats-info": json.loads(
             cli(server.url, "nats-info", "--json", env={**os.environ, **server.data_env}).stdout
@@ -357,6 +363,7 @@ def test_every_data_command_has_json(server: Server, tmp_path: Path) -> None:
     # rest print no data.
     assert without == {"serve", "validate serve", "e2e", "logs"}
     assert commands["checkpoint restore"]["state"] == "ready"
+    assert (commands["pause"]["state"], commands["resume"]["state"]) == ("paused", "ready")
     assert commands["destroy"]["state"] == "destroyed"
     assert commands["nats-info"]["embedded"] and commands["nats-info"]["running"]
     assert [e["event"]["type"] for e in commands["events"]][:2] == [
