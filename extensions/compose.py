@@ -452,7 +452,8 @@ def parse_stats(
 ) -> dict[str, int]:
     """`{"<service>.cpu": ns, "<service>.net": (rx+tx) // net_unit}` from STATS_PROJECT's
     lines (a container keyed by its name when its service is unknown or has several
-    containers); lines that do not parse are left out, never guessed."""
+    containers); lines that do not parse are left out, never guessed. podman lines:
+    `<name> <cpu ns> <rx bytes> <tx bytes>`; docker lines: `<name> <rx> / <tx>`."""
     known = list(services)
     rows: list[tuple[str, int | None, int | None]] = []
     for line in output.splitlines():
@@ -896,6 +897,9 @@ class ComposeAdapter:
         # Marked first: an exec or a copy into a container that is being frozen would
         # hang, so they are refused from now on.
         self._paused[ctx.sandbox_id] = mode
+        monitor = self._monitors.get(ctx.sandbox_id)
+        if monitor is not None:
+            monitor.ready_statuses = None  # what wait_ready saw is no answer any more
         ctx.progress(f"{'pausing' if mode == 'pause' else 'stopping'} the services")
         await host.transport.run(
             pause_argv(host.engine_cmd, project, mode, int(ctx.config.get("stop_timeout", 10))),
@@ -939,9 +943,10 @@ class ComposeAdapter:
         """Each running container's counters, one remote call (`ps` + `stats
         --no-stream`): `<service>.cpu` its CPU time in nanoseconds (podman only:
         docker's stats has no cumulative CPU time), `<service>.net` its network bytes
-        received and sent, in units of `activity_net_unit` bytes (the kernel's own
-        IPv6 router solicitations, 70 bytes at ever longer intervals, stay below it).
-        A paused or stopped container reports nothing."""
+        received and sent, in units of `activity_net_unit` bytes (an idle container's
+        kernel still sends IPv6 router solicitations, 70-140 bytes at doubling
+        intervals after a start: docs/compose.md). A paused or stopped container
+        reports nothing."""
         host = self.host(ctx)
         project = handle.get("project") or project_name(ctx.sandbox_id)
         services = [s for s in handle.get("services", "").split(",") if s]
