@@ -50,6 +50,7 @@ from extensions.hosts import (
     local_repo,
 )
 from extensions.sdk import (
+    PAUSE_MODES,
     CommandRefused,
     CommandResult,
     Endpoint,
@@ -148,6 +149,63 @@ dir=$1; shift
 if [ -L "$dir" ] || [ ! -d "$dir" ]; then exit 0; fi
 cd -- "$dir" || exit 0
 exec "$@"
+"""
+
+
+# Holds a compose project still (every container by the project label): mode "pause"
+# freezes the running containers (the engine's pause); mode "stop" stops them (paused
+# ones are unpaused first: podman stops no paused container), keeping their
+# filesystems and the named volumes (never `down`). Idempotent: what is already held
+# is left alone; a container that changed state meanwhile is taken on a second round.
+PAUSE_PROJECT = r"""
+set -u
+mode=$1; limit=$2; project=$3; shift 3
+label="label=com.docker.compose.project=$project"
+list() { state=$1; shift; "$@" ps -aq --filter "$label" --filter "status=$state"; }
+for round in 1 2; do
+  if [ "$mode" = stop ]; then
+    ids=$(list paused "$@") || exit 1
+    if [ -n "$ids" ]; then "$@" unpause $ids >/dev/null 2>&1; fi
+    ids=$(list running "$@") || exit 1
+    if [ -n "$ids" ]; then "$@" stop -t "$limit" $ids >/dev/null 2>&1; fi
+    left=$(list running "$@"; list paused "$@") || exit 1
+  else
+    ids=$(list running "$@") || exit 1
+    if [ -n "$ids" ]; then "$@" pause $ids >/dev/null 2>&1; fi
+    left=$(list running "$@") || exit 1
+  fi
+  [ -n "$left" ] || exit 0
+done
+echo "containers of $project still run after $mode:" $left >&2
+exit 1
+"""
+
+# Lets a held project run again: unpauses its paused containers and (mode "stop")
+# starts its stopped and created ones. Idempotent: running containers are left alone.
+RESUME_PROJECT = r"""
+set -u
+mode=$1; project=$2; shift 2
+label="label=com.docker.compose.project=$project"
+ids=$("$@" ps -aq --filter "$label" --filter status=paused) || exit 1
+if [ -n "$ids" ]; then "$@" unpause $ids >/dev/null || exit 1; fi
+if [ "$mode" = stop ]; then
+  ids=$("$@" ps -aq --filter "$label" --filter status=exited --filter status=created) || exit 1
+  if [ -n "$ids" ]; then "$@" start $ids >/dev/null || exit 1; fi
+fi
+left=$("$@" ps -aq --filter "$label" --filter status=paused) || exit 1
+[ -z "$left" ] || { echo "containers of $project are still paused: $left" >&2; exit 1; }
+exit 0
+"""
+
+# One sample of the running containers' counters: one remote call, the engine's `ps`
+# then one `stats --no-stream` of what it listed (nothing running: no output).
+STATS_PROJECT = r"""
+set -u
+project=$1; format=$2; shift 2
+label="label=com.docker.compose.project=$project"
+ids=$("$@" ps -q --filter "$label" --filter status=running) || exit 1
+[ -n "$ids" ] || exit 0
+exec "$@" stats --no-stream --no-reset --format "$format" $ids
 """
 
 
@@ -314,6 +372,108 @@ def locked_argv(lock: str, argv: Sequence[str]) -> list[str]:
 
 def remove_project_argv(engine_cmd: Sequence[str], project: str) -> list[str]:
     return ["sh", "-c", REMOVE_PROJECT, "sh", project, *engine_cmd]
+
+
+def check_pause_mode(mode: str) -> str:
+    if mode not in PAUSE_MODES:
+        raise ExtensionError(f"pause mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
+    return mode
+
+
+def pause_argv(engine_cmd: Sequence[str], project: str, mode: str, stop_timeout: int) -> list[str]:
+    return [
+        "sh",
+        "-c",
+        PAUSE_PROJECT,
+        "sh",
+        check_pause_mode(mode),
+        str(max(int(stop_timeout), 0)),
+        project,
+        *engine_cmd,
+    ]
+
+
+def resume_argv(engine_cmd: Sequence[str], project: str, mode: str) -> list[str]:
+    return ["sh", "-c", RESUME_PROJECT, "sh", check_pause_mode(mode), project, *engine_cmd]
+
+
+def is_podman(engine_cmd: Sequence[str]) -> bool:
+    return any(PurePosixPath(arg).name == "podman" for arg in engine_cmd)
+
+
+# podman's raw counters (nanoseconds, bytes); docker's stats has no cumulative CPU time
+# and prints its network bytes rounded for people ("1.2kB / 3.4MB").
+PODMAN_STATS_FORMAT = "{{.Name}} {{.CPUNano}} {{.NetInput}} {{.NetOutput}}"
+DOCKER_STATS_FORMAT = "{{.Name}} {{.NetIO}}"
+
+
+def stats_argv(engine_cmd: Sequence[str], project: str) -> list[str]:
+    fmt = PODMAN_STATS_FORMAT if is_podman(engine_cmd) else DOCKER_STATS_FORMAT
+    return ["sh", "-c", STATS_PROJECT, "sh", project, fmt, *engine_cmd]
+
+
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kKMGTP]?i?)B$")
+_SIZE_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes of a size as docker prints it ("586B", "1.36kB", "3.2MiB"); else None."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None or match.group(2) not in _SIZE_UNITS:
+        return None
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def container_service(name: str, project: str, services: Iterable[str]) -> str:
+    """The service a container is named for: `<project>_<service>_<n>` (podman-compose)
+    or `<project>-<service>-<n>` (docker compose v2); else the container's own name."""
+    for service in sorted(services, key=len, reverse=True):
+        for sep in ("_", "-"):
+            head = f"{project}{sep}{service}{sep}"
+            if name.startswith(head) and name[len(head) :].isdigit():
+                return service
+    return name
+
+
+def parse_stats(
+    output: str, project: str, services: Iterable[str], net_unit: int = 1
+) -> dict[str, int]:
+    """`{"<service>.cpu": ns, "<service>.net": (rx+tx) // net_unit}` from STATS_PROJECT's
+    lines (a container keyed by its name when its service is unknown or has several
+    containers); lines that do not parse are left out, never guessed. podman lines:
+    `<name> <cpu ns> <rx bytes> <tx bytes>`; docker lines: `<name> <rx> / <tx>`."""
+    known = list(services)
+    rows: list[tuple[str, int | None, int | None]] = []
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):  # podman
+            rows.append((parts[0], int(parts[1]), int(parts[2]) + int(parts[3])))
+        elif len(parts) == 4 and parts[2] == "/":  # docker: name rx / tx
+            rx, tx = parse_size(parts[1]), parse_size(parts[3])
+            net = rx + tx if rx is not None and tx is not None else None
+            rows.append((parts[0], None, net))
+    keys = [container_service(name, project, known) for name, _, _ in rows]
+    counters: dict[str, int] = {}
+    for (name, cpu, net), key in zip(rows, keys, strict=True):
+        if keys.count(key) > 1:
+            key = name
+        if cpu is not None:
+            counters[f"{key}.cpu"] = cpu
+        if net is not None:
+            counters[f"{key}.net"] = net // max(int(net_unit), 1)
+    return counters
 
 
 # ---- what the engine answers ----------------------------------------------------------
@@ -535,6 +695,9 @@ class ComposeAdapter:
         # (host, project, service) -> its running container, as `ps` last named it:
         # an exec needs no `ps` of its own while the container stays (see `exec`).
         self._running: dict[tuple[str, str, str], str] = {}
+        # sandbox id -> the mode it was paused in by this process (see `pause`): what
+        # `services`, `exec` and the files hooks tell from it is cheap, no engine call.
+        self._paused: dict[str, str] = {}
 
     # ---- what subclasses provide --------------------------------------------------------
 
@@ -702,7 +865,16 @@ class ComposeAdapter:
         Asked right after wait_ready, the poll that found it ready is the answer."""
         monitor = await self._monitor(ctx, handle)
         ready, monitor.ready_statuses = monitor.ready_statuses, None
-        return ready if ready is not None else await monitor.poll()
+        statuses = ready if ready is not None else await monitor.poll()
+        if self._paused.get(ctx.sandbox_id) == "stop":
+            # stopped by `pause`, not exited on their own: no ServiceExited to record
+            statuses = [
+                ServiceStatus(s.service, "paused", s.health, None, s.output)
+                if s.state in DEAD or s.state == "created"
+                else s
+                for s in statuses
+            ]
+        return statuses
 
     async def endpoints(self, ctx: StepContext, handle: Handle) -> list[Endpoint]:
         """The published ports, `host` the compose host's address for a wildcard bind
@@ -712,6 +884,88 @@ class ComposeAdapter:
             await monitor.ps()
         return monitor.endpoints(handle.get("address") or self.host(ctx).address)
 
+    # ---- pause and resume ----------------------------------------------------------------
+
+    async def pause(self, ctx: StepContext, handle: Handle, mode: str) -> None:
+        """Mode "pause": the engine's pause of every running container of the project
+        (processes frozen, memory kept); mode "stop": the engine's stop of them (`-t`
+        stop_timeout), containers kept, so their filesystems, the named volumes and
+        the workspace stay. Idempotent (see PAUSE_PROJECT); one remote call."""
+        check_pause_mode(mode)
+        host = self.host(ctx)
+        project = handle.get("project") or project_name(ctx.sandbox_id)
+        # Marked first: an exec or a copy into a container that is being frozen would
+        # hang, so they are refused from now on.
+        self._paused[ctx.sandbox_id] = mode
+        monitor = self._monitors.get(ctx.sandbox_id)
+        if monitor is not None:
+            monitor.ready_statuses = None  # what wait_ready saw is no answer any more
+        ctx.progress(f"{'pausing' if mode == 'pause' else 'stopping'} the services")
+        await host.transport.run(
+            pause_argv(host.engine_cmd, project, mode, int(ctx.config.get("stop_timeout", 10))),
+            timeout=float(ctx.config.get("pause_timeout", 120)),
+        )
+
+    async def resume(self, ctx: StepContext, handle: Handle, mode: str) -> None:
+        """Unpause (mode "pause") or start (mode "stop") the project's containers, then
+        wait as wait_ready does (every service running, healthy where it has a
+        healthcheck) for at most `resume_timeout` seconds. Resuming a running sandbox
+        only waits for it. After a stop the engine may publish new host ports:
+        `endpoints` reads them from the engine again."""
+        check_pause_mode(mode)
+        host = self.host(ctx)
+        project = handle.get("project") or project_name(ctx.sandbox_id)
+        ctx.progress(f"{'unpausing' if mode == 'pause' else 'starting'} the services")
+        await host.transport.run(
+            resume_argv(host.engine_cmd, project, mode),
+            timeout=float(ctx.config.get("pause_timeout", 120)),
+        )
+        self._paused.pop(ctx.sandbox_id, None)
+        started = time.monotonic()
+        monitor = await self._monitor(ctx, handle)
+        await compose_services.wait_ready(
+            monitor,
+            ctx.progress,
+            poll_interval=float(ctx.config.get("poll_interval", 0.5)),
+            settle_polls=int(ctx.config.get("settle_polls", 2)),
+            timeout=float(ctx.config.get("resume_timeout", 120)),
+            started=started,
+            settle_interval=float(ctx.config.get("settle_interval", 0.2)),
+        )
+
+    def _refuse_if_frozen(self, ctx: StepContext, service: str | None, files: bool) -> None:
+        """A container frozen by a mode-pause `pause` would hang an exec or a copy."""
+        if service is not None and self._paused.get(ctx.sandbox_id) == "pause":
+            message = f"{self.what}: the sandbox is paused (service {service!r} is frozen)"
+            raise FileRefused(message) if files else CommandRefused(message)
+
+    async def activity(self, ctx: StepContext, handle: Handle) -> dict[str, int]:
+        """Each running container's counters, one remote call (`ps` + `stats
+        --no-stream`): `<service>.cpu` its CPU time in nanoseconds (podman only:
+        docker's stats has no cumulative CPU time), `<service>.net` its network bytes
+        received and sent, in units of `activity_net_unit` bytes (an idle container's
+        kernel still sends IPv6 router solicitations, 70-140 bytes at doubling
+        intervals after a start: docs/compose.md). A paused or stopped container
+        reports nothing."""
+        host = self.host(ctx)
+        project = handle.get("project") or project_name(ctx.sandbox_id)
+        services = [s for s in handle.get("services", "").split(",") if s]
+        result = await host.transport.run(
+            stats_argv(host.engine_cmd, project),
+            timeout=float(ctx.config.get("activity_timeout", 30)),
+            check=False,
+        )
+        unit = int(ctx.config.get("activity_net_unit", 1024))
+        counters = parse_stats(result.stdout, project, services, unit)
+        if result.exit_status != 0 and not counters:
+            # e.g. a container stopped between the ps and the stats: the next sample
+            # answers; never a guess
+            error = result.stderr.strip()[-300:]
+            raise ExtensionError(
+                f"{self.what}: stats of {project} failed (exit {result.exit_status}): {error}"
+            )
+        return counters
+
     async def teardown(self, ctx: StepContext, handle: Handle | None) -> None:
         """compose down with the files the handle recorded (never a re-discovery: a
         profile's `compose.ci.yml` is what was brought up), then by the project label
@@ -719,6 +973,7 @@ class ComposeAdapter:
         (a crash), the label sweep alone removes everything."""
         sandbox_id = check_sandbox_id(ctx.sandbox_id)
         self._monitors.pop(sandbox_id, None)
+        self._paused.pop(sandbox_id, None)
         for key in [k for k in self._running if k[1] == project_name(sandbox_id)]:
             del self._running[key]
         if not self.placed(ctx):
@@ -840,6 +1095,7 @@ class ComposeAdapter:
         quoted (SSH) or passed as a list (this machine). The command carries a tag
         in its environment, so a timeout or a cancellation stops it where it runs."""
         variables = check_command(argv, env)
+        self._refuse_if_frozen(ctx, service, files=False)
         host = self.host(ctx)
         directory = host.workspace(ctx.sandbox_id)
         output = OutputBuffer(on_output)
@@ -893,6 +1149,7 @@ class ComposeAdapter:
         """Into a service's container through `<engine> cp - <container>:/` (a tar of
         one member, its parents created by the engine), or into the workspace."""
         checked = check_file_path(path)
+        self._refuse_if_frozen(ctx, service, files=True)
         host = self.host(ctx)
         if service is None:
             argv = ["sh", "-c", PUT_WORKSPACE_FILE, "sh", host.workspace(ctx.sandbox_id), checked]
@@ -931,6 +1188,7 @@ class ComposeAdapter:
         tar read as it streams: the engine resolves links inside the container), or
         from the workspace."""
         checked = check_file_path(path)
+        self._refuse_if_frozen(ctx, service, files=True)
         host = self.host(ctx)
         if service is None:
             argv = ["sh", "-c", GET_WORKSPACE_FILE, "sh", host.workspace(ctx.sandbox_id), checked]

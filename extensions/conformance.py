@@ -32,7 +32,9 @@ from extensions.sdk import (
     FILE_CHUNK,
     HEALTH,
     OPTIONAL_HOOKS,
+    PAUSE_MODES,
     REQUIRED_HOOKS,
+    ActivityCounting,
     Commanding,
     CommandRefused,
     Extension,
@@ -44,6 +46,7 @@ from extensions.sdk import (
     FileTransferring,
     Handle,
     Logging,
+    Pausing,
     Reconciling,
     StepContext,
     Watching,
@@ -411,6 +414,69 @@ class ExtensionConformance:
         finally:
             await self._run(extension.adapter.teardown(ctx, handle))
         assert await leftovers(sandbox_id) == []
+
+    async def test_pause_resume_round_trip_keeps_files(
+        self,
+        extension: LoadedExtension,
+        make_context: MakeContext,
+        leftovers: Leftovers,
+        tmp_path: Any,
+    ) -> None:
+        """With `pause` + `resume`, in each mode: pausing twice and resuming twice
+        succeed (idempotent), no service is reported exited while paused, the services
+        run again after, and a file written before (with `put_file`) is still there."""
+        if extension.manifest.has("pause"):
+            assert extension.manifest.has("resume"), "pause and resume go together"
+        async with self._ready(extension, make_context, leftovers, "pause") as (
+            raw,
+            ctx,
+            handle,
+        ):
+            adapter = cast(Pausing, raw)
+            files = cast(FileTransferring, raw) if extension.manifest.has("put_file") else None
+            watching = cast(Watching, raw) if extension.manifest.has("services") else None
+            content = secrets.token_bytes(4096)
+            if files is not None:
+                source = tmp_path / "kept.bin"
+                source.write_bytes(content)
+                await self._run(files.put_file(ctx, handle, "kept/before-pause.bin", source))
+            for mode in PAUSE_MODES:
+                await self._run(adapter.pause(ctx, handle, mode))
+                await self._run(adapter.pause(ctx, handle, mode))
+                if watching is not None:
+                    for status in await self._run(watching.services(ctx, handle)):
+                        assert status.state not in ("exited", "dead"), (mode, status)
+                await self._run(adapter.resume(ctx, handle, mode))
+                await self._run(adapter.resume(ctx, handle, mode))
+                if watching is not None:
+                    for status in await self._run(watching.services(ctx, handle)):
+                        assert status.state == "running", (mode, status)
+                if files is not None:
+                    stream = await self._run(
+                        files.get_file(ctx, handle, "kept/before-pause.bin", max_bytes=8192)
+                    )
+                    assert await self._run(self._read_all(stream)) == content, mode
+
+    async def test_activity_answers_counters(
+        self, extension: LoadedExtension, make_context: MakeContext, leftovers: Leftovers
+    ) -> None:
+        """With `activity`: named integer counters, none negative; asked twice of an
+        untouched sandbox, no counter went down."""
+        async with self._ready(extension, make_context, leftovers, "activity") as (
+            raw,
+            ctx,
+            handle,
+        ):
+            adapter = cast(ActivityCounting, raw)
+            first = await self._run(adapter.activity(ctx, handle))
+            second = await self._run(adapter.activity(ctx, handle))
+            for sample in (first, second):
+                assert isinstance(sample, dict)
+                for name, value in sample.items():
+                    assert isinstance(name, str) and name, sample
+                    assert isinstance(value, int) and value >= 0, sample
+            for name in set(first) & set(second):
+                assert second[name] >= first[name], (name, first, second)
 
     def test_capabilities_honoured(self, extension: LoadedExtension) -> None:
         adapter = extension.adapter

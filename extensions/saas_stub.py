@@ -22,6 +22,7 @@ from typing import Any
 
 from extensions.sdk import (
     FILE_CHUNK,
+    PAUSE_MODES,
     CommandRefused,
     CommandResult,
     Cost,
@@ -172,6 +173,77 @@ class SaasStub:
         path.unlink(missing_ok=True)
         _remove_extras(path.parent, ctx.sandbox_id)
 
+    # ---- the vendor's record ---------------------------------------------------------
+
+    def _record(self, ctx: StepContext) -> dict[str, Any]:
+        path = self._instance_path(ctx)
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ExtensionError(f"saas-stub: instance {ctx.sandbox_id} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise ExtensionError(f"saas-stub: instance {ctx.sandbox_id}: {exc}") from None
+        if not isinstance(record, dict):
+            raise ExtensionError(f"saas-stub: instance {ctx.sandbox_id}: not a record")
+        return record
+
+    def _save(self, ctx: StepContext, record: dict[str, Any]) -> None:
+        """The record replaced whole (a reader never sees half of it)."""
+        path = self._instance_path(ctx)
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            temporary.write_text(json.dumps(record))
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def _count(self, ctx: StepContext, commands: int = 0, moved: int = 0) -> None:
+        """The simulated work the instance did: `activity`'s counters."""
+        record = self._record(ctx)
+        raw = record.get("activity")
+        work: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        record["activity"] = {
+            "commands": int(work.get("commands", 0)) + commands,
+            "bytes": int(work.get("bytes", 0)) + moved,
+        }
+        self._save(ctx, record)
+
+    # ---- pause and resume ------------------------------------------------------------
+
+    async def pause(self, ctx: StepContext, handle: Handle, mode: str) -> None:
+        """The vendor's record says `paused: <mode>`; again is the same."""
+        if mode not in PAUSE_MODES:
+            raise ExtensionError(f"saas-stub: pause mode {mode!r} is not one of {PAUSE_MODES}")
+        await self._latency(ctx)
+        if ctx.config.get("fail_hook") == "pause":  # not failure_rate: it plays provisioning
+            raise ExtensionError("saas-stub: pause failed (fail_hook=pause)")
+        record = self._record(ctx)
+        if record.get("paused") != mode:
+            record["paused"] = mode
+            self._save(ctx, record)
+
+    async def resume(self, ctx: StepContext, handle: Handle, mode: str) -> None:
+        """The record runs again (no `paused`); a running instance stays as it is."""
+        if mode not in PAUSE_MODES:
+            raise ExtensionError(f"saas-stub: pause mode {mode!r} is not one of {PAUSE_MODES}")
+        await self._latency(ctx)
+        if ctx.config.get("fail_hook") == "resume":  # not failure_rate: it plays provisioning
+            raise ExtensionError("saas-stub: resume failed (fail_hook=resume)")
+        record = self._record(ctx)
+        if "paused" in record:
+            del record["paused"]
+            self._save(ctx, record)
+
+    async def activity(self, ctx: StepContext, handle: Handle) -> dict[str, int]:
+        """`instance.commands` (commands run) and `instance.bytes` (output of the
+        commands and file bytes moved in or out): they move only when it is used."""
+        raw = self._record(ctx).get("activity")
+        work: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        return {
+            "instance.commands": int(work.get("commands", 0)),
+            "instance.bytes": int(work.get("bytes", 0)),
+        }
+
     async def exec(
         self,
         ctx: StepContext,
@@ -190,8 +262,8 @@ class SaasStub:
         variables = check_command(argv, env)
         if service not in (None, "instance"):
             raise CommandRefused(f"saas-stub: an instance has no services ({service[:64]!r})")
-        if not self._instance_path(ctx).exists():
-            raise ExtensionError(f"saas-stub: instance {ctx.sandbox_id} does not exist")
+        if self._record(ctx).get("paused"):
+            raise CommandRefused(f"saas-stub: instance {ctx.sandbox_id} is paused")
         output = OutputBuffer()
         started = time.monotonic()
         async with asyncio.timeout(timeout):
@@ -209,6 +281,7 @@ class SaasStub:
         line = f"{time.time():.3f} exit {code}: {command}\n"
         with self._log_path(ctx).open("a", encoding="utf-8") as log:
             log.write(line)
+        self._count(ctx, commands=1, moved=result.stdout_bytes + result.stderr_bytes)
         return result
 
     # ---- files -----------------------------------------------------------------------
@@ -249,6 +322,8 @@ class SaasStub:
             os.replace(temporary, target)
         finally:
             temporary.unlink(missing_ok=True)
+        if self._instance_path(ctx).exists():
+            self._count(ctx, moved=target.stat().st_size)
 
     async def get_file(
         self,
@@ -266,6 +341,8 @@ class SaasStub:
         if size > max_bytes:
             handle_.close()
             raise FileTooLarge(f"{path}: {size} bytes, more than {max_bytes}")
+        if self._instance_path(ctx).exists():
+            self._count(ctx, moved=size)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -323,6 +400,8 @@ class SaasStub:
         except (OSError, ValueError) as exc:
             raise ExtensionError(f"saas-stub: instance {ctx.sandbox_id}: {exc}") from None
         told = (record.get("services") or {}).get("instance") or {}
+        if record.get("paused"):  # held by `pause`: no vendor-side failure to report
+            told = {**told, "state": "paused", "exit_code": None}
         code = told.get("exit_code")
         return [
             ServiceStatus(

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extensions import CommandResult, ConfigError, ExtensionRegistry, RuntimeInfo, StepContext
+from extensions import (
+    CommandResult,
+    ConfigError,
+    ExtensionError,
+    ExtensionRegistry,
+    RuntimeInfo,
+    StepContext,
+)
 from extensions.manifest import load_manifest, manifest_from_dict
 
 MINIMAL = {
@@ -174,3 +181,72 @@ async def test_an_adapter_with_only_run_command_gets_it_used_as_exec(tmp_path: P
     assert result.stdout_sha256 == hashlib.sha256(b"said\n").hexdigest()
     assert seen == [("stdout", b"said\n")]
     assert adapter.calls == [["echo", "said"]]  # type: ignore[attr-defined]
+
+
+# ---- compose: pause/resume and activity (pure helpers) ------------------------------
+
+
+def test_the_compose_manifests_declare_pause_resume_and_activity() -> None:
+    registry = ExtensionRegistry.discover(RuntimeInfo(Path("/nonexistent")), entry_points=False)
+    for name in ("compose-local", "compose-ssh"):
+        manifest = registry.manifest(name)
+        for capability in ("pause", "resume", "activity"):
+            assert manifest.has(capability), (name, capability)
+        # resume runs the engine step (pause_timeout) and then the readiness wait
+        fields = manifest.config
+        budget = float(fields["pause_timeout"].default) + float(fields["resume_timeout"].default)
+        assert manifest.hook("resume").timeout > budget
+        assert manifest.hook("pause").timeout > float(fields["pause_timeout"].default)
+        assert manifest.hook("activity").timeout > float(fields["activity_timeout"].default)
+
+
+def test_pause_and_resume_argv_pass_every_value_as_an_argument() -> None:
+    from extensions.compose import pause_argv, resume_argv
+
+    engine = ["env", "CONTAINERS_CONF=/x y/c.conf", "podman"]
+    argv = pause_argv(engine, "sandboxer-a-b", "stop", 3)
+    assert argv[:2] == ["sh", "-c"] and argv[3:] == ["sh", "stop", "3", "sandboxer-a-b", *engine]
+    assert resume_argv(engine, "sandboxer-a", "pause")[3:] == [
+        "sh",
+        "pause",
+        "sandboxer-a",
+        *engine,
+    ]
+    with pytest.raises(ExtensionError, match="mode"):
+        pause_argv(engine, "sandboxer-a", "freeze; rm -rf /", 1)
+
+
+def test_parse_stats_podman_and_docker_lines() -> None:
+    from extensions.compose import parse_size, parse_stats
+
+    podman = (
+        "sandboxer-x_web_1 39327592 586 1360\n"
+        "sandboxer-x_worker_1 28953534 0 0\n"
+        "garbage line\n"
+        "Error: something\n"
+    )
+    assert parse_stats(podman, "sandboxer-x", ["web", "worker"], 1) == {
+        "web.cpu": 39327592,
+        "web.net": 1946,
+        "worker.cpu": 28953534,
+        "worker.net": 0,
+    }
+    assert parse_stats(podman, "sandboxer-x", ["web", "worker"], 1024)["web.net"] == 1
+    # docker compose v2 names; docker prints no CPU time and rounded sizes
+    docker = "sandboxer-x-web-1 1.5kB / 2MB\nsandboxer-x-db-1 0B / 0B\n"
+    assert parse_stats(docker, "sandboxer-x", ["web", "db"], 1) == {
+        "web.net": 1500 + 2_000_000,
+        "db.net": 0,
+    }
+    # an unknown container keeps its name; two of one service are told apart
+    scaled = "sandboxer-x_web_1 1 1 1\nsandboxer-x_web_2 2 2 2\nother 3 3 3\n"
+    assert parse_stats(scaled, "sandboxer-x", ["web"], 1) == {
+        "sandboxer-x_web_1.cpu": 1,
+        "sandboxer-x_web_1.net": 2,
+        "sandboxer-x_web_2.cpu": 2,
+        "sandboxer-x_web_2.net": 4,
+        "other.cpu": 3,
+        "other.net": 6,
+    }
+    assert parse_stats("", "sandboxer-x", ["web"]) == {}
+    assert parse_size("3.2MiB") == int(3.2 * 2**20) and parse_size("12") is None
