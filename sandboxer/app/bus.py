@@ -17,6 +17,7 @@ import msgspec
 from events import CommandFinished, CommandStarted, FileDownloaded, FileUploaded
 from sandboxer.app.commands import (
     AnyCommand,
+    ClaimSandbox,
     Command,
     CreateSandbox,
     DeleteCheckpoint,
@@ -32,6 +33,7 @@ from sandboxer.app.commands import (
     encode_command,
 )
 from sandboxer.app.manager import CreateRequest, NotFound, SandboxManager
+from sandboxer.app.pools import PoolKeeper
 from sandboxer.app.sandbox import redact
 from sandboxer.errors import SandboxerError
 from sandboxer.store.leases import OwnerUnavailable
@@ -52,7 +54,9 @@ class MessageBus:
             StartCommand: self._start_command,
             FinishCommand: self._finish_command,
             RecordFileTransfer: self._file_transfer,
+            ClaimSandbox: self._claim,
         }
+        self.pools: PoolKeeper | None = None  # set when the warm pools run (bootstrap)
 
     async def handle(self, command: AnyCommand) -> Outcome:
         """Run the command where its sandbox is driven (here, or forwarded)."""
@@ -100,6 +104,7 @@ class MessageBus:
                 StartCommand,
                 FinishCommand,
                 RecordFileTransfer,
+                ClaimSandbox,
             ),
         ):
             return command.sandbox_id
@@ -141,6 +146,8 @@ class MessageBus:
         await self.manager.check_retry(sandbox_id, _request(command))
 
     async def _create(self, command: CreateSandbox) -> Outcome:
+        if self.pools is not None and (claimed := await self.pools.claim(command)) is not None:
+            return claimed  # a warm pool member (sandboxer/app/pools.py)
         sandbox, seq = await self.manager.create(_request(command), command.meta)
         return Outcome(seq=seq, sandbox_id=sandbox.sandbox_id)
 
@@ -227,6 +234,11 @@ class MessageBus:
             command.meta,
         )
         return Outcome(seq=seq, sandbox_id=command.sandbox_id)
+
+    async def _claim(self, command: ClaimSandbox) -> Outcome:
+        if self.pools is None:
+            raise NotFound(command.sandbox_id)
+        return await self.pools.record_claim(command)
 
 
 def _request(command: CreateSandbox) -> CreateRequest:
