@@ -19,7 +19,7 @@ from sandboxer.profiles import ProfileError
 from sandboxer.store.nats_server import EmbeddedNats
 from tests.conftest import RunningService, StartService
 from tests.helpers import create, event_types, wait_state
-from tests.infra import ServeProcess, free_port
+from tests.infra import Podman, ServeProcess, free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -374,3 +374,78 @@ async def test_a_pool_on_a_metered_extension_fails_the_start(
     finally:
         await service.stop()
     assert PROFILE in str(raised.value) and "metered" in str(raised.value)
+
+
+def write_local_pool(folder: Path, repo: Path, size: int) -> None:
+    """compose-local profiles on the test's repo: one with a pool, one without."""
+    prof_dir = folder / "local-prof"
+    prof_dir.mkdir(parents=True, exist_ok=True)
+    for name, pool in (("profile.warm-local", True), ("profile.cold-local", False)):
+        profile: dict[str, Any] = {
+            "name": name,
+            "extension": "compose-local",
+            "ttl_seconds": 600,
+            "inputs": {"repo": {"default": str(repo)}},
+        }
+        if pool:
+            profile["pool"] = {"size": size, "max_age_seconds": 3600}
+        (prof_dir / f"{name}.yaml").write_text(yaml.safe_dump(profile))
+
+
+async def test_a_pool_stays_within_capacity_and_never_blocks_an_ordinary_create(
+    start_service: StartService, podman: Podman, compose_repo: Path, tmp_path: Path
+) -> None:
+    """Two places on the machine, a pool of three: two members, the third rejected
+    for want of a place. An ordinary create then takes a member's place (the member
+    is evicted: pool_evict) and comes up; the places in use end at two again."""
+    write_local_pool(tmp_path, compose_repo, size=3)
+    svc = await start_service(
+        SANDBOXER_COMPOSE_LOCAL_CMD=podman.compose_cmd,
+        SANDBOXER_COMPOSE_LOCAL_ENGINE_CMD=podman.engine_cmd,
+        SANDBOXER_COMPOSE_LOCAL_STOP_TIMEOUT="1",
+        SANDBOXER_COMPOSE_LOCAL_CAPACITY="2",
+        SANDBOXER_REPO_ROOTS=str(tmp_path),
+        SANDBOXER_PROFILES_PATH=str(tmp_path / "local-prof"),
+    )
+
+    async def status() -> dict[str, Any]:
+        return (await pools(svc.http, svc.url))["profile.warm-local"]
+
+    async def two_ready_one_rejected() -> bool:
+        async with svc.http.get(
+            f"{svc.url}/v1/sandboxes", params={"state": "rejected", "account": "pool"}
+        ) as resp:
+            rejected = (await resp.json())["sandboxes"]
+        return (await status())["ready"] == 2 and bool(rejected)
+
+    await until(two_ready_one_rejected, 90, "two members ready, one rejected")
+    async with svc.http.get(
+        f"{svc.url}/v1/sandboxes", params={"state": "rejected", "account": "pool"}
+    ) as resp:
+        (rejected, *_) = (await resp.json())["sandboxes"]
+    assert "is full (local 2/2)" in rejected["reason"], rejected
+    warm = {m.id for m in keeper(svc).members("profile.warm-local")}
+    assert len(warm) == 2
+
+    made = await create(svc.http, svc.url, profile="profile.cold-local")
+    assert made["id"] not in warm
+    await wait_state(svc.http, svc.url, made["id"], {"ready"}, timeout=90)
+    evicted = []
+    for sandbox_id in warm:
+        async with svc.http.get(f"{svc.url}/v1/sandboxes/{sandbox_id}") as resp:
+            row = await resp.json()
+        if row["state"] in ("tearing_down", "destroyed"):
+            evicted.append(sandbox_id)
+    assert len(evicted) == 1, evicted
+    done = await wait_state(svc.http, svc.url, evicted[0], {"destroyed"}, timeout=60)
+    assert "(pool_evict)" in done["reason"], done
+    assert sum(keeper(svc).manager._load("compose-local").values()) == 2
+    # Leave nothing running: the keeper stops first, then every live sandbox goes.
+    await keeper(svc).stop()
+    assert svc.service.manager is not None
+    live = [s.sandbox_id for s in svc.service.manager.live()]
+    for sandbox_id in live:
+        async with svc.http.delete(f"{svc.url}/v1/sandboxes/{sandbox_id}") as resp:
+            assert resp.status in (202, 409), await resp.json()
+    for sandbox_id in live:
+        await wait_state(svc.http, svc.url, sandbox_id, {"destroyed"}, timeout=60)
