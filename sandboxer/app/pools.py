@@ -398,9 +398,14 @@ class PoolKeeper:
             meta=command.meta,
         )
         try:
-            return await self.handle(claim)
+            outcome = await self.handle(claim)
         except (SandboxerError, RuntimeError) as exc:
             log.info("pool: claim of %s refused: %s", sandbox_id, exc)
+        else:
+            # Recorded: the member's view says claimed from here on, and its driving
+            # worker refuses a second SandboxClaimed; the intent is done with.
+            await self.kv.forget(sandbox_id, revision)
+            return outcome
         # Not recorded (refused, gone, or its worker did not answer): take the intent
         # back, then look whether the claim landed after all (an answer that was lost).
         await self.kv.forget(sandbox_id, revision)
