@@ -4,6 +4,7 @@ workers, refilled, recycled, drained; a crashed claimer's intent undone."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -392,6 +393,18 @@ def write_local_pool(folder: Path, repo: Path, size: int) -> None:
         (prof_dir / f"{name}.yaml").write_text(yaml.safe_dump(profile))
 
 
+async def clean_up(svc: RunningService) -> None:
+    """Leave nothing running: the keeper stops first, then every live sandbox goes."""
+    await keeper(svc).stop()
+    assert svc.service.manager is not None
+    live = [s.sandbox_id for s in svc.service.manager.live()]
+    for sandbox_id in live:
+        async with svc.http.delete(f"{svc.url}/v1/sandboxes/{sandbox_id}") as resp:
+            assert resp.status in (202, 409), await resp.json()
+    for sandbox_id in live:
+        await wait_state(svc.http, svc.url, sandbox_id, {"destroyed"}, timeout=60)
+
+
 async def test_a_pool_stays_within_capacity_and_never_blocks_an_ordinary_create(
     start_service: StartService, podman: Podman, compose_repo: Path, tmp_path: Path
 ) -> None:
@@ -408,44 +421,58 @@ async def test_a_pool_stays_within_capacity_and_never_blocks_an_ordinary_create(
         SANDBOXER_PROFILES_PATH=str(tmp_path / "local-prof"),
     )
 
-    async def status() -> dict[str, Any]:
-        return (await pools(svc.http, svc.url))["profile.warm-local"]
+    try:
 
-    async def two_ready_one_rejected() -> bool:
+        async def status() -> dict[str, Any]:
+            return (await pools(svc.http, svc.url))["profile.warm-local"]
+
+        async def two_ready_one_rejected() -> bool:
+            async with svc.http.get(
+                f"{svc.url}/v1/sandboxes", params={"state": "rejected", "account": "pool"}
+            ) as resp:
+                rejected = (await resp.json())["sandboxes"]
+            return (await status())["ready"] == 2 and bool(rejected)
+
+        await until(two_ready_one_rejected, 90, "two members ready, one rejected")
         async with svc.http.get(
             f"{svc.url}/v1/sandboxes", params={"state": "rejected", "account": "pool"}
         ) as resp:
-            rejected = (await resp.json())["sandboxes"]
-        return (await status())["ready"] == 2 and bool(rejected)
+            (rejected, *_) = (await resp.json())["sandboxes"]
+        assert "is full (local 2/2)" in rejected["reason"], rejected
+        warm = {m.id for m in keeper(svc).members("profile.warm-local")}
+        assert len(warm) == 2
 
-    await until(two_ready_one_rejected, 90, "two members ready, one rejected")
-    async with svc.http.get(
-        f"{svc.url}/v1/sandboxes", params={"state": "rejected", "account": "pool"}
-    ) as resp:
-        (rejected, *_) = (await resp.json())["sandboxes"]
-    assert "is full (local 2/2)" in rejected["reason"], rejected
-    warm = {m.id for m in keeper(svc).members("profile.warm-local")}
-    assert len(warm) == 2
+        made = await create(svc.http, svc.url, profile="profile.cold-local")
+        assert made["id"] not in warm
+        await wait_state(svc.http, svc.url, made["id"], {"ready"}, timeout=90)
+        evicted = []
+        for sandbox_id in warm:
+            async with svc.http.get(f"{svc.url}/v1/sandboxes/{sandbox_id}") as resp:
+                row = await resp.json()
+            if row["state"] in ("tearing_down", "destroyed"):
+                evicted.append(sandbox_id)
+        assert len(evicted) == 1, evicted
+        done = await wait_state(svc.http, svc.url, evicted[0], {"destroyed"}, timeout=60)
+        assert "(pool_evict)" in done["reason"], done
+        assert sum(keeper(svc).manager._load("compose-local").values()) == 2
+    finally:
+        await clean_up(svc)
 
-    made = await create(svc.http, svc.url, profile="profile.cold-local")
-    assert made["id"] not in warm
-    await wait_state(svc.http, svc.url, made["id"], {"ready"}, timeout=90)
-    evicted = []
-    for sandbox_id in warm:
-        async with svc.http.get(f"{svc.url}/v1/sandboxes/{sandbox_id}") as resp:
-            row = await resp.json()
-        if row["state"] in ("tearing_down", "destroyed"):
-            evicted.append(sandbox_id)
-    assert len(evicted) == 1, evicted
-    done = await wait_state(svc.http, svc.url, evicted[0], {"destroyed"}, timeout=60)
-    assert "(pool_evict)" in done["reason"], done
-    assert sum(keeper(svc).manager._load("compose-local").values()) == 2
-    # Leave nothing running: the keeper stops first, then every live sandbox goes.
-    await keeper(svc).stop()
-    assert svc.service.manager is not None
-    live = [s.sandbox_id for s in svc.service.manager.live()]
-    for sandbox_id in live:
-        async with svc.http.delete(f"{svc.url}/v1/sandboxes/{sandbox_id}") as resp:
-            assert resp.status in (202, 409), await resp.json()
-    for sandbox_id in live:
-        await wait_state(svc.http, svc.url, sandbox_id, {"destroyed"}, timeout=60)
+
+async def test_the_client_and_the_cli_list_pools(
+    start_service: StartService, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sandboxer.cli.main import main
+    from sandboxer.client import AsyncClient
+
+    svc = await start_service(**write_pool(tmp_path, size=1))
+    await pool_is(svc, ready=1)
+    async with AsyncClient(svc.url) as client:
+        (pool,) = await client.pools()
+    assert (pool.profile, pool.size, pool.ready, pool.provisioning) == (PROFILE, 1, 1, 0)
+    code = await asyncio.to_thread(main, ["--url", svc.url, "pools", "--json"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)[0]["ready"] == 1
+    code = await asyncio.to_thread(main, ["--url", svc.url, "pools"])
+    out = capsys.readouterr().out
+    assert code == 0 and "PROVISIONING" in out and PROFILE in out
