@@ -718,29 +718,6 @@ def cmd_reconcile(args: argparse.Namespace, client: Client) -> int:
     return EXIT_FAILED if left or report["errors"] else EXIT_OK
 
 
-def cmd_pools(args: argparse.Namespace, client: Client) -> int:
-    """Each warm pool (docs/pools.md)."""
-    pools = _plain(client.pools())
-    if args.json:
-        _print_json(pools)
-        return EXIT_OK
-    rows = [
-        [
-            p["profile"],
-            p["size"],
-            p["ready"],
-            p["provisioning"],
-            p["claimed"],
-            f"{p['max_age_seconds']}s",
-        ]
-        for p in pools
-    ]
-    Table(
-        ["PROFILE", "SIZE", "READY", "PROVISIONING", "CLAIMED", "MAX AGE"], right={1, 2, 3, 4, 5}
-    ).write(rows)
-    return EXIT_OK
-
-
 def cmd_profiles(args: argparse.Namespace, client: Client) -> int:
     """Profiles with their inputs, written the way `create --input` takes them."""
     profiles = _plain(client.profiles())
@@ -1129,9 +1106,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a reservation may stay open after its sandbox's TTL (default 300)",
     )
     p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("pools", help="the warm pools: size, ready, provisioning, claimed")
-    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -1150,7 +1124,6 @@ COMMANDS = {
     "ledger": cmd_ledger,
     "checkpoint": cmd_checkpoint,
     "e2e": cmd_e2e,
-    "pools": cmd_pools,
 }
 
 

@@ -4,7 +4,6 @@ workers, refilled, recycled, drained; a crashed claimer's intent undone."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -459,20 +458,18 @@ async def test_a_pool_stays_within_capacity_and_never_blocks_an_ordinary_create(
         await clean_up(svc)
 
 
-async def test_the_client_and_the_cli_list_pools(
-    start_service: StartService, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from sandboxer.cli.main import main
-    from sandboxer.client import AsyncClient
+async def test_the_client_lists_pools(start_service: StartService, tmp_path: Path) -> None:
+    from sandboxer.client import AsyncClient, Client
 
     svc = await start_service(**write_pool(tmp_path, size=1))
     await pool_is(svc, ready=1)
     async with AsyncClient(svc.url) as client:
         (pool,) = await client.pools()
     assert (pool.profile, pool.size, pool.ready, pool.provisioning) == (PROFILE, 1, 1, 0)
-    code = await asyncio.to_thread(main, ["--url", svc.url, "pools", "--json"])
-    assert code == 0
-    assert json.loads(capsys.readouterr().out)[0]["ready"] == 1
-    code = await asyncio.to_thread(main, ["--url", svc.url, "pools"])
-    out = capsys.readouterr().out
-    assert code == 0 and "PROVISIONING" in out and PROFILE in out
+
+    def sync_pools() -> list[Any]:
+        with Client(svc.url) as client:
+            return client.pools()
+
+    (same,) = await asyncio.to_thread(sync_pools)
+    assert same == pool
