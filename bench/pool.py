@@ -215,9 +215,9 @@ async def burst_figures(
         cold = [s * 1000 for s, _, w in made if not w]
         warm_all += warm
         cold_all += cold
-        timeline = ", ".join(
-            f"{t:.1f}s {r}/{p}" for t, r, p in samples[:: max(1, len(samples) // 12)]
-        )
+        samples.append((refilled, *rig.ready_members()))  # the first full sample
+        shown = [*samples[:-1][:: max(1, len(samples) // 12)], samples[-1]]
+        timeline = ", ".join(f"{t:.1f}s {r}/{p}" for t, r, p in shown)
         section.notes.append(
             f"burst {round_no}: {len(warm)} of {burst} creates warm (claimed a member), "
             f"{len(cold)} cold; warm p50 {statistics.median(warm):.0f} ms"
