@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "exec": "exec `true` and a file in and out through the API vs podman exec and rsync",
     "memory": "peak RSS of serve with 10,000 sandboxes and while streaming a checkpoint",
     "startup": "serve's start time and RSS on 0 to 10,000,000 events, before and after snapshots",
+    "pool": "create -> ready from a warm compose-local pool vs a cold create; a burst of 20",
 }
 
 

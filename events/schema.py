@@ -94,7 +94,15 @@ EVENT_IDS: dict[str, str] = {
 
 # ---- closed vocabularies ----------------------------------------------------------------
 
-DESTROY_REASONS = ["user", "ttl", "service_exited", "idle", "pool_recycle", "pool_drain"]
+DESTROY_REASONS = [
+    "user",
+    "ttl",
+    "service_exited",
+    "idle",
+    "pool_recycle",
+    "pool_drain",
+    "pool_evict",
+]
 ACTIVITY_KINDS = ["exec", "files", "logs", "keepalive", "backend"]
 HEALTH = ["healthy", "unhealthy", "starting", "none"]
 # Steps a StepFailed names (route failures are SandboxRejected; teardown has its own).

@@ -17,6 +17,7 @@ from nats.aio.client import Client as NatsClient
 from extensions import ExtensionRegistry, RuntimeInfo
 from sandboxer.app.bus import MessageBus
 from sandboxer.app.manager import SandboxManager
+from sandboxer.app.pools import PoolKeeper
 from sandboxer.app.read_model import SNAPSHOT_EVERY, ProjectionRunner
 from sandboxer.app.reconcile import Reconciler
 from sandboxer.app.use import SandboxUse
@@ -33,6 +34,7 @@ from sandboxer.store.leases import WorkerLeases
 from sandboxer.store.metered import MeteredEventStore
 from sandboxer.store.nats_auth import external_connect_options, mutable_policy, redact
 from sandboxer.store.nats_server import EmbeddedNats
+from sandboxer.store.pool_kv import PoolKV
 from sandboxer.store.read_snapshots import ObjectStoreReadModels
 from sandboxer.store.snapshots import FileSnapshotStore, ObjectStoreSnapshots, SnapshotStore
 from sandboxer.store.worker_names import default_worker_name
@@ -59,6 +61,7 @@ class Service:
         self.leases: WorkerLeases | None = None
         self.reconciler: Reconciler | None = None
         self.bus: MessageBus | None = None
+        self.pools: PoolKeeper | None = None
         # This service's series, on a registry of its own (several services may share
         # a process: tests, in-process workers).
         self.metrics = Metrics()
@@ -150,6 +153,7 @@ class Service:
         # One bus for every command: the API's, and those other workers forward here.
         self.bus = MessageBus(self.manager)
         await self.leases.serve_control(self.bus.on_control)
+        await self._start_pools()
         self.webhooks = Webhooks(
             self.nc,
             self.store,
@@ -186,6 +190,17 @@ class Service:
             metrics=self.metrics,
         )
 
+    async def _start_pools(self) -> None:
+        """Warm pools (sandboxer/app/pools.py): every worker keeps them, under KV locks."""
+        assert self.nc is not None and self.manager is not None and self.bus is not None
+        assert self.leases is not None
+        kv = PoolKV(self.nc.jetstream(timeout=5), replicas=self.settings.stream_replicas)
+        await kv.start()
+        leases = self.leases
+        self.pools = PoolKeeper(self.manager, kv, self.bus.handle, lambda: leases.holder)
+        self.bus.pools = self.pools
+        self.pools.start()
+
     async def stop(self) -> None:
         """Each part gets a bounded time: a part that hangs is named in the log and
         the rest still stops (what is unfinished resumes on the next start)."""
@@ -193,6 +208,8 @@ class Service:
             await _bounded("reconciler", self.reconciler.stop())
         if self.webhooks is not None:
             await _bounded("webhooks", self.webhooks.stop())
+        if self.pools is not None:
+            await _bounded("pools", self.pools.stop())
         if self.manager is not None:
             await _bounded("manager", self.manager.close())
             await _bounded("extensions", self.manager.extensions.close())

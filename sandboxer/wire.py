@@ -176,6 +176,22 @@ class ProfileList(msgspec.Struct):
     profiles: list[ProfileOut]
 
 
+class PoolOut(msgspec.Struct, kw_only=True):
+    """A warm pool (docs/pools.md): its size, its unclaimed members ready and still
+    coming up, and the members creates claimed that are still live."""
+
+    profile: str
+    size: int
+    ready: int
+    provisioning: int
+    claimed: int
+    max_age_seconds: int
+
+
+class PoolList(msgspec.Struct):
+    pools: list[PoolOut]
+
+
 class GrantBody(msgspec.Struct, forbid_unknown_fields=True):
     amount: Annotated[int, msgspec.Meta(ge=1, le=MAX_GRANT)]
     reason: Annotated[str, msgspec.Meta(max_length=MAX_REASON, pattern=PLAIN_TEXT)] = ""

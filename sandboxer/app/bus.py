@@ -17,6 +17,7 @@ import msgspec
 from events import CommandFinished, CommandStarted, FileDownloaded, FileUploaded
 from sandboxer.app.commands import (
     AnyCommand,
+    ClaimSandbox,
     Command,
     CreateSandbox,
     DeleteCheckpoint,
@@ -36,6 +37,7 @@ from sandboxer.app.commands import (
     encode_command,
 )
 from sandboxer.app.manager import CreateRequest, NotFound, SandboxManager
+from sandboxer.app.pools import PoolKeeper
 from sandboxer.app.sandbox import redact
 from sandboxer.errors import SandboxerError
 from sandboxer.store.leases import OwnerUnavailable
@@ -60,7 +62,9 @@ class MessageBus:
             PauseSandbox: self._pause,
             ResumeSandbox: self._resume,
             NoteActivity: self._note_activity,
+            ClaimSandbox: self._claim,
         }
+        self.pools: PoolKeeper | None = None  # set when the warm pools run (bootstrap)
 
     async def handle(self, command: AnyCommand) -> Outcome:
         """Run the command where its sandbox is driven (here, or forwarded)."""
@@ -112,6 +116,7 @@ class MessageBus:
                 PauseSandbox,
                 ResumeSandbox,
                 NoteActivity,
+                ClaimSandbox,
             ),
         ):
             return command.sandbox_id
@@ -153,6 +158,8 @@ class MessageBus:
         await self.manager.check_retry(sandbox_id, _request(command))
 
     async def _create(self, command: CreateSandbox) -> Outcome:
+        if self.pools is not None and (claimed := await self.pools.claim(command)) is not None:
+            return claimed  # a warm pool member (sandboxer/app/pools.py)
         sandbox, seq = await self.manager.create(_request(command), command.meta)
         return Outcome(seq=seq, sandbox_id=sandbox.sandbox_id)
 
@@ -258,6 +265,11 @@ class MessageBus:
             command.meta,
         )
         return Outcome(seq=seq, sandbox_id=command.sandbox_id)
+
+    async def _claim(self, command: ClaimSandbox) -> Outcome:
+        if self.pools is None:
+            raise NotFound(command.sandbox_id)
+        return await self.pools.record_claim(command)
 
 
 def _request(command: CreateSandbox) -> CreateRequest:

@@ -117,6 +117,18 @@ class NoteActivity(Command, frozen=True, kw_only=True):
     kind: str
 
 
+class ClaimSandbox(Command, frozen=True, kw_only=True):
+    """Record that a create took this warm pool member (sandboxer/app/pools.py): its
+    driving worker records SandboxClaimed if the claim intent `claim_id` still holds
+    the member and nobody claimed it before."""
+
+    sandbox_id: str
+    claim_id: str
+    account: str
+    ttl_seconds: int
+    labels: dict[str, str] = {}
+
+
 AnyCommand = (
     CreateSandbox
     | DestroySandbox
@@ -131,6 +143,7 @@ AnyCommand = (
     | PauseSandbox
     | ResumeSandbox
     | NoteActivity
+    | ClaimSandbox
 )
 
 

@@ -87,6 +87,12 @@ class Steps:
         # here are stopped and record their end while the sandbox can still take it).
         self.before_teardown: list[Callable[[str], Awaitable[None]]] = []
         self._placement_locks: dict[str, asyncio.Lock] = {}
+        # Warm pools (sandboxer/app/pools.py): the places unclaimed members hold per
+        # host of an extension, which an ordinary create may take when nothing else is
+        # free; `evict` then destroys one member on that host. Set by the pool keeper.
+        self.pool_load: Callable[[str], dict[str, int]] | None = None
+        self.evict: Callable[[str, str], Coroutine[Any, Any, None]] | None = None
+        self._evictions: set[asyncio.Task[None]] = set()
         self.by_state: dict[str, Step] = {
             State.REQUESTED: self.route,
             State.RESERVING: self.reserve,
@@ -222,11 +228,19 @@ class Steps:
             if loaded.manifest.has("place"):
                 lock = self._placement_locks.setdefault(extension, asyncio.Lock())
                 async with lock:
+                    evicting = False
                     try:
                         placement = cast(Placing, loaded.adapter).place(ctx, self._load(extension))
                     except Exception as exc:
-                        passed.append(redact(f"{extension}: {exc}", sbx.secrets))
-                        continue
+                        lent = self._lent_load(sbx, extension)
+                        try:
+                            if lent is None:
+                                raise
+                            placement = cast(Placing, loaded.adapter).place(ctx, lent)
+                            evicting = True
+                        except Exception:
+                            passed.append(redact(f"{extension}: {exc}", sbx.secrets))
+                            continue
                     await self._record_route(
                         sbx,
                         extension,
@@ -234,12 +248,32 @@ class Steps:
                         [*passed, why, placement.reason],
                         loaded.manifest.metered,
                     )
+                    if evicting:
+                        self._evict(extension, placement.host)
                     return
             await self._record_route(sbx, extension, host, [*passed, why], loaded.manifest.metered)
             return
         code = "no_capacity" if len(candidates) == 1 else "no_route"
         reason = passed[0] if len(candidates) == 1 else "no route: " + "; ".join(passed)
         await self.host.record(sbx, lambda e: SandboxRejected(**e, reason=reason, code=code))
+
+    def _lent_load(self, sbx: Sandbox, extension: str) -> dict[str, int] | None:
+        """The load without the places unclaimed pool members hold, for an ordinary
+        create (None: there are none, or this is a member: members never evict)."""
+        assert sbx.request is not None
+        if self.pool_load is None or sbx.request.pool is not None or self.evict is None:
+            return None
+        held = self.pool_load(extension)
+        if not held:
+            return None
+        load = self._load(extension)
+        return {host: n - held.get(host, 0) for host, n in load.items()}
+
+    def _evict(self, extension: str, host: str) -> None:
+        assert self.evict is not None
+        task = asyncio.create_task(self.evict(extension, host), name=f"pool-evict-{host}")
+        self._evictions.add(task)
+        task.add_done_callback(self._evictions.discard)
 
     async def _record_route(
         self, sbx: Sandbox, extension: str, host: str | None, reasons: list[str], metered: bool

@@ -40,6 +40,8 @@ from sandboxer.wire import (
     Identity,
     LedgerPage,
     LogLine,
+    PoolList,
+    PoolOut,
     ProfileList,
     ProfileOut,
     SandboxList,
@@ -687,6 +689,10 @@ class AsyncClient:
 
     async def openapi(self) -> Any:
         return await self.request("GET", "/openapi.json")
+
+    async def pools(self) -> builtins.list[PoolOut]:
+        """The warm pools (docs/pools.md)."""
+        return (await self._typed(PoolList, "GET", "/v1/pools")).pools
 
 
 async def _achunks(handle: IO[bytes]) -> AsyncIterator[bytes]:

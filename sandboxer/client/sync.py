@@ -37,6 +37,8 @@ from sandboxer.wire import (
     Identity,
     LedgerPage,
     LogLine,
+    PoolList,
+    PoolOut,
     ProfileList,
     ProfileOut,
     SandboxList,
@@ -690,6 +692,10 @@ class Client:
 
     def openapi(self) -> Any:
         return self.request("GET", "/openapi.json")
+
+    def pools(self) -> builtins.list[PoolOut]:
+        """The warm pools (docs/pools.md)."""
+        return self._typed(PoolList, "GET", "/v1/pools").pools
 
 
 def _chunks(handle: IO[bytes]) -> Iterator[bytes]:

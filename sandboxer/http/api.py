@@ -116,6 +116,8 @@ from sandboxer.wire import (
     InputOut,
     LedgerPage,
     LogLine,
+    PoolList,
+    PoolOut,
     ProfileList,
     ProfileOut,
     Progress,
@@ -1364,6 +1366,11 @@ class Api:
             )
         return json_response(ProfileList(profiles=out))
 
+    async def list_pools(self, request: web.Request) -> web.Response:
+        pools = self.bus.pools
+        found = pools.status() if pools is not None else []
+        return json_response(PoolList(pools=[PoolOut(**msgspec.structs.asdict(p)) for p in found]))
+
     async def replay(self, request: web.Request) -> web.Response:
         return json_response(await self.runner.verify())
 
@@ -1930,6 +1937,15 @@ ROUTES: tuple[Route, ...] = (
         "Profiles",
         Access.MEMBER,
         answers=(Answer(200, body=ProfileList),),
+    ),
+    Route(
+        "GET",
+        "/v1/pools",
+        "list_pools",
+        "listPools",
+        "Warm pools: size, members ready and coming up, claimed (docs/pools.md)",
+        Access.MEMBER,
+        answers=(Answer(200, body=PoolList),),
     ),
     Route(
         "GET",

@@ -919,3 +919,24 @@ async def test_logs_panel_keeps_2000_lines_and_aborts_when_unfollowed_or_left(
     assert "/logs?" in (await left.value).url
     await expect(page.locator("#sandboxes")).to_be_visible()
     await browser.check_clean()
+
+
+async def test_the_pools_panel_follows_a_claim_and_the_refill(
+    start_service: StartService, browser: Browser, tmp_path: Path
+) -> None:
+    from tests.integration.test_pools import PROFILE, pool_is, write_pool
+
+    svc = await start_service(**write_pool(tmp_path, size=2))
+    page = await open_dashboard(browser, svc.url)
+    panel = page.locator("#pools")
+    pool = panel.locator(f'tr[data-pool="{PROFILE}"]')
+    await expect(pool.locator('[data-col="size"]')).to_have_text("2")
+    await expect(pool.locator('[data-col="ready"]')).to_have_text("2")
+    await expect(pool.locator('[data-col="claimed"]')).to_have_text("0")
+    await pool_is(svc, ready=2)
+    made = await create(svc.http, svc.url, profile=PROFILE, account="acme")
+    assert made["state"] == "ready"
+    await expect(pool.locator('[data-col="claimed"]')).to_have_text("1")
+    await expect(pool.locator('[data-col="ready"]')).to_have_text("2")
+    await expect(panel).to_be_visible()
+    await browser.check_clean()

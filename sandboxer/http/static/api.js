@@ -91,4 +91,5 @@ export const api = {
   grant: (name, amount, reason) =>
     call("POST", `${account(name)}/credits`, { body: { amount, reason } }),
   audit: () => call("POST", "/v1/ledger/audit"),
+  pools: () => call("GET", "/v1/pools"),
 };

@@ -6,6 +6,7 @@ import { api, onUnauthorized, token } from "./api.js";
 import { loadAccounts, mountAccounts } from "./accounts.js";
 import { clearError, h, showError } from "./dom.js";
 import { LiveRows } from "./live.js";
+import { mountPools } from "./pools.js";
 import { mountSandbox } from "./sandbox.js";
 import { mountSandboxes } from "./sandboxes.js";
 import { EventStream, parseSubject } from "./stream.js";
@@ -48,7 +49,15 @@ function route() {
   } else if (section === "accounts") {
     unmount = mountAccounts(view, ctx);
   } else {
-    unmount = mountSandboxes(view, ctx);
+    const pools = h("div");
+    const list = h("div");
+    view.replaceChildren(pools, list);
+    const unmountPools = mountPools(pools, ctx);
+    const unmountList = mountSandboxes(list, ctx);
+    unmount = () => {
+      unmountPools();
+      unmountList();
+    };
   }
 }
 

@@ -1,0 +1,142 @@
+"""The warm pools' shared state in JetStream KV (sandboxer/app/pools.py uses it).
+
+Two buckets, replicated like the event stream:
+
+- `sandboxer_pool_locks`: `lock.<profile>` while one worker fills that profile's
+  pool (a create-if-absent; the bucket's max age frees the lock of a worker that
+  died holding it). Filling under it is what keeps several workers from over-filling.
+- `sandboxer_pool_claims`: `claim.<sandbox_id>` once a create claims that member
+  (a create-if-absent: of two workers racing for one member, one wins). The value is
+  the claim intent (claim id, claimer's account, TTL, labels, actor, correlation id,
+  and the claiming worker's `<name>/<incarnation>`).
+
+Whether a worker is alive is read from the lease table's session bucket
+(sandboxer/store/leases.py): an intent whose worker's incarnation is gone and whose
+`SandboxClaimed` was never recorded is undone (docs/pools.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from sandboxer.store.leases import WORKERS_BUCKET
+
+log = logging.getLogger(__name__)
+
+LOCKS_BUCKET = "sandboxer_pool_locks"
+CLAIMS_BUCKET = "sandboxer_pool_claims"
+LOCK_TTL = 20.0
+
+
+class PoolKV:
+    def __init__(self, js: JetStreamContext, *, replicas: int = 1, lock_ttl: float = LOCK_TTL):
+        self.js = js
+        self.replicas = replicas
+        self.lock_ttl = lock_ttl
+        self._locks: KeyValue | None = None
+        self._claims: KeyValue | None = None
+        self._workers: KeyValue | None = None
+
+    async def start(self) -> None:
+        self._locks = await self._bucket(LOCKS_BUCKET, self.lock_ttl)
+        self._claims = await self._bucket(CLAIMS_BUCKET, 0)
+        self._workers = await self.js.key_value(WORKERS_BUCKET)
+
+    async def _bucket(self, name: str, ttl: float) -> KeyValue:
+        config = KeyValueConfig(
+            bucket=name,
+            history=1,
+            ttl=ttl or None,
+            storage=StorageType.FILE,
+            replicas=self.replicas,
+        )
+        for attempt in range(1, 6):
+            try:
+                return await self.js.create_key_value(config)
+            except (TimeoutError, nats.errors.Error) as exc:
+                if attempt == 5:
+                    raise
+                log.warning("KV bucket %s: %s; retrying", name, exc)
+                await asyncio.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
+
+    # ---- the fill lock ---------------------------------------------------------------
+
+    async def lock(self, profile: str, holder: str) -> int | None:
+        """Take the fill lock of `profile`: its revision, or None if another holds it."""
+        assert self._locks is not None
+        try:
+            return await self._locks.create(f"lock.{profile}", holder.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+
+    async def unlock(self, profile: str, revision: int) -> None:
+        assert self._locks is not None
+        try:
+            await self._locks.delete(f"lock.{profile}", last=revision)
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            pass  # it expired (and someone else may hold it now): not ours to delete
+
+    # ---- claims ----------------------------------------------------------------------
+
+    async def claim(self, sandbox_id: str, intent: dict[str, Any]) -> int | None:
+        """Write the claim intent if the member has none: its revision, or None if
+        another create claimed the member first."""
+        assert self._claims is not None
+        try:
+            return await self._claims.create(f"claim.{sandbox_id}", json.dumps(intent).encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+
+    async def intent(self, sandbox_id: str) -> tuple[dict[str, Any], int] | None:
+        assert self._claims is not None
+        try:
+            entry = await self._claims.get(f"claim.{sandbox_id}")
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return json.loads(entry.value), entry.revision
+
+    async def intents(self) -> dict[str, tuple[dict[str, Any], int]]:
+        """Every claim intent, by member id."""
+        assert self._claims is not None
+        try:
+            keys = await self._claims.keys()
+        except nats.js.errors.NoKeysError:
+            return {}
+        found: dict[str, tuple[dict[str, Any], int]] = {}
+        for key in keys:
+            sandbox_id = key.removeprefix("claim.")
+            got = await self.intent(sandbox_id)
+            if got is not None:
+                found[sandbox_id] = got
+        return found
+
+    async def forget(self, sandbox_id: str, revision: int) -> bool:
+        """Delete the claim intent if it is still the one at `revision`."""
+        assert self._claims is not None
+        try:
+            await self._claims.delete(f"claim.{sandbox_id}", last=revision)
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            return False
+        return True
+
+    async def alive(self, holder: str) -> bool:
+        """Whether `<name>/<incarnation>` is a worker's current session."""
+        assert self._workers is not None
+        name, _, incarnation = holder.partition("/")
+        try:
+            entry = await self._workers.get(name)
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        return bool(json.loads(entry.value or b"{}").get("incarnation") == incarnation)

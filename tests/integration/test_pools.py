@@ -1,0 +1,475 @@
+"""Warm pools (docs/pools.md): filled in the background, claimed atomically across
+workers, refilled, recycled, drained; a crashed claimer's intent undone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from sandboxer.app.pools import PoolKeeper
+from sandboxer.bootstrap import Service
+from sandboxer.config import Settings
+from sandboxer.profiles import ProfileError
+from sandboxer.store.nats_server import EmbeddedNats
+from tests.conftest import RunningService, StartService
+from tests.helpers import create, event_types, wait_state
+from tests.infra import Podman, ServeProcess, free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+PROFILE = "profile.warm"
+
+
+def write_pool(
+    folder: Path,
+    *,
+    size: int,
+    latency_ms: int = 0,
+    max_age: int = 3600,
+    ttl: int = 600,
+    pool: bool = True,
+    extension: str = "plain-stub",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """A non-metered stub extension (the saas-stub adapter without metering: its
+    instances are JSON files under `state`) and a profile with a pool; the env to
+    start a service with them. Called again, it rewrites the profile."""
+    ext_dir, prof_dir = folder / "ext", folder / "prof"
+    ext_dir.mkdir(parents=True, exist_ok=True)
+    prof_dir.mkdir(parents=True, exist_ok=True)
+    (ext_dir / "ext.plain-stub.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "plain-stub",
+                "version": "0.0.1",
+                "entry_point": "extensions.saas_stub:SaasStub",
+                "capabilities": [
+                    "provision",
+                    "wait_ready",
+                    "teardown",
+                    "inventory",
+                    "remove_orphan",
+                ],
+                "config": {
+                    "state_dir": {"type": "str", "default": str(folder / "state")},
+                    "latency_ms": {"type": "int", "default": latency_ms},
+                },
+            }
+        )
+    )
+    profile: dict[str, Any] = {
+        "name": PROFILE,
+        "extension": extension,
+        "ttl_seconds": ttl,
+        "inputs": {"flavour": {"default": "plain", "choices": ["plain", "spicy"]}},
+        **(extra or {}),
+    }
+    if pool:
+        profile["pool"] = {"size": size, "max_age_seconds": max_age}
+    (prof_dir / f"{PROFILE}.yaml").write_text(yaml.safe_dump(profile))
+    return {
+        "SANDBOXER_EXTENSIONS_PATH": str(ext_dir),
+        "SANDBOXER_PROFILES_PATH": str(prof_dir),
+    }
+
+
+def instances(folder: Path) -> list[str]:
+    """What the stub backend holds now (one JSON file per live instance)."""
+    return sorted(p.stem for p in (folder / "state").glob("*.json"))
+
+
+async def pools(http: aiohttp.ClientSession, url: str) -> dict[str, dict[str, Any]]:
+    async with http.get(f"{url}/v1/pools") as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+    return {p["profile"]: p for p in body["pools"]}
+
+
+async def until(
+    check: Callable[[], Awaitable[bool]], timeout: float = 30.0, what: str = ""
+) -> None:
+    """Poll a condition under a deadline (never a bare sleep as synchronization)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def pool_is(
+    svc: RunningService, *, ready: int, provisioning: int = 0, timeout: float = 30.0
+) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    async def check() -> bool:
+        nonlocal seen
+        seen = (await pools(svc.http, svc.url)).get(PROFILE, {})
+        return seen.get("ready") == ready and seen.get("provisioning") == provisioning
+
+    await until(check, timeout, f"pool ready={ready} provisioning={provisioning}")
+    return seen
+
+
+def keeper(svc: RunningService) -> PoolKeeper:
+    assert svc.service.pools is not None
+    return svc.service.pools
+
+
+async def passes(svc: RunningService, more: int) -> None:
+    """Let the worker's keeper make `more` full passes over its pools."""
+    start = keeper(svc).passes
+
+    async def check() -> bool:
+        return keeper(svc).passes >= start + more
+
+    await until(check, 30, "keeper passes")
+
+
+def members(svc: RunningService) -> list[Any]:
+    """Every live unclaimed member the worker's read model knows (any worker's)."""
+    return keeper(svc).members(PROFILE)
+
+
+async def test_a_create_claims_a_ready_member_and_the_pool_refills(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    svc = await start_service(**write_pool(tmp_path, size=2))
+    await pool_is(svc, ready=2)
+    before = {m.id for m in members(svc)}
+    made = await create(svc.http, svc.url, profile=PROFILE, account="alice", labels={"t": "1"})
+    assert made["id"] in before  # a warm member, handed over at once
+    assert made["state"] == "ready" and made["account"] == "alice"
+    assert made["labels"] == {"t": "1"}
+    types = await event_types(svc.http, svc.url, made["id"])
+    assert types[-1] == "SandboxClaimed" and types.count("SandboxClaimed") == 1
+    async with svc.http.get(f"{svc.url}/v1/sandboxes/{made['id']}/events") as resp:
+        claimed = (await resp.json())["events"][-1]["event"]
+    assert claimed["event_id"] == f"{made['id']}.claimed", claimed
+    assert len(claimed["claim_id"]) == 32 and claimed["account"] == "alice"
+    assert claimed["actor"] != "system:pool-keeper"
+    # The claimer's TTL starts at the claim: the profile's 600 s from then.
+    assert made["ttl_seconds"] == 600
+    # Refilled: two unclaimed members again, one claimed.
+    status = await pool_is(svc, ready=2)
+    assert status["size"] == 2 and status["claimed"] == 1
+    # Other inputs than the defaults: a cold create, no member taken.
+    cold = await create(svc.http, svc.url, profile=PROFILE, inputs={"flavour": "spicy"})
+    assert cold["id"] not in {m.id for m in members(svc)} | before
+    assert "SandboxClaimed" not in await event_types(svc.http, svc.url, cold["id"])
+    # An Idempotency-Key create is cold too (its id derives from the key).
+    async with svc.http.post(
+        f"{svc.url}/v1/sandboxes", json={"profile": PROFILE}, headers={"Idempotency-Key": "k-1"}
+    ) as resp:
+        keyed = await resp.json()
+        assert resp.status == 202, keyed
+    assert "SandboxClaimed" not in await event_types(svc.http, svc.url, keyed["id"])
+    await pool_is(svc, ready=2)
+
+
+async def two_workers(
+    start_service: StartService, tmp_path: Path, env: dict[str, str]
+) -> list[RunningService]:
+    return [
+        await start_service(
+            SANDBOXER_DATA_DIR=str(tmp_path / name),
+            SANDBOXER_WORKER_NAME=name,
+            SANDBOXER_LEASE_TTL="2",
+            **env,
+        )
+        for name in ("wa", "wb")
+    ]
+
+
+async def test_two_workers_never_overfill_and_never_claim_one_member_twice(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    size = 3
+    a, b = await two_workers(start_service, tmp_path, write_pool(tmp_path, size=size))
+    await pool_is(a, ready=size)
+    await pool_is(b, ready=size)
+    # Both keepers go on filling: still the pool's size, not twice it.
+    await passes(a, 3)
+    await passes(b, 3)
+    assert len(members(a)) == size and len(members(b)) == size
+    assert len(instances(tmp_path)) == size
+    warm = {m.id for m in members(a)}
+
+    # Twice as many creates as members, half on each worker, all at once.
+    made = await asyncio.gather(
+        *[
+            create(w.http, w.url, profile=PROFILE, account=f"acct-{i}")
+            for i, w in enumerate([a, b] * size)
+        ]
+    )
+    ids = [m["id"] for m in made]
+    assert len(set(ids)) == len(ids)  # nobody got a sandbox another create got
+    claimed = [i for i in ids if i in warm]
+    assert sorted(claimed) == sorted(warm)  # every member went to exactly one create
+    for sandbox_id in claimed:
+        types = await event_types(a.http, a.url, sandbox_id)
+        assert types.count("SandboxClaimed") == 1, types
+    for m in made:
+        await wait_state(a.http, a.url, m["id"], {"ready"})
+
+    # Refilled by both keepers together, and never above the size while they do.
+    async def refilled() -> bool:
+        for w in (a, b):
+            status = (await pools(w.http, w.url))[PROFILE]
+            assert status["ready"] + status["provisioning"] <= size, status
+        return (await pools(a.http, a.url))[PROFILE]["ready"] == size
+
+    await until(refilled, 30, "the refill")
+    await passes(a, 2)
+    await passes(b, 2)
+    assert len(members(a)) == size and len(members(b)) == size
+    assert len(instances(tmp_path)) == size + len(ids)  # the members, and what was made
+
+
+async def test_a_claim_then_a_crash_then_a_restart(
+    start_service: StartService, nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """A claimer killed after it won a member's claim intent, before SandboxClaimed:
+    the member is claimed by nobody, and once the claimer's session is gone (its
+    restart) the intent is undone: the member goes back to the pool and a create
+    claims it."""
+    env = write_pool(tmp_path, size=1)
+    a = await start_service(
+        SANDBOXER_DATA_DIR=str(tmp_path / "wa"), SANDBOXER_WORKER_NAME="wa", **env
+    )
+    await pool_is(a, ready=1)
+    (member,) = members(a)
+    common = {**env, "SANDBOXER_NATS_URL": nats_server.service_url, "SANDBOXER_WORKER_NAME": "wc"}
+    crasher = ServeProcess(
+        tmp_path / "wc", free_port(), SANDBOXER_FAILPOINTS="pool-claim-intent", **common
+    )
+    try:
+        await crasher.wait_healthy(a.http)
+        with pytest.raises(aiohttp.ClientError):
+            await create(a.http, crasher.url, profile=PROFILE, account="crashed")
+        assert crasher.proc.wait(10) != 0
+    finally:
+        crasher.kill()
+    # Not claimed: no SandboxClaimed, the pool still counts it, not refilled beside it.
+    assert "SandboxClaimed" not in await event_types(a.http, a.url, member.id)
+    await passes(a, 2)
+    assert [m.id for m in members(a)] == [member.id]
+
+    again = ServeProcess(tmp_path / "wc", free_port(), **common)
+    try:
+        await again.wait_healthy(a.http)
+        made = await create(a.http, again.url, profile=PROFILE, account="bob")
+    finally:
+        again.terminate()
+    assert made["id"] == member.id and made["account"] == "bob"
+    types = await event_types(a.http, a.url, member.id)
+    assert types.count("SandboxClaimed") == 1
+    await pool_is(a, ready=1)
+    assert len(instances(tmp_path)) == 2
+
+
+async def test_a_slow_backend_neither_overfills_nor_blocks_a_create(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    svc = await start_service(**write_pool(tmp_path, size=2, latency_ms=1500))
+    status = await pool_is(svc, ready=0, provisioning=2)
+    assert status["size"] == 2
+    # While the members come up, a create does not wait for them: it is cold.
+    async with asyncio.timeout(5):
+        cold = await create(svc.http, svc.url, profile=PROFILE)
+    assert cold["state"] != "ready" and cold["id"] not in {m.id for m in members(svc)}
+    await passes(svc, 3)  # passes while the members still provision: no extra member
+    assert len(members(svc)) == 2
+    await pool_is(svc, ready=2, timeout=60)
+    assert len(members(svc)) == 2
+    await wait_state(svc.http, svc.url, cold["id"], {"ready"})
+
+
+async def test_old_members_are_recycled(start_service: StartService, tmp_path: Path) -> None:
+    svc = await start_service(**write_pool(tmp_path, size=1, max_age=10))
+    await pool_is(svc, ready=1)
+    (first,) = members(svc)
+    done = await wait_state(svc.http, svc.url, first.id, {"destroyed"}, timeout=40)
+    assert "(pool_recycle)" in done["reason"], done
+    await pool_is(svc, ready=1)
+    assert [m.id for m in members(svc)] != [first.id]
+
+
+async def test_a_changed_then_removed_profile_drains_its_members(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    env = write_pool(tmp_path, size=2)
+    svc = await start_service(**env)
+    await pool_is(svc, ready=2)
+    old = {m.id for m in members(svc)}
+    await svc.stop()
+
+    # A profile change (its TTL): the old members are drained, new ones made.
+    write_pool(tmp_path, size=2, ttl=900)
+    svc = await start_service(**env)
+    for sandbox_id in old:
+        done = await wait_state(svc.http, svc.url, sandbox_id, {"destroyed"})
+        assert "(pool_drain)" in done["reason"], done
+    await pool_is(svc, ready=2)
+    new = {m.id for m in members(svc)}
+    assert not new & old
+    await svc.stop()
+
+    # The profile loses its pool: every member goes, nothing leaks on the backend.
+    write_pool(tmp_path, size=2, pool=False)
+    svc = await start_service(**env)
+    for sandbox_id in new:
+        done = await wait_state(svc.http, svc.url, sandbox_id, {"destroyed"})
+        assert "(pool_drain)" in done["reason"], done
+    assert instances(tmp_path) == []
+    assert members(svc) == []
+
+    # A member whose profile file is gone altogether is drained the same way.
+    await svc.stop()
+    write_pool(tmp_path, size=1)
+    svc = await start_service(**env)
+    await pool_is(svc, ready=1)
+    (last,) = members(svc)
+    await svc.stop()
+    (tmp_path / "prof" / f"{PROFILE}.yaml").unlink()
+    svc = await start_service(**env)
+    done = await wait_state(svc.http, svc.url, last.id, {"destroyed"})
+    assert "(pool_drain)" in done["reason"], done
+    assert instances(tmp_path) == []
+    assert await pools(svc.http, svc.url) == {}
+
+
+async def test_reconcile_knows_pool_members(start_service: StartService, tmp_path: Path) -> None:
+    svc = await start_service(**write_pool(tmp_path, size=2))
+    await pool_is(svc, ready=2)
+    async with svc.http.post(f"{svc.url}/v1/reconcile") as resp:
+        report = await resp.json()
+        assert resp.status == 200, report
+    assert report["orphans"] == [], report
+    assert len(instances(tmp_path)) == 2
+
+
+async def test_a_pool_on_a_metered_extension_fails_the_start(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    env = write_pool(tmp_path, size=1, extension="saas-stub")
+    settings = Settings.from_env(
+        {
+            "SANDBOXER_NATS_URL": nats_server.service_url,
+            "SANDBOXER_DATA_DIR": str(tmp_path / "data"),
+            **env,
+        },
+        port=free_port(),
+    )
+    service = Service(settings)
+    try:
+        with pytest.raises(ProfileError) as raised:
+            await service.start()
+    finally:
+        await service.stop()
+    assert PROFILE in str(raised.value) and "metered" in str(raised.value)
+
+
+def write_local_pool(folder: Path, repo: Path, size: int) -> None:
+    """compose-local profiles on the test's repo: one with a pool, one without."""
+    prof_dir = folder / "local-prof"
+    prof_dir.mkdir(parents=True, exist_ok=True)
+    for name, pool in (("profile.warm-local", True), ("profile.cold-local", False)):
+        profile: dict[str, Any] = {
+            "name": name,
+            "extension": "compose-local",
+            "ttl_seconds": 600,
+            "inputs": {"repo": {"default": str(repo)}},
+        }
+        if pool:
+            profile["pool"] = {"size": size, "max_age_seconds": 3600}
+        (prof_dir / f"{name}.yaml").write_text(yaml.safe_dump(profile))
+
+
+async def clean_up(svc: RunningService) -> None:
+    """Leave nothing running: the keeper stops first, then every live sandbox goes."""
+    await keeper(svc).stop()
+    assert svc.service.manager is not None
+    live = [s.sandbox_id for s in svc.service.manager.live()]
+    for sandbox_id in live:
+        async with svc.http.delete(f"{svc.url}/v1/sandboxes/{sandbox_id}") as resp:
+            assert resp.status in (202, 409), await resp.json()
+    for sandbox_id in live:
+        await wait_state(svc.http, svc.url, sandbox_id, {"destroyed"}, timeout=60)
+
+
+async def test_a_pool_stays_within_capacity_and_never_blocks_an_ordinary_create(
+    start_service: StartService, podman: Podman, compose_repo: Path, tmp_path: Path
+) -> None:
+    """Two places on the machine, a pool of three: two members, the third rejected
+    for want of a place. An ordinary create then takes a member's place (the member
+    is evicted: pool_evict) and comes up; the places in use end at two again."""
+    write_local_pool(tmp_path, compose_repo, size=3)
+    svc = await start_service(
+        SANDBOXER_COMPOSE_LOCAL_CMD=podman.compose_cmd,
+        SANDBOXER_COMPOSE_LOCAL_ENGINE_CMD=podman.engine_cmd,
+        SANDBOXER_COMPOSE_LOCAL_STOP_TIMEOUT="1",
+        SANDBOXER_COMPOSE_LOCAL_CAPACITY="2",
+        SANDBOXER_REPO_ROOTS=str(tmp_path),
+        SANDBOXER_PROFILES_PATH=str(tmp_path / "local-prof"),
+    )
+
+    try:
+
+        async def status() -> dict[str, Any]:
+            return (await pools(svc.http, svc.url))["profile.warm-local"]
+
+        async def two_ready_one_rejected() -> bool:
+            async with svc.http.get(
+                f"{svc.url}/v1/sandboxes", params={"state": "rejected", "account": "pool"}
+            ) as resp:
+                rejected = (await resp.json())["sandboxes"]
+            return (await status())["ready"] == 2 and bool(rejected)
+
+        await until(two_ready_one_rejected, 90, "two members ready, one rejected")
+        async with svc.http.get(
+            f"{svc.url}/v1/sandboxes", params={"state": "rejected", "account": "pool"}
+        ) as resp:
+            (rejected, *_) = (await resp.json())["sandboxes"]
+        assert "is full (local 2/2)" in rejected["reason"], rejected
+        warm = {m.id for m in keeper(svc).members("profile.warm-local")}
+        assert len(warm) == 2
+
+        made = await create(svc.http, svc.url, profile="profile.cold-local")
+        assert made["id"] not in warm
+        await wait_state(svc.http, svc.url, made["id"], {"ready"}, timeout=90)
+        evicted = []
+        for sandbox_id in warm:
+            async with svc.http.get(f"{svc.url}/v1/sandboxes/{sandbox_id}") as resp:
+                row = await resp.json()
+            if row["state"] in ("tearing_down", "destroyed"):
+                evicted.append(sandbox_id)
+        assert len(evicted) == 1, evicted
+        done = await wait_state(svc.http, svc.url, evicted[0], {"destroyed"}, timeout=60)
+        assert "(pool_evict)" in done["reason"], done
+        assert sum(keeper(svc).manager._load("compose-local").values()) == 2
+    finally:
+        await clean_up(svc)
+
+
+async def test_the_client_lists_pools(start_service: StartService, tmp_path: Path) -> None:
+    from sandboxer.client import AsyncClient, Client
+
+    svc = await start_service(**write_pool(tmp_path, size=1))
+    await pool_is(svc, ready=1)
+    async with AsyncClient(svc.url) as client:
+        (pool,) = await client.pools()
+    assert (pool.profile, pool.size, pool.ready, pool.provisioning) == (PROFILE, 1, 1, 0)
+
+    def sync_pools() -> list[Any]:
+        with Client(svc.url) as client:
+            return client.pools()
+
+    (same,) = await asyncio.to_thread(sync_pools)
+    assert same == pool
