@@ -183,6 +183,17 @@ async def sandbox(
         yield box
 
 
+@pytest_asyncio.fixture(loop_scope="module", autouse=True)
+async def running_after(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """After each test of the shared sandbox, it runs again whatever the test left
+    (a failure halfway must not fail the tests after it): a stop-mode resume unpauses
+    and starts every container."""
+    yield
+    if "sandbox" in request.fixturenames:
+        box: Sandbox = request.getfixturevalue("sandbox")
+        await box.adapter.resume(box.ctx, box.handle, "stop")
+
+
 async def endpoint_port(box: Sandbox) -> int:
     (web,) = [
         e
@@ -255,29 +266,31 @@ async def test_pause_freezes_the_processes_and_refuses_what_would_hang(
     async def advances(than: int) -> bool:
         return count() > than
 
-    await until(lambda: advances(2), "the counter loop runs")
-    await sandbox.adapter.pause(ctx, handle, "pause")
     try:
-        frozen = count()
-        source = tmp_path / "x.txt"
-        source.write_text("x")
-        started = time.monotonic()
-        with pytest.raises(CommandRefused, match="paused"):
-            await sandbox.commands.exec(ctx, handle, ["true"], service="worker")
-        with pytest.raises(FileRefused, match="paused"):
-            await sandbox.files.put_file(ctx, handle, "/tmp/x.txt", source, service="worker")
-        with pytest.raises(FileRefused, match="paused"):
-            await sandbox.read("/etc/hostname", "worker")
-        assert time.monotonic() - started < 2, "refused at once, not after a hang"
-        assert await sandbox.sh("echo workspace", service=None) == "workspace\n"
-        # A negative check needs a window: ten of the loop's ticks.
-        await asyncio.sleep(1.0)
-        assert count() == frozen, "a paused container's loop went on"
-        assert sandbox.states()["worker"] == "paused"
-    finally:
-        await sandbox.adapter.resume(ctx, handle, "pause")
-    await until(lambda: advances(frozen + 2), "the loop goes on after resume")
-    (sandbox.volume() / "stop").touch()
+        await until(lambda: advances(2), "the counter loop runs")
+        await sandbox.adapter.pause(ctx, handle, "pause")
+        try:
+            frozen = count()
+            source = tmp_path / "x.txt"
+            source.write_text("x")
+            started = time.monotonic()
+            with pytest.raises(CommandRefused, match="paused"):
+                await sandbox.commands.exec(ctx, handle, ["true"], service="worker")
+            with pytest.raises(FileRefused, match="paused"):
+                await sandbox.files.put_file(ctx, handle, "/tmp/x.txt", source, service="worker")
+            with pytest.raises(FileRefused, match="paused"):
+                await sandbox.read("/etc/hostname", "worker")
+            assert time.monotonic() - started < 2, "refused at once, not after a hang"
+            assert await sandbox.sh("echo workspace", service=None) == "workspace\n"
+            # A negative check needs a window: ten of the loop's ticks.
+            await asyncio.sleep(1.0)
+            assert count() == frozen, "a paused container's loop went on"
+            assert sandbox.states()["worker"] == "paused"
+        finally:
+            await sandbox.adapter.resume(ctx, handle, "pause")
+        await until(lambda: advances(frozen + 2), "the loop goes on after resume")
+    finally:  # the loop ends (the tests after this one measure an idle sandbox)
+        (sandbox.volume() / "stop").touch()
 
     async def ended() -> bool:
         return done.exists()
@@ -396,13 +409,6 @@ async def test_activity_moves_with_use_and_not_when_idle(sandbox: Sandbox, tmp_p
     assert moved["web.cpu"] > busy["web.cpu"], (busy, moved)
 
 
-async def test_a_paused_sandbox_is_torn_down(sandbox: Sandbox) -> None:
-    """Left paused for the module's teardown, which must remove it all (the fixture
-    checks nothing of the project is left)."""
-    await sandbox.adapter.pause(sandbox.ctx, sandbox.handle, "pause")
-    assert set(sandbox.states().values()) == {"paused"}
-
-
 # ---- over SSH --------------------------------------------------------------------------
 
 
@@ -410,7 +416,8 @@ async def test_one_cycle_of_each_mode_over_ssh(
     podman: Podman, ssh_hosts: list[SSHHost], tmp_path: Path
 ) -> None:
     """compose-ssh, a real sshd on loopback: each mode once; the named volume's and
-    the workspace's files survive, the services run again and web answers."""
+    the workspace's files survive, the services run again and web answers; a paused
+    sandbox is torn down completely."""
     async with open_sandbox("compose-ssh", tmp_path, podman, ssh_hosts) as box:
         ctx, handle = box.ctx, box.handle
         await box.sh("echo -n kept > /data/kept.txt")
@@ -425,3 +432,6 @@ async def test_one_cycle_of_each_mode_over_ssh(
             assert await http_get(await endpoint_port(box)) == "paused and resumed\n"
             counters = await box.counting.activity(ctx, handle)
             assert {"web.cpu", "worker.cpu"} <= set(counters)
+        # left paused: the teardown of open_sandbox removes it all (and checks)
+        await box.adapter.pause(ctx, handle, "pause")
+        assert set(box.states().values()) == {"paused"}
