@@ -188,10 +188,6 @@ class PoolOut(msgspec.Struct, kw_only=True):
     max_age_seconds: int
 
 
-class PoolList(msgspec.Struct):
-    pools: list[PoolOut]
-
-
 class GrantBody(msgspec.Struct, forbid_unknown_fields=True):
     amount: Annotated[int, msgspec.Meta(ge=1, le=MAX_GRANT)]
     reason: Annotated[str, msgspec.Meta(max_length=MAX_REASON, pattern=PLAIN_TEXT)] = ""

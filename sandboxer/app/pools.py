@@ -386,6 +386,8 @@ class PoolKeeper:
             "at": utc_now().isoformat(),
         }
         revision = await self.kv.claim(sandbox_id, intent)
+        if revision is None and await self._undo_stale(sandbox_id):
+            revision = await self.kv.claim(sandbox_id, intent)  # the member is free again
         if revision is None:
             return None  # another create won this member
         failpoint("pool-claim-intent")  # a crash here leaves an intent to undo
@@ -447,6 +449,20 @@ class PoolKeeper:
             command.sandbox_id, build, command.meta, event_id=f"{command.sandbox_id}.claimed"
         )
         return Outcome(seq=seq, sandbox_id=command.sandbox_id)
+
+    async def _undo_stale(self, sandbox_id: str) -> bool:
+        """The member's intent, if one whose claiming worker is gone before it was
+        recorded, undone now (not left for the next pass): whether it was."""
+        found = await self.kv.intent(sandbox_id)
+        if found is None:
+            return True  # undone meanwhile
+        intent, revision = found
+        view = self.manager.runner.projection.get(sandbox_id)
+        if view is None or view.claimed_at is not None:
+            return False
+        if await self.kv.alive(str(intent.get("holder"))):
+            return False  # a claim in flight
+        return await self.kv.forget(sandbox_id, revision)
 
     async def undo_stale_claims(self) -> None:
         """Claim intents left behind: a member that ended (its intent is done with),

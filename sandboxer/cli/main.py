@@ -782,6 +782,22 @@ def cmd_profiles(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
+def cmd_pools(args: argparse.Namespace, client: Client) -> int:
+    """The warm pools: members ready and coming up against each pool's size."""
+    pools = _plain(client.pools())
+    if args.json:
+        _print_json(pools)
+        return EXIT_OK
+    rows = [
+        [p["profile"], p["size"], p["ready"], p["provisioning"], p["claimed"], p["max_age_seconds"]]
+        for p in pools
+    ]
+    Table(
+        ["PROFILE", "SIZE", "READY", "PROVISIONING", "CLAIMED", "MAX AGE"], right={1, 2, 3, 4, 5}
+    ).write(rows)
+    return EXIT_OK
+
+
 def cmd_ledger(args: argparse.Namespace, client: Client) -> int:
     return int(LEDGER_COMMANDS[args.ledger_command](args, client))
 
@@ -1096,6 +1112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profiles", help="list profiles and their inputs")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("pools", help="the warm pools: members ready against each size")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser(
         "nats-info", help="the event store's NATS URL, stream and reader credentials file"
     )
@@ -1178,6 +1197,7 @@ COMMANDS = {
     "replay": cmd_replay,
     "reconcile": cmd_reconcile,
     "profiles": cmd_profiles,
+    "pools": cmd_pools,
     "ledger": cmd_ledger,
     "checkpoint": cmd_checkpoint,
     "e2e": cmd_e2e,

@@ -40,7 +40,6 @@ from sandboxer.wire import (
     Identity,
     LedgerPage,
     LogLine,
-    PoolList,
     PoolOut,
     ProfileList,
     ProfileOut,
@@ -692,7 +691,7 @@ class AsyncClient:
 
     async def pools(self) -> builtins.list[PoolOut]:
         """The warm pools (docs/pools.md)."""
-        return (await self._typed(PoolList, "GET", "/v1/pools")).pools
+        return await self._typed(builtins.list[PoolOut], "GET", "/v1/pools")
 
 
 async def _achunks(handle: IO[bytes]) -> AsyncIterator[bytes]:

@@ -37,7 +37,6 @@ from sandboxer.wire import (
     Identity,
     LedgerPage,
     LogLine,
-    PoolList,
     PoolOut,
     ProfileList,
     ProfileOut,
@@ -695,7 +694,7 @@ class Client:
 
     def pools(self) -> builtins.list[PoolOut]:
         """The warm pools (docs/pools.md)."""
-        return self._typed(PoolList, "GET", "/v1/pools").pools
+        return self._typed(builtins.list[PoolOut], "GET", "/v1/pools")
 
 
 def _chunks(handle: IO[bytes]) -> Iterator[bytes]:

@@ -116,7 +116,6 @@ from sandboxer.wire import (
     InputOut,
     LedgerPage,
     LogLine,
-    PoolList,
     PoolOut,
     ProfileList,
     ProfileOut,
@@ -1369,7 +1368,8 @@ class Api:
     async def list_pools(self, request: web.Request) -> web.Response:
         pools = self.bus.pools
         found = pools.status() if pools is not None else []
-        return json_response(PoolList(pools=[PoolOut(**msgspec.structs.asdict(p)) for p in found]))
+        # A bare array, as the issue that introduced pools gave the answer.
+        return json_response([PoolOut(**msgspec.structs.asdict(p)) for p in found])
 
     async def replay(self, request: web.Request) -> web.Response:
         return json_response(await self.runner.verify())
@@ -1945,7 +1945,7 @@ ROUTES: tuple[Route, ...] = (
         "listPools",
         "Warm pools: size, members ready and coming up, claimed (docs/pools.md)",
         Access.MEMBER,
-        answers=(Answer(200, body=PoolList),),
+        answers=(Answer(200, "one entry per profile with a pool", items=PoolOut),),
     ),
     Route(
         "GET",

@@ -75,6 +75,8 @@ class Answer:
     links: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # A stream of JSON lines (application/x-ndjson), each one of these msgspec types.
     frames: tuple[type, ...] = ()
+    # A JSON array of this msgspec type (the body as the answer's whole document).
+    items: type | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ def component_types(routes: Iterable[Route]) -> list[type]:
                 seen.setdefault(answer.body)
             for frame in answer.frames:
                 seen.setdefault(frame)
+            if answer.items is not None:
+                seen.setdefault(answer.items)
     return list(seen)
 
 
@@ -139,6 +143,8 @@ def openapi_paths(
             schema = ref(answer.body.__name__) if answer.body is not None else answer.schema
             if answer.frames:
                 schema = {"oneOf": [ref(frame.__name__) for frame in answer.frames]}
+            if answer.items is not None:
+                schema = {"type": "array", "items": ref(answer.items.__name__)}
             if schema is not None:
                 out["content"] = {answer.content_type: {"schema": dict(schema)}}
             if answer.links:

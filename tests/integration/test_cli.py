@@ -334,6 +334,7 @@ def test_every_data_command_has_json(server: Server, tmp_path: Path) -> None:
         "replay": run_json(server, "replay", "--json"),
         "reconcile": run_json(server, "reconcile", "--json", codes=(0, 1)),
         "profiles": run_json(server, "profiles", "--json"),
+        "pools": run_json(server, "pools", "--json"),
         "ledger grant": run_json(server, "ledger", "grant", "json-team", "5", "--json"),
         "ledger balance": run_json(server, "ledger", "balance", "--json"),
         "ledger history": run_json(server, "ledger", "history", "json-team", "--json"),

@@ -88,7 +88,8 @@ async def pools(http: aiohttp.ClientSession, url: str) -> dict[str, dict[str, An
     async with http.get(f"{url}/v1/pools") as resp:
         body = await resp.json()
         assert resp.status == 200, body
-    return {p["profile"]: p for p in body["pools"]}
+    assert isinstance(body, list), body  # a bare array, one entry per pool
+    return {p["profile"]: p for p in body}
 
 
 async def until(

@@ -30,7 +30,7 @@ export function mountPools(root, { stream }) {
   async function load() {
     pending = null;
     try {
-      const { pools } = await api.pools();
+      const pools = await api.pools();
       if (stopped) return;
       tbody.replaceChildren(...pools.map(row));
       panel.hidden = pools.length === 0;
