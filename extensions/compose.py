@@ -945,8 +945,9 @@ class ComposeAdapter:
         docker's stats has no cumulative CPU time), `<service>.net` its network bytes
         received and sent, in units of `activity_net_unit` bytes (an idle container's
         kernel still sends IPv6 router solicitations, 70-140 bytes at doubling
-        intervals after a start: docs/compose.md). A paused or stopped container
-        reports nothing."""
+        intervals after a start: docs/compose.md; the manager takes a move of up to
+        `activity_noise` units for noise). A service with a healthcheck reports no CPU
+        time (its checks move it). A paused or stopped container reports nothing."""
         host = self.host(ctx)
         project = handle.get("project") or project_name(ctx.sandbox_id)
         services = [s for s in handle.get("services", "").split(",") if s]
@@ -957,6 +958,13 @@ class ComposeAdapter:
         )
         unit = int(ctx.config.get("activity_net_unit", 1024))
         counters = parse_stats(result.stdout, project, services, unit)
+        # A healthcheck is a process in its container, run at every interval: such a
+        # service's CPU time moves whether or not anyone uses it. Its network counts.
+        monitor = self._monitors.get(ctx.sandbox_id)
+        if monitor is not None:
+            for name, spec in monitor.specs.items():
+                if spec.healthcheck is not None:
+                    counters.pop(f"{name}.cpu", None)
         if result.exit_status != 0 and not counters:
             # e.g. a container stopped between the ps and the stats: the next sample
             # answers; never a guess

@@ -128,6 +128,7 @@ class UseWatch:
         counting = loaded.manifest.has("activity")
         policy = loaded.manifest.hook("activity") if counting else None
         ctx = self.context(sbx)
+        noise = int(ctx.config.get("activity_noise", 0))  # a move this small is not use
         loop = asyncio.get_running_loop()
         counters: dict[str, int] | None = None
         while self._watching(sbx):
@@ -155,7 +156,7 @@ class UseWatch:
                 except Exception as exc:
                     log.warning("%s: activity: %s: %s", sbx.sandbox_id, type(exc).__name__, exc)
                 else:
-                    if counters is not None and moved(counters, sample):
+                    if counters is not None and moved(counters, sample, noise):
                         self.note(sbx, "backend")
                     counters = sample
             now = loop.time()
@@ -175,7 +176,8 @@ class UseWatch:
             pass  # used, destroyed or paused meanwhile
 
 
-def moved(before: dict[str, int], now: dict[str, int]) -> bool:
-    """Whether a counter present in both samples changed (one that appeared or
-    disappeared, a container started or removed, is not use by itself)."""
-    return any(name in before and before[name] != value for name, value in now.items())
+def moved(before: dict[str, int], now: dict[str, int], noise: int = 0) -> bool:
+    """Whether a counter present in both samples moved by more than `noise` (the
+    extension's `activity_noise`: what an idle backend's counters drift by); one that
+    appeared or disappeared, a container started or removed, is not use by itself."""
+    return any(name in before and abs(value - before[name]) > noise for name, value in now.items())

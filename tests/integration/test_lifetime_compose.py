@@ -26,7 +26,8 @@ IDLE = 6  # seconds
 USE_FOR = 2.5 * IDLE
 PACE = 0.5  # seconds between two uses: the rhythm of the use, not a wait on anything
 
-# web serves /srv (a named volume); nothing in it runs unless asked.
+# web serves /srv (a named volume); nothing in it runs unless asked but its
+# healthcheck, which asks it over loopback every second (and must not count as use).
 REPO = {
     "compose.yml": (
         "services:\n"
@@ -36,6 +37,9 @@ REPO = {
         "    stop_signal: SIGKILL\n"
         '    volumes: ["site:/srv"]\n'
         '    ports: ["8080"]\n'
+        "    healthcheck:\n"
+        '      test: ["CMD-SHELL", "wget -q -O /dev/null http://127.0.0.1:8080/ || test -d /srv"]\n'
+        "      interval: 1s\n"
         "volumes:\n"
         "  site: {}\n"
     ),
