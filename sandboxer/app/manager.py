@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats.errors
 
 from events import (
@@ -38,6 +39,7 @@ from events import (
     TtlExtended,
 )
 from events.base import envelope, utc_now
+from events.ledger import phase_event_id
 from events.sandbox import RouteCandidate
 from events.subjects import Aggregate
 from extensions import Cost, ExtensionRegistry, PathRefused, StepContext, confine_path
@@ -367,6 +369,10 @@ class SandboxManager:
                 f"{lived}s, so at most {max(limit - lived, 0)} now"
             )
         added = await self._top_up(sbx, total, meta) if view.metered else 0
+        if added:  # the extension follows from the ledger's top-up (as CreditsHeld does)
+            meta = msgspec.structs.replace(
+                meta, causation_id=phase_event_id(sandbox_id, f"extend-{total}")
+            )
         expires_at = start + dt.timedelta(seconds=total)
         return await self.record(
             sbx,
@@ -391,8 +397,10 @@ class SandboxManager:
             return 0
         account = sbx.view.account
         phase = f"extend-{ttl_seconds}"
+        # Decided on the sandbox as it is: the top-up follows from its last event.
+        decided = msgspec.structs.replace(meta, causation_id=sbx.last_event_id)
         if not await self.ledger.top_up(
-            sbx.sandbox_id, account, Cost(extra, estimate.basis), phase, meta
+            sbx.sandbox_id, account, Cost(extra, estimate.basis), phase, decided
         ):
             available = self.ledger.account(account).available
             raise CreditsShort(

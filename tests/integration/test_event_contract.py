@@ -53,6 +53,10 @@ CHAIN_STARTS = {
     "CheckpointRequested",
     "RestoreRequested",
     "CheckpointDeleted",  # by the API (retention after the end: a timer)
+    "TtlExtended",  # by the API
+    "PauseRequested",  # by the API (not on idle: that follows the sandbox's last event)
+    "ResumeRequested",
+    "SandboxClaimed",  # a create
     "CreditsGranted",  # by the API, or the starter grant
     "CommandStarted",  # exec, and file transfers, by the API
     "FileUploaded",
@@ -143,10 +147,36 @@ def profiles(tmp_path: Path) -> Path:
         ("saas-slow", {"config": {"latency_ms": 3000}}),
         ("saas-validated", {"validation": validation}),  # no shell there: fails
         ("saas-watched", {"config": {"watch_interval": 0.2, "on_service_exit": "fail"}}),
+        ("saas-nap", {"idle_timeout_seconds": 4, "on_idle": "pause"}),
+        ("saas-bad-pause", {"config": {"fail_hook": "pause"}}),
+        ("saas-bad-resume", {"config": {"fail_hook": "resume"}}),
     ]:
         (folder / f"profile.{name}.yaml").write_text(
             yaml.safe_dump({**base, "name": f"profile.{name}", **extra})
         )
+    # A warm pool on a non-metered stub (the saas-stub adapter, its manifest without
+    # metering: extensions/ext.*.yaml written beside the profiles).
+    (folder / "ext.plain-stub.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "plain-stub",
+                "version": "0.0.1",
+                "entry_point": "extensions.saas_stub:SaasStub",
+                "capabilities": ["provision", "wait_ready", "teardown"],
+                "config": {"state_dir": {"type": "str", "default": str(tmp_path / "plain")}},
+            }
+        )
+    )
+    (folder / "profile.warm.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "profile.warm",
+                "extension": "plain-stub",
+                "ttl_seconds": 600,
+                "pool": {"size": 1, "max_age_seconds": 3600},
+            }
+        )
+    )
     (folder / "profile.compose-validated.yaml").write_text(
         yaml.safe_dump(
             {
@@ -168,6 +198,7 @@ def serve_env(
     return {
         **compose_env(),
         "SANDBOXER_PROFILES_PATH": str(profiles),
+        "SANDBOXER_EXTENSIONS_PATH": str(profiles),
         "SANDBOXER_SAAS_STUB_STATE_DIR": str(tmp_path / "vendor"),
         "SANDBOXER_WEBHOOK_ALLOW_NETS": "127.0.0.0/8",
         "SANDBOXER_WEBHOOK_BACKOFF": "0.1",
@@ -317,6 +348,9 @@ async def produce_everything(
     compose = await made(profile="profile.compose-validated", inputs={"repo": str(repo)})
     expiring = await made("req-create-ttl", ttl_seconds=2)  # the TTL reaper destroys it
     watched = await made(profile="profile.saas-watched")
+    nap = await made(profile="profile.saas-nap")  # paused when idle
+    bad_pause = await made(profile="profile.saas-bad-pause")
+    bad_resume = await made(profile="profile.saas-bad-resume")
 
     await wait_state(http, url, slow, {"provisioning"})
     await call(http, "DELETE", f"{api}/sandboxes/{slow}", 202)  # cancels the provision
@@ -338,6 +372,26 @@ async def produce_everything(
         assert resp.status == 201, await resp.text()
     async with http.get(files, params={"path": "/note.txt"}) as resp:
         assert resp.status == 200 and await resp.read() == b"kept"
+    # A lifetime: extended, kept alive, paused when idle, resumed; a pause and a resume
+    # the vendor fails; a warm pool member claimed.
+    await wait_state(http, url, nap, {"ready"})
+    await call(http, "PATCH", f"{api}/sandboxes/{nap}", 200, json={"ttl_seconds": 900})
+    await call(http, "POST", f"{api}/sandboxes/{nap}/keepalive", 200)
+    await wait_state(http, url, nap, {"paused"}, timeout=60)
+    await call(http, "POST", f"{api}/sandboxes/{nap}/resume", 202)
+    await wait_state(http, url, bad_pause, {"ready"})
+    await call(http, "POST", f"{api}/sandboxes/{bad_pause}/pause", 202)
+    await wait_state(http, url, bad_resume, {"ready"})
+    await call(http, "POST", f"{api}/sandboxes/{bad_resume}/pause", 202)
+    await wait_state(http, url, bad_resume, {"paused"})
+    await call(http, "POST", f"{api}/sandboxes/{bad_resume}/resume", 202)
+    await wait_for_types(http, url, {"Resumed", "PauseFailed", "ResumeFailed"})
+    async with asyncio.timeout(60):
+        while not (await call(http, "GET", f"{api}/pools", 200))[0]["ready"]:
+            await asyncio.sleep(0.2)  # polling a condition, under a deadline
+    claimed = await made(profile="profile.warm")
+    await wait_for_types(http, url, {"SandboxClaimed"})
+
     # The vendor's instance record turns into a directory: the restore cannot write it.
     instance = vendor / f"{a}.json"
     instance.unlink()
@@ -367,7 +421,7 @@ async def produce_everything(
     for sandbox in (checked, compose):
         await wait_state(http, url, sandbox, {"ready"}, timeout=300)
     await wait_for_types(http, url, {"ValidationPassed", "ValidationFailed"})
-    for sandbox in (checked, compose):
+    for sandbox in (checked, compose, nap, bad_pause, bad_resume, claimed):
         await call(http, "DELETE", f"{api}/sandboxes/{sandbox}", 202)
     await call(http, "DELETE", f"{api}/sandboxes/{a}", 202, "req-delete-a")
     for sandbox, state in [
@@ -380,6 +434,10 @@ async def produce_everything(
         (compose, "destroyed"),
         (expiring, "destroyed"),
         (watched, "failed"),
+        (nap, "destroyed"),
+        (bad_pause, "destroyed"),
+        (bad_resume, "destroyed"),
+        (claimed, "destroyed"),
     ]:
         await wait_state(http, url, sandbox, {state}, timeout=120)
 
@@ -426,7 +484,14 @@ def check_causation_and_correlation(recorded: list[dict[str, Any]]) -> None:
     by_id = {e["event_id"]: e for e in events}
     for e in events:
         cause = e["causation_id"]
-        if e["type"] in CHAIN_STARTS and e.get("reason") not in ("ttl", "service_exited"):
+        if e["type"] == "TtlExtended" and e["credits_added"]:
+            # a metered sandbox's extension follows from its reservation's top-up
+            assert cause == f"{e['aggregate_id']}.extend-{e['ttl_seconds']}", e
+        elif e["type"] in CHAIN_STARTS and e.get("reason") not in (
+            "ttl",
+            "service_exited",
+            "idle",
+        ):
             assert cause is None, e
         else:
             assert cause is not None, f"{e['type']} {e['event_id']}: no causation"
