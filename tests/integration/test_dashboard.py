@@ -213,6 +213,12 @@ async def test_sandbox_page_timeline_checkpoint_restore_and_ledger(
     await expect(timeline).to_contain_text("Restored")
     await expect(head.locator('[data-col="state"]')).to_have_text("ready")
 
+    await head.get_by_role("button", name="Pause").click()
+    await expect(head.locator('[data-col="state"]')).to_have_text("paused")
+    await head.get_by_role("button", name="Resume").click()
+    await expect(timeline).to_contain_text("Resumed")
+    await expect(head.locator('[data-col="state"]')).to_have_text("ready")
+
     accept_dialogs(page)
     await head.get_by_role("button", name="Destroy").click()
     await expect(head.locator('[data-col="state"]')).to_have_text("destroyed")

@@ -1,6 +1,7 @@
 // One sandbox: its facts and labels, its services with their health and endpoints, the
 // commands run in it, its logs (followed), its event timeline, checkpoints and ledger
-// entries, all following the event stream; actions destroy, checkpoint and restore.
+// entries, all following the event stream; actions destroy, checkpoint and restore,
+// pause and resume.
 
 import { api } from "./api.js";
 import { DASH, act, age, badge, h, labelChips, showError, table, time, ttlLeft } from "./dom.js";
@@ -91,10 +92,15 @@ export function mountSandbox(root, { sandboxes, stream }, id) {
         renderCheckpoints();
       }),
     );
+    const paused = s.state === "paused";
+    const pauseButton = h("button", { type: "button", disabled: s.state !== "ready" && !paused }, paused ? "Resume" : "Pause");
+    pauseButton.addEventListener("click", () =>
+      act(pauseButton, async () => sandboxes.put(await (paused ? api.resume(id) : api.pause(id)))),
+    );
     head.replaceChildren(
       h("div", { class: "bar" }, h("h1", { class: "mono", dataset: { id: s.id } }, s.id), badge(s.state),
         s.progress ? h("span", { class: "step" }, `${progress(s.progress)} (since ${time(s.progress.since)})`) : null,
-        h("span", { class: "spacer" }), checkpointButton, destroyButton(sandboxes, s)),
+        h("span", { class: "spacer" }), pauseButton, checkpointButton, destroyButton(sandboxes, s)),
       facts([
         ["profile", s.profile],
         ["extension", s.extension],
