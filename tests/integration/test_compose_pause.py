@@ -358,7 +358,9 @@ async def test_activity_moves_with_use_and_not_when_idle(sandbox: Sandbox, tmp_p
     ctx, handle = sandbox.ctx, sandbox.handle
     activity = sandbox.counting.activity
     first = await activity(ctx, handle)
-    assert set(first) == {"web.cpu", "web.net", "worker.cpu", "worker.net"}
+    # web has a healthcheck: its checks spend CPU whether or not anyone uses it, so
+    # only its network counts.
+    assert set(first) == {"web.net", "worker.cpu", "worker.net"}
     assert all(isinstance(v, int) and v >= 0 for v in first.values())
 
     # Idle: an idle httpd and `sleep` use no CPU at all, so the CPU counters stay
@@ -385,8 +387,7 @@ async def test_activity_moves_with_use_and_not_when_idle(sandbox: Sandbox, tmp_p
     first = await activity(ctx, handle)
     await asyncio.sleep(2.0)  # the idle window itself (a negative check)
     idle = await activity(ctx, handle)
-    for name in ("web.cpu", "worker.cpu"):
-        assert idle[name] == first[name], (name, first, idle)
+    assert idle["worker.cpu"] == first["worker.cpu"], (first, idle)
     for name in ("web.net", "worker.net"):
         assert 0 <= idle[name] - first[name] <= 1, (name, first, idle)
 
@@ -406,7 +407,6 @@ async def test_activity_moves_with_use_and_not_when_idle(sandbox: Sandbox, tmp_p
     moved = await activity(ctx, handle)
     for name in ("web.net", "worker.net"):
         assert moved[name] - busy[name] >= size // 1024, (name, busy, moved)
-    assert moved["web.cpu"] > busy["web.cpu"], (busy, moved)
 
 
 # ---- over SSH --------------------------------------------------------------------------
@@ -431,7 +431,7 @@ async def test_one_cycle_of_each_mode_over_ssh(
             assert await box.sh("cat kept.txt", service=None) == "kept"
             assert await http_get(await endpoint_port(box)) == "paused and resumed\n"
             counters = await box.counting.activity(ctx, handle)
-            assert {"web.cpu", "worker.cpu"} <= set(counters)
+            assert {"web.net", "worker.cpu"} <= set(counters)  # web: a healthcheck
         # left paused: the teardown of open_sandbox removes it all (and checks)
         await box.adapter.pause(ctx, handle, "pause")
         assert set(box.states().values()) == {"paused"}

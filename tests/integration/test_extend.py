@@ -140,8 +140,9 @@ async def test_the_reaper_follows_the_new_end(start_service: StartService) -> No
     svc = await start_service()
     http, url = svc.http, svc.url
     await grant(http, url, "default", 10_000)
-    kept = await create(http, url, ttl_seconds=3)
-    control = await create(http, url, ttl_seconds=3)
+    # Long enough that the extension lands before the first TTL, also on a busy machine.
+    kept = await create(http, url, ttl_seconds=8)
+    control = await create(http, url, ttl_seconds=8)
     status, out = await patch(http, url, kept["id"], {"ttl_seconds": 600})
     assert status == 200, out
     ended = await wait_state(http, url, control["id"], {"destroyed"})
