@@ -338,13 +338,16 @@ class ResumeFailed(Event, frozen=True, kw_only=True):
 class SandboxClaimed(Event, frozen=True, kw_only=True):
     """A create took this warm pool member: from now on it is the claimer's (`account`,
     `labels`, its TTL counted from the claim: ends at `expires_at`). The actor is the
-    claimer's; the create's correlation id is this event's."""
+    claimer's; the create's correlation id is this event's. On a metered backend
+    `credits_held` is the claimer's reservation (ledger `<sandbox>.claim-reserve`),
+    metered from this event on; the pool paid for the wait before."""
 
     account: str
     ttl_seconds: int
     expires_at: dt.datetime
     labels: dict[str, str] = {}
     claim_id: str
+    credits_held: int = 0
 
 
 SANDBOX_EVENTS: tuple[type[Event], ...] = (

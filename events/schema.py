@@ -74,11 +74,13 @@ COMMAND_ID = r"^cmd-[a-f0-9]{16}$"
 EVENT_IDS: dict[str, str] = {
     "SandboxRequested": f"^({_HEX32}|{_SBX}\\.requested)$",  # an Idempotency-Key
     # `.extend-<ttl>`: the top-up of a TTL extension to that many seconds
-    "CreditsReserved": f"^{_SBX}\\.(reserve|extend-[1-9][0-9]*)$",
+    # `.claim-reserve`: the claimer's reservation of a warm pool member
+    "CreditsReserved": f"^{_SBX}\\.(reserve|claim-reserve|extend-[1-9][0-9]*)$",
     "SandboxClaimed": f"^{_SBX}\\.claimed$",  # one claim per pool member
-    "CreditsRejected": f"^{_SBX}\\.reserve$",
-    "CreditsDebited": f"^{_SBX}\\.debit$",
-    "CreditsReleased": f"^{_SBX}\\.release$",
+    "CreditsRejected": f"^{_SBX}\\.(reserve|claim-reserve)$",
+    # `.pool-debit`, `.pool-release`: a claim closing the pool's charge of its member
+    "CreditsDebited": f"^{_SBX}\\.(pool-)?debit$",
+    "CreditsReleased": f"^{_SBX}\\.(pool-)?release$",
     "CreditsGranted": f"^({_HEX32}|{_ACCT}\\.starter-grant)$",
     "CheckpointDeleted": f"^({_HEX32}|{_CKPT}\\.deleted)$",  # .deleted: a finished one
     "WebhookDeliveryAttempted": f"^{_WH}\\.{_ANY_ID}\\.[1-9][0-9]*$",
@@ -119,7 +121,7 @@ CANCELLED_STEPS = [
     "resume",
 ]
 REJECT_CODES = ["no_capacity", "no_route", "insufficient_credits", "rejected"]
-RELEASE_REASONS = ["remainder of the reservation", "create failed"]
+RELEASE_REASONS = ["remainder of the reservation", "create failed", "claim failed"]
 ORPHAN_WHY = ["finished", "unknown"]
 ORPHAN_ACTIONS = ["report", "remove"]
 # exec and files (sandboxer/ids.py and extensions/sdk.py check the same patterns)
@@ -221,6 +223,7 @@ FIELD_RULES: dict[tuple[str, str], Rule] = {
     ("*", "last_at"): {"format": "date-time", "pattern": UTC_TIME},
     ("ActivitySeen", "kinds"): {"items": {"enum": ACTIVITY_KINDS}},
     ("*", "credits_added"): _at_least(0),
+    ("*", "credits_held"): _at_least(0),
     ("SandboxClaimed", "claim_id"): _pattern(RANDOM_EVENT_ID),
     ("*", "from_checkpoint"): FREE,
     ("WebhookRegistered", "url"): {"format": "uri", "pattern": "^https?://"},

@@ -135,12 +135,20 @@ def _less(open_: dict[str, int], sandbox_id: str, amount: int) -> dict[str, int]
 
 def evolve_charge(current: Charge | None, event: Event, seq: int) -> Charge | None:
     """The charge after one of its account's entries (`seq`: the entry's sequence),
-    or `current` itself for an entry that changes no charge."""
+    or `current` itself for an entry that changes no charge. A sandbox has one charge
+    at a time: a warm pool member's is the pool's until a claim closes it and opens
+    the claimer's."""
     sandbox_id = getattr(event, "sandbox_id", None)
     if sandbox_id is None:
         return current
-    charge = current or Charge(sandbox_id=sandbox_id, account=event.aggregate_id)
     kind = type(event)
+    if current is not None and current.account != event.aggregate_id:
+        if not (current.closed and kind in (CreditsReserved, CreditsRejected)):
+            return current  # another account's entry does not move this charge
+        # A warm pool member claimed (docs/pools.md): the pool's charge closed, the
+        # claimer's starts. The pool's stays in its account's totals and its events.
+        current = None
+    charge = current or Charge(sandbox_id=sandbox_id, account=event.aggregate_id)
     if kind is CreditsReserved:
         assert isinstance(event, CreditsReserved)
         return msgspec.structs.replace(

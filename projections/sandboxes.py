@@ -133,6 +133,12 @@ class SandboxView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     last_activity_at: dt.datetime | None = None  # the latest use ActivitySeen recorded
 
 
+def metered_from(view: SandboxView) -> dt.datetime | None:
+    """Where the sandbox's current charge meters from: its claim (a warm pool
+    member: the pool paid for the wait), else its provision."""
+    return view.claimed_at or view.provisioned_at
+
+
 def paused_seconds(view: SandboxView, until: dt.datetime) -> float:
     """Seconds the sandbox spent paused up to `until` (a pause still on counts up to
     then): what metering leaves out (docs/payments.md)."""
@@ -319,6 +325,7 @@ def _claimed(v: SandboxView, e: SandboxClaimed) -> SandboxView:
         expires_at=e.expires_at,
         claimed_at=e.occurred_at,
         correlation_id=e.correlation_id,
+        credits_held=e.credits_held if v.metered else v.credits_held,
     )
 
 

@@ -23,7 +23,12 @@ from events.base import utc_now
 from events.subjects import LEDGER_SUBJECTS
 from projections.archive import MemoryArchive
 from projections.ledger import AccountView, Charge, LedgerProjection
-from projections.sandboxes import SandboxesProjection, SandboxView, paused_seconds
+from projections.sandboxes import (
+    SandboxesProjection,
+    SandboxView,
+    metered_from,
+    paused_seconds,
+)
 from sandboxer.store.event_store import RecordedEvent
 
 
@@ -134,8 +139,9 @@ PAUSE_TOLERANCE = 0.01  # seconds: the basis rounds to milliseconds
 def _paused_violations(line: DebitLine, sandbox: SandboxView) -> list[str]:
     """A debit of a sandbox that was paused must say so, and its seconds must be the
     time provisioned to ended less the paused time (as the events show them)."""
-    if sandbox.provisioned_at is None or sandbox.ended_at is None:
-        return []
+    start = metered_from(sandbox)
+    if start is None or sandbox.ended_at is None or line.account != sandbox.account:
+        return []  # (a claimed member's pool debit: its wait, never paused)
     paused = paused_seconds(sandbox, sandbox.ended_at)
     recorded = line.basis.get("paused_seconds", 0.0)
     if not isinstance(recorded, (int, float)) or abs(float(recorded) - paused) > PAUSE_TOLERANCE:
@@ -145,7 +151,7 @@ def _paused_violations(line: DebitLine, sandbox: SandboxView) -> list[str]:
         ]
     seconds = line.basis.get("seconds")
     if paused and isinstance(seconds, (int, float)):
-        active = (sandbox.ended_at - sandbox.provisioned_at).total_seconds() - paused
+        active = (sandbox.ended_at - start).total_seconds() - paused
         if abs(float(seconds) - max(active, 0.0)) > PAUSE_TOLERANCE:
             return [
                 f"seq {line.seq}: sandbox {line.sandbox_id} ran {active:.3f}s outside its "

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 CONFLICT_RETRIES = 20
 CATCH_UP_SECONDS = 30.0
 STARTER_GRANT_ID = "default.starter-grant"
+POOL_ACCOUNT = "pool"  # the operator account warm pool members wait on (docs/pools.md)
 
 
 class LedgerError(ValueError):
@@ -131,13 +132,22 @@ class LedgerBook:
             ),
         )
 
-    async def reserve(self, sandbox_id: str, account: str, cost: Cost, meta: EventMeta) -> Charge:
-        """Reserve `cost` for the sandbox, or record that the account cannot cover it."""
+    async def reserve(
+        self,
+        sandbox_id: str,
+        account: str,
+        cost: Cost,
+        meta: EventMeta,
+        phase: str = "reserve",
+    ) -> Charge:
+        """Reserve `cost` for the sandbox, or record that the account cannot cover it.
+        `phase` `claim-reserve`: a claimer's reservation of a warm pool member."""
 
         def decide(view: AccountView) -> list[Event]:
-            if self.charge(sandbox_id) is not None:
+            existing = self.charge(sandbox_id)
+            if existing is not None and existing.account == account:
                 return []  # decided before (a retry, or recovery after a crash)
-            event_id = phase_event_id(sandbox_id, "reserve")
+            event_id = phase_event_id(sandbox_id, phase)
             if view.available >= cost.amount:
                 return [
                     CreditsReserved(
@@ -185,9 +195,19 @@ class LedgerBook:
 
         return bool(await self._append(account, decide))
 
-    async def settle(self, sandbox_id: str, debit: Cost | None, meta: EventMeta) -> Charge:
+    async def settle(
+        self,
+        sandbox_id: str,
+        debit: Cost | None,
+        meta: EventMeta,
+        *,
+        phases: tuple[str, str] = ("debit", "release"),
+        reason: str | None = None,
+    ) -> Charge:
         """Close the sandbox's reservation: debit (at most the reservation) and release
-        the rest; with no debit, release all. Idempotent."""
+        the rest; with no debit, release all. Idempotent. `phases`: the debit's and the
+        release's (`pool-debit`, `pool-release`: a claim closing the pool's charge);
+        `reason`: the release's, when not the usual one."""
         charge = self.charge(sandbox_id)
         if charge is None or charge.rejected:
             raise LedgerError(f"sandbox {sandbox_id} has no reservation")
@@ -206,7 +226,7 @@ class LedgerBook:
                 basis = {**debit.basis, "capped_at_reservation": amount < debit.amount}
                 events.append(
                     CreditsDebited(
-                        **envelope(view.account, meta, phase_event_id(sandbox_id, "debit")),
+                        **envelope(view.account, meta, phase_event_id(sandbox_id, phases[0])),
                         sandbox_id=sandbox_id,
                         amount=amount,
                         basis=basis,
@@ -215,10 +235,10 @@ class LedgerBook:
                 open_amount -= amount
             events.append(
                 CreditsReleased(
-                    **envelope(view.account, meta, phase_event_id(sandbox_id, "release")),
+                    **envelope(view.account, meta, phase_event_id(sandbox_id, phases[1])),
                     sandbox_id=sandbox_id,
                     amount=open_amount,
-                    reason="remainder of the reservation" if debit else "create failed",
+                    reason=reason or ("remainder of the reservation" if debit else "create failed"),
                 )
             )
             return events

@@ -334,6 +334,8 @@ class SandboxManager:
         """Record `PauseRequested` for a ready sandbox; the pause step follows."""
         sbx = await self._driven(sandbox_id)
         self._capable(sbx, "pause")
+        if sbx.view is not None and sbx.view.pool is not None and sbx.view.claimed_at is None:
+            raise InvalidTransition(sandbox_id, "an unclaimed pool member", "PauseRequested")
         if sbx.state in (State.PAUSING, State.PAUSED):
             return sbx.version  # asked again: the pause is under way, or done
         return await self.record(sbx, lambda e: PauseRequested(**e, reason=reason), meta)

@@ -26,12 +26,13 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
 from events import EventMeta, SandboxClaimed
 from events.base import utc_now
+from extensions import Metered
 from projections.sandboxes import SandboxView
 from sandboxer.app.commands import (
     AnyCommand,
@@ -41,8 +42,10 @@ from sandboxer.app.commands import (
     Outcome,
 )
 from sandboxer.app.failpoints import failpoint
+from sandboxer.app.ledger import POOL_ACCOUNT
 from sandboxer.app.lifecycle import TERMINAL, State
-from sandboxer.app.manager import CreateRequest, SandboxManager
+from sandboxer.app.manager import CreateRequest, Sandbox, SandboxManager
+from sandboxer.app.steps import HookFailed
 from sandboxer.errors import Conflict, SandboxerError
 from sandboxer.ids import check_account, check_labels, new_correlation_id
 from sandboxer.profiles import Profile, ProfileError
@@ -50,7 +53,6 @@ from sandboxer.store.pool_kv import PoolKV
 
 log = logging.getLogger(__name__)
 
-POOL_ACCOUNT = "pool"
 ACTOR_POOL = "system:pool-keeper"
 FINGERPRINT_LABEL = "sandboxer.pool/fingerprint"
 POOL_INTERVAL = 1.0  # seconds between the keeper's passes (a claim wakes it at once)
@@ -105,19 +107,11 @@ class PoolKeeper:
         self.check()
 
     def check(self) -> None:
-        """Refuse, at start, a pool this keeper cannot keep: on a metered extension
-        (the ledger charges a sandbox once: the pool's wait and the claimer's use
-        cannot both be billed) or with an input that has no default."""
+        """Refuse, at start, a pool this keeper cannot keep: one with an input that has
+        no default."""
         for profile in self.manager.profiles.profiles.values():
             if profile.pool is None or profile.pool.size == 0:
                 continue
-            for candidate in profile.candidates():
-                if self.manager.extensions.manifest(candidate.extension).metered:
-                    raise ProfileError(
-                        f"{profile.name}: a warm pool on the metered extension "
-                        f"{candidate.extension} is not supported (docs/pools.md)",
-                        "pool",
-                    )
             try:
                 profile.resolve_inputs({})
             except ProfileError as exc:
@@ -252,6 +246,11 @@ class PoolKeeper:
             if view.state == State.TEARING_DOWN:
                 continue
             if spec is None or view.labels.get(FINGERPRINT_LABEL) != mark:
+                await self._destroy(view.id, "pool_drain")
+            elif view.metered and not self._pool_pays(view):
+                # A claim that stopped halfway (its worker died between the ledger's
+                # steps and SandboxClaimed): the pool no longer pays for it, nobody
+                # claimed it. Drained; the settlement releases what a claimer reserved.
                 await self._destroy(view.id, "pool_drain")
             elif (now - view.created_at).total_seconds() >= spec.max_age_seconds:
                 await self._destroy(view.id, "pool_recycle")
@@ -429,6 +428,10 @@ class PoolKeeper:
         if held is None or held[0].get("claim_id") != command.claim_id:
             raise ClaimRefused(f"the claim of {command.sandbox_id} is no longer held")
         manager = self.manager
+        sbx = manager.get(command.sandbox_id)
+        credits = 0
+        if sbx is not None and sbx.view is not None and sbx.view.metered:
+            credits = await self._pay_claim(sbx, command)
 
         def build(e: Any) -> SandboxClaimed:
             sbx = manager.get(command.sandbox_id)
@@ -443,6 +446,7 @@ class PoolKeeper:
                 expires_at=occurred + dt.timedelta(seconds=command.ttl_seconds),
                 labels=command.labels,
                 claim_id=command.claim_id,
+                credits_held=credits,
             )
 
         seq = await manager.record_step(
@@ -463,6 +467,47 @@ class PoolKeeper:
         if await self.kv.alive(str(intent.get("holder"))):
             return False  # a claim in flight
         return await self.kv.forget(sandbox_id, revision)
+
+    def _pool_pays(self, view: SandboxView) -> bool:
+        """Whether the pool's reservation for the member is open (a metered member)."""
+        charge = self.manager.ledger.charge(view.id)
+        return charge is not None and charge.account == POOL_ACCOUNT and not charge.closed
+
+    async def _pay_claim(self, sbx: Sandbox, command: ClaimSandbox) -> int:
+        """A metered member changes hands: the claimer's estimate must be covered; the
+        pool pays for the wait (debit and release, `<member>.pool-debit` and
+        `.pool-release`), then the claimer's reservation starts
+        (`<member>.claim-reserve`). Each step is done once: a retry finds it done.
+        Returns what the claimer holds."""
+        manager = self.manager
+        view = sbx.view
+        assert view is not None
+        ledger = manager.ledger
+        charge = ledger.charge(view.id)
+        if charge is not None and charge.account == command.account and not charge.closed:
+            return charge.reserved  # paid before (a retry)
+        loaded = manager.extensions.get(view.extension)
+        try:
+            estimate = await manager.steps.estimate_for(sbx, loaded, command.ttl_seconds)
+        except HookFailed as exc:
+            raise ClaimRefused(f"the estimate failed: {exc.error}") from None
+        available = ledger.account(command.account).available
+        if available < estimate.amount:
+            raise ClaimRefused(
+                f"account {command.account} has {available} credits, the estimate is "
+                f"{estimate.amount}"
+            )
+        meta = msgspec.structs.replace(command.meta, causation_id=sbx.last_event_id)
+        if charge is not None and charge.account == POOL_ACCOUNT and not charge.closed:
+            waited = max((utc_now() - (view.provisioned_at or view.created_at)).total_seconds(), 0)
+            ctx = manager.steps.context(sbx)
+            metered = cast(Metered, loaded.adapter)
+            debit = await metered.meter_actual(ctx, waited)
+            await ledger.settle(view.id, debit, meta, phases=("pool-debit", "pool-release"))
+        held = await ledger.reserve(view.id, command.account, estimate, meta, phase="claim-reserve")
+        if held.rejected or held.account != command.account:
+            raise ClaimRefused(f"account {command.account} could not cover the estimate")
+        return held.reserved
 
     async def undo_stale_claims(self) -> None:
         """Claim intents left behind: a member that ended (its intent is done with),

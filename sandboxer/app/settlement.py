@@ -10,9 +10,9 @@ from typing import cast
 from events import EventMeta, SandboxRequested
 from events.subjects import Aggregate
 from extensions import Cost, ExtensionRegistry, Metered
-from projections.sandboxes import SandboxView, paused_seconds
+from projections.sandboxes import SandboxView, metered_from, paused_seconds
 from sandboxer.app.failpoints import failpoint
-from sandboxer.app.ledger import LedgerBook
+from sandboxer.app.ledger import POOL_ACCOUNT, LedgerBook
 from sandboxer.app.lifecycle import TERMINAL
 from sandboxer.app.read_model import ProjectionRunner
 from sandboxer.app.sandbox import ACTOR_MANAGER, SandboxHost
@@ -43,13 +43,19 @@ class Settlement:
         meta = EventMeta(
             actor=ACTOR_MANAGER, correlation_id=meta.correlation_id, causation_id=meta.causation_id
         )
+        if view.pool is not None and view.claimed_at is None and charge.account != POOL_ACCOUNT:
+            # A claim that stopped halfway reserved for a claimer who never got the
+            # sandbox: released whole (the pool paid for the wait when it handed over).
+            await self.ledger.settle(view.id, None, meta, reason="claim failed")
+            return
         debit: Cost | None = None
-        if view.ready_at is not None and view.provisioned_at is not None:
+        start = metered_from(view)
+        if view.ready_at is not None and start is not None:
             ended = view.ended_at or view.updated_at
             # Paused intervals are not metered (docs/payments.md): the actual's basis
-            # is the time provisioned to torn down, less them.
+            # is the time provisioned (or claimed) to torn down, less them.
             paused = paused_seconds(view, ended)
-            seconds = max((ended - view.provisioned_at).total_seconds() - paused, 0.0)
+            seconds = max((ended - start).total_seconds() - paused, 0.0)
             loaded = self.extensions.get(view.extension)
             ctx = self.steps.context_for(request, view, {}, view.extension)
             policy = loaded.manifest.hook("meter_actual")

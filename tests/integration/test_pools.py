@@ -4,6 +4,7 @@ workers, refilled, recycled, drained; a crashed claimer's intent undone."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,9 @@ import pytest
 import yaml
 
 from sandboxer.app.pools import PoolKeeper
-from sandboxer.bootstrap import Service
-from sandboxer.config import Settings
-from sandboxer.profiles import ProfileError
 from sandboxer.store.nats_server import EmbeddedNats
 from tests.conftest import RunningService, StartService
-from tests.helpers import create, event_types, wait_state
+from tests.helpers import audit, create, event_types, grant, wait_settled, wait_state
 from tests.infra import Podman, ServeProcess, free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -356,25 +354,88 @@ async def test_reconcile_knows_pool_members(start_service: StartService, tmp_pat
     assert len(instances(tmp_path)) == 2
 
 
-async def test_a_pool_on_a_metered_extension_fails_the_start(
-    nats_server: EmbeddedNats, tmp_path: Path
-) -> None:
+def parse(ts: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+async def events_of(svc: RunningService, sandbox_id: str) -> list[dict[str, Any]]:
+    async with svc.http.get(f"{svc.url}/v1/sandboxes/{sandbox_id}/events") as resp:
+        return [e["event"] for e in (await resp.json())["events"]]
+
+
+async def metered_pool(start_service: StartService, tmp_path: Path) -> RunningService:
+    """A pool of one on the metered saas-stub, the accounts `pool` and `acme` granted
+    first (a member the pool cannot pay for is rejected, and its pool waits)."""
+    env = write_pool(tmp_path, size=0, extension="saas-stub")
+    first = await start_service(**env)
+    for account in ("pool", "acme"):
+        await grant(first.http, first.url, account, 1000)
+    await first.stop()
     env = write_pool(tmp_path, size=1, extension="saas-stub")
-    settings = Settings.from_env(
-        {
-            "SANDBOXER_NATS_URL": nats_server.service_url,
-            "SANDBOXER_DATA_DIR": str(tmp_path / "data"),
-            **env,
-        },
-        port=free_port(),
+    return await start_service(**env)
+
+
+async def ledger_of(svc: RunningService, account: str) -> list[dict[str, Any]]:
+    async with svc.http.get(
+        f"{svc.url}/v1/accounts/{account}/ledger", params={"limit": "1000"}
+    ) as resp:
+        return [e["event"] for e in (await resp.json())["entries"]]
+
+
+async def test_a_metered_pool_bills_the_wait_to_the_pool_and_the_use_to_the_claimer(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    svc = await metered_pool(start_service, tmp_path)
+    await pool_is(svc, ready=1)
+    (member,) = members(svc)
+    await asyncio.sleep(1.0)  # the wait the pool pays for, not a wait on anything
+    made = await create(svc.http, svc.url, profile=PROFILE, account="acme", ttl_seconds=600)
+    assert made["id"] == member.id and made["account"] == "acme"
+    assert made["credits_held"] == 30  # 600 s at 0.05 credits/s, the claimer's
+    pool = await ledger_of(svc, "pool")
+    phases = {e["event_id"].rsplit(".", 1)[1]: e for e in pool if e.get("sandbox_id") == member.id}
+    assert set(phases) == {"reserve", "pool-debit", "pool-release"}
+    waited = phases["pool-debit"]["basis"]["seconds"]
+    assert waited >= 1.0
+    assert (
+        phases["pool-debit"]["amount"] + phases["pool-release"]["amount"]
+        == (phases["reserve"]["amount"])
     )
-    service = Service(settings)
-    try:
-        with pytest.raises(ProfileError) as raised:
-            await service.start()
-    finally:
-        await service.stop()
-    assert PROFILE in str(raised.value) and "metered" in str(raised.value)
+    acme = [e for e in await ledger_of(svc, "acme") if e.get("sandbox_id") == member.id]
+    assert [e["event_id"] for e in acme] == [f"{member.id}.claim-reserve"]
+    assert acme[0]["amount"] == 30
+    async with svc.http.delete(f"{svc.url}/v1/sandboxes/{member.id}") as resp:
+        assert resp.status == 202
+    await wait_state(svc.http, svc.url, member.id, {"destroyed"})
+    await wait_settled(svc.http, svc.url, "acme")
+    recorded = await events_of(svc, member.id)
+    claimed_at = next(parse(e["occurred_at"]) for e in recorded if e["type"] == "SandboxClaimed")
+    torn_at = next(parse(e["occurred_at"]) for e in recorded if e["type"] == "TornDown")
+    acme = [e for e in await ledger_of(svc, "acme") if e.get("sandbox_id") == member.id]
+    (debit,) = [e for e in acme if e["type"] == "CreditsDebited"]
+    # The claimer pays from the claim, not for the wait before it.
+    assert debit["basis"]["seconds"] == pytest.approx(
+        (torn_at - claimed_at).total_seconds(), abs=0.01
+    )
+    report = await audit(svc.http, svc.url)
+    assert report["ok"], report["violations"]
+    # the refill's reservation, if it is made: its TTL (max_age + 300 s) at 0.05/s
+    assert report["accounts"]["pool"]["reserved"] in (0, 195)
+
+
+async def test_a_claimer_without_credits_creates_cold_and_the_member_waits(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    svc = await metered_pool(start_service, tmp_path)
+    await pool_is(svc, ready=1)
+    (member,) = members(svc)
+    made = await create(svc.http, svc.url, profile=PROFILE, account="poor")
+    assert made["id"] != member.id
+    rejected = await wait_state(svc.http, svc.url, made["id"], {"rejected"})
+    assert "insufficient credits" in rejected["reason"]
+    assert [m.id for m in members(svc)] == [member.id]  # still the pool's, still paid for
+    charge = keeper(svc).manager.ledger.charge(member.id)
+    assert charge is not None and charge.account == "pool" and not charge.closed
 
 
 def write_local_pool(folder: Path, repo: Path, size: int) -> None:
