@@ -25,8 +25,8 @@ from typing import cast
 from events import ActivitySeen, EventMeta, UsePolicy
 from events.base import utc_now
 from extensions import ActivityCounting, ExtensionRegistry, StepContext
-from sandboxer.app.lifecycle import TERMINAL, InvalidTransition, State
-from sandboxer.app.sandbox import ACTOR_IDLE, Sandbox, SandboxHost
+from sandboxer.app.lifecycle import InvalidTransition, State
+from sandboxer.app.sandbox import ACTOR_IDLE, Sandbox, SandboxHost, still_driven
 from sandboxer.store.event_store import ConcurrencyConflict
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,7 @@ class UseWatch:
             sbx.idle_watch = asyncio.create_task(self._watch(sbx), name=f"idle-{sbx.sandbox_id}")
 
     def _watching(self, sbx: Sandbox) -> bool:
-        return (
-            not self.host.closing
-            and self.host.sandboxes.get(sbx.sandbox_id) is sbx
-            and sbx.state not in TERMINAL
-            and sbx.state != State.TEARING_DOWN
-        )
+        return still_driven(self.host, sbx)
 
     async def _watch(self, sbx: Sandbox) -> None:
         assert sbx.view is not None

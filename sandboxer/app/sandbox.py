@@ -22,7 +22,7 @@ from events import (
 )
 from events.base import Envelope
 from projections.sandboxes import SandboxView
-from sandboxer.app.lifecycle import LifecycleModel, State
+from sandboxer.app.lifecycle import TERMINAL, LifecycleModel, State
 from sandboxer.errors import (
     Conflict,
     InvalidInput,
@@ -221,6 +221,17 @@ class SandboxHost(Protocol):
     def exclusive(self, sandbox_id: str) -> AbstractAsyncContextManager[None]: ...
 
     async def caught_up(self, seq: int) -> None: ...
+
+
+def still_driven(host: SandboxHost, sbx: Sandbox) -> bool:
+    """Whether a loop beside the steps (a watch) should go on with the sandbox: this
+    worker still drives this aggregate, and it is neither finished nor ending."""
+    return (
+        not host.closing
+        and host.sandboxes.get(sbx.sandbox_id) is sbx
+        and sbx.state not in TERMINAL
+        and sbx.state != State.TEARING_DOWN
+    )
 
 
 # Builders for events recorded from inside loops and except blocks: each binds its

@@ -33,8 +33,8 @@ from extensions import (
     Watching,
 )
 from extensions.manifest import ConfigError
-from sandboxer.app.lifecycle import TERMINAL, InvalidTransition, State
-from sandboxer.app.sandbox import Build, Sandbox, SandboxHost
+from sandboxer.app.lifecycle import InvalidTransition, State
+from sandboxer.app.sandbox import Build, Sandbox, SandboxHost, still_driven
 from sandboxer.store.event_store import ConcurrencyConflict
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,7 @@ class ServiceWatch:
             sbx.watcher = asyncio.create_task(self._watch(sbx), name=f"watch-{sbx.sandbox_id}")
 
     def _watching(self, sbx: Sandbox) -> bool:
-        return (
-            not self.host.closing
-            and self.host.sandboxes.get(sbx.sandbox_id) is sbx
-            and sbx.state not in TERMINAL
-            and sbx.state != State.TEARING_DOWN
-        )
+        return still_driven(self.host, sbx)
 
     async def _watch(self, sbx: Sandbox) -> None:
         assert sbx.view is not None

@@ -131,22 +131,7 @@ class WorkerLeases:
         return bool(self._revision) and time.monotonic() - self._renewed_at < self.ttl * 2 / 3
 
     async def _bucket(self, name: str, ttl: float) -> KeyValue:
-        config = KeyValueConfig(
-            bucket=name,
-            history=1,
-            ttl=ttl or None,
-            storage=StorageType.FILE,
-            replicas=self.replicas,
-        )
-        for attempt in range(1, 6):
-            try:
-                return await self.js.create_key_value(config)
-            except (TimeoutError, nats.errors.Error) as exc:
-                if attempt == 5:
-                    raise
-                log.warning("KV bucket %s: %s; retrying", name, exc)
-                await asyncio.sleep(0.5 * attempt)
-        raise AssertionError("unreachable")
+        return await open_bucket(self.js, name, ttl, self.replicas)
 
     async def _register(self) -> None:
         assert self._workers is not None
@@ -293,6 +278,28 @@ class WorkerLeases:
             ) from exc
         answer: dict[str, Any] = json.loads(msg.data)
         return answer
+
+
+async def open_bucket(js: Any, name: str, ttl: float, replicas: int) -> KeyValue:
+    """Create (or open, as it is) a KV bucket of one-value keys, `ttl` seconds each
+    (0: kept), retrying a slow or restarting server a few times."""
+    config = KeyValueConfig(
+        bucket=name,
+        history=1,
+        ttl=ttl or None,
+        storage=StorageType.FILE,
+        replicas=replicas,
+    )
+    for attempt in range(1, 6):
+        try:
+            kv: KeyValue = await js.create_key_value(config)
+            return kv
+        except (TimeoutError, nats.errors.Error) as exc:
+            if attempt == 5:
+                raise
+            log.warning("KV bucket %s: %s; retrying", name, exc)
+            await asyncio.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
 
 
 class Leases(Protocol):

@@ -17,7 +17,6 @@ Whether a worker is alive is read from the lease table's session bucket
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any
@@ -25,10 +24,9 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from sandboxer.store.leases import WORKERS_BUCKET
+from sandboxer.store.leases import WORKERS_BUCKET, open_bucket
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +50,7 @@ class PoolKV:
         self._workers = await self.js.key_value(WORKERS_BUCKET)
 
     async def _bucket(self, name: str, ttl: float) -> KeyValue:
-        config = KeyValueConfig(
-            bucket=name,
-            history=1,
-            ttl=ttl or None,
-            storage=StorageType.FILE,
-            replicas=self.replicas,
-        )
-        for attempt in range(1, 6):
-            try:
-                return await self.js.create_key_value(config)
-            except (TimeoutError, nats.errors.Error) as exc:
-                if attempt == 5:
-                    raise
-                log.warning("KV bucket %s: %s; retrying", name, exc)
-                await asyncio.sleep(0.5 * attempt)
-        raise AssertionError("unreachable")
+        return await open_bucket(self.js, name, ttl, self.replicas)
 
     # ---- the fill lock ---------------------------------------------------------------
 
