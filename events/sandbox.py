@@ -340,7 +340,9 @@ class SandboxClaimed(Event, frozen=True, kw_only=True):
     `labels`, its TTL counted from the claim: ends at `expires_at`). The actor is the
     claimer's; the create's correlation id is this event's. On a metered backend
     `credits_held` is the claimer's reservation (ledger `<sandbox>.claim-reserve`),
-    metered from this event on; the pool paid for the wait before."""
+    metered from this event on; the pool paid for the wait before. A create with an
+    Idempotency-Key names, in `idempotency_id`, the id its key derives: a retry with
+    that key answers with this member."""
 
     account: str
     ttl_seconds: int
@@ -348,6 +350,7 @@ class SandboxClaimed(Event, frozen=True, kw_only=True):
     labels: dict[str, str] = {}
     claim_id: str
     credits_held: int = 0
+    idempotency_id: str | None = None
 
 
 SANDBOX_EVENTS: tuple[type[Event], ...] = (

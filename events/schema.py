@@ -225,6 +225,7 @@ FIELD_RULES: dict[tuple[str, str], Rule] = {
     ("*", "credits_added"): _at_least(0),
     ("*", "credits_held"): _at_least(0),
     ("SandboxClaimed", "claim_id"): _pattern(RANDOM_EVENT_ID),
+    ("SandboxClaimed", "idempotency_id"): _pattern(SANDBOX_ID),
     ("*", "from_checkpoint"): FREE,
     ("WebhookRegistered", "url"): {"format": "uri", "pattern": "^https?://"},
     ("*", "inputs"): {"propertyNames": {"pattern": INPUT_NAME}},

@@ -124,6 +124,7 @@ class SandboxView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     # create took it (then `account` and `labels` are the claimer's).
     pool: str | None = None
     claimed_at: dt.datetime | None = None
+    claim_id: str | None = None  # the claim's own id (SandboxClaimed.claim_id)
     # Pauses: the current one's start (None: not paused), the seconds of the ones
     # that ended (from Paused to ResumeRequested), how many there were.
     paused_at: dt.datetime | None = None
@@ -324,6 +325,7 @@ def _claimed(v: SandboxView, e: SandboxClaimed) -> SandboxView:
         ttl_seconds=e.ttl_seconds,
         expires_at=e.expires_at,
         claimed_at=e.occurred_at,
+        claim_id=e.claim_id,
         correlation_id=e.correlation_id,
         credits_held=e.credits_held if v.metered else v.credits_held,
     )

@@ -127,6 +127,7 @@ class ClaimSandbox(Command, frozen=True, kw_only=True):
     account: str
     ttl_seconds: int
     labels: dict[str, str] = {}
+    idempotency_id: str | None = None  # the create's Idempotency-Key, as its derived id
 
 
 AnyCommand = (

@@ -59,6 +59,7 @@ from sandboxer.app.sandbox import (
     STEP_LABELS,
     AlreadyCreated,
     Build,
+    CreateInProgress,
     CreditsShort,
     EstimateFailed,
     IdempotencyMismatch,
@@ -81,6 +82,7 @@ from sandboxer.store.snapshots import SnapshotStore
 
 __all__ = [
     "AlreadyCreated",
+    "CreateInProgress",
     "CreateRequest",
     "IdempotencyMismatch",
     "NotFound",
@@ -460,6 +462,14 @@ class SandboxManager:
             else None,
             "labels": recorded.labels,
         }
+        if recorded.pool is not None:
+            # A warm pool member the key claimed: the create is what the claim recorded.
+            claim = await self._claim_of(sandbox_id)
+            given["Idempotency-Key"] = request.sandbox_id
+            was["Idempotency-Key"] = claim.idempotency_id if claim is not None else None
+            if claim is not None:
+                was.update(account=claim.account, ttl_seconds=claim.ttl_seconds)
+                was["labels"] = claim.labels
         for name in sorted(set(inputs) | set(recorded.inputs) | set(recorded.secret_inputs)):
             secret = name in secret_keys or name in recorded.secret_inputs
             given[f"inputs.{name}"] = (
@@ -472,6 +482,12 @@ class SandboxManager:
         for name, value in given.items():
             if was.get(name) != value:
                 raise IdempotencyMismatch(sandbox_id, name, was.get(name), value)
+
+    async def _claim_of(self, sandbox_id: str) -> SandboxClaimed | None:
+        for event in await self.store.read_aggregate(Aggregate("sandbox", sandbox_id)):
+            if isinstance(event.event, SandboxClaimed):
+                return event.event
+        return None
 
     def get(self, sandbox_id: str) -> Sandbox | None:
         return self._sandboxes.get(sandbox_id)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -44,7 +45,13 @@ from sandboxer.app.commands import (
 from sandboxer.app.failpoints import failpoint
 from sandboxer.app.ledger import POOL_ACCOUNT
 from sandboxer.app.lifecycle import TERMINAL, State
-from sandboxer.app.manager import CreateRequest, Sandbox, SandboxManager
+from sandboxer.app.manager import (
+    AlreadyCreated,
+    CreateInProgress,
+    CreateRequest,
+    Sandbox,
+    SandboxManager,
+)
 from sandboxer.app.steps import HookFailed
 from sandboxer.errors import Conflict, SandboxerError
 from sandboxer.ids import check_account, check_labels, new_correlation_id
@@ -59,6 +66,7 @@ POOL_INTERVAL = 1.0  # seconds between the keeper's passes (a claim wakes it at 
 TTL_MARGIN = 300  # a member's own TTL: max_age_seconds plus this, a backstop
 REJECT_BACKOFF = 30.0  # after a member was rejected (no capacity), wait before refilling
 CATCH_UP_SECONDS = 10.0
+KEY_WAIT = 10.0  # how long a retry waits for its key's claim in flight to be recorded
 
 Handle = Callable[[AnyCommand], Awaitable[Outcome]]
 
@@ -67,6 +75,19 @@ class ClaimRefused(Conflict):
     """The member was claimed already, or the claim intent is no longer this one."""
 
     wire = "pool_claim_refused"
+
+
+class KeyLost(Exception):
+    """Another create of the same Idempotency-Key bound (or moved) it first."""
+
+
+@dataclasses.dataclass
+class KeyHold:
+    """An Idempotency-Key (as its derived id) this create is binding, and the binding's
+    revision once read or written (None: unbound yet)."""
+
+    key_id: str
+    revision: int | None = None
 
 
 def fingerprint(profile: Profile) -> str:
@@ -326,15 +347,16 @@ class PoolKeeper:
 
     # ---- claims ------------------------------------------------------------------------
 
-    def _claimable(self, command: CreateSandbox) -> tuple[Profile, int, dict[str, str]] | None:
-        if (
-            command.sandbox_id is not None  # an Idempotency-Key create: cold (docs/pools.md)
-            or command.from_checkpoint is not None
-            or command.account == POOL_ACCOUNT
-        ):
-            return None
+    def _pooled(self, command: CreateSandbox) -> Profile | None:
+        """The create's profile if it has a pool (and the create is not the pool's own)."""
         profile = self.manager.profiles.profiles.get(command.profile)
         if profile is None or profile.pool is None or profile.pool.size == 0:
+            return None
+        return None if command.account == POOL_ACCOUNT else profile
+
+    def _claimable(self, command: CreateSandbox) -> tuple[Profile, int, dict[str, str]] | None:
+        profile = self._pooled(command)
+        if profile is None or command.from_checkpoint is not None:
             return None
         try:
             if profile.resolve_inputs(command.inputs) != profile.resolve_inputs({}):
@@ -347,7 +369,83 @@ class PoolKeeper:
         return profile, ttl, labels
 
     async def claim(self, command: CreateSandbox) -> Outcome | None:
-        """Claim a ready member for this create; None: none to be had (create cold)."""
+        """Claim a ready member for this create; None: none to be had (create cold).
+
+        A create with an Idempotency-Key (`command.sandbox_id`, the id its key derives)
+        of a profile with a pool first binds the key (`KeyHold`): to the member it
+        claims, or to the derived id for a cold create. A create that finds the key
+        bound is a retry: AlreadyCreated names the sandbox the key made (the API then
+        answers with it, or 422 if the request differs), CreateInProgress while that
+        claim is still being recorded."""
+        if command.sandbox_id is None:
+            return await self._claim_ready(command, None)
+        hold = await self._hold_key(command)
+        if hold is None:
+            return None  # a cold create under the derived id
+        try:
+            outcome = await self._claim_ready(command, hold)
+            if outcome is None:  # none claimed: the key names the cold derived id
+                await self._bind(hold, hold.key_id, None)
+        except KeyLost:
+            # Another create of this key went on meanwhile: this one is its retry.
+            if await self._hold_key(command) is None:
+                return None  # it went cold (the cold create answers AlreadyCreated)
+            raise CreateInProgress(hold.key_id) from None
+        return outcome
+
+    async def _hold_key(self, command: CreateSandbox) -> KeyHold | None:
+        """Take the create's key: a KeyHold (claim, then bind), None when the key is,
+        or is now, bound to the cold derived id (or the profile has no pool and the key
+        was never bound). Raises AlreadyCreated when the key made a sandbox, waiting
+        for a claim of the key in flight to be recorded (CreateInProgress if it is not
+        within KEY_WAIT seconds)."""
+        key_id = command.sandbox_id
+        assert key_id is not None
+        runner = self.manager.runner
+        deadline = time.monotonic() + KEY_WAIT
+        while True:
+            found = await self.kv.binding(key_id)
+            if found is None:
+                if self._pooled(command) is None:
+                    return None  # no pool: the derived id is all the key ever names
+                if runner.projection.get(key_id) is not None:
+                    return None  # made cold before (the cold create answers AlreadyCreated)
+                return KeyHold(key_id)
+            bound, revision = found
+            sandbox_id = str(bound.get("sandbox_id"))
+            if sandbox_id == key_id:
+                return None
+            claim_id = bound.get("claim_id")
+            intent = await self.kv.intent(sandbox_id)
+            if intent is not None and intent[0].get("claim_id") == claim_id:
+                view = runner.projection.get(sandbox_id)
+                if view is not None and view.claim_id == claim_id:
+                    raise AlreadyCreated(sandbox_id)
+                if await self.kv.alive(str(intent[0].get("holder"))):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise CreateInProgress(key_id)
+                    # Woken by the member's next event (its claim), or look again.
+                    after = view.last_seq if view is not None else 0
+                    await runner.wait_sandbox(sandbox_id, after, min(left, 1.0))
+                    continue
+                await self._undo_stale(sandbox_id)
+            # No intent of this claim left: it was recorded (the read model shows it
+            # once caught up), or it failed and the key may be bound again.
+            await runner.wait_for(await self.manager.store.last_seq(), CATCH_UP_SECONDS)
+            view = runner.projection.get(sandbox_id)
+            if view is not None and view.claim_id == claim_id:
+                raise AlreadyCreated(sandbox_id)
+            return KeyHold(key_id, revision)
+
+    async def _bind(self, hold: KeyHold, sandbox_id: str, claim_id: str | None) -> None:
+        bound = {"sandbox_id": sandbox_id, "claim_id": claim_id, "holder": self.holder()}
+        revision = await self.kv.bind(hold.key_id, bound, hold.revision)
+        if revision is None:
+            raise KeyLost(hold.key_id)
+        hold.revision = revision
+
+    async def _claim_ready(self, command: CreateSandbox, hold: KeyHold | None) -> Outcome | None:
         found = self._claimable(command)
         if found is None:
             return None
@@ -364,14 +462,19 @@ class PoolKeeper:
         ]
         ready.sort(key=lambda v: (v.ready_at or v.created_at, v.id))
         for view in ready:
-            outcome = await self._claim_one(view.id, command, ttl, labels)
+            outcome = await self._claim_one(view.id, command, ttl, labels, hold)
             if outcome is not None:
                 self.wake()  # refill
                 return outcome
         return None
 
     async def _claim_one(
-        self, sandbox_id: str, command: CreateSandbox, ttl: int, labels: dict[str, str]
+        self,
+        sandbox_id: str,
+        command: CreateSandbox,
+        ttl: int,
+        labels: dict[str, str],
+        hold: KeyHold | None = None,
     ) -> Outcome | None:
         claim_id = secrets.token_hex(16)
         intent: dict[str, Any] = {
@@ -389,6 +492,12 @@ class PoolKeeper:
             revision = await self.kv.claim(sandbox_id, intent)  # the member is free again
         if revision is None:
             return None  # another create won this member
+        if hold is not None:
+            try:
+                await self._bind(hold, sandbox_id, claim_id)
+            except KeyLost:
+                await self.kv.forget(sandbox_id, revision)
+                raise
         failpoint("pool-claim-intent")  # a crash here leaves an intent to undo
         claim = ClaimSandbox(
             sandbox_id=sandbox_id,
@@ -396,6 +505,7 @@ class PoolKeeper:
             account=command.account,
             ttl_seconds=ttl,
             labels=labels,
+            idempotency_id=hold.key_id if hold is not None else None,
             meta=command.meta,
         )
         try:
@@ -413,11 +523,7 @@ class PoolKeeper:
         last = await self.manager.store.last_seq()
         await self.manager.runner.wait_for(last, CATCH_UP_SECONDS)
         view = self.manager.runner.projection.get(sandbox_id)
-        if (
-            view is not None
-            and view.claimed_at is not None
-            and view.correlation_id == command.meta.correlation_id
-        ):
+        if view is not None and view.claim_id == claim_id:
             return Outcome(seq=view.last_seq, sandbox_id=sandbox_id)
         return None
 
@@ -447,6 +553,7 @@ class PoolKeeper:
                 labels=command.labels,
                 claim_id=command.claim_id,
                 credits_held=credits,
+                idempotency_id=command.idempotency_id,
             )
 
         seq = await manager.record_step(

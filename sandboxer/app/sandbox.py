@@ -110,6 +110,17 @@ class AlreadyCreated(Conflict):
         self.sandbox_id = sandbox_id
 
 
+class CreateInProgress(Unavailable):
+    """A create with the same Idempotency-Key is under way and not recorded yet."""
+
+    code = "create_in_progress"
+    field = "Idempotency-Key"
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__("a create with this Idempotency-Key is in progress; retry")
+        self.sandbox_id = sandbox_id
+
+
 class IdempotencyMismatch(Unprocessable):
     """A create reused an Idempotency-Key with another request than the recorded one."""
 

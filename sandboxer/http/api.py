@@ -46,6 +46,7 @@ from sandboxer.app.lifecycle import TERMINAL, State
 from sandboxer.app.logs import MAX_TAIL
 from sandboxer.app.manager import (
     AlreadyCreated,
+    CreateInProgress,
     NotFound,
     SandboxManager,
 )
@@ -974,12 +975,7 @@ class Api:
             await self.runner.wait_sandbox(exc.sandbox_id, 0, PROJECTION_WAIT)
             if self.runner.projection.get(exc.sandbox_id) is None:
                 # Not recorded yet (or its worker died before it was): transient.
-                raise ApiError(
-                    503,
-                    "create_in_progress",
-                    "a create with this Idempotency-Key is in progress; retry",
-                    "Idempotency-Key",
-                ) from exc
+                raise CreateInProgress(exc.sandbox_id) from exc
             return await self._retried(create, exc.sandbox_id)
         assert done.sandbox_id is not None
         await self._caught_up(done.seq)

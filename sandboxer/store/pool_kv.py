@@ -10,6 +10,12 @@ Two buckets, replicated like the event stream:
   the claim intent (claim id, claimer's account, TTL, labels, actor, correlation id,
   and the claiming worker's `<name>/<incarnation>`).
 
+- `sandboxer_pool_keys`: `key.<derived id>` for a create with an Idempotency-Key
+  of a profile with a pool: which sandbox that key names (a claimed member, or the
+  derived id itself for a cold create), the claim id and the creating worker. Written
+  create-if-absent, then moved only from the revision read: of two creates with one
+  key, one binds it, and the other answers as its retry.
+
 Whether a worker is alive is read from the lease table's session bucket
 (sandboxer/store/leases.py): an intent whose worker's incarnation is gone and whose
 `SandboxClaimed` was never recorded is undone (docs/pools.md).
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 
 LOCKS_BUCKET = "sandboxer_pool_locks"
 CLAIMS_BUCKET = "sandboxer_pool_claims"
+KEYS_BUCKET = "sandboxer_pool_keys"
 LOCK_TTL = 20.0
 
 
@@ -42,11 +49,13 @@ class PoolKV:
         self.lock_ttl = lock_ttl
         self._locks: KeyValue | None = None
         self._claims: KeyValue | None = None
+        self._keys: KeyValue | None = None
         self._workers: KeyValue | None = None
 
     async def start(self) -> None:
         self._locks = await self._bucket(LOCKS_BUCKET, self.lock_ttl)
         self._claims = await self._bucket(CLAIMS_BUCKET, 0)
+        self._keys = await self._bucket(KEYS_BUCKET, 0)
         self._workers = await self.js.key_value(WORKERS_BUCKET)
 
     async def _bucket(self, name: str, ttl: float) -> KeyValue:
@@ -113,6 +122,31 @@ class PoolKV:
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
             return False
         return True
+
+    # ---- Idempotency-Key bindings ----------------------------------------------------
+
+    async def binding(self, key_id: str) -> tuple[dict[str, Any], int] | None:
+        """What the key (as its derived id) is bound to, and the revision; None: unbound."""
+        assert self._keys is not None
+        try:
+            entry = await self._keys.get(f"key.{key_id}")
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return json.loads(entry.value), entry.revision
+
+    async def bind(self, key_id: str, bound: dict[str, Any], revision: int | None) -> int | None:
+        """Bind the key (revision None: if unbound; else: if still at `revision`): the
+        new revision, or None if another create bound or moved it first."""
+        assert self._keys is not None
+        value = json.dumps(bound).encode()
+        try:
+            if revision is None:
+                return await self._keys.create(f"key.{key_id}", value)
+            return await self._keys.update(f"key.{key_id}", value, last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
 
     async def alive(self, holder: str) -> bool:
         """Whether `<name>/<incarnation>` is a worker's current session."""

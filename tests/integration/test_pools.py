@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from sandboxer.app.pools import PoolKeeper
+from sandboxer.ids import idempotent_sandbox_id
 from sandboxer.store.nats_server import EmbeddedNats
 from tests.conftest import RunningService, StartService
 from tests.helpers import audit, create, event_types, grant, wait_settled, wait_state
@@ -162,14 +163,75 @@ async def test_a_create_claims_a_ready_member_and_the_pool_refills(
     cold = await create(svc.http, svc.url, profile=PROFILE, inputs={"flavour": "spicy"})
     assert cold["id"] not in {m.id for m in members(svc)} | before
     assert "SandboxClaimed" not in await event_types(svc.http, svc.url, cold["id"])
-    # An Idempotency-Key create is cold too (its id derives from the key).
-    async with svc.http.post(
-        f"{svc.url}/v1/sandboxes", json={"profile": PROFILE}, headers={"Idempotency-Key": "k-1"}
-    ) as resp:
-        keyed = await resp.json()
-        assert resp.status == 202, keyed
-    assert "SandboxClaimed" not in await event_types(svc.http, svc.url, keyed["id"])
     await pool_is(svc, ready=2)
+
+
+async def keyed(
+    http: aiohttp.ClientSession, url: str, key: str, **body: Any
+) -> tuple[int, dict[str, Any]]:
+    """POST /v1/sandboxes with an Idempotency-Key: the status and the answer."""
+    body.setdefault("profile", PROFILE)
+    headers = {"Idempotency-Key": key}
+    async with http.post(f"{url}/v1/sandboxes", json=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_an_idempotency_key_claims_one_member_once(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    a, b = await two_workers(start_service, tmp_path, write_pool(tmp_path, size=2))
+    await pool_is(a, ready=2)
+    await pool_is(b, ready=2)
+    warm = {m.id for m in members(a)}
+    body: dict[str, Any] = {"ttl_seconds": 300, "labels": {"run": "k1"}}
+
+    # Eight creates with one key at once, half on each worker: one member, claimed
+    # once; one answer 202, the others 200 with the same sandbox.
+    answers = await asyncio.gather(*[keyed(w.http, w.url, "key-1", **body) for w in [a, b] * 4])
+    assert sorted(status for status, _ in answers) == [200] * 7 + [202], answers
+    ids = {answer["id"] for _, answer in answers}
+    assert len(ids) == 1 and ids <= warm, (ids, warm)
+    (sandbox_id,) = ids
+    for _, answer in answers:
+        assert answer["account"] == "default" and answer["labels"] == {"run": "k1"}
+        assert answer["ttl_seconds"] == 300
+    async with a.http.get(f"{a.url}/v1/sandboxes/{sandbox_id}/events") as resp:
+        recorded = [e["event"] for e in (await resp.json())["events"]]
+    claims = [e for e in recorded if e["type"] == "SandboxClaimed"]
+    assert len(claims) == 1, recorded
+    assert claims[0]["idempotency_id"] == idempotent_sandbox_id("default", "key-1")
+    # The derived id itself was never made.
+    async with a.http.get(f"{a.url}/v1/sandboxes/{claims[0]['idempotency_id']}") as resp:
+        assert resp.status == 404
+
+    # A later retry, on either worker: the same member, 200.
+    for w in (a, b):
+        status, again = await keyed(w.http, w.url, "key-1", **body)
+        assert (status, again["id"]) == (200, sandbox_id), again
+    # The key reused with another request: 422 naming the first difference.
+    for change, field in (
+        ({"ttl_seconds": 400}, "ttl_seconds"),
+        ({"labels": {"run": "k2"}}, "labels"),
+        ({"inputs": {"flavour": "spicy"}}, "inputs.flavour"),
+    ):
+        status, wrong = await keyed(b.http, b.url, "key-1", **{**body, **change})
+        assert status == 422 and wrong["error"]["field"] == field, wrong
+
+    # A key whose create cannot claim (other inputs) is cold under its derived id,
+    # and stays so: a retry with the defaults is another request (422), never a claim.
+    status, cold = await keyed(a.http, a.url, "key-2", inputs={"flavour": "spicy"})
+    assert status == 202 and cold["id"] == idempotent_sandbox_id("default", "key-2"), cold
+    status, wrong = await keyed(b.http, b.url, "key-2")
+    assert status == 422 and wrong["error"]["field"] == "inputs.flavour", wrong
+    status, same = await keyed(b.http, b.url, "key-2", inputs={"flavour": "spicy"})
+    assert (status, same["id"]) == (200, cold["id"])
+    assert "SandboxClaimed" not in await event_types(a.http, a.url, cold["id"])
+
+    # Refilled after the one claim; the backend holds the members, the claimed one
+    # and the cold one: nothing was made twice.
+    await pool_is(a, ready=2)
+    await passes(a, 2)
+    assert len(instances(tmp_path)) == 2 + 1 + 1
 
 
 async def two_workers(
@@ -251,7 +313,7 @@ async def test_a_claim_then_a_crash_then_a_restart(
     try:
         await crasher.wait_healthy(a.http)
         with pytest.raises(aiohttp.ClientError):
-            await create(a.http, crasher.url, profile=PROFILE, account="crashed")
+            await keyed(a.http, crasher.url, "crash-key", account="bob")
         assert crasher.proc.wait(10) != 0
     finally:
         crasher.kill()
@@ -260,13 +322,17 @@ async def test_a_claim_then_a_crash_then_a_restart(
     await passes(a, 2)
     assert [m.id for m in members(a)] == [member.id]
 
+    # The crashed create retried with its key: it claims the member (once).
     again = ServeProcess(tmp_path / "wc", free_port(), **common)
     try:
         await again.wait_healthy(a.http)
-        made = await create(a.http, again.url, profile=PROFILE, account="bob")
+        status, made = await keyed(a.http, again.url, "crash-key", account="bob")
+        assert status == 202, made
+        status, retried = await keyed(a.http, a.url, "crash-key", account="bob")
     finally:
         again.terminate()
     assert made["id"] == member.id and made["account"] == "bob"
+    assert (status, retried["id"]) == (200, member.id)
     types = await event_types(a.http, a.url, member.id)
     assert types.count("SandboxClaimed") == 1
     await pool_is(a, ready=1)
