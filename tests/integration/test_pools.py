@@ -13,6 +13,8 @@ import aiohttp
 import pytest
 import yaml
 
+from events import EventMeta
+from sandboxer.app.commands import CreateSandbox
 from sandboxer.app.pools import PoolKeeper
 from sandboxer.ids import idempotent_sandbox_id
 from sandboxer.store.nats_server import EmbeddedNats
@@ -164,6 +166,33 @@ async def test_a_create_claims_a_ready_member_and_the_pool_refills(
     assert cold["id"] not in {m.id for m in members(svc)} | before
     assert "SandboxClaimed" not in await event_types(svc.http, svc.url, cold["id"])
     await pool_is(svc, ready=2)
+
+
+async def test_creates_sharing_a_request_id_never_share_a_member(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """A claim refused because another create took the member first looks whether
+    its own claim landed after all: by its claim id, not by the correlation id, which
+    creates sent with one X-Request-Id share. The late claim is run directly on the
+    member the first create took (racing creates hit it only now and then)."""
+    svc = await start_service(**write_pool(tmp_path, size=2))
+    await pool_is(svc, ready=2)
+    headers = {"X-Request-Id": "one-request-id"}
+    async with svc.http.post(
+        f"{svc.url}/v1/sandboxes", json={"profile": PROFILE}, headers=headers
+    ) as resp:
+        first = await resp.json()
+        assert resp.status == 202, first
+    late = CreateSandbox(
+        profile=PROFILE,
+        account="other",
+        meta=EventMeta(actor="test", correlation_id="one-request-id"),
+    )
+    assert await keeper(svc)._claim_one(first["id"], late, 600, {}) is None
+    types = await event_types(svc.http, svc.url, first["id"])
+    assert types.count("SandboxClaimed") == 1, types
+    made = await create(svc.http, svc.url, profile=PROFILE, account="other")
+    assert made["id"] != first["id"]
 
 
 async def keyed(
