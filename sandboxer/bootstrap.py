@@ -197,8 +197,11 @@ class Service:
         kv = PoolKV(self.nc.jetstream(timeout=5), replicas=self.settings.stream_replicas)
         await kv.start()
         leases = self.leases
-        self.pools = PoolKeeper(self.manager, kv, self.bus.handle, lambda: leases.holder)
+        self.pools = PoolKeeper(
+            self.manager, kv, self.bus.handle, lambda: leases.holder, metrics=self.metrics
+        )
         self.bus.pools = self.pools
+        self.metrics.watch_pools(self.pools)
         self.pools.start()
 
     async def stop(self) -> None:

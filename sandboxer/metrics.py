@@ -58,6 +58,25 @@ class ReadModel(Protocol):
     def snapshot_age(self) -> float | None: ...
 
 
+class PoolCount(Protocol):
+    @property
+    def profile(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def ready(self) -> int: ...
+    @property
+    def provisioning(self) -> int: ...
+    @property
+    def claimed(self) -> int: ...
+
+
+class PoolCounts(Protocol):
+    """What the scrape-time pool collector reads of the PoolKeeper."""
+
+    def status(self) -> Iterable[PoolCount]: ...
+
+
 class Metrics:
     """Every series of one service, on one registry of its own."""
 
@@ -65,6 +84,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self._read_model: ReadModelCollector | None = None
+        self._pools: PoolCollector | None = None
         self.events_appended = Counter(
             "sandboxer_events_appended",
             "Events appended to the event stream, by aggregate kind",
@@ -140,6 +160,13 @@ class Metrics:
             ["extension"],
             registry=registry,
         )
+        self.pool_creates = Counter(
+            "sandboxer_pool_creates",
+            "Creates of a profile with a pool handled here, by profile and outcome: "
+            "warm (claimed a member) or cold",
+            ["profile", "outcome"],
+            registry=registry,
+        )
         build = Gauge(
             "sandboxer_build_info",
             "Always 1: the running version of sand-boxer and Python",
@@ -155,6 +182,13 @@ class Metrics:
             self.registry.unregister(self._read_model)
         self._read_model = ReadModelCollector(runner)
         self.registry.register(self._read_model)
+
+    def watch_pools(self, pools: PoolCounts) -> None:
+        """Expose each pool's members as `pools` counts them, read at each scrape."""
+        if self._pools is not None:
+            self.registry.unregister(self._pools)
+        self._pools = PoolCollector(pools)
+        self.registry.register(self._pools)
 
     def exposition(self) -> bytes:
         """Every series in the Prometheus text format (CONTENT_TYPE)."""
@@ -245,6 +279,38 @@ class ReadModelCollector(Collector):
             ),
             snapshot,
         ]
+
+
+class PoolCollector(Collector):
+    """Each pool's size and its members by status, as the keeper counts them at the
+    moment of the scrape."""
+
+    def __init__(self, pools: PoolCounts) -> None:
+        self.pools = pools
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families([])
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(list(self.pools.status()))
+
+    @staticmethod
+    def _families(pools: list[PoolCount]) -> list[Metric]:
+        size = GaugeMetricFamily(
+            "sandboxer_pool_size", "Members each pool is kept at, by profile", labels=["profile"]
+        )
+        members = GaugeMetricFamily(
+            "sandboxer_pool_members",
+            "Live members of each pool by status: ready or provisioning (unclaimed), "
+            "claimed (taken by a create, still live)",
+            labels=["profile", "status"],
+        )
+        for pool in pools:
+            size.add_metric([pool.profile], pool.size)
+            members.add_metric([pool.profile, "ready"], pool.ready)
+            members.add_metric([pool.profile, "provisioning"], pool.provisioning)
+            members.add_metric([pool.profile, "claimed"], pool.claimed)
+        return [size, members]
 
 
 def _version() -> str:

@@ -161,6 +161,8 @@ class MessageBus:
         if self.pools is not None and (claimed := await self.pools.claim(command)) is not None:
             return claimed  # a warm pool member (sandboxer/app/pools.py)
         sandbox, seq = await self.manager.create(_request(command), command.meta)
+        if self.pools is not None:
+            self.pools.created_cold(command)
         return Outcome(seq=seq, sandbox_id=sandbox.sandbox_id)
 
     async def _destroy(self, command: DestroySandbox) -> Outcome:

@@ -55,6 +55,7 @@ from sandboxer.app.manager import (
 from sandboxer.app.steps import HookFailed
 from sandboxer.errors import Conflict, SandboxerError
 from sandboxer.ids import check_account, check_labels, new_correlation_id
+from sandboxer.metrics import Metrics
 from sandboxer.profiles import Profile, ProfileError
 from sandboxer.store.pool_kv import PoolKV
 
@@ -114,8 +115,10 @@ class PoolKeeper:
         holder: Callable[[], str],
         *,
         interval: float = POOL_INTERVAL,
+        metrics: Metrics | None = None,
     ) -> None:
         self.manager = manager
+        self.metrics = metrics or Metrics()
         self.kv = kv
         self.handle = handle
         self.holder = holder
@@ -377,6 +380,17 @@ class PoolKeeper:
         bound is a retry: AlreadyCreated names the sandbox the key made (the API then
         answers with it, or 422 if the request differs), CreateInProgress while that
         claim is still being recorded."""
+        outcome = await self._claim_or_bind(command)
+        if outcome is not None:
+            self.metrics.pool_creates.labels(command.profile, "warm").inc()
+        return outcome
+
+    def created_cold(self, command: CreateSandbox) -> None:
+        """A create this keeper had no member for was made cold (counted per pool)."""
+        if self._pooled(command) is not None:
+            self.metrics.pool_creates.labels(command.profile, "cold").inc()
+
+    async def _claim_or_bind(self, command: CreateSandbox) -> Outcome | None:
         if command.sandbox_id is None:
             return await self._claim_ready(command, None)
         hold = await self._hold_key(command)

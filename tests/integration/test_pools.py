@@ -165,6 +165,18 @@ async def test_a_create_claims_a_ready_member_and_the_pool_refills(
     cold = await create(svc.http, svc.url, profile=PROFILE, inputs={"flavour": "spicy"})
     assert cold["id"] not in {m.id for m in members(svc)} | before
     assert "SandboxClaimed" not in await event_types(svc.http, svc.url, cold["id"])
+    # /metrics counts both, and the pool's members by status.
+    async with svc.http.get(f"{svc.url}/metrics") as resp:
+        text = await resp.text()
+        assert resp.status == 200, text
+    for line in (
+        f'sandboxer_pool_creates_total{{outcome="warm",profile="{PROFILE}"}} 1.0',
+        f'sandboxer_pool_creates_total{{outcome="cold",profile="{PROFILE}"}} 1.0',
+        f'sandboxer_pool_size{{profile="{PROFILE}"}} 2.0',
+        f'sandboxer_pool_members{{profile="{PROFILE}",status="ready"}} 2.0',
+        f'sandboxer_pool_members{{profile="{PROFILE}",status="claimed"}} 1.0',
+    ):
+        assert line in text.splitlines(), (line, text)
     await pool_is(svc, ready=2)
 
 

@@ -3,6 +3,8 @@ the read model's read at the scrape."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -18,9 +20,29 @@ def families(metrics: Metrics) -> dict[str, tuple[str, list[Sample]]]:
     return {f.name: (f.type, list(f.samples)) for f in text_string_to_metric_families(text)}
 
 
-def watched() -> Metrics:
+@dataclass(frozen=True)
+class Pool:
+    profile: str
+    size: int
+    ready: int
+    provisioning: int
+    claimed: int
+
+
+class Pools:
+    """What a PoolKeeper counts, as the pool collector reads it."""
+
+    def __init__(self, *pools: Pool) -> None:
+        self.pools = list(pools)
+
+    def status(self) -> list[Pool]:
+        return self.pools
+
+
+def watched(pools: Pools | None = None) -> Metrics:
     metrics = Metrics()
     metrics.watch_read_model(ProjectionRunner(InMemoryEventStore()))
+    metrics.watch_pools(pools or Pools(Pool("profile.warm", 2, 1, 1, 3)))
     return metrics
 
 
@@ -76,3 +98,19 @@ def test_a_sweep_sets_the_orphans_of_each_inventoried_extension() -> None:
     assert [(s.labels, s.value) for s in totals] == [
         ({"extension": "saas-stub", "why": "unknown"}, 1)
     ]
+
+
+def test_the_pools_are_read_at_the_scrape() -> None:
+    pools = Pools(Pool("profile.warm", 2, 1, 1, 3))
+    metrics = watched(pools)
+    _, members = families(metrics)["sandboxer_pool_members"]
+    assert {s.labels["status"]: s.value for s in members} == {
+        "ready": 1,
+        "provisioning": 1,
+        "claimed": 3,
+    }
+    pools.pools = [Pool("profile.warm", 2, 2, 0, 3), Pool("profile.other", 1, 0, 1, 0)]
+    _, size = families(metrics)["sandboxer_pool_size"]
+    assert {s.labels["profile"]: s.value for s in size} == {"profile.warm": 2, "profile.other": 1}
+    _, members = families(metrics)["sandboxer_pool_members"]
+    assert len(members) == 6
