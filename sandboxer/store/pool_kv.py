@@ -42,6 +42,17 @@ KEYS_BUCKET = "sandboxer_pool_keys"
 LOCK_TTL = 20.0
 
 
+async def _read(bucket: KeyValue, key: str) -> tuple[dict[str, Any], int] | None:
+    """A JSON value and its revision; None: no such key (or a deleted one)."""
+    try:
+        entry = await bucket.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    if entry.value is None or entry.revision is None:
+        return None
+    return json.loads(entry.value), entry.revision
+
+
 class PoolKV:
     def __init__(self, js: JetStreamContext, *, replicas: int = 1, lock_ttl: float = LOCK_TTL):
         self.js = js
@@ -91,13 +102,7 @@ class PoolKV:
 
     async def intent(self, sandbox_id: str) -> tuple[dict[str, Any], int] | None:
         assert self._claims is not None
-        try:
-            entry = await self._claims.get(f"claim.{sandbox_id}")
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        if entry.value is None or entry.revision is None:
-            return None
-        return json.loads(entry.value), entry.revision
+        return await _read(self._claims, f"claim.{sandbox_id}")
 
     async def intents(self) -> dict[str, tuple[dict[str, Any], int]]:
         """Every claim intent, by member id."""
@@ -128,13 +133,7 @@ class PoolKV:
     async def binding(self, key_id: str) -> tuple[dict[str, Any], int] | None:
         """What the key (as its derived id) is bound to, and the revision; None: unbound."""
         assert self._keys is not None
-        try:
-            entry = await self._keys.get(f"key.{key_id}")
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        if entry.value is None or entry.revision is None:
-            return None
-        return json.loads(entry.value), entry.revision
+        return await _read(self._keys, f"key.{key_id}")
 
     async def bind(self, key_id: str, bound: dict[str, Any], revision: int | None) -> int | None:
         """Bind the key (revision None: if unbound; else: if still at `revision`): the
